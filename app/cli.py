@@ -1,0 +1,174 @@
+"""The `prefloop` command line: serve, migrate, worker, users, and the data tools."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from app import __version__
+from app.core.config import SettingsError, get_settings
+
+
+def _settings_or_exit() -> None:
+    try:
+        get_settings()
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _use_data_dir(data_dir: Path | None) -> None:
+    """`--data-dir D` is the same as setting PREFLOOP_DATA_DIR (children inherit it)."""
+    if data_dir is not None:
+        os.environ["PREFLOOP_DATA_DIR"] = str(data_dir.expanduser().resolve())
+        get_settings.cache_clear()
+    _settings_or_exit()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="prefloop")
+def main() -> None:
+    """prefloop: collect human preferences on generated images and align diffusion models."""
+
+
+@main.command()
+def version() -> None:
+    """Print the prefloop, torch and diffusers versions."""
+    import importlib.metadata as md
+
+    click.echo(f"prefloop {__version__}")
+    for dist in ("torch", "diffusers", "transformers", "celery", "fastapi"):
+        try:
+            click.echo(f"{dist} {md.version(dist)}")
+        except md.PackageNotFoundError:
+            click.echo(f"{dist} (not installed)")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
+def migrate(data_dir: Path | None) -> None:
+    """Bring the database schema up to date (safe to run repeatedly)."""
+    _use_data_dir(data_dir)
+    from app.core.migrate import upgrade_head
+
+    settings = get_settings()
+    if settings.is_sqlite:
+        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_head()
+    click.echo("database is up to date")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--web-workers", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="uvicorn worker processes (distributed mode).")
+@click.option("--no-worker", is_flag=True, help="Start the web server only.")
+@click.option("--demo", is_flag=True, help="Create a demo project with the toy models.")
+def serve(
+    data_dir: Path | None, host: str, port: int, web_workers: int, no_worker: bool, demo: bool
+) -> None:
+    """Start the whole platform: migrate, then the web server and a worker as child processes.
+
+    With no settings this is the embedded mode (SQLite, filesystem broker, media folder under
+    the data dir). With PREFLOOP_DATABASE_URL and PREFLOOP_BROKER_URL it runs against Postgres
+    and Redis.
+    """
+    _use_data_dir(data_dir)
+    from app.serve import Supervisor
+
+    code = Supervisor(
+        host=host, port=port, web_workers=web_workers, start_worker=not no_worker, demo=demo
+    ).run()
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--queues", default="gpu,cpu", show_default=True,
+              help="Comma-separated queues to consume (gpu, cpu).")
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
+@click.option("--loglevel", default=None, help="Log level (default: PREFLOOP_LOG_LEVEL).")
+def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
+    """Run a Celery worker: one job at a time in this process (start more for more)."""
+    _use_data_dir(data_dir)
+    names = [q.strip() for q in queues.split(",") if q.strip()]
+    unknown = [q for q in names if q not in ("gpu", "cpu")]
+    if not names or unknown:
+        raise click.BadParameter(f"unknown queue(s) {unknown or names}; use gpu and/or cpu")
+    from worker.celery_app import celery_app
+
+    settings = get_settings()
+    celery_app.worker_main(
+        [
+            "worker",
+            "--queues", ",".join(names),
+            "--pool", "solo",
+            "--loglevel", loglevel or settings.log_level,
+            "--hostname", f"prefloop-{'-'.join(names)}-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle",
+        ]
+    )
+
+
+@main.group()
+def user() -> None:
+    """Manage user accounts and API tokens."""
+
+
+@user.command("add")
+@click.argument("email")
+@click.option("--role", type=click.Choice(["admin", "lead", "annotator"]), required=True)
+@click.option("--password", default=None, help="Set a password (otherwise token-only or none).")
+@click.option("--token", "with_token", is_flag=True, help="Also create an API token (shown once).")
+def user_add(email: str, role: str, password: str | None, with_token: bool) -> None:
+    """Create a user."""
+    _settings_or_exit()
+    from app.core.db import session_scope
+    from app.users import service
+
+    try:
+        with session_scope() as session:
+            created = service.create_user(session, email=email, role=role, password=password)
+            token = service.issue_token(session, created, name="cli") if with_token else None
+            click.echo(f"created {role} {created.email} (id {created.id})")
+    except service.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    if token:
+        click.echo(f"token: {token}")
+
+
+@user.command("list")
+def user_list() -> None:
+    """List users."""
+    _settings_or_exit()
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.users.models import User
+
+    with session_scope() as session:
+        for row in session.scalars(select(User).order_by(User.id)):
+            state = "active" if row.is_active else "inactive"
+            click.echo(f"{row.id}\t{row.email}\t{row.role}\t{state}")
+
+
+@user.command("token")
+@click.argument("email")
+def user_token(email: str) -> None:
+    """Issue a new API token for a user (shown once)."""
+    _settings_or_exit()
+    from app.core.db import session_scope
+    from app.users import service
+
+    with session_scope() as session:
+        found = service.get_by_email(session, email)
+        if found is None:
+            raise click.ClickException(f"no user with email {email}")
+        click.echo(service.issue_token(session, found, name="cli"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Authentication and authorisation dependencies shared by the JSON API and the pages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.db import SessionDep
+from app.core.security import tokens_equal
+from app.projects.models import Membership, Project
+from app.users import service as users
+from app.users.models import User, UserSession
+
+SESSION_COOKIE = "prefloop_session"
+CSRF_HEADER = "X-CSRF-Token"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+
+
+@dataclass
+class Auth:
+    user: User
+    via: str  # "token" | "session"
+    user_session: UserSession | None = None
+
+
+class LoginRequired(Exception):
+    """Raised by page dependencies; the app turns it into a redirect to /login."""
+
+    def __init__(self, next_url: str) -> None:
+        self.next_url = next_url
+
+
+async def _csrf_ok(request: Request, user_session: UserSession) -> bool:
+    sent = request.headers.get(CSRF_HEADER)
+    if sent is None:
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith(("application/x-www-form-urlencoded", "multipart/form-data")):
+            form = await request.form()
+            value = form.get("csrf_token")
+            sent = value if isinstance(value, str) else None
+    return sent is not None and tokens_equal(sent, user_session.csrf_token)
+
+
+def _origin_ok(request: Request) -> bool:
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return origin is None
+    host = request.headers.get("host", "")
+    return origin.split("://", 1)[-1] == host
+
+
+async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        user = users.user_for_token(session, header[7:].strip())
+        if user is None:
+            raise HTTPException(401, "invalid or revoked token", {"WWW-Authenticate": "Bearer"})
+        return Auth(user=user, via="token")
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    user_session = users.session_for_token(session, cookie)
+    if user_session is None:
+        return None
+    if request.method not in SAFE_METHODS:
+        # Cookie-authenticated writes need the synchronizer token and a same-origin request.
+        if not _origin_ok(request) or not await _csrf_ok(request, user_session):
+            raise HTTPException(403, "CSRF check failed: missing or wrong CSRF token")
+    request.state.user_session = user_session
+    return Auth(user=user_session.user, via="session", user_session=user_session)
+
+
+OptionalAuth = Annotated[Auth | None, Depends(optional_auth)]
+
+
+def current_user(auth: OptionalAuth) -> User:
+    if auth is None:
+        raise HTTPException(401, "authentication required", {"WWW-Authenticate": "Bearer"})
+    return auth.user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]
+
+
+def page_user(request: Request, auth: OptionalAuth) -> User:
+    if auth is None:
+        raise LoginRequired(str(request.url.path))
+    return auth.user
+
+
+PageUser = Annotated[User, Depends(page_user)]
+
+
+def require_lead(user: CurrentUser) -> User:
+    if user.role not in ("admin", "lead"):
+        raise HTTPException(403, "this action needs the lead or admin role")
+    return user
+
+
+def require_admin(user: CurrentUser) -> User:
+    if user.role != "admin":
+        raise HTTPException(403, "this action needs the admin role")
+    return user
+
+
+LeadUser = Annotated[User, Depends(require_lead)]
+AdminUser = Annotated[User, Depends(require_admin)]
+
+
+def membership_role(session: Session, user: User, project_id: int) -> str | None:
+    """'admin', 'lead', 'annotator' or None: what this user may do in the project."""
+    if user.role == "admin":
+        return "admin"
+    return session.scalar(
+        select(Membership.role).where(
+            Membership.project_id == project_id, Membership.user_id == user.id
+        )
+    )
+
+
+def get_project_for(
+    session: Session, user: User, project_id: int, *, lead: bool
+) -> Project:
+    """The project, if the user may see it: 404 if it does not exist, 403 if not allowed."""
+    project = session.get(Project, project_id)
+    if project is None:
+        raise HTTPException(404, f"project {project_id} not found")
+    role = membership_role(session, user, project_id)
+    if role is None:
+        raise HTTPException(403, "not a member of this project")
+    if lead and (role not in ("admin", "lead") or user.role not in ("admin", "lead")):
+        raise HTTPException(403, "this action needs the lead role in this project")
+    return project

@@ -1,0 +1,85 @@
+"""/healthz for load balancers and ops, /metrics for Prometheus."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from sqlalchemy import func, select, text
+
+from app.core.config import get_settings
+from app.core.db import get_sessionmaker, utcnow
+from app.jobs.models import Job, WorkerHeartbeat
+
+router = APIRouter(tags=["ops"])
+
+REQUESTS = Counter("prefloop_http_requests_total", "HTTP requests", ["method", "route", "status"])
+LATENCY = Histogram(
+    "prefloop_http_request_seconds",
+    "HTTP request latency",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+VOTES = Counter("prefloop_votes_total", "Votes recorded", ["choice"])
+JOBS = Gauge("prefloop_jobs", "Jobs by status", ["status"])
+WORKER_AGE = Gauge("prefloop_worker_heartbeat_age_seconds", "Seconds since a worker reported in")
+
+
+def _broker_ok() -> tuple[bool, str]:
+    settings = get_settings()
+    if settings.embedded:
+        ok = settings.broker_dir.exists()
+        return ok, "filesystem"
+    from worker.celery_app import celery_app
+
+    try:
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1, timeout=2)
+        return True, "redis"
+    except Exception as exc:  # noqa: BLE001
+        return False, f"unreachable: {type(exc).__name__}"
+
+
+@router.get("/healthz")
+def healthz() -> JSONResponse:
+    body: dict[str, Any] = {}
+    status = 200
+    try:
+        with get_sessionmaker()() as session:
+            session.execute(text("SELECT 1"))
+            last = session.scalar(select(func.max(WorkerHeartbeat.last_seen_at)))
+        body["database"] = "ok"
+        if last is not None and last.tzinfo is None:
+            last = last.replace(tzinfo=dt.UTC)
+        body["worker"] = {
+            "last_heartbeat": last.isoformat() if last else None,
+            "age_seconds": round((utcnow() - last).total_seconds(), 1) if last else None,
+        }
+    except Exception as exc:  # noqa: BLE001
+        body["database"] = f"unavailable: {type(exc).__name__}"
+        status = 503
+    broker_ok, broker = _broker_ok()
+    body["broker"] = "ok" if broker_ok else broker
+    if not broker_ok:
+        status = 503
+    body["status"] = "ok" if status == 200 else "unavailable"
+    headers = {"Retry-After": "5"} if status == 503 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@router.get("/metrics")
+def metrics() -> Response:
+    try:
+        with get_sessionmaker()() as session:
+            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            last = session.scalar(select(func.max(WorkerHeartbeat.last_seen_at)))
+        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+            JOBS.labels(status).set(counts.get(status, 0))
+        if last is not None:
+            WORKER_AGE.set((utcnow() - last).total_seconds())
+    except Exception:  # noqa: BLE001 - metrics must answer even when the database does not
+        pass
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,45 @@
+"""Bodies for registering model versions (generators)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "ddpm", "lms")
+
+
+class GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    scheduler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "ddpm", "lms"] = (
+        "ddim"
+    )
+    steps: int = Field(default=20, ge=1, le=500)
+    guidance_scale: float = Field(default=5.0, ge=0.0, le=50.0)
+    height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
+    width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class ModelCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    base: str = Field(min_length=1, max_length=500, description='hub id, local path, or "toy"')
+    adapter: str | None = Field(default=None, max_length=1000)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+    parent_id: int | None = None
+
+
+class ModelPublic(BaseModel):
+    id: int
+    project_id: int
+    name: str
+    base: str
+    adapter: str | None
+    params: dict[str, object]
+    parent_id: int | None
+    produced_by_job_id: int | None
+    status: str
+    evaluation: dict[str, object]

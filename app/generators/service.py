@@ -1,0 +1,61 @@
+"""Registering and listing model versions."""
+
+from __future__ import annotations
+
+from fastapi import HTTPException
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.generators.models import ModelVersion
+from app.generators.schemas import ModelCreate, ModelPublic
+from app.projects.models import Project
+
+
+def register_model(session: Session, *, project: Project, data: ModelCreate) -> ModelVersion:
+    taken = session.scalar(
+        select(ModelVersion.id).where(
+            ModelVersion.project_id == project.id, ModelVersion.name == data.name
+        )
+    )
+    if taken is not None:
+        raise HTTPException(409, f"a model named {data.name!r} already exists in this project")
+    if data.parent_id is not None:
+        parent = session.get(ModelVersion, data.parent_id)
+        if parent is None or parent.project_id != project.id:
+            raise HTTPException(422, f"parent_id {data.parent_id} is not a model of this project")
+    model = ModelVersion(
+        project_id=project.id,
+        name=data.name,
+        base=data.base.strip(),
+        adapter=data.adapter,
+        params=data.params.model_dump(),
+        parent_id=data.parent_id,
+        status="arena",
+        evaluation={},
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def to_public(model: ModelVersion) -> ModelPublic:
+    return ModelPublic(
+        id=model.id,
+        project_id=model.project_id,
+        name=model.name,
+        base=model.base,
+        adapter=model.adapter,
+        params=model.params,
+        parent_id=model.parent_id,
+        produced_by_job_id=model.produced_by_job_id,
+        status=model.status,
+        evaluation=model.evaluation or {},
+    )
+
+
+def list_models(session: Session, project_id: int) -> list[ModelVersion]:
+    return list(
+        session.scalars(
+            select(ModelVersion).where(ModelVersion.project_id == project_id).order_by(ModelVersion.id)
+        )
+    )

@@ -1,0 +1,123 @@
+"""The FastAPI application factory: routers, templates, static files, middleware, errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app import __version__
+from app.core.config import get_settings
+from app.core.deps import LoginRequired
+from app.core.health import LATENCY, REQUESTS
+from app.core.health import router as health_router
+from app.core.web import ROOT
+
+log = logging.getLogger("prefloop.web")
+
+CSP = (
+    "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+    "script-src 'self'; object-src 'none'; base-uri 'self'; form-action 'self'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _wants_html(request: Request) -> bool:
+    return not request.url.path.startswith("/api/") and "text/html" in request.headers.get(
+        "accept", ""
+    )
+
+
+def create_app() -> FastAPI:
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = FastAPI(
+        title="prefloop",
+        version=__version__,
+        description="Human-preference alignment loop for text-to-image diffusion models.",
+    )
+
+    from app.generators.routes import router as models_router
+    from app.images.routes import router as images_router
+    from app.jobs.routes import router as jobs_router
+    from app.pages import router as pages_router
+    from app.projects.routes import router as projects_router
+
+    for router in (
+        health_router,
+        projects_router,
+        models_router,
+        jobs_router,
+        images_router,
+        pages_router,
+    ):
+        app.include_router(router)
+    app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
+
+    @app.middleware("http")
+    async def headers_and_metrics(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+        LATENCY.labels(path).observe(time.perf_counter() - start)
+        response.headers.setdefault("Content-Security-Policy", CSP)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
+
+    @app.exception_handler(LoginRequired)
+    async def _login_required(request: Request, exc: LoginRequired) -> Response:
+        return RedirectResponse(f"/login?next={exc.next_url}", status_code=303)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def _database_down(request: Request, exc: Exception) -> Response:
+        # A database outage is temporary: tell clients to come back instead of showing a 500.
+        log.error("web.database_unavailable path=%s error=%s", request.url.path, type(exc).__name__)
+        return JSONResponse(
+            {"detail": "database temporarily unavailable; retry shortly"},
+            status_code=503,
+            headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code in (401, 403, 404) and _wants_html(request):
+            from app.core.web import render
+
+            return render(
+                request,
+                "pages/error.html",
+                {"status": exc.status_code, "detail": exc.detail},
+                status_code=exc.status_code,
+            )
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {"loc": list(e.get("loc", [])), "msg": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("web.unhandled path=%s", request.url.path)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    return app

@@ -1,0 +1,11 @@
+"""All HTML routers in one place, so the app factory includes them once."""
+
+from fastapi import APIRouter
+
+from app.jobs.pages import router as jobs_pages
+from app.projects.pages import router as projects_pages
+from app.users.pages import router as users_pages
+
+router = APIRouter()
+for sub in (users_pages, projects_pages, jobs_pages):
+    router.include_router(sub)

@@ -1,0 +1,54 @@
+"""Pairs of images of one prompt, and their reservations for annotators."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.core.db import Base, UTCDateTime, utcnow
+
+PURPOSES = ("eval", "train")
+
+
+class Pair(Base):
+    __tablename__ = "pairs"
+    __table_args__ = (
+        UniqueConstraint("image_a_id", "image_b_id"),
+        # The scheduler's hot path: open pairs of a project, fewest votes first.
+        Index("ix_pairs_project_open", "project_id", "is_gold", "vote_count"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"))
+    prompt_id: Mapped[int] = mapped_column(ForeignKey("prompts.id", ondelete="CASCADE"))
+    image_a_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    image_b_id: Mapped[str] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"))
+    # eval: different model versions (ratings); train: one model version, different seeds.
+    purpose: Mapped[str] = mapped_column(String(8))
+    is_gold: Mapped[bool] = mapped_column(Boolean, default=False)
+    # For gold pairs: the image that must win, or "tie".
+    gold_expected: Mapped[str | None] = mapped_column(String(32))
+    votes_wanted: Mapped[int] = mapped_column(Integer, default=3)
+    # Counts only preference votes served through reservations; kept in step by the vote service.
+    vote_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Reservation(Base):
+    """A pair served to an annotator: holds a slot of the pair's k votes for a few minutes."""
+
+    __tablename__ = "reservations"
+    __table_args__ = (Index("ix_reservations_pair_expires", "pair_id", "expires_at"),)
+
+    pair_id: Mapped[int] = mapped_column(
+        ForeignKey("pairs.id", ondelete="CASCADE"), primary_key=True
+    )
+    annotator_id: Mapped[int] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    # Which image this annotator is shown on the left: random per assignment.
+    left_image_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

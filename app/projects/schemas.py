@@ -1,0 +1,76 @@
+"""Request and response bodies for projects, prompts and annotators."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ProjectSettings(BaseModel):
+    """Per-project knobs; every field has a default so a project works out of the box."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    votes_per_pair: int = Field(default=3, ge=1, le=100, description="overlap k")
+    gold_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    reservation_minutes: float = Field(default=5.0, gt=0, le=240)
+    tie_policy: Literal["drop", "soft"] = "drop"
+    active_sampling: bool = False
+    # Share of pairs served at random even with active sampling, so estimates stay unbiased.
+    random_floor: float = Field(default=0.2, ge=0.0, le=1.0)
+    votes_per_second: float = Field(default=5.0, gt=0, le=100)
+    change_vote_seconds: int = Field(default=60, ge=0, le=3600)
+    reveal_gold: bool = False
+    train_pairs_per_prompt: int = Field(default=2, ge=0, le=100)
+
+
+class ProjectCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str = Field(default="", max_length=5000)
+    settings: ProjectSettings = Field(default_factory=ProjectSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be blank")
+        return value
+
+
+class ProjectPublic(BaseModel):
+    id: int
+    name: str
+    description: str
+    settings: ProjectSettings
+
+
+class PromptIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str = Field(min_length=1, max_length=2000)
+    split: Literal["train", "val", "test"] = "train"
+    tags: list[str] = Field(default_factory=list, max_length=50)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be blank")
+        return value
+
+
+class PromptsCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[PromptIn] = Field(min_length=1, max_length=100_000)
+
+
+class AnnotatorCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(min_length=3, max_length=320)

@@ -1,0 +1,88 @@
+"""Login and logout pages (server-side sessions in an HttpOnly cookie)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlparse
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+
+from app.core.config import get_settings
+from app.core.db import SessionDep
+from app.core.deps import SESSION_COOKIE, OptionalAuth
+from app.core.web import render
+from app.users import service
+
+router = APIRouter(include_in_schema=False)
+
+
+def _safe_next(next_url: str | None) -> str:
+    # Only same-site paths: an open redirect after login is a phishing tool.
+    if not next_url or not next_url.startswith("/") or next_url.startswith("//"):
+        return "/"
+    parsed = urlparse(next_url)
+    return parsed.path + (f"?{parsed.query}" if parsed.query else "")
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, auth: OptionalAuth, next: str | None = None) -> Response:
+    if auth is not None:
+        return RedirectResponse(_safe_next(next), status_code=303)
+    return render(request, "pages/login.html", {"next": _safe_next(next), "error": None})
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    session: SessionDep,
+    email: str = Form(max_length=320),
+    password: str = Form(max_length=1000),
+    next: str = Form(default="/"),
+) -> Response:
+    settings = get_settings()
+    client = request.client.host if request.client else "?"
+    keys = (f"email:{email.strip().lower()}", f"ip:{client}")
+    if any(
+        service.recent_failed_logins(session, key) >= settings.login_attempts_per_minute
+        for key in keys
+    ):
+        return render(
+            request,
+            "pages/login.html",
+            {"next": _safe_next(next), "error": "Too many failed attempts; wait a minute."},
+            status_code=429,
+        )
+    user = service.authenticate(session, email, password)
+    if user is None:
+        for key in keys:
+            service.record_failed_login(session, key)
+        return render(
+            request,
+            "pages/login.html",
+            {"next": _safe_next(next), "error": "Wrong email or password."},
+            status_code=400,
+        )
+    token, _ = service.start_session(
+        session, user, days=settings.session_days, user_agent=request.headers.get("user-agent")
+    )
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    response.set_cookie(
+        SESSION_COOKIE,
+        token,
+        max_age=settings.session_days * 86400,
+        httponly=True,
+        secure=settings.cookie_secure,
+        samesite="lax",
+        path="/",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, session: SessionDep, auth: OptionalAuth) -> Response:
+    token = request.cookies.get(SESSION_COOKIE)
+    if token and auth is not None:
+        service.end_session(session, token)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response

@@ -1,0 +1,134 @@
+"""Users, logins, sessions and API tokens (no HTTP here)."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from app.core import security
+from app.core.db import utcnow
+from app.users.models import ROLES, ApiToken, LoginAttempt, User, UserSession
+
+
+class UserError(ValueError):
+    """Invalid user input (unknown role, duplicate email...)."""
+
+
+def normalise_email(email: str) -> str:
+    email = email.strip().lower()
+    if "@" not in email or len(email) > 320 or email.startswith("@") or email.endswith("@"):
+        raise UserError(f"not an email address: {email!r}")
+    return email
+
+
+def get_by_email(session: Session, email: str) -> User | None:
+    return session.scalar(select(User).where(User.email == email.strip().lower()))
+
+
+def create_user(
+    session: Session, *, email: str, role: str, password: str | None = None
+) -> User:
+    if role not in ROLES:
+        raise UserError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    email = normalise_email(email)
+    if get_by_email(session, email) is not None:
+        raise UserError(f"a user with email {email} already exists")
+    user = User(
+        email=email,
+        role=role,
+        password_hash=security.hash_password(password) if password else None,
+        groups=[],
+    )
+    session.add(user)
+    session.flush()
+    return user
+
+
+def set_password(session: Session, user: User, password: str) -> None:
+    """Change a password; every browser session of the user ends."""
+    if len(password) < 8:
+        raise UserError("password must be at least 8 characters")
+    user.password_hash = security.hash_password(password)
+    user.password_changed_at = utcnow()
+    session.execute(delete(UserSession).where(UserSession.user_id == user.id))
+    session.flush()
+
+
+def authenticate(session: Session, email: str, password: str) -> User | None:
+    user = get_by_email(session, email)
+    ok = security.verify_password(password, user.password_hash if user else None)
+    if user is None or not ok or not user.is_active:
+        return None
+    return user
+
+
+def issue_token(session: Session, user: User, name: str | None = None) -> str:
+    token = security.new_token()
+    session.add(
+        ApiToken(
+            user_id=user.id,
+            token_hash=security.hash_token(token),
+            prefix=token[:10],
+            name=name,
+        )
+    )
+    session.flush()
+    return token
+
+
+def user_for_token(session: Session, token: str) -> User | None:
+    row = session.scalar(
+        select(ApiToken).where(
+            ApiToken.token_hash == security.hash_token(token), ApiToken.revoked_at.is_(None)
+        )
+    )
+    if row is None or not row.user.is_active:
+        return None
+    return row.user
+
+
+def start_session(
+    session: Session, user: User, *, days: int, user_agent: str | None = None
+) -> tuple[str, UserSession]:
+    token = security.new_session_token()
+    row = UserSession(
+        token_hash=security.hash_token(token),
+        user_id=user.id,
+        csrf_token=security.new_session_token(),
+        expires_at=utcnow() + dt.timedelta(days=days),
+        user_agent=(user_agent or "")[:255],
+    )
+    session.add(row)
+    session.flush()
+    return token, row
+
+
+def session_for_token(session: Session, token: str) -> UserSession | None:
+    row = session.scalar(
+        select(UserSession).where(UserSession.token_hash == security.hash_token(token))
+    )
+    if row is None or row.expires_at < utcnow() or not row.user.is_active:
+        return None
+    return row
+
+
+def end_session(session: Session, token: str) -> None:
+    session.execute(
+        delete(UserSession).where(UserSession.token_hash == security.hash_token(token))
+    )
+
+
+def record_failed_login(session: Session, key: str) -> None:
+    session.add(LoginAttempt(key=key[:400]))
+    session.flush()
+
+
+def recent_failed_logins(session: Session, key: str, *, seconds: int = 60) -> int:
+    since = utcnow() - dt.timedelta(seconds=seconds)
+    return session.scalar(
+        select(func.count()).select_from(LoginAttempt).where(
+            LoginAttempt.key == key[:400], LoginAttempt.at >= since
+        )
+    ) or 0

@@ -1,0 +1,155 @@
+"""Test fixtures: a fresh Postgres database per run, each test in a rolled-back transaction.
+
+Settings are fixed here, before any application module reads them: the real Postgres and Redis
+on this machine, with a per-run database and a per-run broker key prefix so that runs can
+overlap without seeing each other.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
+PG_ADMIN_URL = os.environ.get("PREFLOOP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+PG_DB = f"prefloop_test_{RUN_ID}"
+PG_URL = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{PG_DB}"
+REDIS_URL = os.environ.get("PREFLOOP_TEST_REDIS", "redis://127.0.0.1:6379/0")
+TMP_ROOT = Path(tempfile.mkdtemp(prefix=f"prefloop-test-{RUN_ID}-"))
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+
+os.environ.update(
+    {
+        "PREFLOOP_ENVIRONMENT": "local",
+        "PREFLOOP_DATABASE_URL": PG_URL,
+        "PREFLOOP_BROKER_URL": REDIS_URL,
+        "PREFLOOP_BROKER_KEY_PREFIX": f"prefloop-test-{RUN_ID}:",
+        "PREFLOOP_SECRET_KEY": "test-secret-key-" + uuid.uuid4().hex,
+        "PREFLOOP_DATA_DIR": str(TMP_ROOT / "data"),
+        "PREFLOOP_MEDIA_DIR": str(TMP_ROOT / "media"),
+        "PREFLOOP_LOG_LEVEL": "INFO",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+)
+
+
+def _admin_exec(sql: str, url: str = PG_ADMIN_URL) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def create_database(name: str, template: str | None = None) -> str:
+    """Create a Postgres database (optionally from a migrated template); returns its URL."""
+    suffix = f" TEMPLATE {template}" if template else ""
+    _admin_exec(f'CREATE DATABASE "{name}"{suffix}')
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_database(name: str) -> None:
+    _admin_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    from app.core.migrate import upgrade_head
+
+    create_database(PG_DB)
+    upgrade_head(PG_URL.replace("postgresql://", "postgresql+psycopg://"))
+    yield PG_URL
+    from app.core.db import get_engine
+
+    get_engine().dispose()
+    drop_database(PG_DB)
+
+
+@pytest.fixture(scope="session")
+def engine(pg_url: str):  # type: ignore[no-untyped-def]
+    from app.core.db import get_engine
+
+    return get_engine()
+
+
+@pytest.fixture()
+def sent_jobs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, str]]:
+    """Records job messages instead of sending them (no worker sees rolled-back rows)."""
+    sent: list[tuple[int, str]] = []
+    import app.jobs.service as jobs_service
+
+    monkeypatch.setattr(
+        jobs_service, "send_job", lambda job_id, queue, countdown=None: sent.append((job_id, queue))
+    )
+    return sent
+
+
+@pytest.fixture()
+def db(engine, sent_jobs):  # type: ignore[no-untyped-def]
+    """A session inside a transaction that is rolled back after the test."""
+    from sqlalchemy.orm import Session
+
+    connection = engine.connect()
+    outer = connection.begin()
+    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+        outer.rollback()
+        connection.close()
+
+
+@pytest.fixture()
+def app(db):  # type: ignore[no-untyped-def]
+    from app.core.db import get_session
+    from app.main import create_app
+
+    application = create_app()
+
+    def override() -> Iterator[object]:
+        try:
+            yield db
+            db.commit()
+        except BaseException:
+            db.rollback()
+            raise
+
+    application.dependency_overrides[get_session] = override
+    return application
+
+
+@pytest.fixture()
+def client(app):  # type: ignore[no-untyped-def]
+    from fastapi.testclient import TestClient
+
+    with TestClient(app, base_url="http://testserver") as test_client:
+        yield test_client
+
+
+@pytest.fixture()
+def make_user(db):  # type: ignore[no-untyped-def]
+    """make_user(role, email=None, password=None) -> (user, token)."""
+    from app.users import service
+
+    def factory(role: str, email: str | None = None, password: str | None = None):  # type: ignore[no-untyped-def]
+        user = service.create_user(
+            db, email=email or f"{role}-{uuid.uuid4().hex[:8]}@example.com", role=role,
+            password=password,
+        )
+        token = service.issue_token(db, user)
+        db.flush()
+        return user, token
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS

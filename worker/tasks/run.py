@@ -1,0 +1,64 @@
+"""The Celery tasks: thin wrappers that hand a job id to the runner."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_ready
+
+from app.core.config import get_settings
+from app.core.db import session_scope, utcnow
+from app.jobs.service import reap_stale_jobs
+from worker import runner
+from worker.celery_app import celery_app
+
+log = logging.getLogger("prefloop.worker")
+
+
+@celery_app.task(name="prefloop.run_job", bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_job(self: Task, job_id: int) -> str:
+    return runner.execute(int(job_id))
+
+
+@celery_app.task(name="prefloop.periodic")
+def periodic() -> list[int]:
+    """Beat's heartbeat of the platform: re-queue jobs whose worker died."""
+    with session_scope() as session:
+        return reap_stale_jobs(session, get_settings())
+
+
+def _report_in(name: str, queues: str, stop: threading.Event, interval: float) -> None:
+    from app.jobs.models import WorkerHeartbeat
+    from worker.tasks.selftest import device_facts
+
+    facts = device_facts()
+    while True:
+        try:
+            with session_scope() as session:
+                row = session.get(WorkerHeartbeat, name)
+                if row is None:
+                    session.add(WorkerHeartbeat(name=name, queues=queues, facts=facts))
+                else:
+                    row.last_seen_at = utcnow()
+                    row.queues = queues
+        except Exception as exc:  # noqa: BLE001 - reporting in must never kill the worker
+            log.warning("worker.heartbeat_failed error=%s", exc)
+        if stop.wait(interval):
+            return
+
+
+_stop_reporting = threading.Event()
+
+
+@worker_ready.connect
+def _start_reporting(sender: Any = None, **_: Any) -> None:
+    queues = ",".join(sorted(q.name for q in sender.app.amqp.queues.consume_from.values()))
+    thread = threading.Thread(
+        target=_report_in,
+        args=(runner.worker_name(), queues, _stop_reporting, 10.0),
+        daemon=True,
+    )
+    thread.start()
