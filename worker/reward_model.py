@@ -1,0 +1,851 @@
+"""Image-level Bradley–Terry reward model r(prompt, image), PickScore-style.
+
+A backbone encodes the prompt and the image into two embeddings, a head turns them into one
+scalar score, and pairs are trained with a two-way softmax (= Bradley–Terry) cross-entropy
+against soft labels. Two backbones share that shape: ``"clip"`` (a transformers CLIP model, for
+real use) and ``"toyconv"`` (a small convnet plus a bag-of-words prompt embedding, trained from
+scratch, for the toy world and tests).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import Tensor, nn
+
+BACKBONES = ("clip", "toyconv")
+HEADS = ("cosine", "mlp")
+# PickScore's grid for the tie threshold t on |p0 - p1|.
+TIE_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
+# OpenAI CLIP preprocessing, used when a checkpoint ships no preprocessor config.
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.json"
+TOKENIZER_DIR = "tokenizer"
+FORMAT_NAME = "prefloop-reward-model"
+FORMAT_VERSION = 1
+# Float slack so that e.g. |0.55 - 0.45| counts as <= 0.1.
+_TIE_EPS = 1e-9
+
+ProgressCallback = Callable[[int, int, dict[str, float]], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreferenceRecord:
+    """One judged pair: images are (H, W, 3) arrays (uint8, or float in [0, 1])."""
+
+    prompt: str
+    image0: np.ndarray
+    image1: np.ndarray
+    label0: float  # share of judgements for image0: 1 wins, 0 loses, 0.5 tie
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label0 <= 1.0:
+            raise ValueError(f"label0 must lie in [0, 1], got {self.label0}")
+        for image in (self.image0, self.image1):
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"images must be (H, W, 3) arrays, got shape {image.shape}")
+
+
+class PreferenceDataset:
+    """An ordered collection of preference records."""
+
+    def __init__(self, records: Sequence[PreferenceRecord]) -> None:
+        self.records = list(records)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> PreferenceRecord:
+        return self.records[index]
+
+    def __iter__(self) -> Iterator[PreferenceRecord]:
+        return iter(self.records)
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r.prompt for r in self.records]
+
+    @property
+    def labels0(self) -> np.ndarray:
+        return np.array([r.label0 for r in self.records], dtype=np.float64)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> PreferenceDataset:
+        return PreferenceDataset([self.records[int(i)] for i in indices])
+
+    def split_by_prompt(
+        self, val_fraction: float, seed: int
+    ) -> tuple[PreferenceDataset, PreferenceDataset]:
+        """(train, validation) with no prompt in both."""
+        train_idx, val_idx = split_by_prompt(self.prompts, val_fraction, seed)
+        return self.subset(train_idx), self.subset(val_idx)
+
+
+def label_from_votes(wins0: float, wins1: float, ties: float = 0.0) -> float:
+    """Soft label0 from several votes: image0's empirical share, a tie counting half."""
+    total = wins0 + wins1 + ties
+    if total <= 0:
+        raise ValueError("need at least one vote")
+    return (wins0 + 0.5 * ties) / total
+
+
+def split_by_prompt(
+    prompts: Sequence[str], val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, validation) from a random split of the distinct prompts."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    distinct = sorted(set(prompts))
+    if len(distinct) < 2:
+        raise ValueError("a prompt-disjoint split needs at least two distinct prompts")
+    order = np.random.default_rng(seed).permutation(len(distinct))
+    n_val = min(len(distinct) - 1, max(1, round(val_fraction * len(distinct))))
+    val_prompts = {distinct[i] for i in order[:n_val]}
+    is_val = np.array([p in val_prompts for p in prompts], dtype=bool)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def images_to_tensor(
+    images: Tensor | np.ndarray | Sequence[np.ndarray], size: int | None = None
+) -> Tensor:
+    """(B, 3, H, W) float in [0, 1] from a tensor of that shape or (H, W, 3) arrays.
+
+    Arrays are resized (shorter side, then centre crop) to ``size`` x ``size`` when it is
+    given; otherwise arrays of different sizes go to the first one's shorter side.
+    """
+    if isinstance(images, Tensor):
+        return images.float()
+    tensors = []
+    for image in images:
+        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # (3, H, W)
+        t = t.float() / 255.0 if t.dtype == torch.uint8 else t.float()
+        tensors.append(t)
+    if not tensors:
+        raise ValueError("no images")
+    shapes = {tuple(t.shape) for t in tensors}
+    if size is None and len(shapes) > 1:
+        size = min(tensors[0].shape[1:])
+    if size is not None:
+        tensors = [resize_center_crop(t[None], size)[0] for t in tensors]
+    return torch.stack(tensors)  # (B, 3, H, W)
+
+
+def resize_center_crop(images: Tensor, size: int) -> Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size): shorter side to ``size``, then a centre crop."""
+    _, _, h, w = images.shape
+    if (h, w) == (size, size):
+        return images
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = F.interpolate(
+        images, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+    ).clamp(0.0, 1.0)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return resized[:, :, top : top + size, left : left + size]
+
+
+# --------------------------------------------------------------------------------------------
+# Loss and metrics (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def prompt_weights(prompts: Sequence[str], counts: Mapping[str, int] | None = None) -> Tensor:
+    """(B,) weights 1 / (number of examples for the prompt); counts default to ``prompts``."""
+    counts = Counter(prompts) if counts is None else counts
+    return torch.tensor([1.0 / counts[p] for p in prompts], dtype=torch.float32)
+
+
+def preference_loss(
+    scores0: Tensor, scores1: Tensor, label0: Tensor, weights: Tensor | None = None
+) -> Tensor:
+    """Two-way softmax (Bradley–Terry) cross-entropy against soft targets, weighted mean.
+
+    Weights (e.g. from ``prompt_weights``) are normalised to sum to one over the batch.
+    """
+    logits = torch.stack([scores0, scores1], dim=-1)  # (B, 2)
+    label0 = label0.to(logits)
+    targets = torch.stack([label0, 1.0 - label0], dim=-1)  # (B, 2)
+    per_example = -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1)  # (B,)
+    if weights is None:
+        return per_example.mean()
+    weights = weights.to(per_example)
+    return (weights / weights.sum() * per_example).sum()
+
+
+def win_probability(scores0: np.ndarray, scores1: np.ndarray) -> np.ndarray:
+    """(N,) P(image0 beats image1) = sigmoid(r0 - r1)."""
+    diff = np.asarray(scores0, dtype=np.float64) - np.asarray(scores1, dtype=np.float64)
+    return 0.5 * (1.0 + np.tanh(0.5 * diff))  # numerically safe logistic
+
+
+def _outcome(label0: np.ndarray) -> np.ndarray:
+    """(N,) +1 image0 preferred, -1 image1 preferred, 0 tie."""
+    return np.sign(np.round(np.asarray(label0, dtype=np.float64) - 0.5, 9))
+
+
+def tie_aware_accuracy(p0: np.ndarray, label0: np.ndarray, threshold: float) -> float:
+    """PickScore accuracy: a tie is predicted when |p0 - p1| <= threshold.
+
+    Credit 1 for an exact match, 0.5 when either the label or the prediction is a tie (and
+    they differ), 0 for the wrong winner.
+    """
+    p0 = np.asarray(p0, dtype=np.float64)
+    margin = 2.0 * p0 - 1.0  # p0 - p1
+    predicted = np.where(np.abs(margin) <= threshold + _TIE_EPS, 0.0, np.sign(margin))
+    actual = _outcome(label0)
+    credit = np.where(
+        predicted == actual, 1.0, np.where((predicted == 0) | (actual == 0), 0.5, 0.0)
+    )
+    return float(credit.mean())
+
+
+def choose_tie_threshold(
+    p0: np.ndarray, label0: np.ndarray, grid: Sequence[float] = TIE_THRESHOLDS
+) -> tuple[float, float]:
+    """(t, accuracy) maximising tie-aware accuracy over ``grid``; the smallest t wins ties."""
+    best_t, best_acc = grid[0], -1.0
+    for t in grid:
+        acc = tie_aware_accuracy(p0, label0, t)
+        if acc > best_acc:
+            best_t, best_acc = t, acc
+    return float(best_t), best_acc
+
+
+def log_loss(p0: np.ndarray, label0: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean cross-entropy of P(image0 wins) against soft labels, in nats."""
+    p0 = np.clip(np.asarray(p0, dtype=np.float64), eps, 1.0 - eps)
+    label0 = np.asarray(label0, dtype=np.float64)
+    return float(-(label0 * np.log(p0) + (1.0 - label0) * np.log(1.0 - p0)).mean())
+
+
+def expected_calibration_error(p0: np.ndarray, label0: np.ndarray, n_bins: int = 10) -> float:
+    """Binned ECE of P(image0 wins): sum over bins of share × |mean p0 − mean label0|.
+
+    Bins split [0, 1] into ``n_bins`` equal intervals, the last one closed. Comparing with the
+    mean soft label keeps ties and multi-vote labels meaningful; equal-width bins are symmetric,
+    so the figure is the same from image1's side.
+    """
+    p0 = np.asarray(p0, dtype=np.float64)
+    label0 = np.asarray(label0, dtype=np.float64)
+    bins = np.minimum((p0 * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            ece += in_bin.mean() * abs(p0[in_bin].mean() - label0[in_bin].mean())
+    return float(ece)
+
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+
+
+def tokenize_prompt(prompt: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", prompt.lower())
+
+
+def build_vocabulary(prompts: Sequence[str]) -> list[str]:
+    """Sorted distinct words of the prompts; index 0 of the embedding is kept for unknowns."""
+    return sorted({w for p in prompts for w in tokenize_prompt(p)})
+
+
+class ToyConvEncoder(nn.Module):
+    """Small convnet for images plus a bag-of-words prompt embedding."""
+
+    input_size: int | None = None
+
+    def __init__(self, vocab: Sequence[str], embed_dim: int, conv_channels: int) -> None:
+        super().__init__()
+        self.vocab = list(vocab)
+        self.word_index = {w: i + 1 for i, w in enumerate(self.vocab)}
+        self.embed_dim = embed_dim
+        c = conv_channels
+        # Global average pooling at the end makes area-like features (size, colour share) easy.
+        self.conv = nn.Sequential(
+            nn.Conv2d(3, c, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.image_proj = nn.Linear(2 * c, embed_dim)
+        self.words = nn.EmbeddingBag(len(self.vocab) + 1, embed_dim, mode="mean")
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        x = images * 2.0 - 1.0  # (B, 3, H, W) centred
+        return self.image_proj(self.conv(x).flatten(1))  # (B, D)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        device = self.image_proj.weight.device
+        ids: list[int] = []
+        offsets: list[int] = []
+        for prompt in prompts:
+            offsets.append(len(ids))
+            # An empty or all-unknown prompt falls back to the unknown slot.
+            ids.extend([self.word_index.get(w, 0) for w in tokenize_prompt(prompt)] or [0])
+        return self.words(
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(offsets, dtype=torch.long, device=device),
+        )  # (B, D)
+
+
+class ClipEncoder(nn.Module):
+    """A transformers CLIP model; pixels are resized and normalised in torch."""
+
+    def __init__(
+        self,
+        clip: nn.Module,
+        tokenizer: Any,
+        image_mean: Sequence[float],
+        image_std: Sequence[float],
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.tokenizer = tokenizer
+        self.input_size = int(clip.config.vision_config.image_size)
+        self.embed_dim = int(clip.config.projection_dim)
+        self.max_length = int(
+            min(tokenizer.model_max_length, clip.config.text_config.max_position_embeddings)
+        )
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), False)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        pixels = resize_center_crop(images, self.input_size)  # (B, 3, S, S)
+        pixels = (pixels - self.image_mean) / self.image_std
+        return _pooled(self.clip.get_image_features(pixel_values=pixels))  # (B, D)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> Tensor:
+        tokens = self.tokenizer(
+            list(prompts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        ).to(self.image_mean.device)
+        return _pooled(
+            self.clip.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            )
+        )  # (B, D)
+
+
+def _pooled(output: Any) -> Tensor:
+    # transformers < 5 returns the projected embedding, 5.x a model output holding it.
+    return output if isinstance(output, Tensor) else output.pooler_output
+
+
+class CosineHead(nn.Module):
+    """r = exp(log_scale) · cos(image, text), CLIP's own similarity."""
+
+    def __init__(self, init_log_scale: float) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(float(init_log_scale)))
+
+    def forward(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        cosine = (image_emb * text_emb).sum(dim=-1)  # (B,) on unit vectors
+        return self.log_scale.exp() * cosine
+
+
+class MLPHead(nn.Module):
+    """r = MLP([img, txt, img * txt]) on the unit embeddings, rescaled by sqrt(D)."""
+
+    def __init__(self, embed_dim: int, hidden: int) -> None:
+        super().__init__()
+        # Unit vectors have O(1/sqrt(D)) components and their product O(1/D): rescaling keeps
+        # the MLP's inputs O(1) so it trains at a normal learning rate whatever D is.
+        self.scale = math.sqrt(embed_dim)
+        self.net = nn.Sequential(nn.Linear(3 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
+        img, txt = image_emb * self.scale, text_emb * self.scale  # (B, D) each
+        features = torch.cat([img, txt, img * txt], dim=-1)  # (B, 3D)
+        return self.net(features).squeeze(-1)  # (B,)
+
+
+class RewardModel(nn.Module):
+    """r(prompt, image) = head(unit image embedding, unit prompt embedding)."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.spec = spec  # everything needed to rebuild the architecture, saved in config.json
+
+    @property
+    def backbone(self) -> str:
+        return str(self.spec["backbone"])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def score(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        """(B,) scores for prompts and (B, 3, H, W) images in [0, 1]."""
+        if len(prompts) != images.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+        image_emb = F.normalize(self.encoder.encode_images(images.to(self.device)), dim=-1)
+        text_emb = F.normalize(self.encoder.encode_prompts(prompts), dim=-1)
+        return self.head(image_emb, text_emb)  # (B,)
+
+    def forward(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        return self.score(prompts, images)
+
+
+def _make_head(head: str, embed_dim: int, hidden: int, init_log_scale: float) -> nn.Module:
+    if head == "cosine":
+        return CosineHead(init_log_scale)
+    if head == "mlp":
+        return MLPHead(embed_dim, hidden)
+    raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+
+
+def build_toyconv_model(
+    vocab: Sequence[str],
+    *,
+    head: str = "mlp",
+    embed_dim: int = 32,
+    conv_channels: int = 16,
+    head_hidden: int = 64,
+) -> RewardModel:
+    encoder = ToyConvEncoder(vocab, embed_dim, conv_channels)
+    spec = {
+        "backbone": "toyconv",
+        "head": head,
+        "embed_dim": embed_dim,
+        "conv_channels": conv_channels,
+        "head_hidden": head_hidden,
+    }
+    # A temperature of 10 lets unit-cosine scores span a useful logit range from the start.
+    return RewardModel(encoder, _make_head(head, embed_dim, head_hidden, math.log(10.0)), spec)
+
+
+def build_clip_model(
+    name_or_path: str, *, head: str = "cosine", head_hidden: int = 256
+) -> RewardModel:
+    """A reward model on a pretrained CLIP (hub id or local directory)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    clip = CLIPModel.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    mean, std = _clip_normalisation(name_or_path)
+    return _assemble_clip(clip, tokenizer, mean, std, head=head, head_hidden=head_hidden)
+
+
+def _clip_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name_or_path)
+        return list(processor.image_mean), list(processor.image_std)
+    except (OSError, ValueError, AttributeError):
+        return list(CLIP_IMAGE_MEAN), list(CLIP_IMAGE_STD)
+
+
+def _assemble_clip(
+    clip: nn.Module,
+    tokenizer: Any,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    head: str,
+    head_hidden: int,
+) -> RewardModel:
+    encoder = ClipEncoder(clip, tokenizer, mean, std)
+    spec = {
+        "backbone": "clip",
+        "head": head,
+        "head_hidden": head_hidden,
+        "clip_config": clip.config.to_dict(),
+        "image_mean": [float(x) for x in mean],
+        "image_std": [float(x) for x in std],
+    }
+    # The cosine head starts from CLIP's own learned temperature, as PickScore scores do.
+    init_log_scale = float(clip.logit_scale.detach())
+    return RewardModel(
+        encoder, _make_head(head, encoder.embed_dim, head_hidden, init_log_scale), spec
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardTrainConfig:
+    """Training settings; defaults suit the toyconv backbone on the toy world."""
+
+    backbone: str = "toyconv"  # "toyconv" or "clip"
+    clip_model: str | None = None  # hub id or local path, required for "clip"
+    head: str | None = None  # "cosine" or "mlp"; None: cosine for clip, mlp for toyconv
+    steps: int = 1500
+    batch_size: int = 64  # PickScore: 128
+    # From-scratch convnets like 1e-3; PickScore fine-tunes CLIP ViT-H at 1e-6.
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    val_fraction: float = 0.2  # share of distinct prompts held out
+    eval_every: int = 100
+    patience: int = 5  # evaluations without a better validation loss before stopping
+    seed: int = 0
+    embed_dim: int = 32  # toyconv only
+    conv_channels: int = 16  # toyconv only
+    head_hidden: int = 64
+    device: str = "auto"  # "auto": cuda when available
+
+    def resolved_head(self) -> str:
+        if self.head is not None:
+            return self.head
+        return "cosine" if self.backbone == "clip" else "mlp"
+
+
+@dataclass
+class RewardTrainResult:
+    """The best-validation model and its validation figures."""
+
+    model: RewardModel
+    val_accuracy: float  # tie-aware, at tie_threshold
+    tie_threshold: float
+    val_log_loss: float
+    val_ece: float
+    val_loss: float  # prompt-weighted BT loss, the early-stopping criterion
+    best_step: int
+    steps_run: int
+    stopped_early: bool
+    n_train: int
+    n_val: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        """JSON-ready summary: everything but the model."""
+        summary = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        summary["history"] = [dict(point) for point in self.history]
+        return summary
+
+
+def build_reward_model(config: RewardTrainConfig, train_prompts: Sequence[str]) -> RewardModel:
+    """A fresh model for ``config``; the toyconv vocabulary comes from the training prompts."""
+    head = config.resolved_head()
+    if config.backbone == "toyconv":
+        return build_toyconv_model(
+            build_vocabulary(train_prompts),
+            head=head,
+            embed_dim=config.embed_dim,
+            conv_channels=config.conv_channels,
+            head_hidden=config.head_hidden,
+        )
+    if config.backbone == "clip":
+        if not config.clip_model:
+            raise ValueError("backbone 'clip' needs clip_model (a hub id or local path)")
+        return build_clip_model(config.clip_model, head=head, head_hidden=config.head_hidden)
+    raise ValueError(f"unknown backbone {config.backbone!r}; expected one of {BACKBONES}")
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _pair_scores(model: RewardModel, records: Sequence[PreferenceRecord]) -> tuple[Tensor, Tensor]:
+    """(B,), (B,) scores of image0 and image1; both sides go through one forward pass."""
+    prompts = [r.prompt for r in records]
+    images = images_to_tensor(
+        [r.image0 for r in records] + [r.image1 for r in records],
+        size=model.encoder.input_size,
+    )  # (2B, 3, H, W)
+    scores = model.score(prompts + prompts, images)  # (2B,)
+    return scores[: len(records)], scores[len(records) :]
+
+
+def predict_pairs(
+    model: RewardModel, dataset: PreferenceDataset, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scores (N,), (N,) of image0 and image1 for every record, without gradients."""
+    was_training = model.training
+    model.eval()
+    out0, out1 = [], []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                s0, s1 = _pair_scores(model, dataset.records[start : start + batch_size])
+                out0.append(s0.float().cpu().numpy())
+                out1.append(s1.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    if not out0:
+        return np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)
+    return np.concatenate(out0), np.concatenate(out1)
+
+
+def evaluate_pairs(
+    model: RewardModel,
+    dataset: PreferenceDataset,
+    tie_threshold: float | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Loss and metrics on a dataset; the tie threshold is chosen on it when not given."""
+    if len(dataset) == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    s0, s1 = predict_pairs(model, dataset, batch_size)
+    labels = dataset.labels0
+    p0 = win_probability(s0, s1)
+    if tie_threshold is None:
+        tie_threshold, accuracy = choose_tie_threshold(p0, labels)
+    else:
+        accuracy = tie_aware_accuracy(p0, labels, tie_threshold)
+    loss = preference_loss(
+        torch.from_numpy(s0).double(),
+        torch.from_numpy(s1).double(),
+        torch.from_numpy(labels),
+        prompt_weights(dataset.prompts),
+    )
+    return {
+        "loss": float(loss),
+        "accuracy": accuracy,
+        "tie_threshold": float(tie_threshold),
+        "log_loss": log_loss(p0, labels),
+        "ece": expected_calibration_error(p0, labels),
+    }
+
+
+def train_reward_model(
+    dataset: PreferenceDataset,
+    config: RewardTrainConfig,
+    on_progress: ProgressCallback | None = None,
+) -> RewardTrainResult:
+    """Train on a prompt-disjoint split, early-stop on validation loss, keep the best state."""
+    if config.steps < 1 or config.eval_every < 1 or config.batch_size < 1:
+        raise ValueError("steps, eval_every and batch_size must be positive")
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    train_set, val_set = dataset.split_by_prompt(config.val_fraction, config.seed)
+    device = _resolve_device(config.device)
+    model = build_reward_model(config, train_set.prompts).to(device)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    train_counts = Counter(train_set.prompts)
+    batch_size = min(config.batch_size, len(train_set))
+
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"val_loss": math.inf, "step": 0, "state": None, "metrics": None}
+    evals_since_best = 0
+    running_loss, running_n = 0.0, 0
+    order: np.ndarray = np.empty(0, dtype=np.int64)
+    cursor = 0
+    step = 0
+    stopped_early = False
+    model.train()
+    for step in range(1, config.steps + 1):
+        if cursor + batch_size > len(order):  # reshuffle each epoch
+            order, cursor = rng.permutation(len(train_set)), 0
+        batch = [train_set.records[i] for i in order[cursor : cursor + batch_size]]
+        cursor += batch_size
+
+        scores0, scores1 = _pair_scores(model, batch)
+        labels = torch.tensor([r.label0 for r in batch], device=device)
+        weights = prompt_weights([r.prompt for r in batch], train_counts).to(device)
+        loss = preference_loss(scores0, scores1, labels, weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        running_loss += float(loss.detach())
+        running_n += 1
+
+        if step % config.eval_every != 0 and step != config.steps:
+            continue
+        val = evaluate_pairs(model, val_set, batch_size=config.batch_size)
+        point = {
+            "step": float(step),
+            "train_loss": running_loss / running_n,
+            "val_loss": val["loss"],
+            "val_accuracy": val["accuracy"],
+            "val_tie_threshold": val["tie_threshold"],
+            "val_log_loss": val["log_loss"],
+            "val_ece": val["ece"],
+        }
+        history.append(point)
+        running_loss, running_n = 0.0, 0
+        if val["loss"] < best["val_loss"]:
+            best.update(
+                val_loss=val["loss"],
+                step=step,
+                metrics=val,
+                state={k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            )
+            evals_since_best = 0
+        else:
+            evals_since_best += 1
+        if on_progress is not None:
+            on_progress(step, config.steps, dict(point))
+        if evals_since_best >= config.patience:
+            stopped_early = True
+            break
+
+    model.load_state_dict(best["state"])
+    model.eval()
+    metrics = best["metrics"]
+    return RewardTrainResult(
+        model=model,
+        val_accuracy=metrics["accuracy"],
+        tie_threshold=metrics["tie_threshold"],
+        val_log_loss=metrics["log_loss"],
+        val_ece=metrics["ece"],
+        val_loss=metrics["loss"],
+        best_step=int(best["step"]),
+        steps_run=step,
+        stopped_early=stopped_early,
+        n_train=len(train_set),
+        n_val=len(val_set),
+        history=history,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring and persistence
+# --------------------------------------------------------------------------------------------
+
+
+def score_images(
+    model: RewardModel,
+    prompts: Sequence[str],
+    images: Tensor | np.ndarray | Sequence[np.ndarray],
+    batch_size: int = 64,
+) -> np.ndarray:
+    """(N,) scores, batched and without gradients.
+
+    Images: a (N, 3, H, W) tensor in [0, 1], or (H, W, 3) arrays (uint8 or float in [0, 1]).
+    """
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = images_to_tensor(
+                    images[start : start + batch_size], size=model.encoder.input_size
+                )
+                scores = model.score(list(prompts[start : start + batch_size]), chunk)
+                out.append(scores.float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+
+
+def save_reward_model(
+    model: RewardModel,
+    directory: str | os.PathLike[str],
+    config: RewardTrainConfig | None = None,
+    metrics: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write model.safetensors + config.json (+ vocab or tokenizer) atomically to ``directory``.
+
+    Files go to a sibling temp dir that is renamed into place, so readers never see a partial
+    model; an existing model at ``directory`` is replaced.
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        document = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "model": model.spec,
+            "train_config": asdict(config) if config is not None else None,
+            "metrics": dict(metrics) if metrics is not None else None,
+        }
+        (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+        if isinstance(model.encoder, ToyConvEncoder):
+            (tmp / VOCAB_FILE).write_text(json.dumps(model.encoder.vocab))
+        elif isinstance(model.encoder, ClipEncoder):
+            model.encoder.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _replace_dir(source: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(source, target)
+        return
+    # A non-empty directory cannot be renamed over: move the old one aside first.
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
+    os.replace(target, old)
+    os.replace(source, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_reward_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The saved config.json (model spec, training config, metrics)."""
+    document = json.loads((Path(directory) / CONFIG_FILE).read_text())
+    if document.get("format") != FORMAT_NAME:
+        raise ValueError(f"{directory} does not hold a {FORMAT_NAME}")
+    return document
+
+
+def load_reward_model(
+    directory: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> RewardModel:
+    """Rebuild a saved model (no hub access needed) in eval mode."""
+    path = Path(directory)
+    spec = read_reward_model_config(path)["model"]
+    if spec["backbone"] == "toyconv":
+        vocab = json.loads((path / VOCAB_FILE).read_text())
+        model = build_toyconv_model(
+            vocab,
+            head=spec["head"],
+            embed_dim=spec["embed_dim"],
+            conv_channels=spec["conv_channels"],
+            head_hidden=spec["head_hidden"],
+        )
+    elif spec["backbone"] == "clip":
+        from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+
+        clip = CLIPModel(CLIPConfig.from_dict(copy.deepcopy(spec["clip_config"])))
+        tokenizer = AutoTokenizer.from_pretrained(str(path / TOKENIZER_DIR))
+        model = _assemble_clip(
+            clip,
+            tokenizer,
+            spec["image_mean"],
+            spec["image_std"],
+            head=spec["head"],
+            head_hidden=spec["head_hidden"],
+        )
+    else:
+        raise ValueError(f"unknown backbone {spec['backbone']!r}")
+    load_model(model, str(path / MODEL_FILE), strict=True, device=str(device))
+    return model.to(device).eval()
