@@ -142,26 +142,50 @@ class _PairTerms:
     mixed: np.ndarray | None = None  # −d²ℓ/dd dη
 
 
+def _softplus(x: np.ndarray) -> np.ndarray:
+    """log(1 + e^x) without overflow (np.logaddexp is several times slower)."""
+    return np.log1p(np.exp(-np.abs(x))) + np.maximum(x, 0.0)
+
+
+def _davidson_log_z(half: np.ndarray, eta: np.ndarray) -> np.ndarray:
+    """log(e^{d/2} + e^{-d/2} + e^η) for half = d/2 (B, m) and eta (B, 1)."""
+    top = np.maximum(np.abs(half), eta)  # (B, m) largest exponent; η may be −inf
+    return top + np.log(np.exp(half - top) + np.exp(-half - top) + np.exp(eta - top))
+
+
+def _pair_loglik(
+    d: np.ndarray, wi: np.ndarray, wj: np.ndarray, t: np.ndarray, eta: np.ndarray | None
+) -> np.ndarray:
+    """Per-pair log-likelihood (B, m) at differences d = s_i − s_j (B, m)."""
+    if eta is None:
+        # A tie is half a win for each side; log σ(−d) = log σ(d) − d.
+        total = wi + wj + t
+        return -total * _softplus(-d) - (wj + 0.5 * t) * d
+    half = 0.5 * d
+    with np.errstate(invalid="ignore"):  # η is −inf on rows without any tie: 0·(−inf)
+        t_eta = np.where(t > 0, t * eta, 0.0)
+    return (wi - wj) * half + t_eta - (wi + wj + t) * _davidson_log_z(half, eta)
+
+
 def _pair_terms(
     d: np.ndarray, wi: np.ndarray, wj: np.ndarray, t: np.ndarray, eta: np.ndarray | None
 ) -> _PairTerms:
     """Terms at differences d (B, m) for counts wi, wj, t (B, m); eta (B, 1) for Davidson."""
     if eta is None:
-        ww_i = wi + 0.5 * t  # a tie is half a win for each side
-        ww_j = wj + 0.5 * t
-        total = ww_i + ww_j
-        loglik = -ww_i * np.logaddexp(0.0, -d) - ww_j * np.logaddexp(0.0, d)
-        p = 0.5 * (1.0 + np.tanh(0.5 * d))  # σ(d) without overflow
-        return _PairTerms(loglik, ww_i - total * p, total * p * (1.0 - p))
+        total = wi + wj + t
+        log_p = -_softplus(-d)  # log σ(d)
+        p = np.exp(log_p)
+        loglik = total * log_p - (wj + 0.5 * t) * d
+        return _PairTerms(loglik, wi + 0.5 * t - total * p, total * p * (1.0 - p))
     # Davidson, dividing through by sqrt(π_i π_j): P(i wins) = e^{d/2}/Z, P(j wins) = e^{-d/2}/Z,
     # P(tie) = ν/Z with Z = e^{d/2} + e^{-d/2} + ν.
     total = wi + wj + t
     half = 0.5 * d
-    log_z = np.logaddexp(np.logaddexp(half, -half), eta)  # (B, m)
+    log_z = _davidson_log_z(half, eta)  # (B, m)
     p_i = np.exp(half - log_z)
     p_j = np.exp(-half - log_z)
     p_t = np.exp(eta - log_z)
-    with np.errstate(invalid="ignore"):  # η is −inf on rows without any tie: 0·(−inf)
+    with np.errstate(invalid="ignore"):
         t_eta = np.where(t > 0, t * eta, 0.0)
     loglik = (wi - wj) * half + t_eta - total * log_z
     # (d, η) are natural parameters of X ∈ {+½, −½, 0} and Y = 1[tie]: the gradient is
@@ -182,18 +206,29 @@ class _Graph:
 
     def __init__(self, item_i: np.ndarray, item_j: np.ndarray, n_items: int) -> None:
         m = item_i.shape[0]
+        n = n_items
         rows = np.concatenate([np.arange(m), np.arange(m)])
         cols = np.concatenate([item_i, item_j])
         vals = np.concatenate([np.ones(m), -np.ones(m)])
-        self.n = n_items
+        self.n = n
         self.item_i = item_i
         self.item_j = item_j
-        self.inc_t = sp.csr_matrix((vals, (cols, rows)), shape=(n_items, m))  # Eᵀ (n, m)
+        self.inc = sp.csr_matrix((vals, (rows, cols)), shape=(m, n))  # E (m, n)
+        self.inc_t = self.inc.T.tocsr()  # Eᵀ (n, m)
         self.abs_inc_t = abs(self.inc_t)
+        # Sparsity pattern of the Laplacian Eᵀ diag(c) E + λI, assembled in O(m) per Newton
+        # step: slot k of `_lap_order` says which of [c (i,j), c (j,i), diagonal] lands there.
+        lap_rows = np.concatenate([item_i, item_j, np.arange(n)])
+        lap_cols = np.concatenate([item_j, item_i, np.arange(n)])
+        tags = np.arange(1, 2 * m + n + 1, dtype=np.float64)
+        pattern = sp.csr_matrix((tags, (lap_rows, lap_cols)), shape=(n, n))
+        self._lap_order = pattern.data.astype(np.int64) - 1
+        self._lap_indices = pattern.indices
+        self._lap_indptr = pattern.indptr
 
     def diff(self, s: np.ndarray) -> np.ndarray:
         """(B, n) scores → (B, m) differences."""
-        return s[:, self.item_i] - s[:, self.item_j]
+        return np.asarray(self.inc @ s.T).T
 
     def scatter(self, r: np.ndarray) -> np.ndarray:
         """(B, m) per-pair values → (B, n) Eᵀ r."""
@@ -207,28 +242,34 @@ class _Graph:
         """(B, m) weights → (B, n) diagonal of Eᵀ diag(c) E."""
         return np.asarray(self.abs_inc_t @ c.T).T
 
+    def sparse_laplacian(self, c: np.ndarray, shift: float) -> sp.csr_matrix:
+        """(m,) weights → (n, n) CSR Eᵀ diag(c) E + shift·I."""
+        diag = np.bincount(self.item_i, c, self.n) + np.bincount(self.item_j, c, self.n) + shift
+        data = np.concatenate([-c, -c, diag])[self._lap_order]
+        return sp.csr_matrix((data, self._lap_indices, self._lap_indptr), shape=(self.n, self.n))
+
     def dense_laplacian(self, c: np.ndarray) -> np.ndarray:
         """(B, m) weights → (B, n, n) Eᵀ diag(c) E."""
-        bsz, n = c.shape[0], self.n
-        base = (np.arange(bsz) * n * n)[:, None]  # (B, 1)
-        ii, jj = self.item_i[None, :], self.item_j[None, :]  # (1, m)
-        idx = np.concatenate(
-            [base + ii * (n + 1), base + jj * (n + 1), base + ii * n + jj, base + jj * n + ii],
-            axis=1,
-        )  # (B, 4m)
-        vals = np.concatenate([c, c, -c, -c], axis=1)  # (B, 4m)
-        flat = np.bincount(idx.ravel(), weights=vals.ravel(), minlength=bsz * n * n)
-        return flat.reshape(bsz, n, n)
+        n = self.n
+        lap = np.zeros((c.shape[0], n, n))
+        lap[:, self.item_i, self.item_j] = -c  # pairs are distinct: plain assignment
+        lap[:, self.item_j, self.item_i] = -c
+        diag = np.arange(n)
+        lap[:, diag, diag] = -lap.sum(axis=2)  # Laplacian rows sum to zero
+        return lap
 
 
 def _pcg(
     matvec: Callable[[np.ndarray], np.ndarray],
     rhs: np.ndarray,
     diag: np.ndarray,
-    rtol: float = 1e-10,
+    rtol: np.ndarray | float = 1e-10,
     max_iter: int = 1000,
 ) -> np.ndarray:
-    """Jacobi-preconditioned conjugate gradients, each row of rhs (B, n) solved independently."""
+    """Jacobi-preconditioned conjugate gradients, each row of rhs (B, n) solved independently.
+
+    Row b stops once its residual is below rtol[b] times its right-hand side's norm.
+    """
     x = np.zeros_like(rhs)
     r = rhs.copy()
     z = r / diag
@@ -309,8 +350,13 @@ def _fit_batch(
     def penalised(loglik: np.ndarray, s_rows: np.ndarray) -> np.ndarray:
         return loglik - 0.5 * prior * np.einsum("bn,bn->b", s_rows, s_rows)
 
+    def loglik_at(rows: np.ndarray, s_rows: np.ndarray, eta_rows: np.ndarray | None) -> np.ndarray:
+        eta_col = None if eta_rows is None else eta_rows[:, None]
+        return _pair_loglik(graph.diff(s_rows), wi[rows], wj[rows], t[rows], eta_col).sum(axis=1)
+
     active = np.arange(bsz)
     converged = np.zeros(bsz, dtype=bool)
+    first_g_norm: np.ndarray | None = None
     iterations = 0
     while active.size and iterations < max_iter:
         iterations += 1
@@ -331,13 +377,26 @@ def _fit_batch(
             sol = np.linalg.solve(mat, np.stack(rhs, axis=2))  # (b, n, k)
             solutions = [sol[..., k] for k in range(len(rhs))]
         else:
-            curv = np.concatenate([terms.curv_d] * len(rhs), axis=0)  # (k·b, m)
-            diag = graph.laplacian_diag(curv) + prior  # (k·b, n)
-            sol = _pcg(
-                lambda v, c=curv: graph.laplacian_matvec(c, v) + prior * v,
-                np.concatenate(rhs, axis=0),
-                diag,
-            )
+            # Inexact Newton: solve loosely while the gradient is large, tightly near the
+            # optimum (forcing term ‖g‖/‖g₀‖ keeps the convergence superlinear).
+            g_norm = np.linalg.norm(g_s, axis=1)  # (b,)
+            if first_g_norm is None:
+                first_g_norm = np.maximum(g_norm, 1e-300)
+            rtol = np.clip(g_norm / first_g_norm[active], 1e-11, 0.1)
+            if active.size == 1:
+                # One system: assemble the sparse Laplacian once, one CSR product per CG step.
+                lap = graph.sparse_laplacian(terms.curv_d[0], prior)  # (n, n)
+                diag = np.tile(lap.diagonal(), (len(rhs), 1))  # (k, n)
+                sol = _pcg(lambda v, a=lap: np.asarray(a @ v.T).T, np.concatenate(rhs), diag, rtol)
+            else:
+                curv = np.concatenate([terms.curv_d] * len(rhs), axis=0)  # (k·b, m)
+                diag = graph.laplacian_diag(curv) + prior  # (k·b, n)
+                sol = _pcg(
+                    lambda v, c=curv: graph.laplacian_matvec(c, v) + prior * v,
+                    np.concatenate(rhs, axis=0),
+                    diag,
+                    np.tile(rtol, len(rhs)),
+                )
             solutions = np.split(sol, len(rhs), axis=0)
         step_s = solutions[0]  # (b, n) A⁻¹ g_s
         decrement = np.einsum("bn,bn->b", g_s, step_s)  # (b,) gᵀH⁻¹g ≥ 0
@@ -370,7 +429,7 @@ def _fit_batch(
                 eta_try = np.where(
                     free[rows], eta_a[rows] + step_len[rows] * step_eta[rows], -np.inf
                 )
-            obj_try = penalised(evaluate(active[rows], s_try, eta_try).loglik.sum(axis=1), s_try)
+            obj_try = penalised(loglik_at(active[rows], s_try, eta_try), s_try)
             slack = 1e-13 * np.abs(objective[rows])
             accept = obj_try >= objective[rows] + 0.25 * step_len[rows] * decrement[rows] - slack
             pending[rows[accept]] = False
@@ -382,7 +441,7 @@ def _fit_batch(
         converged[active[done]] = True
         active = active[~done]
 
-    loglik = evaluate(np.arange(bsz), s, eta).loglik.sum(axis=1)
+    loglik = loglik_at(np.arange(bsz), s, eta)
     return _BatchResult(
         scores=s,
         log_nu=eta,
