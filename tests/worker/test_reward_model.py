@@ -385,7 +385,7 @@ def test_toyconv_save_load_round_trip_gives_identical_scores(small_toy_dataset, 
     assert saved["model"]["head"] == head
     assert saved["train_config"]["steps"] == 6
     assert saved["metrics"]["best_step"] == result.best_step
-    loaded = load_reward_model(target)
+    loaded = load_reward_model(target, device=result.model.device)
     assert np.array_equal(score_images(loaded, prompts, images), before)
 
     # Saving again replaces the model in place and leaves no temporary directories.
@@ -496,7 +496,7 @@ def test_tiny_clip_trains_scores_and_round_trips(small_toy_dataset, tiny_clip_di
     assert model.backbone == "clip" and len(result.history) == 2
     # The whole CLIP is fine-tuned, not only the head.
     vision_key = "encoder.clip.visual_projection.weight"
-    assert not torch.equal(model.state_dict()[vision_key], initial.state_dict()[vision_key])
+    assert not torch.equal(model.state_dict()[vision_key].cpu(), initial.state_dict()[vision_key])
 
     prompts = small_toy_dataset.prompts[:6]
     images = [r.image0 for r in small_toy_dataset.records[:6]]
@@ -506,7 +506,7 @@ def test_tiny_clip_trains_scores_and_round_trips(small_toy_dataset, tiny_clip_di
 
     save_reward_model(model, tmp_path / "clip-rm", config, result.metrics())
     assert (tmp_path / "clip-rm" / TOKENIZER_DIR).is_dir()
-    loaded = load_reward_model(tmp_path / "clip-rm")
+    loaded = load_reward_model(tmp_path / "clip-rm", device=model.device)
     assert np.array_equal(score_images(loaded, prompts, images, batch_size=4), scores)
 
 
