@@ -64,8 +64,13 @@ def migrate(data_dir: Path | None) -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
-@click.option("--web-workers", default=1, show_default=True, type=click.IntRange(1, 64),
-              help="uvicorn worker processes (distributed mode).")
+@click.option(
+    "--web-workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="uvicorn worker processes (distributed mode).",
+)
 @click.option("--no-worker", is_flag=True, help="Start the web server only.")
 @click.option("--demo", is_flag=True, help="Create a demo project with the toy models.")
 def serve(
@@ -87,8 +92,12 @@ def serve(
 
 
 @main.command()
-@click.option("--queues", default="gpu,cpu", show_default=True,
-              help="Comma-separated queues to consume (gpu, cpu).")
+@click.option(
+    "--queues",
+    default="gpu,cpu",
+    show_default=True,
+    help="Comma-separated queues to consume (gpu, cpu).",
+)
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
 @click.option("--loglevel", default=None, help="Log level (default: PREFLOOP_LOG_LEVEL).")
 def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
@@ -104,11 +113,16 @@ def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
     celery_app.worker_main(
         [
             "worker",
-            "--queues", ",".join(names),
-            "--pool", "solo",
-            "--loglevel", loglevel or settings.log_level,
-            "--hostname", f"prefloop-{'-'.join(names)}-{os.getpid()}@%h",
-            "--without-gossip", "--without-mingle",
+            "--queues",
+            ",".join(names),
+            "--pool",
+            "solo",
+            "--loglevel",
+            loglevel or settings.log_level,
+            "--hostname",
+            f"prefloop-{'-'.join(names)}-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
         ]
     )
 

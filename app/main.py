@@ -37,7 +37,9 @@ def _wants_html(request: Request) -> bool:
 
 def create_app() -> FastAPI:
     settings = get_settings()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
     app = FastAPI(
         title="prefloop",
         version=__version__,

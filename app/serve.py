@@ -93,9 +93,18 @@ class Supervisor:
         settings = get_settings()
         env = {**os.environ, "PREFLOOP_DATA_DIR": str(settings.resolved_data_dir)}
         web = [
-            sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-            "--host", self.host, "--port", str(self.port),
-            "--log-level", settings.log_level.lower(), "--no-access-log",
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "app.main:create_app",
+            "--factory",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            settings.log_level.lower(),
+            "--no-access-log",
         ]
         if self.web_workers > 1:
             web += ["--workers", str(self.web_workers)]

@@ -96,7 +96,9 @@ def db(engine, sent_jobs):  # type: ignore[no-untyped-def]
 
     connection = engine.connect()
     outer = connection.begin()
-    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    session = Session(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
     try:
         yield session
     finally:
@@ -139,11 +141,14 @@ def make_user(db):  # type: ignore[no-untyped-def]
 
     def factory(role: str, email: str | None = None, password: str | None = None):  # type: ignore[no-untyped-def]
         user = service.create_user(
-            db, email=email or f"{role}-{uuid.uuid4().hex[:8]}@example.com", role=role,
+            db,
+            email=email or f"{role}-{uuid.uuid4().hex[:8]}@example.com",
+            role=role,
             password=password,
         )
         token = service.issue_token(db, user)
-        db.flush()
+        # Commit releases the test's savepoint, so a later request's rollback keeps the user.
+        db.commit()
         return user, token
 
     return factory

@@ -28,7 +28,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = "") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.25, what: str = ""
+) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -62,7 +64,8 @@ class Proc:
         return self.proc.pid
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def children(self) -> list[int]:
@@ -97,16 +100,23 @@ def base_env(**overrides: str) -> dict[str, str]:
 
 def login(client: httpx.Client, email: str, password: str) -> str:
     """Log in through the HTML form; returns the CSRF token of the new session."""
-    response = client.post("/login", data={"email": email, "password": password, "next": "/"})
+    response = client.post(
+        "/login", data={"email": email, "password": password, "next": "/"}, follow_redirects=False
+    )
     assert response.status_code == 303, response.text
     page = client.get("/")
     match = re.search(r'name="csrf-token" content="([^"]+)"', page.text)
-    assert match, page.text
+    assert match, (page.status_code, page.headers, page.text)
     return match.group(1)
 
 
-def wait_job(client: httpx.Client, job_id: int, headers: dict[str, str], timeout: float,
-             statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled")) -> dict[str, Any]:
+def wait_job(
+    client: httpx.Client,
+    job_id: int,
+    headers: dict[str, str],
+    timeout: float,
+    statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         body = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json()
         return body if body["status"] in statuses else None

@@ -21,7 +21,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     if settings.embedded:
         folder = settings.broker_dir / "queue"
         folder.mkdir(parents=True, exist_ok=True)
-        transport_options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+        control = settings.broker_dir / "control"
+        control.mkdir(parents=True, exist_ok=True)
+        transport_options = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "control_folder": str(control),
+        }
     else:
         # Above the longest job, or Redis hands a running job's message to a second worker.
         transport_options = {"visibility_timeout": settings.broker_visibility_timeout}

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+import app.models  # noqa: F401  (every table, so relationships and foreign keys resolve)
 from app.core.config import Settings, get_settings
 from app.core.db import get_sessionmaker, session_scope, utcnow
 from app.core.storage import MediaStore, get_media_store
@@ -215,7 +216,7 @@ def execute(job_id: int, name: str | None = None) -> str:
                 enqueue_after_commit(session, job)
             else:
                 status = "failed"
-                job.error = f"gave up after {job.attempts} attempts: {values['error']}"
+                values["error"] = f"gave up after {job.attempts} attempts: {values['error']}"
         if status != "retry":
             job.status = status
             job.finished_at = utcnow()

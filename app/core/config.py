@@ -132,7 +132,8 @@ class Settings(BaseSettings):
         if self.secret_key is None or self.secret_key.strip().lower() in KNOWN_DEFAULT_SECRETS:
             raise SettingsError(
                 "PREFLOOP_SECRET_KEY: a real secret key is required outside the embedded local "
-                "mode (generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))')"
+                "mode (generate one with: "
+                "python -c 'import secrets; print(secrets.token_urlsafe(48))')"
             )
         if len(self.secret_key) < 16:
             raise SettingsError("PREFLOOP_SECRET_KEY: must be at least 16 characters long")

@@ -109,4 +109,6 @@ def get_session() -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so whatever a client was told is saved
+# really is in the database (and its next request sees it).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]

@@ -66,10 +66,11 @@ async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
     user_session = users.session_for_token(session, cookie)
     if user_session is None:
         return None
-    if request.method not in SAFE_METHODS:
-        # Cookie-authenticated writes need the synchronizer token and a same-origin request.
-        if not _origin_ok(request) or not await _csrf_ok(request, user_session):
-            raise HTTPException(403, "CSRF check failed: missing or wrong CSRF token")
+    # Cookie-authenticated writes need the synchronizer token and a same-origin request.
+    if request.method not in SAFE_METHODS and (
+        not _origin_ok(request) or not await _csrf_ok(request, user_session)
+    ):
+        raise HTTPException(403, "CSRF check failed: missing or wrong CSRF token")
     request.state.user_session = user_session
     return Auth(user=user_session.user, via="session", user_session=user_session)
 
@@ -122,9 +123,7 @@ def membership_role(session: Session, user: User, project_id: int) -> str | None
     )
 
 
-def get_project_for(
-    session: Session, user: User, project_id: int, *, lead: bool
-) -> Project:
+def get_project_for(session: Session, user: User, project_id: int, *, lead: bool) -> Project:
     """The project, if the user may see it: 404 if it does not exist, 403 if not allowed."""
     project = session.get(Project, project_id)
     if project is None:

@@ -74,7 +74,9 @@ def healthz() -> JSONResponse:
 def metrics() -> Response:
     try:
         with get_sessionmaker()() as session:
-            counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+            counts = dict(
+                session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+            )
             last = session.scalar(select(func.max(WorkerHeartbeat.last_seen_at)))
         for status in ("queued", "running", "succeeded", "failed", "cancelled"):
             JOBS.labels(status).set(counts.get(status, 0))

@@ -32,9 +32,7 @@ class ModelVersion(Base):
     produced_by_job_id: Mapped[int | None] = mapped_column(
         ForeignKey("jobs.id", ondelete="SET NULL")
     )
-    snapshot_id: Mapped[int | None] = mapped_column(
-        ForeignKey("snapshots.id", ondelete="SET NULL")
-    )
+    snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("snapshots.id", ondelete="SET NULL"))
     status: Mapped[str] = mapped_column(String(16), default="arena")
     # Evaluation results against the parent (win-rate and interval), filled by evaluate jobs.
     evaluation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

@@ -56,6 +56,8 @@ def to_public(model: ModelVersion) -> ModelPublic:
 def list_models(session: Session, project_id: int) -> list[ModelVersion]:
     return list(
         session.scalars(
-            select(ModelVersion).where(ModelVersion.project_id == project_id).order_by(ModelVersion.id)
+            select(ModelVersion)
+            .where(ModelVersion.project_id == project_id)
+            .order_by(ModelVersion.id)
         )
     )

@@ -133,7 +133,10 @@ def reap_stale_jobs(session: Session, settings: Settings) -> list[int]:
     resent: list[int] = []
     running = session.scalars(
         select(Job)
-        .where(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before))
+        .where(
+            Job.status == "running",
+            or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale_before),
+        )
         .with_for_update(skip_locked=True)
     ).all()
     for job in running:
@@ -184,4 +187,3 @@ def to_public(job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "heartbeat_at": job.heartbeat_at.isoformat() if job.heartbeat_at else None,
     }
-

@@ -27,9 +27,7 @@ def get_by_email(session: Session, email: str) -> User | None:
     return session.scalar(select(User).where(User.email == email.strip().lower()))
 
 
-def create_user(
-    session: Session, *, email: str, role: str, password: str | None = None
-) -> User:
+def create_user(session: Session, *, email: str, role: str, password: str | None = None) -> User:
     if role not in ROLES:
         raise UserError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
     email = normalise_email(email)
@@ -115,9 +113,7 @@ def session_for_token(session: Session, token: str) -> UserSession | None:
 
 
 def end_session(session: Session, token: str) -> None:
-    session.execute(
-        delete(UserSession).where(UserSession.token_hash == security.hash_token(token))
-    )
+    session.execute(delete(UserSession).where(UserSession.token_hash == security.hash_token(token)))
 
 
 def record_failed_login(session: Session, key: str) -> None:
@@ -127,8 +123,11 @@ def record_failed_login(session: Session, key: str) -> None:
 
 def recent_failed_logins(session: Session, key: str, *, seconds: int = 60) -> int:
     since = utcnow() - dt.timedelta(seconds=seconds)
-    return session.scalar(
-        select(func.count()).select_from(LoginAttempt).where(
-            LoginAttempt.key == key[:400], LoginAttempt.at >= since
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(LoginAttempt)
+            .where(LoginAttempt.key == key[:400], LoginAttempt.at >= since)
         )
-    ) or 0
+        or 0
+    )

@@ -28,7 +28,9 @@ def test_defaults_give_embedded_mode(monkeypatch: pytest.MonkeyPatch, tmp_path) 
         ("PREFLOOP_VOTES_PER_SECOND", "-1"),
     ],
 )
-def test_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, var: str, value: str) -> None:
+def test_bad_value_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
     monkeypatch.setenv(var, value)
     with pytest.raises(SettingsError) as err:
         load_settings()
@@ -47,7 +49,9 @@ def test_default_secret_refused_outside_local(monkeypatch: pytest.MonkeyPatch) -
     assert load_settings().sqlalchemy_url.startswith("postgresql+psycopg://")
 
 
-def test_production_environment_needs_a_secret_even_on_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_production_environment_needs_a_secret_even_on_sqlite(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.delenv("PREFLOOP_DATABASE_URL", raising=False)
     monkeypatch.delenv("PREFLOOP_SECRET_KEY", raising=False)
     monkeypatch.setenv("PREFLOOP_ENVIRONMENT", "production")
