@@ -1,0 +1,95 @@
+"""docker-compose.yml runs the very commands CI runs natively (no engine here to start it)."""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+
+import click
+import pytest
+import yaml
+
+from app.cli import main as prefloop_cli
+from app.core.config import Settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+GPU = yaml.safe_load((REPO / "docker-compose.gpu.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def _parse(group: click.Command, prog: str, args: list[str], obj: object = None) -> click.Command:
+    """Parse args exactly as the CLI would (options validated), without running anything."""
+    ctx = group.make_context(prog, list(args), obj=obj)
+    command: click.Command = group
+    while isinstance(command, click.Group):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            rest = [*ctx.protected_args, *ctx.args]
+        if not rest:
+            break
+        name, sub, rest = command.resolve_command(ctx, rest)
+        assert sub is not None and name is not None, f"unknown subcommand in {args}"
+        command = sub
+        ctx = command.make_context(name, rest, parent=ctx)
+    return command
+
+
+def test_expected_services() -> None:
+    wanted = {"postgres", "redis", "prestart", "web", "worker-gpu", "worker-cpu", "beat", "flower"}
+    assert wanted <= set(SERVICES)
+    assert "healthcheck" in SERVICES["postgres"] and SERVICES["postgres"]["volumes"]
+    redis_cmd = " ".join(SERVICES["redis"]["command"])
+    assert "--appendonly yes" in redis_cmd and "--maxmemory-policy noeviction" in redis_cmd
+    web_needs = SERVICES["web"]["depends_on"]["prestart"]["condition"]
+    assert web_needs == "service_completed_successfully"
+
+
+@pytest.mark.parametrize("name", sorted(s for s in SERVICES if s not in ("postgres", "redis")))
+def test_service_command_is_a_real_command(name: str) -> None:
+    argv = SERVICES[name]["command"]
+    program, args = argv[0], argv[1:]
+    if program == "prefloop":
+        command = _parse(prefloop_cli, "prefloop", args)
+        assert command.name in {"migrate", "worker", "serve"}
+    elif program == "uvicorn":
+        uvicorn_cli = importlib.import_module("uvicorn.main").main
+        ctx = uvicorn_cli.make_context("uvicorn", list(args))
+        module, attr = ctx.params["app"].split(":")
+        assert ctx.params["factory"] is True
+        factory = getattr(importlib.import_module(module), attr)
+        assert callable(factory)
+    elif program == "celery":
+        from celery.bin.base import CLIContext
+        from celery.bin.celery import celery
+
+        app_path = args[args.index("-A") + 1]
+        app = importlib.import_module(app_path).celery_app
+        obj = CLIContext(app=app, no_color=True, workdir=None, quiet=True)
+        command = _parse(celery, "celery", args, obj=obj)
+        assert command.name in {"beat", "flower", "worker"}
+        assert "prefloop.periodic" in {e["task"] for e in app.conf.beat_schedule.values()}
+    else:
+        pytest.fail(f"{name} runs {program!r}, not a prefloop, uvicorn or celery command")
+
+
+def test_environment_names_only_real_settings() -> None:
+    fields = {f"PREFLOOP_{name.upper()}" for name in Settings.model_fields}
+    env = COMPOSE["x-prefloop"]["environment"]
+    assert set(env) <= fields, set(env) - fields
+    assert "PREFLOOP_SECRET_KEY" in env and ":?" in env["PREFLOOP_SECRET_KEY"]
+
+
+def test_gpu_reservation_only_in_the_override() -> None:
+    # A plain `docker compose up` must start on a machine without GPUs.
+    assert "deploy" not in SERVICES["worker-gpu"]
+    devices = GPU["services"]["worker-gpu"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"]
+    assert set(GPU["services"]) == {"worker-gpu"}
+
+
+def test_dockerfile_copies_what_the_commands_need() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for path in ("app", "worker", "migrations", "templates", "static", "pyproject.toml"):
+        assert f"COPY {path}" in dockerfile
