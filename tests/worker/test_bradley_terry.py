@@ -214,6 +214,13 @@ def test_sparse_conjugate_gradient_path_matches_dense(
     assert sparse.converged
     np.testing.assert_allclose(sparse.scores, dense.scores, atol=1e-7)
     assert sparse.objective == pytest.approx(dense.objective, abs=1e-8)
+    # Batched conjugate gradients (several resamples at once) agree with batched dense solves.
+    sparse_boot = bootstrap_bradley_terry(counts, 6, ties=ties, seed=2)
+    monkeypatch.setattr(bt, "DENSE_MAX_ITEMS", 300)
+    dense_boot = bootstrap_bradley_terry(counts, 6, ties=ties, seed=2)
+    np.testing.assert_allclose(sparse_boot.samples, dense_boot.samples, atol=1e-7)
+    if ties == "davidson":
+        np.testing.assert_allclose(sparse_boot.tie_params, dense_boot.tie_params, rtol=1e-7)
 
 
 # ---------------------------------------------------------------- recovery on synthetic data
