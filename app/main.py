@@ -50,7 +50,9 @@ def create_app() -> FastAPI:
     from app.images.routes import router as images_router
     from app.jobs.routes import router as jobs_router
     from app.pages import router as pages_router
+    from app.pairs.routes import router as pairs_router
     from app.projects.routes import router as projects_router
+    from app.votes.routes import router as votes_router
 
     for router in (
         health_router,
@@ -58,6 +60,8 @@ def create_app() -> FastAPI:
         models_router,
         jobs_router,
         images_router,
+        pairs_router,
+        votes_router,
         pages_router,
     ):
         app.include_router(router)

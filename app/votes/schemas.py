@@ -1,0 +1,47 @@
+"""Request and response bodies of the vote API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Choice = Literal["left", "right", "tie", "both_bad", "skip"]
+
+
+class VoteCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    choice: Choice
+    left_image_id: str = Field(min_length=1, max_length=32)
+    latency_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=100)
+
+
+class VoteAck(BaseModel):
+    vote_id: int
+
+
+class VoteChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    choice: Choice
+
+
+class VoteChanged(BaseModel):
+    vote_id: int
+    choice: Choice
+
+
+class GoldScore(BaseModel):
+    answered: int
+    correct: int
+    accuracy: float | None
+
+
+class AnnotatorMe(BaseModel):
+    votes_today: int
+    votes_total: int
+    pairs_left: int
+    # Only when the project reveals gold results to annotators.
+    gold: GoldScore | None

@@ -1,0 +1,356 @@
+"""Recording votes: the one path used by the JSON API and the vote page.
+
+Rules:
+- a skip is stored (the annotator never sees the pair again) but is no preference and does not
+  take one of the pair's k slots: `vote_count` counts left/right/tie/both_bad only, so a skipped
+  pair goes on to another annotator;
+- a vote needs a free slot: the annotator's live reservation holds one; without it (expired,
+  or a vote posted without asking for the pair) the pair must still have room, else 409;
+- replays (same idempotency key on the same pair, or an identical repeat without a key) answer
+  with the stored vote and create nothing;
+- the rate limit counts the annotator's votes in the database over the last second (or over
+  1/rate seconds when the rate is below one), so it holds across several web workers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from dataclasses import dataclass
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.db import utcnow
+from app.core.deps import membership_role
+from app.core.health import VOTES
+from app.pairs.models import Pair, Reservation
+from app.pairs.service import live_reservations_by_others, load_pair_for_update, pairs_left
+from app.projects.models import Project
+from app.projects.service import project_settings
+from app.users.models import User
+from app.votes.models import CHOICES, Vote
+
+log = logging.getLogger("prefloop.votes")
+
+PREFERENCES = ("left", "right", "tie", "both_bad")
+MAX_LATENCY_MS = 24 * 3600 * 1000
+
+
+class VoteError(Exception):
+    """A vote refused; `status` is the HTTP status the API answers with."""
+
+    status = 400
+
+    def __init__(self, detail: str, *, retry_after: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class PairNotFound(VoteError):
+    status = 404
+
+
+class NotAMember(VoteError):
+    status = 403
+
+
+class InvalidVote(VoteError):
+    status = 422
+
+
+class VoteConflict(VoteError):
+    status = 409
+
+
+class RateLimited(VoteError):
+    status = 429
+
+
+def _is_replay(vote: Vote, *, pair_id: int, choice: str, left_image_id: str) -> bool:
+    return vote.pair_id == pair_id and vote.choice == choice and vote.left_image_id == left_image_id
+
+
+def _check_rate(
+    session: Session, *, project_id: int, annotator_id: int, per_second: float, now: dt.datetime
+) -> None:
+    window = max(1.0, 1.0 / per_second)
+    allowed = max(1, math.floor(per_second * window))
+    since = now - dt.timedelta(seconds=window)
+    # The (project_id, created_at) index bounds this by the project's last second of votes.
+    count, oldest = session.execute(
+        select(func.count(), func.min(Vote.created_at)).where(
+            Vote.project_id == project_id,
+            Vote.created_at > since,
+            Vote.annotator_id == annotator_id,
+        )
+    ).one()
+    if count < allowed:
+        return
+    if oldest is not None and oldest.tzinfo is None:
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    wait = (oldest + dt.timedelta(seconds=window) - now).total_seconds() if oldest else window
+    retry_after = max(1, math.ceil(wait))
+    log.info("votes.rate_limited annotator_id=%s project_id=%s", annotator_id, project_id)
+    raise RateLimited(
+        f"too many votes: this project allows {per_second:g} per second; retry in {retry_after} s",
+        retry_after=retry_after,
+    )
+
+
+def _existing(
+    session: Session, *, pair_id: int, annotator_id: int, idempotency_key: str | None
+) -> tuple[Vote | None, Vote | None]:
+    """(the vote with this idempotency key, this annotator's vote on the pair)."""
+    cond = Vote.pair_id == pair_id
+    if idempotency_key is not None:
+        cond = or_(cond, Vote.idempotency_key == idempotency_key)
+    rows = session.scalars(
+        select(Vote)
+        .where(Vote.annotator_id == annotator_id, cond)
+        .execution_options(populate_existing=True)
+    ).all()
+    by_key = next(
+        (v for v in rows if idempotency_key and v.idempotency_key == idempotency_key), None
+    )
+    on_pair = next((v for v in rows if v.pair_id == pair_id), None)
+    return by_key, on_pair
+
+
+def _replay_or_conflict(
+    by_key: Vote | None, on_pair: Vote | None, *, pair_id: int, choice: str, left_image_id: str
+) -> Vote | None:
+    """The vote to answer with when this request repeats one already stored; raises on conflict."""
+    if by_key is not None:
+        if by_key.pair_id != pair_id:
+            raise VoteConflict(f"idempotency key already used for vote {by_key.id} on another pair")
+        # A retry of a vote that was changed since still answers with that vote.
+        return by_key
+    if on_pair is not None:
+        if _is_replay(on_pair, pair_id=pair_id, choice=choice, left_image_id=left_image_id):
+            return on_pair
+        raise VoteConflict(
+            f"you already voted {on_pair.choice!r} on pair {pair_id} (vote {on_pair.id}); "
+            f"change it with PUT /api/v1/votes/{on_pair.id}"
+        )
+    return None
+
+
+def _has_room(session: Session, pair: Pair, annotator_id: int, now: dt.datetime) -> bool:
+    if pair.is_gold:
+        return True
+    others = live_reservations_by_others(
+        session, pair_id=pair.id, annotator_id=annotator_id, now=now
+    )
+    return pair.vote_count + others < pair.votes_wanted
+
+
+def record_vote(
+    session: Session,
+    *,
+    pair_id: int,
+    annotator: User,
+    choice: str,
+    left_image_id: str,
+    latency_ms: int | None = None,
+    idempotency_key: str | None = None,
+    now: dt.datetime | None = None,
+) -> tuple[Vote, bool]:
+    """Store one vote; returns (vote, created). Raises a `VoteError` subclass when refused."""
+    now = now or utcnow()
+    if choice not in CHOICES:
+        raise InvalidVote(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+    if latency_ms is not None and not 0 <= latency_ms <= MAX_LATENCY_MS:
+        raise InvalidVote(f"latency_ms must be between 0 and {MAX_LATENCY_MS}")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 100:
+        raise InvalidVote("idempotency_key must be 1 to 100 characters")
+    # Locked until commit: concurrent votes and schedulers on this pair queue up behind us.
+    pair = load_pair_for_update(session, pair_id)
+    if pair is None:
+        raise PairNotFound(f"pair {pair_id} not found")
+    if membership_role(session, annotator, pair.project_id) is None:
+        raise NotAMember("not a member of this pair's project")
+    if left_image_id not in (pair.image_a_id, pair.image_b_id):
+        raise InvalidVote(f"left_image_id {left_image_id!r} is not an image of pair {pair_id}")
+
+    by_key, on_pair = _existing(
+        session, pair_id=pair_id, annotator_id=annotator.id, idempotency_key=idempotency_key
+    )
+    replay = _replay_or_conflict(
+        by_key, on_pair, pair_id=pair_id, choice=choice, left_image_id=left_image_id
+    )
+    if replay is not None:
+        return replay, False
+
+    project = session.get(Project, pair.project_id)
+    assert project is not None
+    settings = project_settings(project)
+    _check_rate(
+        session,
+        project_id=project.id,
+        annotator_id=annotator.id,
+        per_second=settings.votes_per_second,
+        now=now,
+    )
+    reservation = session.get(Reservation, (pair_id, annotator.id))
+    holds_slot = reservation is not None and reservation.expires_at > now
+    counts = choice in PREFERENCES
+    if counts and not holds_slot and not _has_room(session, pair, annotator.id, now):
+        raise VoteConflict(f"pair {pair_id} already has the {pair.votes_wanted} votes it needs")
+
+    vote = Vote(
+        pair_id=pair_id,
+        project_id=pair.project_id,
+        annotator_id=annotator.id,
+        left_image_id=left_image_id,
+        choice=choice,
+        latency_ms=latency_ms,
+        idempotency_key=idempotency_key,
+        created_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(vote)
+            session.flush()
+    except IntegrityError:
+        # A concurrent identical request committed first: answer with its vote.
+        by_key, on_pair = _existing(
+            session, pair_id=pair_id, annotator_id=annotator.id, idempotency_key=idempotency_key
+        )
+        replay = _replay_or_conflict(
+            by_key, on_pair, pair_id=pair_id, choice=choice, left_image_id=left_image_id
+        )
+        if replay is None:
+            raise
+        return replay, False
+    if counts:
+        pair.vote_count += 1
+    if reservation is not None:
+        session.delete(reservation)
+    session.flush()
+    VOTES.labels(choice).inc()
+    return vote, True
+
+
+def change_last_vote(
+    session: Session,
+    *,
+    vote_id: int,
+    annotator: User,
+    choice: str,
+    now: dt.datetime | None = None,
+) -> Vote:
+    """Change the annotator's most recent vote in its project, within `change_vote_seconds`."""
+    now = now or utcnow()
+    vote = session.get(Vote, vote_id)
+    # Someone else's vote looks like no vote at all.
+    if vote is None or vote.annotator_id != annotator.id:
+        raise PairNotFound(f"vote {vote_id} not found")
+    if choice not in CHOICES:
+        raise InvalidVote(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+    project = session.get(Project, vote.project_id)
+    assert project is not None
+    seconds = project_settings(project).change_vote_seconds
+    last_id = session.scalar(
+        select(Vote.id)
+        .where(Vote.project_id == vote.project_id, Vote.annotator_id == annotator.id)
+        .order_by(Vote.created_at.desc(), Vote.id.desc())
+        .limit(1)
+    )
+    if last_id != vote.id:
+        raise VoteConflict("only your most recent vote can be changed")
+    if (now - vote.created_at).total_seconds() > seconds:
+        raise VoteConflict(f"too late: a vote can be changed within {seconds} s of casting it")
+    if choice == vote.choice:
+        return vote
+    pair = load_pair_for_update(session, vote.pair_id)
+    assert pair is not None
+    was, becomes = vote.choice in PREFERENCES, choice in PREFERENCES
+    if becomes and not was:
+        if not _has_room(session, pair, annotator.id, now):
+            raise VoteConflict(f"pair {pair.id} already has the {pair.votes_wanted} votes it needs")
+        pair.vote_count += 1
+    elif was and not becomes:
+        pair.vote_count -= 1
+    vote.choice = choice
+    vote.updated_at = now
+    session.flush()
+    return vote
+
+
+@dataclass(frozen=True)
+class AnnotatorStats:
+    votes_today: int
+    votes_total: int
+    pairs_left: int
+    gold_answered: int
+    gold_correct: int
+    reveal_gold: bool
+
+    @property
+    def gold_accuracy(self) -> float | None:
+        return self.gold_correct / self.gold_answered if self.gold_answered else None
+
+
+def gold_correct(
+    *, choice: str, left_image_id: str, expected: str | None, image_a_id: str, image_b_id: str
+) -> bool | None:
+    """Whether a vote on a gold pair gave the known answer (None: a skip, not an answer)."""
+    if choice == "skip" or expected is None:
+        return None
+    if expected == "tie":
+        return choice == "tie"
+    right_image_id = image_b_id if left_image_id == image_a_id else image_a_id
+    return (choice == "left" and left_image_id == expected) or (
+        choice == "right" and right_image_id == expected
+    )
+
+
+def annotator_stats(
+    session: Session, *, project: Project, annotator: User, now: dt.datetime | None = None
+) -> AnnotatorStats:
+    now = now or utcnow()
+    midnight = now.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    mine = (Vote.project_id == project.id, Vote.annotator_id == annotator.id)
+    total = session.scalar(select(func.count()).select_from(Vote).where(*mine)) or 0
+    today = (
+        session.scalar(
+            select(func.count()).select_from(Vote).where(*mine, Vote.created_at >= midnight)
+        )
+        or 0
+    )
+    answered = correct = 0
+    rows = session.execute(
+        select(
+            Vote.choice, Vote.left_image_id, Pair.gold_expected, Pair.image_a_id, Pair.image_b_id
+        )
+        .join(Pair, Pair.id == Vote.pair_id)
+        .where(*mine, Pair.is_gold.is_(True))
+    )
+    for choice, left, expected, a, b in rows:
+        ok = gold_correct(
+            choice=choice, left_image_id=left, expected=expected, image_a_id=a, image_b_id=b
+        )
+        if ok is not None:
+            answered += 1
+            correct += int(ok)
+    return AnnotatorStats(
+        votes_today=int(today),
+        votes_total=int(total),
+        pairs_left=pairs_left(session, project=project, annotator=annotator),
+        gold_answered=answered,
+        gold_correct=correct,
+        reveal_gold=project_settings(project).reveal_gold,
+    )
+
+
+def last_vote(session: Session, *, project_id: int, annotator_id: int) -> Vote | None:
+    return session.scalar(
+        select(Vote)
+        .where(Vote.project_id == project_id, Vote.annotator_id == annotator_id)
+        .order_by(Vote.created_at.desc(), Vote.id.desc())
+        .limit(1)
+    )
