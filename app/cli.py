@@ -33,6 +33,8 @@ class LazyGroup(click.Group):
 
     lazy: dict[str, str] = {
         "rate": "worker.rate:rate_command",
+        "export": "app.exports.cli:export_command",
+        "import": "app.exports.cli:import_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
