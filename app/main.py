@@ -46,6 +46,7 @@ def create_app() -> FastAPI:
         description="Human-preference alignment loop for text-to-image diffusion models.",
     )
 
+    from app.exports.routes import router as exports_router
     from app.generators.routes import router as models_router
     from app.images.routes import router as images_router
     from app.jobs.routes import router as jobs_router
@@ -62,6 +63,7 @@ def create_app() -> FastAPI:
         images_router,
         pairs_router,
         votes_router,
+        exports_router,
         pages_router,
     ):
         app.include_router(router)
