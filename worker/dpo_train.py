@@ -249,8 +249,17 @@ def encode_images(pipe: Any, images: Sequence[Image.Image], resolution: int) -> 
     """
     vae = pipe.vae
     pixels = pipe.image_processor.preprocess(list(images), height=resolution, width=resolution)
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)  # (N, 3, H, W) in [-1, 1]
-    latents = vae.encode(pixels).latent_dist.mode()  # (N, C, h, w)
+    # SDXL's VAE overflows in fp16 (its config says force_upcast): encode in fp32 then.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    dtype = torch.float32 if upcast else vae.dtype
+    pixels = pixels.to(device=vae.device, dtype=dtype)  # (N, 3, H, W) in [-1, 1]
+    try:
+        if upcast:
+            vae.to(dtype=torch.float32)
+        latents = vae.encode(pixels).latent_dist.mode()  # (N, C, h, w)
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
     shift = getattr(vae.config, "shift_factor", None)
     if shift is not None:
         latents = latents - shift

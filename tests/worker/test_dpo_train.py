@@ -125,6 +125,18 @@ def test_encode_pairs_sdxl_adds_pooled_embeddings_and_time_ids(cached):
     assert data.time_ids_w[0].tolist() == [side, side, 0.0, 0.0, side, side]
 
 
+def test_fp16_vae_with_force_upcast_encodes_in_fp32(pipe_dirs):
+    pipe = _load(pipe_dirs, "sd")
+    image = _pairs(1)[0].winner
+    reference = encode_images(pipe, [image], tiny.IMAGE_SIZE)
+    pipe.vae.to(dtype=torch.float16)
+    assert pipe.vae.config.force_upcast
+    latents = encode_images(pipe, [image], tiny.IMAGE_SIZE)
+    assert pipe.vae.dtype == torch.float16  # restored afterwards
+    assert latents.dtype == torch.float32
+    assert torch.allclose(latents, reference, atol=1e-2)
+
+
 # --- one step on every model family --------------------------------------------------------
 
 
