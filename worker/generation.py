@@ -392,22 +392,61 @@ def generate_batch(
             raise ValueError(f"seed must be in [0, 2**63), got {seed}")
     # A fresh scheduler per call: multistep schedulers keep state between steps.
     pipe.scheduler = make_scheduler(spec.scheduler, _original_scheduler_config(pipe))
-    # CPU generators: diffusers draws the noise on the CPU and moves it, so a seed means the
-    # same starting latents on every device.
+    # CPU generators: noise is drawn on the CPU and moved, so a seed means the same noise on
+    # every device. Ancestral schedulers keep drawing their per-step noise from them.
     generators = [torch.Generator(device="cpu").manual_seed(int(seed)) for seed in seeds]
     call: dict[str, Any] = {
         "prompt": list(prompts),
         "num_inference_steps": spec.steps,
         "guidance_scale": spec.guidance_scale,
-        "generator": generators,
         "output_type": "pil",
     }
     if spec.height is not None:
         call["height"] = spec.height
     if spec.width is not None:
         call["width"] = spec.width
+    latents = initial_latents(pipe, spec, generators)
+    if latents is not None:
+        call["latents"] = latents
+    call["generator"] = generators
     with torch.inference_mode():
         return list(pipe(**call).images)
+
+
+def native_size(pipe: Any) -> tuple[int, int]:
+    """(height, width) a UNet pipeline generates when none is asked for."""
+    sample = getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size
+    rows, cols = (sample, sample) if isinstance(sample, int) else (sample[0], sample[1])
+    return rows * pipe.vae_scale_factor, cols * pipe.vae_scale_factor
+
+
+def initial_latents(
+    pipe: Any, spec: GeneratorSpec, generators: Sequence[torch.Generator]
+) -> torch.Tensor | None:
+    """Starting noise for a UNet pipeline: float32 draws on the CPU, one generator per image.
+
+    Drawing in float32 and casting afterwards gives a seed the same noise whatever the model's
+    dtype: torch's half-precision CPU sampler does not always draw the float32 numbers. None for
+    pipelines that take no `latents` (they draw from the generators themselves).
+    """
+    import inspect
+
+    import torch
+
+    unet = getattr(pipe, "unet", None)
+    if unet is None or "latents" not in inspect.signature(pipe.__call__).parameters:
+        return None
+    native_height, native_width = native_size(pipe)
+    height = spec.height or native_height
+    width = spec.width or native_width
+    shape = (
+        1,
+        unet.config.in_channels,
+        height // pipe.vae_scale_factor,
+        width // pipe.vae_scale_factor,
+    )
+    noise = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+    return torch.cat(noise).to(device=pipe.device, dtype=unet.dtype)  # (B, C, h, w)
 
 
 def iter_generate(

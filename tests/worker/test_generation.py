@@ -15,6 +15,7 @@ from huggingface_hub.utils import GatedRepoError, LocalEntryNotFoundError, Repos
 from PIL import Image, PngImagePlugin
 
 import worker.toy
+from tests.tiny_pipelines import IMAGE_SIZE, build_tiny_lora, build_tiny_sd, build_tiny_sdxl
 from worker import generation
 from worker.generation import (
     SCHEDULER_NAMES,
@@ -26,20 +27,21 @@ from worker.generation import (
     generate_batch,
     get_pipeline,
     hub_failure_reason,
+    initial_latents,
     iter_generate,
     load_pipeline,
     make_scheduler,
+    native_size,
     png_bytes,
     provenance,
     resolve_dtype,
     sha256_hex,
 )
 
-# Shared test helpers live in tests/, which pytest does not put on sys.path by itself here.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiny_pipelines import IMAGE_SIZE, build_tiny_lora, build_tiny_sd, build_tiny_sdxl  # noqa: E402
-
 STEPS = 3
+# The tests run on whatever the worker would use: the CPU here, CUDA on a GPU machine.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+AUTO_DTYPE = torch.float16 if DEVICE.type == "cuda" else torch.float32
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,8 @@ def test_pipeline_loads_by_path_and_generates(
     spec = spec_for(getattr(models, which))
     pipe = get_pipeline(spec)
     assert type(pipe).__name__ == pipeline_class
-    assert pipe.device.type == "cpu"
-    assert pipe.unet.dtype == torch.float32
+    assert pipe.device.type == DEVICE.type
+    assert pipe.unet.dtype == AUTO_DTYPE
     images = generate_batch(pipe, spec, ["a red circle", "a blue square"], [1, 2])
     assert len(images) == 2
     for image in images:
@@ -150,7 +152,7 @@ def test_lora_adapter_loads_and_changes_the_output(
 def test_each_dtype_loads_and_generates(models: TinyModels, dtype: str) -> None:
     spec = spec_for(models.sd, dtype=dtype)
     pipe = get_pipeline(spec)
-    expected = {"auto": torch.float32}.get(dtype) or getattr(torch, dtype)
+    expected = AUTO_DTYPE if dtype == "auto" else getattr(torch, dtype)
     assert pipe.unet.dtype == expected
     assert one_image(spec).size == (IMAGE_SIZE, IMAGE_SIZE)
 
@@ -327,6 +329,32 @@ def test_image_does_not_depend_on_its_batch_neighbours(models: TinyModels) -> No
     assert np.abs(pixels(batch[0]) - pixels(alone)).mean() > 1.0
 
 
+def test_initial_noise_is_drawn_in_float32_one_generator_per_image(models: TinyModels) -> None:
+    spec = spec_for(models.sd, dtype="float32")
+    fp32 = get_pipeline(spec)
+    bf16 = get_pipeline(spec_for(models.sd, dtype="bfloat16"))
+
+    def noise(pipe: object, seeds: list[int]) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        latents = initial_latents(pipe, spec, generators)
+        assert latents is not None
+        return latents.cpu()
+
+    pair = noise(fp32, [1, 2])
+    assert pair.shape == (2, 4, IMAGE_SIZE // 2, IMAGE_SIZE // 2)
+    assert pair.dtype == torch.float32
+    assert torch.equal(pair[1:], noise(fp32, [2]))
+    expected = torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(pair[1:], expected)
+    # Reduced precision: the same float32 draw, rounded.
+    assert torch.equal(noise(bf16, [2]), expected.to(torch.bfloat16))
+
+
+def test_native_size_of_sd_and_sdxl(models: TinyModels) -> None:
+    assert native_size(get_pipeline(spec_for(models.sd))) == (32, 32)
+    assert native_size(get_pipeline(spec_for(models.sdxl))) == (32, 32)
+
+
 def test_different_seeds_give_different_images(models: TinyModels) -> None:
     spec = spec_for(models.sd)
     a, b = generate_batch(get_pipeline(spec), spec, ["a red circle"] * 2, [1, 2])
@@ -436,7 +464,8 @@ def test_iter_generate_default_batch_size_and_bad_batch_size(models: TinyModels)
     spec = spec_for(models.sd)
     progress: list[tuple[int, int]] = []
     list(iter_generate(spec, ITEMS, on_batch=lambda d, t: progress.append((d, t))))
-    assert progress == [(4, 5), (5, 5)]  # CPU default: 4 per batch
+    per_batch = default_batch_size(DEVICE)
+    assert progress == [(min(n, 5), 5) for n in range(per_batch, 5 + per_batch, per_batch)]
     with pytest.raises(ValueError, match="batch_size"):
         list(iter_generate(spec, ITEMS, batch_size=0))
 
@@ -478,7 +507,8 @@ def test_provenance_records_model_params_and_versions() -> None:
     assert record["seed"] == 42
     assert (record["scheduler"], record["steps"], record["guidance_scale"]) == ("dpmpp_2m", 9, 7.5)
     assert (record["height"], record["width"]) == (64, None)
-    assert record["dtype"] == "float32"
+    assert record["dtype"] == str(AUTO_DTYPE).removeprefix("torch.")
+    assert record["device"] == DEVICE.type
     assert record["diffusers"] == importlib.metadata.version("diffusers")
     assert record["torch"] == importlib.metadata.version("torch")
     assert torch.__version__.startswith(record["torch"].split("+")[0])
