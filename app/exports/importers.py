@@ -322,7 +322,7 @@ class _PickapicWriter:
         self.models: dict[str, int] = dict(
             session.execute(
                 select(ModelVersion.name, ModelVersion.id).where(ModelVersion.project_id == pid)
-            ).tuples()
+            ).all()
         )
         uid_expr = Image.provenance["import_uid"].as_string()
         self.images: dict[str, tuple[str, int | None]] = {
@@ -424,11 +424,13 @@ class _PickapicWriter:
         pair = self.pairs.get(frozenset((image_0, image_1)))
         if pair is None:
             different = model_0 is not None and model_1 is not None and model_0 != model_1
+            # One stored order (as the scheduler does), so the unique constraint sees (b, a).
+            image_a, image_b = sorted((image_0, image_1))
             pair = Pair(
                 project_id=self.project.id,
                 prompt_id=prompt_id,
-                image_a_id=image_0,
-                image_b_id=image_1,
+                image_a_id=image_a,
+                image_b_id=image_b,
                 purpose="eval" if different else "train",
                 is_gold=False,
                 votes_wanted=0,
@@ -540,7 +542,7 @@ def import_fastchat(
     existing = dict(
         session.execute(
             select(ModelVersion.name, ModelVersion.id).where(ModelVersion.project_id == project.id)
-        ).tuples()
+        ).all()
     )
     created = 0
     model_ids = []
