@@ -111,6 +111,8 @@ def _field_message(error: dict[str, Any]) -> str:
     if kind == "too_long":
         return f"{loc} has more than {error.get('ctx', {}).get('max_length')} items"
     msg = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind == "string_too_short" or msg == "must not be blank":
+        return f"{loc} must not be blank"
     return f"{loc}: {msg}"
 
 
