@@ -237,15 +237,22 @@ def resolve_base(base: str) -> str:
     """The local directory or hub id that `from_pretrained` should read for `base`."""
     if _TOY_RE.match(base) and not Path(base).exists():
         try:
-            from worker.toy import resolve_toy  # type: ignore[attr-defined]
+            from worker.toy import resolve_toy
         except ImportError:
             raise ModelLoadError(
                 base, "toy models are not available in this installation"
             ) from None
         try:
-            return str(resolve_toy(base))
+            toy_dir = resolve_toy(base)
         except Exception as exc:
             raise ModelLoadError(base, _short(exc)) from exc
+        if toy_dir is None:
+            raise ModelLoadError(base, "no toy model has this name")
+        if not (Path(toy_dir) / "model_index.json").is_file():
+            raise ModelLoadError(
+                base, f"toy model weights are missing at {toy_dir} (run `prefloop toy train`)"
+            )
+        return str(toy_dir)
     path = Path(base).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():

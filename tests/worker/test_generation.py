@@ -236,6 +236,19 @@ def test_toy_base_is_resolved_through_worker_toy(
     assert type(pipe).__name__ == "StableDiffusionPipeline"
 
 
+@pytest.mark.parametrize(
+    ("resolved", "message"),
+    [(None, "no toy model has this name"), ("missing", "toy model weights are missing at")],
+)
+def test_unusable_toy_names_are_model_load_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, resolved: str | None, message: str
+) -> None:
+    toy_dir = None if resolved is None else tmp_path / resolved
+    monkeypatch.setattr(worker.toy, "resolve_toy", lambda base: toy_dir, raising=False)
+    with pytest.raises(ModelLoadError, match=f"cannot load model 'toy-v9': {message}"):
+        load_pipeline(spec_for("toy-v9"))
+
+
 def test_toy_base_without_toy_models_is_a_model_load_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
