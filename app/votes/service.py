@@ -235,6 +235,29 @@ def record_vote(
     return vote, True
 
 
+def changeable_vote(
+    session: Session, *, vote_id: int, annotator: User, now: dt.datetime | None = None
+) -> Vote:
+    """The vote, if this annotator may still change it; raises a `VoteError` otherwise.
+
+    Only the annotator's most recent vote in its project, within `change_vote_seconds`.
+    """
+    now = now or utcnow()
+    vote = session.get(Vote, vote_id)
+    # Someone else's vote looks like no vote at all.
+    if vote is None or vote.annotator_id != annotator.id:
+        raise PairNotFound(f"vote {vote_id} not found")
+    project = session.get(Project, vote.project_id)
+    assert project is not None
+    seconds = project_settings(project).change_vote_seconds
+    last = last_vote(session, project_id=vote.project_id, annotator_id=annotator.id)
+    if last is None or last.id != vote.id:
+        raise VoteConflict("only your most recent vote can be changed")
+    if (now - vote.created_at).total_seconds() > seconds:
+        raise VoteConflict(f"too late: a vote can be changed within {seconds} s of casting it")
+    return vote
+
+
 def change_last_vote(
     session: Session,
     *,
@@ -245,25 +268,9 @@ def change_last_vote(
 ) -> Vote:
     """Change the annotator's most recent vote in its project, within `change_vote_seconds`."""
     now = now or utcnow()
-    vote = session.get(Vote, vote_id)
-    # Someone else's vote looks like no vote at all.
-    if vote is None or vote.annotator_id != annotator.id:
-        raise PairNotFound(f"vote {vote_id} not found")
+    vote = changeable_vote(session, vote_id=vote_id, annotator=annotator, now=now)
     if choice not in CHOICES:
         raise InvalidVote(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
-    project = session.get(Project, vote.project_id)
-    assert project is not None
-    seconds = project_settings(project).change_vote_seconds
-    last_id = session.scalar(
-        select(Vote.id)
-        .where(Vote.project_id == vote.project_id, Vote.annotator_id == annotator.id)
-        .order_by(Vote.created_at.desc(), Vote.id.desc())
-        .limit(1)
-    )
-    if last_id != vote.id:
-        raise VoteConflict("only your most recent vote can be changed")
-    if (now - vote.created_at).total_seconds() > seconds:
-        raise VoteConflict(f"too late: a vote can be changed within {seconds} s of casting it")
     if choice == vote.choice:
         return vote
     pair = load_pair_for_update(session, vote.pair_id)

@@ -13,10 +13,11 @@ from app.core.health import VOTES
 from app.core.storage import get_media_store
 from app.pairs import service as pairs
 from app.pairs.models import Pair, Reservation
+from app.projects.service import add_member
 from app.votes import service
 from app.votes.models import Vote
 from tests.app.test_pairs import build_world
-from tests.support import bearer
+from tests.support import bearer, login
 
 
 def serve(client: Any, project_id: int, token: str) -> dict[str, Any]:
@@ -370,3 +371,60 @@ def test_unique_race_is_answered_from_the_savepoint(db, make_user, monkeypatch) 
     # The session is still usable: the failed insert was rolled back to its savepoint only.
     assert count_votes(db, pair_id=served.pair_id) == 1
     assert db.get(Pair, served.pair_id).vote_count == 1
+
+
+def test_vote_page_partials_blind_and_one_request_per_vote(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
+    w = build_world(db, make_user, n_prompts=2, votes_per_second=100)
+    user, _ = make_user("annotator", email="page@example.com", password="pw-123456789")
+    add_member(db, project=w.project, user=user, role="annotator")
+    db.commit()
+    csrf = login(client, "page@example.com", "pw-123456789")
+    page = client.get(f"/projects/{w.project.id}/vote")
+    assert page.status_code == 200 and page.headers["vary"] == "HX-Request"
+    html = page.text
+    assert "a red shape number" in html and 'rel="preload"' in html
+    for model in w.models:
+        assert model.name not in html
+    assert "seed" not in html.lower()
+    served = pairs.next_pair(db, project=w.project, annotator=user)  # the held reservation
+    assert served is not None and f'value="{served.left_image_id}"' in html
+    form = {
+        "pair_id": str(served.pair_id),
+        "left_image_id": served.left_image_id,
+        "choice": "tie",
+        "latency_ms": "850",
+        "idempotency_key": "page-1",
+    }
+    htmx = {"HX-Request": "true", "X-CSRF-Token": csrf}
+    answer = client.post(f"/projects/{w.project.id}/vote", data=form, headers=htmx)
+    assert answer.status_code == 200, answer.text
+    assert answer.text.lstrip().startswith('<section id="vote-area"')
+    assert "Saved: Tie." in answer.text and "Undo / change last vote" in answer.text
+    row = db.scalar(select(Vote).where(Vote.annotator_id == user.id))
+    assert (row.choice, row.latency_ms, row.left_image_id) == ("tie", 850, served.left_image_id)
+    # The same form posted again (a double submit) is a replay: still one vote.
+    again = client.post(f"/projects/{w.project.id}/vote", data=form, headers=htmx)
+    assert again.status_code == 200 and count_votes(db, annotator_id=user.id) == 1
+    # Without the CSRF token a cookie-authenticated vote is refused.
+    forged = client.post(
+        f"/projects/{w.project.id}/vote", data=form, headers={"HX-Request": "true"}
+    )
+    assert forged.status_code == 403
+    # Changing the last vote through the page.
+    change = client.get(f"/projects/{w.project.id}/vote/change/{row.id}", headers=htmx)
+    assert change.status_code == 200 and "it was: <strong>Tie</strong>" in change.text
+    changed = client.post(
+        f"/projects/{w.project.id}/vote/change/{row.id}", data={"choice": "right"}, headers=htmx
+    )
+    assert changed.status_code == 200 and "Changed your last vote to: Right." in changed.text
+    db.refresh(row)
+    assert row.choice == "right"
+    # A refused vote (409) still answers with the page state, for htmx to swap in.
+    clash = client.post(
+        f"/projects/{w.project.id}/vote",
+        data={**form, "choice": "left", "idempotency_key": ""},
+        headers=htmx,
+    )
+    assert clash.status_code == 409 and "already voted" in clash.text
+    me = client.get(f"/projects/{w.project.id}/me")
+    assert me.status_code == 200 and 'class="votes-total">1<' in me.text

@@ -1,0 +1,219 @@
+"""The annotator's pages: the blind vote page (htmx) and "my votes".
+
+A vote is ONE request: the POST records it through the same service as the JSON API and
+answers with the next pair's partial. That partial also carries `<link rel="preload">` for the
+images of the pair most likely to come after it (a peek, nothing reserved), so the following
+swap shows images already in the browser cache. Without JavaScript the same form posts and the
+full page comes back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.db import SessionDep, utcnow
+from app.core.deps import PageUser, get_project_for
+from app.core.web import is_htmx, render
+from app.images.service import image_url
+from app.pairs import service as pairs
+from app.pairs.models import Pair
+from app.projects.models import Project, Prompt
+from app.projects.service import project_settings
+from app.users.models import User
+from app.votes import service
+from app.votes.models import Vote
+
+router = APIRouter(include_in_schema=False)
+
+CHOICE_LABELS = {
+    "left": "Left",
+    "right": "Right",
+    "tie": "Tie",
+    "both_bad": "Both bad",
+    "skip": "Skip",
+}
+
+
+def _side(image_id: str) -> dict[str, str]:
+    return {"image_id": image_id, "url": image_url(image_id)}
+
+
+def _undo(
+    session: Session, project: Project, user: User, now: dt.datetime
+) -> dict[str, Any] | None:
+    last = service.last_vote(session, project_id=project.id, annotator_id=user.id)
+    if last is None:
+        return None
+    left = project_settings(project).change_vote_seconds - (now - last.created_at).total_seconds()
+    if left <= 0:
+        return None
+    return {"id": last.id, "choice": CHOICE_LABELS[last.choice], "seconds_left": int(left)}
+
+
+def _counts(session: Session, project: Project, user: User) -> dict[str, int]:
+    given = session.scalar(
+        select(func.count())
+        .select_from(Vote)
+        .where(Vote.project_id == project.id, Vote.annotator_id == user.id)
+    )
+    return {
+        "votes_given": int(given or 0),
+        "pairs_left": pairs.pairs_left(session, project=project, annotator=user),
+    }
+
+
+def _vote_context(
+    session: Session,
+    project: Project,
+    user: User,
+    *,
+    notice: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    now = utcnow()
+    served = pairs.next_pair(session, project=project, annotator=user, now=now)
+    pair = None
+    preload: list[str] = []
+    if served is not None:
+        pair = {
+            "pair_id": served.pair_id,
+            "prompt": served.prompt,
+            "left": _side(served.left_image_id),
+            "right": _side(served.right_image_id),
+        }
+        peek = pairs.peek_next(
+            session, project=project, annotator=user, exclude=[served.pair_id], now=now
+        )
+        preload = [image_url(i) for i in peek or ()]
+    return {
+        "project": project,
+        "mode": "vote",
+        "pair": pair,
+        "action": f"/projects/{project.id}/vote",
+        "idempotency_key": uuid.uuid4().hex,
+        "preload": preload,
+        "undo": _undo(session, project, user, now),
+        "notice": notice,
+        "error": error,
+        **_counts(session, project, user),
+    }
+
+
+def _show(request: Request, ctx: dict[str, Any], status_code: int = 200) -> HTMLResponse:
+    template = "partials/vote_area.html" if is_htmx(request) else "pages/vote.html"
+    return render(request, template, ctx, status_code=status_code)
+
+
+@router.get("/projects/{project_id}/vote", response_class=HTMLResponse)
+def vote_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=False)
+    return _show(request, _vote_context(session, project, user))
+
+
+def _latency(raw: str) -> int | None:
+    raw = raw.strip()
+    if not raw.isdigit():
+        return None
+    return min(int(raw), service.MAX_LATENCY_MS)
+
+
+@router.post("/projects/{project_id}/vote", response_class=HTMLResponse)
+def cast_vote(
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    pair_id: int = Form(),
+    left_image_id: str = Form(max_length=32),
+    choice: str = Form(max_length=16),
+    latency_ms: str = Form(default="", max_length=12),
+    idempotency_key: str = Form(default="", max_length=100),
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=False)
+    try:
+        vote, _ = service.record_vote(
+            session,
+            pair_id=pair_id,
+            annotator=user,
+            choice=choice,
+            left_image_id=left_image_id,
+            latency_ms=_latency(latency_ms),
+            idempotency_key=idempotency_key or None,
+        )
+    except service.VoteError as exc:
+        ctx = _vote_context(session, project, user, error=exc.detail)
+        response = _show(request, ctx, status_code=exc.status)
+        if exc.retry_after is not None:
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    notice = f"Saved: {CHOICE_LABELS[vote.choice]}."
+    return _show(request, _vote_context(session, project, user, notice=notice))
+
+
+@router.get("/projects/{project_id}/vote/change/{vote_id}", response_class=HTMLResponse)
+def change_form(
+    project_id: int, vote_id: int, request: Request, session: SessionDep, user: PageUser
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=False)
+    try:
+        vote = service.changeable_vote(session, vote_id=vote_id, annotator=user)
+    except service.VoteError as exc:
+        return _show(request, _vote_context(session, project, user, error=exc.detail), exc.status)
+    pair = session.get(Pair, vote.pair_id)
+    assert pair is not None
+    right = pair.image_b_id if vote.left_image_id == pair.image_a_id else pair.image_a_id
+    ctx = {
+        "project": project,
+        "mode": "change",
+        "pair": {
+            "pair_id": pair.id,
+            "prompt": session.scalar(select(Prompt.text).where(Prompt.id == pair.prompt_id)),
+            # The same sides as when the vote was cast.
+            "left": _side(vote.left_image_id),
+            "right": _side(right),
+        },
+        "previous": CHOICE_LABELS[vote.choice],
+        "action": f"/projects/{project.id}/vote/change/{vote.id}",
+        "preload": [],
+        "undo": None,
+        "notice": None,
+        "error": None,
+        **_counts(session, project, user),
+    }
+    return _show(request, ctx)
+
+
+@router.post("/projects/{project_id}/vote/change/{vote_id}", response_class=HTMLResponse)
+def change_vote(
+    project_id: int,
+    vote_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    choice: str = Form(max_length=16),
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=False)
+    try:
+        vote = service.change_last_vote(session, vote_id=vote_id, annotator=user, choice=choice)
+    except service.VoteError as exc:
+        return _show(request, _vote_context(session, project, user, error=exc.detail), exc.status)
+    notice = f"Changed your last vote to: {CHOICE_LABELS[vote.choice]}."
+    return _show(request, _vote_context(session, project, user, notice=notice))
+
+
+@router.get("/projects/{project_id}/me", response_class=HTMLResponse)
+def annotator_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=False)
+    stats = service.annotator_stats(session, project=project, annotator=user)
+    return render(request, "pages/annotator.html", {"project": project, "stats": stats})
