@@ -22,6 +22,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import sessionmaker
 
+import app.models  # noqa: F401 - every table, for the flush order
 from app.core.db import make_engine, session_scope
 from app.core.migrate import upgrade_head
 from app.core.storage import MediaStore

@@ -1,0 +1,277 @@
+"""The vote page in real headless Chromium against a real `prefloop serve` (embedded SQLite).
+
+Every step is checked against the database the server writes: votes by mouse and by each
+keyboard shortcut, one htmx request per vote with the next images preloaded, changing the last
+vote, the empty state, and a phone-size layout.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Page, sync_playwright
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+import app.models  # noqa: F401 - every table, for the flush order
+from app.core.db import make_engine, session_scope
+from app.core.storage import MediaStore
+from app.generators.models import ModelVersion
+from app.images.service import store_image
+from app.pairs.service import make_pairs
+from app.projects.models import Project, Prompt
+from app.projects.schemas import ProjectCreate, ProjectSettings
+from app.projects.service import add_member, create_project
+from app.users import service as users
+from app.votes.models import Vote
+from tests.app.test_pairs import tiny_png
+from tests.support import Proc, base_env, free_port, wait_for
+
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PASSWORD = "vote-page-password-1"
+
+
+@dataclass
+class Site:
+    base: str
+    factory: sessionmaker  # type: ignore[type-arg]
+    projects: dict[str, int]
+    emails: dict[str, str]
+    model_names: list[str]
+
+
+def _project(session: Any, store: MediaStore, lead: Any, name: str, n_prompts: int) -> int:
+    project = create_project(
+        session,
+        data=ProjectCreate(
+            name=name,
+            settings=ProjectSettings(
+                votes_per_pair=1, votes_per_second=50, change_vote_seconds=120
+            ),
+        ),
+        creator=lead,
+    )
+    prompts = [
+        Prompt(project_id=project.id, text=f"a small {c} square on grey")
+        for c in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")[
+            :n_prompts
+        ]
+    ]
+    models = [
+        ModelVersion(project_id=project.id, name=f"{name}-hidden-model-{i}", base="toy")
+        for i in range(2)
+    ]
+    session.add_all([*prompts, *models])
+    session.flush()
+    images = [
+        store_image(
+            session,
+            store,
+            project_id=project.id,
+            prompt_id=prompt.id,
+            png=tiny_png(prompt.id * 10 + model.id, size=64),
+            model_version_id=model.id,
+            seed=7,
+        )
+        for prompt in prompts
+        for model in models
+    ]
+    make_pairs(session, project=project, images=images)
+    return project.id
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    tmp = tmp_path_factory.mktemp("vote-page")
+    data_dir = tmp / "data"
+    port = free_port()
+    serve = Proc(
+        ["serve", "--no-worker", "--data-dir", str(data_dir), "--port", str(port)],
+        base_env(PREFLOOP_LOG_LEVEL="WARNING"),
+        tmp / "serve.log",
+    )
+    base = f"http://127.0.0.1:{port}"
+    engine = None
+    try:
+        # The admin line comes after the migrations: the schema is there from then on.
+        wait_for(lambda: "admin login" in serve.output(), 90, what="serve to migrate")
+        engine = make_engine(f"sqlite:///{data_dir / 'prefloop.db'}")
+        factory = sessionmaker(bind=engine, expire_on_commit=False)
+        store = MediaStore(data_dir / "media")
+        with session_scope(factory) as session:
+            lead = users.create_user(session, email="lead@vote.test", role="lead")
+            projects = {
+                "desktop": _project(session, store, lead, "Shapes", 6),
+                "phone": _project(session, store, lead, "Phone", 2),
+            }
+            emails = {}
+            for key, project_id in projects.items():
+                user = users.create_user(
+                    session, email=f"{key}@vote.test", role="annotator", password=PASSWORD
+                )
+                project = session.get(Project, project_id)
+                add_member(session, project=project, user=user, role="annotator")
+                emails[key] = user.email
+            names = [m.name for m in session.scalars(select(ModelVersion)).all()]
+        wait_for(lambda: httpx.get(f"{base}/login", timeout=2).status_code == 200, 60, what="web")
+        yield Site(base, factory, projects, emails, names)
+    finally:
+        serve.stop()
+        if engine is not None:
+            engine.dispose()
+
+
+def _votes(site: Site, email: str) -> list[Vote]:
+    with session_scope(site.factory) as session:
+        user = users.get_by_email(session, email)
+        assert user is not None
+        return list(
+            session.scalars(select(Vote).where(Vote.annotator_id == user.id).order_by(Vote.id))
+        )
+
+
+def _login(page: Page, site: Site, key: str) -> None:
+    project_id = site.projects[key]
+    page.goto(f"{site.base}/login?next=/projects/{project_id}/vote")
+    page.fill("#email", site.emails[key])
+    page.fill("#password", PASSWORD)
+    page.click("button[type=submit]")
+    page.wait_for_url(re.compile(rf".*/projects/{project_id}/vote$"))
+    page.wait_for_selector("#vote-area")
+
+
+def _wait_given(page: Page, n: int) -> None:
+    page.wait_for_function(
+        "n => document.querySelector('#vote-area .votes-given')?.textContent.trim() === String(n)",
+        arg=n,
+        timeout=15_000,
+    )
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.mark.slow
+def test_vote_with_mouse_and_every_shortcut_then_change_and_empty(
+    site: Site, browser: Any, artifacts: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    requests: list[tuple[str, str]] = []
+    page.on("request", lambda r: requests.append((r.method, r.url)))
+    _login(page, site, "desktop")
+    email = site.emails["desktop"]
+    html = page.content()
+    for name in site.model_names:
+        assert name not in html
+    # Buttons show their shortcut and say what they do; images have alt text.
+    for label in ("Left", "Right", "Tie", "Both bad", "Skip"):
+        button = page.get_by_role("button", name=re.compile(label, re.I)).first
+        assert button.get_attribute("aria-keyshortcuts")
+    assert all(img.get_attribute("alt") for img in page.query_selector_all(".pair img"))
+    page.screenshot(path=str(artifacts / "vote_page_desktop.png"), full_page=True)
+    page.evaluate("window.__sameDocument = true")
+
+    steps = [
+        ("mouse", "left"),
+        ("ArrowRight", "right"),
+        ("ArrowDown", "tie"),
+        ("b", "both_bad"),
+        ("s", "skip"),
+        ("ArrowLeft", "left"),
+    ]
+    for n, (how, choice) in enumerate(steps, start=1):
+        page.wait_for_selector("#vote-area[data-ready=true]")
+        pair_id = int(page.get_attribute("#vote-area", "data-pair-id"))
+        left_id = page.input_value("input[name=left_image_id]")
+        preload = [el.get_attribute("href") for el in page.query_selector_all("link.preload-next")]
+        posts_before = sum(1 for m, u in requests if m == "POST")
+        seen_before = {u.split(site.base, 1)[-1] for _, u in requests}
+        page.wait_for_timeout(150)  # the annotator looks before choosing
+        if how == "mouse":
+            page.click("button[value=left]")
+        else:
+            page.keyboard.press(how)
+        _wait_given(page, n)
+        votes = _votes(site, email)
+        assert len(votes) == n
+        last = votes[-1]
+        assert (last.pair_id, last.choice, last.left_image_id) == (pair_id, choice, left_id)
+        assert last.latency_ms is not None and last.latency_ms >= 100
+        # One request per vote, and the images that came next had been preloaded.
+        assert sum(1 for m, u in requests if m == "POST") == posts_before + 1
+        if n < len(steps):
+            shown = [img.get_attribute("src") for img in page.query_selector_all(".pair img")]
+            assert sorted(shown) == sorted(preload), (shown, preload)
+            assert set(shown) <= seen_before
+    assert page.evaluate("window.__sameDocument") is True
+    # The page itself was loaded once: every vote swapped its answer in.
+    page_url = f"{site.base}/projects/{site.projects['desktop']}/vote"
+    assert [u for m, u in requests if m == "GET" and u == page_url] == [page_url]
+
+    # Everything voted: the empty state, with the undo control for the last vote.
+    empty = page.locator(".empty-state")
+    assert "Nothing to do" in empty.inner_text()
+    assert page.locator(".pairs-left").inner_text() == "0"
+    page.keyboard.press("u")
+    page.wait_for_selector(".change-banner")
+    assert "it was: Left" in page.inner_text(".change-banner")
+    page.click("button[value=tie]")
+    page.wait_for_selector("text=Changed your last vote to: Tie.")
+    votes = _votes(site, email)
+    assert len(votes) == len(steps) and votes[-1].choice == "tie"
+    assert votes[-1].updated_at is not None
+    assert "Nothing to do" in page.locator(".empty-state").inner_text()
+    page.screenshot(path=str(artifacts / "vote_page_empty.png"), full_page=True)
+
+    page.goto(f"{site.base}/projects/{site.projects['desktop']}/me")
+    assert page.inner_text(".votes-total") == str(len(steps))
+    assert page.inner_text(".votes-today") == str(len(steps))
+    page.close()
+
+
+@pytest.mark.slow
+def test_phone_layout_stacks_the_images(site: Site, browser: Any, artifacts: Path) -> None:
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844},
+        device_scale_factor=2,
+        is_mobile=True,
+        has_touch=True,
+    )
+    page = context.new_page()
+    _login(page, site, "phone")
+    page.wait_for_selector("#vote-area[data-ready=true]")
+    left = page.locator(".side-left img").bounding_box()
+    right = page.locator(".side-right img").bounding_box()
+    assert left and right
+    # One above the other, each using most of the width, nothing wider than the screen.
+    assert right["y"] >= left["y"] + left["height"] - 1
+    assert left["width"] > 200 and left["x"] + left["width"] <= 390
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    # Every vote button can be reached without scrolling.
+    for value in ("left", "right", "tie", "both_bad", "skip"):
+        box = page.locator(f"button[value={value}]").bounding_box()
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= 844, (value, box)
+    page.screenshot(path=str(artifacts / "vote_page_phone.png"), full_page=True)
+    page.locator("button[value=right]").tap()
+    _wait_given(page, 1)
+    assert [v.choice for v in _votes(site, site.emails["phone"])] == ["right"]
+    context.close()
