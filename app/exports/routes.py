@@ -55,6 +55,7 @@ def upload_prompts(
         default=None, description="Override the format detected from the name and content type."
     ),
 ) -> dict[str, int]:
+    """Add prompts from a file: all of it, or nothing and 422 with line-numbered errors."""
     project = get_project_for(session, user, project_id, lead=True)
     data = _limited(file).read()
     try:
@@ -86,6 +87,12 @@ def export_votes(
         description="pickapic (parquet), fastchat (battle JSON), jsonl or csv"
     ),
 ) -> StreamingResponse:
+    """Download the project's votes, streamed.
+
+    pickapic: Pick-a-Pic-schema parquet whose `jpg_0`/`jpg_1` hold the stored image bytes (PNG
+    for generated images); fastchat: a JSON list of battle records from eval pairs; jsonl/csv:
+    every vote with its provenance (CSV cells escaped against formula injection).
+    """
     get_project_for(session, user, project_id, lead=True)
     filename = service.export_filename(project_id, format)
     return StreamingResponse(
@@ -103,6 +110,7 @@ def import_votes(
     file: UploadFile = File(description="A Pick-a-Pic parquet file or FastChat battle JSON."),
     format: Literal["pickapic", "fastchat"] = Query(description="pickapic or fastchat"),
 ) -> dict[str, Any]:
+    """Import Pick-a-Pic parquet votes or FastChat battles (a leaderboard); all or nothing."""
     project = get_project_for(session, user, project_id, lead=True)
     handle = _limited(file)
     try:

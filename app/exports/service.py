@@ -64,7 +64,7 @@ DEFAULT_BATCH = 1000
 # A parquet row group is written once it holds this many rows or this many image bytes: the
 # byte cap is what bounds memory when images are large.
 ROW_GROUP_ROWS = 1000
-ROW_GROUP_BYTES = 64 * 1024 * 1024
+ROW_GROUP_BYTES = 32 * 1024 * 1024
 
 PICKAPIC_SCHEMA = pa.schema(
     [
@@ -308,7 +308,11 @@ def export_pickapic(
     store = store or get_media_store()
     per_prompt = _prompt_counts(session, project_id)
     sink = _ChunkSink()
-    writer = pq.ParquetWriter(sink, PICKAPIC_SCHEMA, compression="zstd")
+    # Image bytes are all different: dictionary-encoding them would only cost memory and time.
+    text_columns = [name for name in PICKAPIC_SCHEMA.names if name not in ("jpg_0", "jpg_1")]
+    writer = pq.ParquetWriter(
+        sink, PICKAPIC_SCHEMA, compression="zstd", use_dictionary=text_columns
+    )
     pending: list[dict[str, Any]] = []
     pending_bytes = 0
 
