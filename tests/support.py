@@ -122,3 +122,92 @@ def wait_job(
         return body if body["status"] in statuses else None
 
     return wait_for(done, timeout, what=f"job {job_id} to reach {statuses}")
+
+
+FAST_JOBS = {
+    "PREFLOOP_JOB_HEARTBEAT_SECONDS": "0.5",
+    "PREFLOOP_JOB_STALE_SECONDS": "3",
+    "PREFLOOP_REAPER_INTERVAL_SECONDS": "1",
+}
+
+
+class Stack:
+    """The distributed platform on Postgres + Redis: `serve --no-worker` (web and reaper) plus
+    separately started workers, on a fresh database. Use as a context manager."""
+
+    def __init__(self, tmp: Path, **env: str) -> None:
+        import uuid
+
+        from tests.conftest import REDIS_URL, create_database
+
+        self.tmp = tmp
+        self.db_name = f"prefloop_e2e_{uuid.uuid4().hex[:8]}"
+        self.db_url = create_database(self.db_name)
+        self.env = base_env(
+            PREFLOOP_DATABASE_URL=self.db_url,
+            PREFLOOP_BROKER_URL=REDIS_URL,
+            PREFLOOP_BROKER_KEY_PREFIX=f"prefloop-e2e-{uuid.uuid4().hex[:8]}:",
+            PREFLOOP_SECRET_KEY="e2e-secret-" + uuid.uuid4().hex,
+            PREFLOOP_DATA_DIR=str(tmp / "data"),
+            PREFLOOP_MEDIA_DIR=str(tmp / "media"),
+            **FAST_JOBS,
+        )
+        self.env.update(env)
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.workers: list[Proc] = []
+        self.serve: Proc | None = None
+        self.client: httpx.Client | None = None
+        self.csrf = ""
+        self.admin: tuple[str, str] = ("", "")
+
+    def start_worker(self, queues: str = "gpu,cpu") -> Proc:
+        proc = Proc(
+            ["worker", "--queues", queues], self.env, self.tmp / f"worker{len(self.workers)}.log"
+        )
+        self.workers.append(proc)
+        return proc
+
+    def __enter__(self) -> Stack:
+        self.serve = Proc(
+            ["serve", "--no-worker", "--port", str(self.port)], self.env, self.tmp / "serve.log"
+        )
+        try:
+            serve = self.serve
+            match = wait_for(
+                lambda: re.search(r"admin login (\S+) / password (\S+)", serve.output()),
+                60,
+                what="the first-run admin login",
+            )
+            self.admin = (match.group(1), match.group(2))
+            self.start_worker()
+            wait_for(self.healthy, 90, what="a healthy stack")
+            self.client = httpx.Client(base_url=self.base, timeout=15)
+            self.csrf = login(self.client, *self.admin)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def healthy(self) -> bool:
+        body = httpx.get(f"{self.base}/healthz", timeout=5).json()
+        return body["status"] == "ok" and body["worker"]["last_heartbeat"] is not None
+
+    def post(self, path: str, json: Any = None) -> httpx.Response:
+        assert self.client is not None
+        return self.client.post(path, json=json, headers={"X-CSRF-Token": self.csrf})
+
+    def get(self, path: str) -> httpx.Response:
+        assert self.client is not None
+        return self.client.get(path)
+
+    def __exit__(self, *exc: object) -> None:
+        from tests.conftest import drop_database
+
+        if self.client is not None:
+            self.client.close()
+        for proc in self.workers:
+            proc.stop()
+        if self.serve is not None:
+            self.serve.stop()
+        drop_database(self.db_name)

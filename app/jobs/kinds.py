@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 
 class JobParams(BaseModel):
@@ -22,12 +25,65 @@ class SelftestParams(JobParams):
     fail: bool = False
 
 
+class GenerateParams(JobParams):
+    """Prompts × model versions × images per prompt, with deterministic seeds."""
+
+    model_ids: list[int] = Field(min_length=1, max_length=50)
+    images_per_prompt: int = Field(default=2, ge=1, le=64)
+    # "all" generates for every prompt of the project.
+    split: Literal["train", "val", "test", "all"] = "train"
+    # Seeds used for every prompt (default 0..images_per_prompt-1): the same seeds across
+    # models give paired comparisons (common random numbers).
+    seeds: list[int] | None = Field(default=None, max_length=64)
+    prompt_ids: list[int] | None = Field(default=None, max_length=100_000)
+    make_pairs: bool = True
+    batch_size: int | None = Field(default=None, ge=1, le=256)
+
+
+# A check that needs the database (ids belong to the project...): returns error dicts.
+Checker = Callable[[Session, int | None, dict[str, Any]], list[dict[str, Any]]]
+
+
+def check_model_ids(
+    session: Session, project_id: int | None, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from app.generators.models import ModelVersion
+
+    wanted = [int(i) for i in params.get("model_ids") or []]
+    if params.get("model_id") is not None:
+        wanted.append(int(params["model_id"]))
+    found = set(
+        session.scalars(
+            select(ModelVersion.id).where(
+                ModelVersion.id.in_(wanted), ModelVersion.project_id == project_id
+            )
+        )
+    )
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        return [{"loc": ["params", "model_ids"], "msg": f"not models of this project: {missing}"}]
+    return []
+
+
+def check_generate(
+    session: Session, project_id: int | None, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    errors = check_model_ids(session, project_id, params)
+    seeds = params.get("seeds")
+    if seeds is not None and len(seeds) != params["images_per_prompt"]:
+        errors.append({"loc": ["params", "seeds"], "msg": "needs exactly images_per_prompt seeds"})
+    if seeds is not None and any(not 0 <= s < 2**63 for s in seeds):
+        errors.append({"loc": ["params", "seeds"], "msg": "seeds must be in [0, 2**63)"})
+    return errors
+
+
 @dataclass(frozen=True)
 class JobKind:
     name: str
     params: type[JobParams]
     queue: str
     needs_project: bool = True
+    check: Checker | None = None
 
     def queue_for(self, params: dict[str, Any]) -> str:
         return str(params.get("queue", self.queue))
@@ -42,3 +98,4 @@ def register_kind(kind: JobKind) -> JobKind:
 
 
 register_kind(JobKind("selftest", SelftestParams, queue="cpu", needs_project=False))
+register_kind(JobKind("generate", GenerateParams, queue="gpu", check=check_generate))

@@ -57,6 +57,10 @@ def create_job(
     spec = KINDS[kind]
     if spec.needs_project and project_id is None:
         raise JobParamsError([{"loc": ["project_id"], "msg": f"{kind} jobs need a project"}])
+    if spec.check is not None:
+        errors = spec.check(session, project_id, clean)
+        if errors:
+            raise JobParamsError(errors)
     job = Job(
         kind=kind,
         queue=spec.queue_for(clean),

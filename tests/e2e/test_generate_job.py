@@ -1,0 +1,133 @@
+"""`generate` jobs through a real worker on Postgres + Redis: kill and retry, cancel, bad model."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import Stack, wait_for, wait_job
+from tests.tiny_pipelines import build_tiny_sd
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("generate")
+    with Stack(tmp) as running:
+        running.model_path = build_tiny_sd(tmp / "tiny-sd")  # type: ignore[attr-defined]
+        yield running
+
+
+def _project(stack: Stack, prompts: int, base: str, name: str) -> tuple[int, int]:
+    pid = stack.post("/api/v1/projects", {"name": name}).json()["id"]
+    texts = [{"text": f"a red circle number {i}"} for i in range(prompts)]
+    assert stack.post(f"/api/v1/projects/{pid}/prompts", {"prompts": texts}).status_code == 201
+    model = stack.post(
+        f"/api/v1/projects/{pid}/models",
+        {"name": "tiny", "base": base, "params": {"steps": 4, "scheduler": "ddim"}},
+    )
+    assert model.status_code == 201, model.text
+    return pid, model.json()["id"]
+
+
+def _images(stack: Stack, pid: int) -> list[dict]:  # type: ignore[type-arg]
+    return stack.get(f"/api/v1/projects/{pid}/images").json()
+
+
+def _generate(stack: Stack, pid: int, mid: int, **params: object) -> int:
+    body = {"kind": "generate", "params": {"model_ids": [mid], "make_pairs": False, **params}}
+    response = stack.post(f"/api/v1/projects/{pid}/jobs", body)
+    assert response.status_code == 202, response.text
+    return int(response.json()["id"])
+
+
+@pytest.mark.slow
+def test_killed_generate_job_continues_without_duplicates(stack: Stack) -> None:
+    pid, mid = _project(stack, 20, str(stack.model_path), "kill")  # type: ignore[attr-defined]
+    job_id = _generate(stack, pid, mid, images_per_prompt=2, batch_size=2)
+    wait_for(
+        lambda: 0.1 < stack.get(f"/api/v1/jobs/{job_id}").json()["progress"] < 0.9,
+        120,
+        interval=0.1,
+        what="progress between 10 and 90 %",
+    )
+    stack.workers[-1].kill(signal.SIGKILL)
+    before = len(_images(stack, pid))
+    assert 0 < before < 40
+    stack.start_worker()
+    job = wait_job(stack.client, job_id, {}, 180)  # type: ignore[arg-type]
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    images = _images(stack, pid)
+    keys = [(i["prompt_id"], i["seed"]) for i in images]
+    assert len(images) == 40 and len(set(keys)) == 40
+    # The second attempt skipped what the first had stored.
+    assert (
+        job["result"]["skipped"] >= before
+        and job["result"]["images"] == 40 - job["result"]["skipped"]
+    )
+    assert {i["seed"] for i in images} == {0, 1}
+
+
+@pytest.mark.slow
+def test_cancelled_generate_job_stops_between_batches(stack: Stack) -> None:
+    pid, mid = _project(stack, 40, str(stack.model_path), "cancel")  # type: ignore[attr-defined]
+    job_id = _generate(stack, pid, mid, images_per_prompt=2, batch_size=1)
+    wait_for(
+        lambda: stack.get(f"/api/v1/jobs/{job_id}").json()["progress"] > 0,
+        120,
+        interval=0.1,
+        what="first images",
+    )
+    assert stack.post(f"/api/v1/jobs/{job_id}/cancel").status_code == 202
+    job = wait_job(stack.client, job_id, {}, 60)  # type: ignore[arg-type]
+    assert job["status"] == "cancelled", job
+    stored = len(_images(stack, pid))
+    assert 0 < stored < 80
+    time.sleep(2)
+    assert len(_images(stack, pid)) == stored, "images kept coming after the cancel"
+
+
+@pytest.mark.slow
+def test_unknown_model_path_fails_with_a_clear_error_and_no_retry(
+    stack: Stack, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-model"
+    pid, mid = _project(stack, 2, str(missing), "missing")
+    job = wait_job(stack.client, _generate(stack, pid, mid), {}, 60)  # type: ignore[arg-type]
+    assert job["status"] == "failed"
+    assert job["attempts"] == 1
+    assert "cannot load model" in job["error"] and str(missing) in job["error"]
+
+
+def test_generate_params_are_checked_at_creation(client, make_user) -> None:  # type: ignore[no-untyped-def]
+    from tests.support import bearer
+
+    _, token = make_user("lead")
+    h = bearer(token)
+    pid = client.post("/api/v1/projects", json={"name": "p"}, headers=h).json()["id"]
+    bad = client.post(
+        f"/api/v1/projects/{pid}/jobs",
+        json={"kind": "generate", "params": {"model_ids": [999999]}},
+        headers=h,
+    )
+    assert bad.status_code == 422 and "999999" in str(bad.json()["detail"])
+    mid = client.post(
+        f"/api/v1/projects/{pid}/models", json={"name": "m", "base": "toy"}, headers=h
+    ).json()["id"]
+    seeds = client.post(
+        f"/api/v1/projects/{pid}/jobs",
+        json={
+            "kind": "generate",
+            "params": {"model_ids": [mid], "images_per_prompt": 2, "seeds": [1]},
+        },
+        headers=h,
+    )
+    assert seeds.status_code == 422 and "seeds" in str(seeds.json()["detail"])
+    empty = client.post(
+        f"/api/v1/projects/{pid}/jobs", json={"kind": "generate", "params": {}}, headers=h
+    )
+    assert empty.status_code == 422 and "model_ids" in str(empty.json()["detail"])

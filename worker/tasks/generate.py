@@ -1,0 +1,144 @@
+"""`generate`: prompts × model versions × seeds → stored images (and pairs for annotators).
+
+Each image is committed as soon as it exists, and an image already stored for the same
+(prompt, model version, seed) is skipped, so a retried job continues where the last attempt
+stopped instead of generating duplicates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app.generators.models import ModelVersion
+from app.images.models import Image
+from app.images.service import store_image
+from app.projects.models import Project, Prompt
+from worker.runner import JobCancelled, JobContext, handler
+
+
+def spec_for(model: ModelVersion) -> Any:
+    """The generation spec of a model version (its params as registered)."""
+    from worker.generation import GeneratorSpec
+
+    return GeneratorSpec.from_params(model.base, model.adapter, model.params)
+
+
+def _prompts(ctx: JobContext) -> list[tuple[int, str]]:
+    with ctx.session() as session:
+        stmt = select(Prompt.id, Prompt.text).where(Prompt.project_id == ctx.project_id)
+        if ctx.params.get("prompt_ids"):
+            stmt = stmt.where(Prompt.id.in_(ctx.params["prompt_ids"]))
+        elif ctx.params["split"] != "all":
+            stmt = stmt.where(Prompt.split == ctx.params["split"])
+        return [(pid, text) for pid, text in session.execute(stmt.order_by(Prompt.id))]
+
+
+def _existing(ctx: JobContext, model_id: int, prompt_ids: list[int]) -> set[tuple[int, int]]:
+    with ctx.session() as session:
+        rows = session.execute(
+            select(Image.prompt_id, Image.seed).where(
+                Image.model_version_id == model_id, Image.prompt_id.in_(prompt_ids)
+            )
+        )
+        return {(pid, seed) for pid, seed in rows}
+
+
+def _store(ctx: JobContext, model: ModelVersion, prompt_id: int, seed: int, image: Any) -> bool:
+    from worker.generation import png_bytes, provenance
+
+    spec = spec_for(model)
+    try:
+        with ctx.session() as session:
+            store_image(
+                session,
+                ctx.store,
+                project_id=model.project_id,
+                prompt_id=prompt_id,
+                png=png_bytes(image),
+                model_version_id=model.id,
+                seed=seed,
+                provenance={**provenance(spec, seed), "model_version": model.id, "job": ctx.job_id},
+            )
+        return True
+    except IntegrityError:
+        # Another attempt stored this (prompt, model, seed) first: keep theirs.
+        return False
+
+
+@handler("generate")
+def generate(ctx: JobContext) -> dict[str, Any]:
+    from worker.generation import iter_generate
+
+    params = ctx.params
+    seeds = params.get("seeds") or list(range(params["images_per_prompt"]))
+    prompts = _prompts(ctx)
+    if not prompts:
+        raise ValueError(f"no prompts in split {params['split']!r} of project {ctx.project_id}")
+    text_of = dict(prompts)
+    with ctx.session() as session:
+        models = [session.get(ModelVersion, mid) for mid in params["model_ids"]]
+    plan: list[tuple[ModelVersion, list[tuple[int, int]]]] = []
+    skipped = 0
+    for model in models:
+        if model is None:
+            raise ValueError("a model version of this job was deleted")
+        done = _existing(ctx, model.id, list(text_of))
+        todo = [(pid, seed) for pid in text_of for seed in seeds if (pid, seed) not in done]
+        skipped += len(text_of) * len(seeds) - len(todo)
+        plan.append((model, todo))
+    total = sum(len(todo) for _, todo in plan)
+    created = 0
+    finished = 0
+    last_report = 0.0
+    ctx.log(f"{total} images to generate, {skipped} already stored")
+    for model, todo in plan:
+        if not todo:
+            continue
+        ctx.log(f"model {model.name}: {len(todo)} images")
+        items = [(text_of[pid], seed) for pid, seed in todo]
+        ids = iter(todo)
+        for _prompt, seed, image in iter_generate(
+            spec_for(model),
+            items,
+            batch_size=params.get("batch_size"),
+            should_cancel=lambda: ctx.cancel_requested,
+        ):
+            prompt_id, expected_seed = next(ids)
+            assert seed == expected_seed
+            created += _store(ctx, model, prompt_id, seed, image)
+            finished += 1
+            # Throttled: a progress write per image would cost more than a small image.
+            if time.monotonic() - last_report > 0.5 or finished == total:
+                last_report = time.monotonic()
+                ctx.progress(finished / max(total, 1), f"{finished} of {total} images")
+        ctx.check_cancelled()
+    if ctx.cancel_requested:
+        raise JobCancelled()
+    pairs = 0
+    if params.get("make_pairs", True):
+        pairs = _make_pairs(ctx, [m.id for m in models if m is not None], list(text_of), seeds)
+    ctx.progress(1.0, f"{created} new images, {pairs} new pairs")
+    return {"images": created, "skipped": skipped, "pairs": pairs}
+
+
+def _make_pairs(
+    ctx: JobContext, model_ids: list[int], prompt_ids: list[int], seeds: list[int]
+) -> int:
+    from app.pairs.service import make_pairs
+
+    with ctx.session() as session:
+        project = session.get(Project, ctx.project_id)
+        images = list(
+            session.scalars(
+                select(Image).where(
+                    Image.model_version_id.in_(model_ids),
+                    Image.prompt_id.in_(prompt_ids),
+                    Image.seed.in_(seeds),
+                )
+            )
+        )
+        return len(make_pairs(session, project=project, images=images))
