@@ -406,8 +406,11 @@ class DPOTrainer:
     ) -> None:
         self.config = config
         if device is None:
-            state = PartialState()
-            self.device = state.device
+            # `accelerate launch --cpu` sets this; PartialState itself does not read it.
+            use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+            state = PartialState(cpu=use_cpu)
+            # Multi-CPU runs report "cpu:0", which torch.save then records and cannot load.
+            self.device = torch.device("cpu") if state.device.type == "cpu" else state.device
             self.rank, self.num_processes = state.process_index, state.num_processes
         else:
             self.device = torch.device(device)
@@ -676,7 +679,7 @@ class DPOTrainer:
             for name, value in weights.items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(
-            torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True)
+            torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         )
         self.lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", weights_only=True))
         self.scaler.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=True))

@@ -1,5 +1,8 @@
 import importlib.util
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -420,3 +423,40 @@ def test_config_rejects_unknown_options():
         DPOConfig(mixed_precision="fp8")
     with pytest.raises(ValueError):
         DPOConfig(steps=0)
+
+
+_DDP_SCRIPT = """
+import json, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)
+from diffusers import DiffusionPipeline
+from worker.dpo_train import CachedPairs, DPOConfig, train
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+config = DPOConfig(steps=2, batch_size=1, grad_accum=2, lora_rank=4, learning_rate=1e-3)
+result = train(pipe, CachedPairs.load(Path(sys.argv[2])), config, Path(sys.argv[3]))
+rank = torch.distributed.get_rank()
+Path(sys.argv[3], f"losses-{rank}.json").write_text(json.dumps([m.loss for m in result.history]))
+"""
+
+
+@pytest.mark.slow
+def test_two_process_data_parallel_run(pipe_dirs, cached, tmp_path):
+    """Two CPU processes under torchrun (gloo DDP): one shared set of metrics and checkpoints."""
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    cached["sd"].save(tmp_path / "cache.safetensors")
+    root = Path(__file__).resolve().parents[2]
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += [str(script), str(pipe_dirs["sd"]), str(tmp_path / "cache.safetensors")]
+    command += [str(tmp_path / "ck")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    losses = [(tmp_path / "ck" / f"losses-{r}.json").read_text() for r in (0, 1)]
+    assert losses[0] == losses[1]  # metrics are all-reduced
+    checkpoint = tmp_path / "ck" / "step-000002"
+    assert (checkpoint / "rng-rank0.safetensors").is_file()
+    assert (checkpoint / "rng-rank1.safetensors").is_file()
+    state = (checkpoint / "trainer_state.json").read_text()
+    assert '"position": 3' in state  # 2 steps × 2 micro-batches × 1 pair × 2 processes = 8 of 5
