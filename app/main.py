@@ -53,6 +53,7 @@ def create_app() -> FastAPI:
     from app.pages import router as pages_router
     from app.pairs.routes import router as pairs_router
     from app.projects.routes import router as projects_router
+    from app.ratings.routes import router as ratings_router
     from app.votes.routes import router as votes_router
 
     for router in (
@@ -64,6 +65,7 @@ def create_app() -> FastAPI:
         pairs_router,
         votes_router,
         exports_router,
+        ratings_router,
         pages_router,
     ):
         app.include_router(router)

@@ -115,13 +115,12 @@ class Supervisor:
             )
 
     def _reap_loop(self) -> None:
-        from app.jobs.service import reap_stale_jobs
+        from worker.tasks.run import periodic_work
 
         interval = get_settings().reaper_interval_seconds
         while not self.stopping.wait(interval):
             try:
-                with session_scope() as session:
-                    reap_stale_jobs(session, get_settings())
+                periodic_work()
             except Exception as exc:  # noqa: BLE001 - the reaper must outlive database blips
                 log.warning("serve.reaper_failed error=%s", exc)
 

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     job_stale_seconds: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    # Leaderboards are refitted at most this often while votes come in.
+    ratings_refresh_seconds: float = Field(default=60.0, ge=0)
     # Above the longest job: Redis redelivers an unacknowledged message after this.
     broker_visibility_timeout: int = Field(default=12 * 3600, ge=60)
 

@@ -40,6 +40,15 @@ class GenerateParams(JobParams):
     batch_size: int | None = Field(default=None, ge=1, le=256)
 
 
+class FitRatingsParams(JobParams):
+    """Leaderboard of model versions from evaluation votes, plus annotator quality."""
+
+    ties: Literal["half", "davidson"] = "half"
+    bootstrap: int = Field(default=1000, ge=0, le=20_000)
+    prior: float = Field(default=0.01, gt=0, le=100)
+    seed: int = 0
+
+
 # A check that needs the database (ids belong to the project...): returns error dicts.
 Checker = Callable[[Session, int | None, dict[str, Any]], list[dict[str, Any]]]
 
@@ -99,3 +108,4 @@ def register_kind(kind: JobKind) -> JobKind:
 
 register_kind(JobKind("selftest", SelftestParams, queue="cpu", needs_project=False))
 register_kind(JobKind("generate", GenerateParams, queue="gpu", check=check_generate))
+register_kind(JobKind("fit_ratings", FitRatingsParams, queue="cpu"))

@@ -25,9 +25,23 @@ def run_job(self: Task, job_id: int) -> str:
 
 @celery_app.task(name="prefloop.periodic")
 def periodic() -> list[int]:
-    """Beat's heartbeat of the platform: re-queue jobs whose worker died."""
+    """Beat's heartbeat of the platform: re-queue jobs whose worker died, refresh ratings."""
+    return periodic_work()
+
+
+def periodic_work() -> list[int]:
+    from app.ratings.service import schedule_rating_refresh
+
+    settings = get_settings()
     with session_scope() as session:
-        return reap_stale_jobs(session, get_settings())
+        resent = reap_stale_jobs(session, settings)
+    with session_scope() as session:
+        schedule_rating_refresh(
+            session,
+            max_attempts=settings.job_max_attempts,
+            min_age_seconds=settings.ratings_refresh_seconds,
+        )
+    return resent
 
 
 def _report_in(name: str, queues: str, stop: threading.Event, interval: float) -> None:

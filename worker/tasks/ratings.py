@@ -1,0 +1,198 @@
+"""`fit_ratings`: the project's leaderboard (Bradley–Terry with bootstrap intervals) and the
+annotator-quality table, stored as one rating fit."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+
+from app.generators.models import ModelVersion
+from app.pairs.models import Pair
+from app.ratings.models import Rating, RatingFit
+from app.ratings.service import evaluation_votes, finite_or_none
+from app.votes.models import Vote
+from worker import bradley_terry as bt
+from worker.runner import JobContext, handler
+
+_OUTCOME = {
+    "left": bt.OUTCOME_A,
+    "right": bt.OUTCOME_B,
+    "tie": bt.OUTCOME_TIE,
+    "both_bad": bt.OUTCOME_TIE,
+}
+
+
+def _annotator_table(ctx: JobContext) -> list[dict[str, Any]]:
+    """Quality figures over every vote of the project (gold answers included)."""
+    with ctx.session() as session:
+        rows = session.execute(
+            select(
+                Vote.annotator_id,
+                Vote.pair_id,
+                Vote.left_image_id,
+                Vote.choice,
+                Vote.latency_ms,
+                Pair.image_a_id,
+                Pair.image_b_id,
+                Pair.is_gold,
+                Pair.gold_expected,
+            )
+            .join(Pair, Pair.id == Vote.pair_id)
+            .where(Vote.project_id == ctx.project_id)
+        ).all()
+    if not rows:
+        return []
+    annotator, pair, left, right, choice, latency, gold = [], [], [], [], [], [], []
+    for ann, pair_id, left_id, vote_choice, ms, image_a, image_b, is_gold, expected in rows:
+        right_id = image_b if left_id == image_a else image_a
+        annotator.append(ann)
+        pair.append(pair_id)
+        left.append(left_id)
+        right.append(right_id)
+        choice.append(vote_choice)
+        latency.append(float(ms) if ms is not None else np.nan)
+        if is_gold and expected:
+            gold.append(
+                "tie" if expected == "tie" else ("left" if expected == left_id else "right")
+            )
+        else:
+            gold.append(None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bt.DisconnectedComparisonsWarning)
+        quality = bt.annotator_quality(annotator, pair, left, right, choice, latency, gold)
+    table = []
+    for q in quality:
+        table.append(
+            {
+                "annotator_id": int(q.annotator),  # type: ignore[call-overload]
+                "votes": q.n_votes,
+                "decisive": q.n_decisive,
+                "left_rate": finite_or_none(q.left_rate),
+                "position_bias_p": finite_or_none(q.position_bias_pvalue),
+                "skill": finite_or_none(q.skill),
+                "left_habit": finite_or_none(q.left_habit),
+                "agreement": finite_or_none(q.agreement),
+                "gold_accuracy": finite_or_none(q.gold_accuracy),
+                "gold_votes": q.n_gold,
+                "median_latency_ms": finite_or_none(q.median_latency_ms),
+                "flags": list(q.flags),
+            }
+        )
+    return table
+
+
+@handler("fit_ratings")
+def fit_ratings(ctx: JobContext) -> dict[str, Any]:
+    params = ctx.params
+    with ctx.session() as session:
+        votes = evaluation_votes(session, ctx.project_id)  # type: ignore[arg-type]
+        names = dict(
+            session.execute(
+                select(ModelVersion.id, ModelVersion.name).where(
+                    ModelVersion.project_id == ctx.project_id
+                )
+            ).all()
+        )
+    ctx.progress(0.1, f"{len(votes)} evaluation votes")
+    leaderboard: list[dict[str, Any]] = []
+    models = sorted({v.left_model for v in votes} | {v.right_model for v in votes})
+    if len(models) >= 2:
+        index = {m: i for i, m in enumerate(models)}
+        counts = bt.aggregate_comparisons(
+            np.array([index[v.left_model] for v in votes]),
+            np.array([index[v.right_model] for v in votes]),
+            np.array([_OUTCOME[v.choice] for v in votes]),
+            n_items=len(models),
+        )
+        per_model = np.bincount(
+            np.concatenate([counts.item_i, counts.item_j]),
+            weights=np.concatenate([counts.cells().sum(1)] * 2),
+            minlength=len(models),
+        )
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", bt.DisconnectedComparisonsWarning)
+            if params["bootstrap"] > 0:
+                boot = bt.bootstrap_bradley_terry(
+                    counts,
+                    params["bootstrap"],
+                    ties=params["ties"],
+                    prior=params["prior"],
+                    seed=params["seed"],
+                    item_names=[names[m] for m in models],
+                    on_progress=lambda done: ctx.progress(
+                        0.1 + 0.8 * done / params["bootstrap"], f"bootstrap {done}"
+                    ),
+                )
+                fit, lower, upper, ranks = boot.fit, boot.lower, boot.upper, boot.ranks
+            else:
+                fit = bt.fit_bradley_terry(counts, ties=params["ties"], prior=params["prior"])
+                lower = upper = fit.scores
+                ranks = bt.ranks_from_intervals(lower, upper)
+        for warning in caught:
+            ctx.log(str(warning.message))
+        ratings, lo, hi = bt.elo_scale(fit.scores), bt.elo_scale(lower), bt.elo_scale(upper)
+        for i, model in enumerate(models):
+            leaderboard.append(
+                {
+                    "model_id": model,
+                    "name": names.get(model, str(model)),
+                    "score": float(fit.scores[i]),
+                    "rating": float(ratings[i]),
+                    "ci_low": float(lo[i]),
+                    "ci_high": float(hi[i]),
+                    "rank": int(ranks[i]),
+                    "votes": int(per_model[i]),
+                }
+            )
+        leaderboard.sort(key=lambda r: (r["rank"], -r["rating"]))
+        method = {
+            "ties": params["ties"],
+            "prior": params["prior"],
+            "bootstrap": params["bootstrap"],
+            "tie_param": fit.tie_param,
+            "log_likelihood": fit.log_likelihood,
+            "converged": fit.converged,
+            "components": len(fit.components),
+        }
+    else:
+        method = {"ties": params["ties"], "note": "fewer than two rated models"}
+    annotators = _annotator_table(ctx)
+    with ctx.session() as session:
+        row = RatingFit(
+            project_id=ctx.project_id,
+            job_id=ctx.job_id,
+            method=method,
+            annotators=annotators,
+            vote_count=len(votes),
+        )
+        session.add(row)
+        session.flush()
+        for entry in leaderboard:
+            session.add(
+                Rating(
+                    fit_id=row.id,
+                    model_version_id=entry["model_id"],
+                    score=entry["score"],
+                    rating=entry["rating"],
+                    ci_low=entry["ci_low"],
+                    ci_high=entry["ci_high"],
+                    rank=entry["rank"],
+                    votes=entry["votes"],
+                )
+            )
+        fit_id = row.id
+    clean = [
+        {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in e.items()}
+        for e in leaderboard
+    ]
+    return {
+        "fit_id": fit_id,
+        "votes": len(votes),
+        "leaderboard": clean,
+        "annotators": annotators,
+        "method": method,
+    }
