@@ -137,12 +137,15 @@ def rate_command(
     out: str | None,
     seed: int,
 ) -> None:
-    """Rate models from battle records (FastChat JSON list or JSON Lines).
+    """Rate models from battle records (a JSON list or JSON Lines).
 
-    Records: {"model_a", "model_b", "winner": "model_a"|"model_b"|"tie"|"tie (bothbad)"} or
-    prefloop votes {"model_a" (left), "model_b" (right), "choice": "left"|"right"|"tie"|
-    "both_bad"|"skip"}. Output: JSON [{"model", "rating", "ci_low", "ci_high", "rank"}] with
-    ratings on the Elo-like scale 400·s/ln 10 + 1000. Bad input exits with status 2.
+    \b
+    Records, FastChat battles or prefloop votes (model_a shown on the left):
+      {"model_a", "model_b", "winner": "model_a|model_b|tie|tie (bothbad)"}
+      {"model_a", "model_b", "choice": "left|right|tie|both_bad|skip"}
+
+    Output: JSON [{"model", "rating", "ci_low", "ci_high", "rank"}], ratings on the Elo-like
+    scale 400·s/ln 10 + 1000. Bad input exits with status 2 and names the record.
     """
     try:
         battles = load_battles(battles_file)
