@@ -26,13 +26,13 @@ def toy_group() -> None:
 
 @toy_group.command("train")
 @click.option("--out", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True)
-@click.option("--minutes", type=float, default=45.0, show_default=True, help="Wall-clock budget.")
+@click.option("--minutes", type=float, default=60.0, show_default=True, help="Wall-clock budget.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--dataset-size", type=int, default=20_000, show_default=True, hidden=True)
-@click.option("--max-steps", type=int, default=None, hidden=True, help="Cap on UNet steps.")
-@click.option("--vae-steps", type=int, default=None, hidden=True, help="Cap on VAE steps.")
+@click.option("--max-steps", type=int, default=4000, show_default=True, help="UNet steps.")
+@click.option("--vae-steps", type=int, default=3000, show_default=True, help="VAE steps.")
 @click.option(
     "--snapshot",
     "snapshots",
@@ -47,8 +47,8 @@ def train_command(
     threads: int,
     device: str,
     dataset_size: int,
-    max_steps: int | None,
-    vae_steps: int | None,
+    max_steps: int,
+    vae_steps: int,
     snapshots: tuple[str, ...],
 ) -> None:
     """Train the toy model from scratch and save it as a diffusers directory."""
