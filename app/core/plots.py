@@ -135,11 +135,11 @@ def line_chart(
     y_label: str = "",
     width: int = 560,
     height: int = 240,
-    x_format: Mapping[float, str] | None = None,
+    x_format: Callable[[float], str] | None = None,
 ) -> str:
     """Lines of (x, y) points, one per series, with axes, ticks and a legend.
 
-    x_format optionally names some x ticks (e.g. hours); other ticks print as numbers.
+    x_format turns an x tick into its label (e.g. an hour offset into a clock time).
     """
     clean = {name: _clean(points) for name, points in series.items()}
     clean = {name: pts for name, pts in clean.items() if pts}
@@ -167,7 +167,7 @@ def line_chart(
         )
     for tick in x_ticks:
         x = _fmt(sx(tick))
-        label = (x_format or {}).get(tick, format_number(tick))
+        label = x_format(tick) if x_format else format_number(tick)
         parts.append(
             f'<text class="tick" x="{x}" y="{height - bottom + 14}" '
             f'text-anchor="middle">{escape(label)}</text>'

@@ -1,0 +1,1 @@
+"""The lead's dashboard: pages and the queries behind them."""

@@ -1,0 +1,311 @@
+"""The lead's dashboard: its queries on hand-built data, and the page and partials it renders."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session
+
+from app.core.db import utcnow
+from app.core.storage import get_media_store
+from app.dashboard import service
+from app.generators.models import ModelVersion
+from app.images.models import Image
+from app.images.service import store_image
+from app.pairs.models import Pair
+from app.projects.models import Project, Prompt
+from app.projects.schemas import ProjectCreate
+from app.projects.service import add_member, create_project
+from app.ratings.models import Rating, RatingFit, RewardModel
+from app.users.models import User
+from app.votes.models import Vote
+from tests.app.test_pairs import tiny_png
+from tests.support import bearer, login
+
+NOW = dt.datetime(2030, 5, 6, 12, 30, tzinfo=dt.UTC)
+
+
+@dataclass
+class World:
+    project: Project
+    lead: User
+    lead_token: str
+    annotators: list[User]
+    models: list[ModelVersion]
+    prompts: list[Prompt]
+    images: list[Image]
+    pairs: list[Pair]
+
+
+def _world(db: Session, make_user: Any, *, lead_password: str | None = None) -> World:
+    lead, lead_token = make_user("lead", password=lead_password)
+    project = create_project(db, data=ProjectCreate(name="Dash"), creator=lead)
+    annotators = []
+    for i in range(3):
+        user, _ = make_user("annotator", email=f"ann{i}-{project.id}@example.com")
+        add_member(db, project=project, user=user, role="annotator")
+        annotators.append(user)
+    base = ModelVersion(project_id=project.id, name="base-model", base="toy", params={})
+    db.add(base)
+    db.flush()
+    child = ModelVersion(
+        project_id=project.id,
+        name="child-<dpo>",
+        base="toy",
+        adapter="/adapters/1",
+        params={},
+        parent_id=base.id,
+        evaluation={"reward": {"win_rate": 0.62, "ci": [0.55, 0.69]}, "n": 100},
+    )
+    grandchild = ModelVersion(project_id=project.id, name="grandchild", base="toy", params={})
+    db.add(child)
+    db.flush()
+    grandchild.parent_id = child.id
+    db.add(grandchild)
+    prompts = [
+        Prompt(project_id=project.id, text=f"prompt {i}", split="train" if i < 3 else "test")
+        for i in range(4)
+    ]
+    db.add_all(prompts)
+    db.flush()
+    store = get_media_store()
+    images = [
+        store_image(
+            db,
+            store,
+            project_id=project.id,
+            prompt_id=p.id,
+            png=tiny_png(p.id * 7 + m.id),
+            model_version_id=m.id,
+            seed=0,
+        )
+        for p in prompts[:3]
+        for m in (base, child)
+    ]
+    pairs = [
+        Pair(
+            project_id=project.id,
+            prompt_id=images[2 * i].prompt_id,
+            image_a_id=images[2 * i].id,
+            image_b_id=images[2 * i + 1].id,
+            purpose="eval",
+            votes_wanted=2,
+            vote_count=0,
+        )
+        for i in range(3)
+    ]
+    db.add_all(pairs)
+    db.flush()
+    db.commit()
+    return World(project, lead, lead_token, annotators, [base, child, grandchild], prompts,
+                 images, pairs)  # fmt: skip
+
+
+def _vote(db: Session, pair: Pair, user: User, choice: str, at: dt.datetime) -> Vote:
+    vote = Vote(
+        pair_id=pair.id,
+        project_id=pair.project_id,
+        annotator_id=user.id,
+        left_image_id=pair.image_a_id,
+        choice=choice,
+        latency_ms=1500,
+        created_at=at,
+    )
+    db.add(vote)
+    if choice != "skip":
+        pair.vote_count += 1
+    db.flush()
+    return vote
+
+
+def test_votes_per_hour_buckets_and_fills_empty_hours(db: Session, make_user: Any) -> None:
+    w = _world(db, make_user)
+    a, b, _ = w.annotators
+    _vote(db, w.pairs[0], a, "left", NOW - dt.timedelta(minutes=5))  # 12:25
+    _vote(db, w.pairs[1], a, "right", NOW - dt.timedelta(minutes=29))  # 12:01
+    _vote(db, w.pairs[0], b, "tie", NOW - dt.timedelta(hours=2))  # 10:30
+    _vote(db, w.pairs[1], b, "left", NOW - dt.timedelta(hours=30))  # outside 24 h
+    hours = service.votes_per_hour(db, w.project.id, hours=24, now=NOW)
+    assert len(hours) == 24
+    assert hours[-1] == (dt.datetime(2030, 5, 6, 12, tzinfo=dt.UTC), 2)
+    assert hours[-2][1] == 0 and hours[-3] == (dt.datetime(2030, 5, 6, 10, tzinfo=dt.UTC), 1)
+    assert sum(n for _, n in hours) == 3
+    assert hours[0][0] == dt.datetime(2030, 5, 5, 13, tzinfo=dt.UTC)
+
+
+def test_votes_per_annotator_lists_members_and_voters(db: Session, make_user: Any) -> None:
+    w = _world(db, make_user)
+    a, b, c = w.annotators
+    outsider, _ = make_user("annotator")
+    _vote(db, w.pairs[0], a, "left", NOW - dt.timedelta(minutes=5))
+    _vote(db, w.pairs[1], a, "skip", NOW - dt.timedelta(hours=3))
+    _vote(db, w.pairs[2], outsider, "right", NOW - dt.timedelta(hours=3))
+    c.is_active = False
+    db.flush()
+    rows = {r.user_id: r for r in service.votes_per_annotator(db, w.project.id, now=NOW)}
+    assert set(rows) == {a.id, b.id, c.id, outsider.id}
+    assert (rows[a.id].votes, rows[a.id].votes_last_hour) == (2, 1)
+    assert rows[a.id].last_vote_at == NOW - dt.timedelta(minutes=5)
+    assert rows[b.id].votes == 0 and rows[b.id].member
+    assert not rows[c.id].is_active
+    assert rows[outsider.id].votes == 1 and not rows[outsider.id].member
+    first = service.votes_per_annotator(db, w.project.id, now=NOW)[0]
+    assert first.user_id == a.id
+
+
+def test_overview_counts(db: Session, make_user: Any) -> None:
+    w = _world(db, make_user)
+    a, b, _ = w.annotators
+    _vote(db, w.pairs[0], a, "left", NOW)
+    _vote(db, w.pairs[0], b, "right", NOW)
+    counts = service.overview(db, w.project.id)
+    assert counts["prompts"] == 4 and counts["prompts_by_split"] == {
+        "train": 3,
+        "val": 0,
+        "test": 1,
+    }
+    assert (counts["models"], counts["images"], counts["pairs"]) == (3, 6, 3)
+    assert counts["pairs_complete"] == 1 and counts["votes"] == 2
+
+
+def test_lineage_is_a_depth_first_tree_with_win_rates(db: Session, make_user: Any) -> None:
+    w = _world(db, make_user)
+    orphan = ModelVersion(project_id=w.project.id, name="other-root", base="toy", params={})
+    db.add(orphan)
+    db.flush()
+    nodes = service.lineage(db, w.project.id)
+    assert [(n.name, n.depth) for n in nodes] == [
+        ("base-model", 0),
+        ("child-<dpo>", 1),
+        ("grandchild", 2),
+        ("other-root", 0),
+    ]
+    summary = service.evaluation_summary(nodes[1].evaluation)
+    assert summary == [{"label": "reward win rate", "value": 0.62, "low": 0.55, "high": 0.69}]
+    flat = service.evaluation_summary(
+        {"win_rate": 0.4, "ci_low": 0.3, "ci_high": 0.5, "human_win_rate": "n/a"}
+    )
+    assert flat == [{"label": "win rate", "value": 0.4, "low": 0.3, "high": 0.5}]
+    assert service.evaluation_summary({}) == []
+
+
+def test_annotator_quality_reward_models_and_gallery(db: Session, make_user: Any) -> None:
+    w = _world(db, make_user)
+    a, b, _ = w.annotators
+    assert service.annotator_quality(db, w.project.id)["rows"] == []
+    fit = RatingFit(
+        project_id=w.project.id,
+        method={},
+        vote_count=4,
+        annotators=[
+            {"annotator_id": a.id, "votes": 10, "flags": [], "gold_accuracy": 1.0},
+            {"annotator_id": b.id, "votes": 3, "flags": ["left_bias"], "gold_accuracy": None},
+        ],
+    )
+    db.add(fit)
+    db.add(
+        RewardModel(
+            project_id=w.project.id,
+            version=1,
+            backbone="toyconv",
+            path="/rm/1",
+            metrics={"val_accuracy": 0.7, "val_ece": 0.05, "notes": "text is left out"},
+        )
+    )
+    db.flush()
+    quality = service.annotator_quality(db, w.project.id)
+    assert quality["fit_id"] == fit.id
+    # Flagged annotators first.
+    assert [(r["email"], r["flags"]) for r in quality["rows"]] == [
+        (b.email, ["left_bias"]),
+        (a.email, []),
+    ]
+    (rm,) = service.reward_models(db, w.project.id)
+    assert rm["metrics"] == {"val_accuracy": 0.7, "val_ece": 0.05}
+    gallery = service.gallery(db, w.project.id, limit=2)
+    assert gallery["total"] == 3 and len(gallery["rows"]) == 2
+    assert [m["name"] for m in gallery["models"]] == ["base-model", "child-<dpo>", "grandchild"]
+    first = gallery["rows"][0]
+    assert first["text"] == "prompt 0"
+    assert [len(c) for c in first["cells"]] == [1, 1, 0]
+    assert first["cells"][0][0]["url"] == f"/api/v1/images/{w.images[0].id}"
+    only_child = service.gallery(db, w.project.id, model_id=w.models[1].id, offset=2)
+    assert only_child["total"] == 3 and [r["text"] for r in only_child["rows"]] == ["prompt 2"]
+    assert service.gallery(db, w.project.id, split="test")["total"] == 0
+
+
+def _svg_ok(html: str) -> int:
+    """How many charts the page holds; each must parse as XML on its own."""
+    figures = re.findall(r'<figure class="plot"[^>]*>(.*?)</figure>', html, flags=re.S)
+    for svg in figures:
+        assert ET.fromstring(svg).tag.endswith("svg")
+    return len(figures)
+
+
+def test_dashboard_page_shows_every_section_and_updates_after_votes(
+    client: Any, db: Session, make_user: Any
+) -> None:
+    w = _world(db, make_user, lead_password="lead-password-1")
+    fit = RatingFit(project_id=w.project.id, method={}, vote_count=1, annotators=[
+        {"annotator_id": w.annotators[0].id, "votes": 1, "flags": ["fast"],
+         "median_latency_ms": 1500.0, "gold_accuracy": 0.5, "agreement": 0.75,
+         "left_rate": 1.0, "position_bias_p": 0.5, "skill": 0.9, "gold_votes": 2}])  # fmt: skip
+    db.add(fit)
+    db.flush()
+    for model, rating in zip(w.models, (1000.0, 1040.0, 980.0), strict=True):
+        db.add(Rating(fit_id=fit.id, model_version_id=model.id, score=0, rating=rating,
+                      ci_low=rating - 20, ci_high=rating + 20, rank=1, votes=5))  # fmt: skip
+    db.commit()
+    login(client, w.lead.email, "lead-password-1")
+    page = client.get(f"/projects/{w.project.id}")
+    assert page.status_code == 200
+    html = page.text
+    for section in ("overview", "leaderboard", "quality", "lineage", "reward", "gallery"):
+        assert f'id="dash-{section}"' in html
+    # Names are escaped, charts are well-formed SVG, images come through the image endpoint.
+    assert "child-&lt;dpo&gt;" in html and "child-<dpo>" not in html
+    assert _svg_ok(html) >= 3
+    assert f"/api/v1/images/{w.images[0].id}" in html
+    assert "reward win rate: 62.0 %" in html and "[55.0, 69.0]" in html
+    assert w.annotators[0].email in html and "fast" in html
+    for fmt in ("pickapic", "fastchat", "jsonl", "csv"):
+        assert f"/api/v1/projects/{w.project.id}/export?format={fmt}" in html
+    before = client.get(f"/projects/{w.project.id}/dash/overview", headers={"HX-Request": "true"})
+    assert 'data-stat="votes">0<' in before.text and "<html" not in before.text
+    _vote(db, w.pairs[0], w.annotators[0], "left", utcnow())
+    db.commit()
+    after = client.get(f"/projects/{w.project.id}/dash/overview", headers={"HX-Request": "true"})
+    assert 'data-stat="votes">1<' in after.text
+    assert 'data-stat="votes-last-hour">1<' in after.text
+    for section in ("leaderboard", "quality", "lineage", "reward", "gallery"):
+        partial = client.get(f"/projects/{w.project.id}/dash/{section}")
+        assert partial.status_code == 200 and f'id="dash-{section}"' in partial.text
+    assert client.get(f"/projects/{w.project.id}/dash/nope").status_code == 404
+    filtered = client.get(
+        f"/projects/{w.project.id}/dash/gallery", params={"model_id": w.models[2].id}
+    )
+    assert "/api/v1/images/" not in filtered.text
+
+
+@pytest.mark.parametrize("role", ["annotator", "other-lead"])
+def test_dashboard_refuses_annotators_and_other_leads(
+    client: Any, db: Session, make_user: Any, role: str
+) -> None:
+    w = _world(db, make_user)
+    if role == "annotator":
+        user = w.annotators[0]
+        from app.users.service import issue_token
+
+        token = issue_token(db, user)
+        db.commit()
+    else:
+        _, token = make_user("lead")
+    for path in (f"/projects/{w.project.id}", f"/projects/{w.project.id}/dash/gallery"):
+        response = client.get(path, headers=bearer(token))
+        assert response.status_code == 403
+        assert "base-model" not in response.text and "/api/v1/images/" not in response.text
