@@ -186,3 +186,20 @@ def test_cli_evaluate(tmp_path: Path) -> None:
     assert "4 images" in result.output and "colour" in result.output
     missing = CliRunner().invoke(toy_group, ["evaluate", str(tmp_path)])
     assert missing.exit_code != 0
+
+
+def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from worker.toy.train import ToyTrainConfig, train_toy_model
+
+    def unet_weights(seed: int, name: str) -> dict[str, torch.Tensor]:
+        cfg = ToyTrainConfig(
+            minutes=2, seed=seed, dataset_size=32, vae_max_steps=1, unet_max_steps=2
+        )
+        out = train_toy_model(tmp_path / name, cfg)
+        return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+    a, b, c = unet_weights(5, "a"), unet_weights(5, "b"), unet_weights(6, "c")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
