@@ -33,6 +33,7 @@ class LazyGroup(click.Group):
 
     lazy: dict[str, str] = {
         "rate": "worker.rate:rate_command",
+        "toy": "worker.toy.cli:toy_group",
         "export": "app.exports.cli:export_command",
         "import": "app.exports.cli:import_command",
     }

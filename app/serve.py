@@ -144,11 +144,11 @@ class Supervisor:
             return 2
         self._prepare()
         admin = ensure_admin()
+        demo_lines: list[str] = []
         if self.demo:
             from app.demo import create_demo
 
-            for line in create_demo():
-                self.echo(line)
+            demo_lines = create_demo(f"http://{self.host}:{self.port}")
         received: list[int] = []
 
         def on_signal(signum: int, _frame: object) -> None:
@@ -163,6 +163,8 @@ class Supervisor:
         self.echo(f"prefloop is starting at {url}")
         if admin:
             self.echo(f"first run: admin login {admin[0]} / password {admin[1]} (shown only once)")
+        for line in demo_lines:
+            self.echo(line)
         code = 0
         while not self.stopping.wait(0.5):
             dead = {name: c.returncode for name, c in self.children.items() if c.poll() is not None}

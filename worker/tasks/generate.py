@@ -27,6 +27,20 @@ def spec_for(model: ModelVersion) -> Any:
     return GeneratorSpec.from_params(model.base, model.adapter, model.params)
 
 
+def batch_size_for(spec: Any, requested: int | None) -> int:
+    """The job's batch size, or one suited to the device and the image size."""
+    from worker.generation import default_batch_size, get_pipeline, native_size
+
+    if requested:
+        return requested
+    pipe = get_pipeline(spec)
+    height, width = native_size(pipe)
+    pixels = (spec.height or height) * (spec.width or width)
+    base = default_batch_size(pipe.device)
+    # Small images leave the device idle at the usual batch sizes: scale up to 64×64-ish work.
+    return int(max(base, min(64, base * (256 * 256) // max(pixels, 1) // 8)))
+
+
 def _prompts(ctx: JobContext) -> list[tuple[int, str]]:
     with ctx.session() as session:
         stmt = select(Prompt.id, Prompt.text).where(Prompt.project_id == ctx.project_id)
@@ -101,10 +115,11 @@ def generate(ctx: JobContext) -> dict[str, Any]:
         ctx.log(f"model {model.name}: {len(todo)} images")
         items = [(text_of[pid], seed) for pid, seed in todo]
         ids = iter(todo)
+        spec = spec_for(model)
         for _prompt, seed, image in iter_generate(
-            spec_for(model),
+            spec,
             items,
-            batch_size=params.get("batch_size"),
+            batch_size=batch_size_for(spec, params.get("batch_size")),
             should_cancel=lambda: ctx.cancel_requested,
         ):
             prompt_id, expected_seed = next(ids)

@@ -1,0 +1,87 @@
+"""`prefloop serve --demo`: a ready-to-vote project with the two shipped toy models."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from app.core.db import session_scope
+from app.core.security import new_password
+from app.generators.models import ModelVersion
+from app.jobs.service import create_job
+from app.projects.models import Membership, Project, Prompt
+from app.projects.schemas import ProjectSettings
+from app.users import service as users
+
+DEMO_PROJECT = "Demo: toy shapes"
+DEMO_ANNOTATOR = "demo@prefloop.local"
+# Small enough that the first pairs are ready seconds after start on a 2-core CPU.
+DEMO_PROMPTS = {"train": 24, "test": 8}
+DEMO_IMAGES_PER_PROMPT = 2
+DEMO_FIRST_PROMPTS = 4
+
+
+def create_demo(base_url: str) -> list[str]:
+    """Create the demo project once (idempotent); returns lines to print."""
+    from worker.toy.world import sample_prompts
+
+    with session_scope() as session:
+        project = session.scalar(select(Project).where(Project.name == DEMO_PROJECT))
+        if project is not None:
+            return [
+                f"demo: project {project.id} exists; vote at {base_url}/projects/{project.id}/vote",
+                f"demo: annotator login {DEMO_ANNOTATOR} (password shown on the first demo run)",
+            ]
+        settings = ProjectSettings(votes_per_pair=3, train_pairs_per_prompt=1)
+        project = Project(
+            name=DEMO_PROJECT,
+            description="Two toy text-to-image models (toy-v1 and the less trained toy-v0) on "
+            "prompts like 'a large red circle'. Vote for the image that matches the prompt best.",
+            settings=settings.model_dump(),
+        )
+        session.add(project)
+        session.flush()
+        texts = sample_prompts(sum(DEMO_PROMPTS.values()), seed=2024)
+        splits = ["train"] * DEMO_PROMPTS["train"] + ["test"] * DEMO_PROMPTS["test"]
+        prompts = [
+            Prompt(project_id=project.id, text=text, split=split, tags=["demo"])
+            for text, split in zip(texts, splits, strict=True)
+        ]
+        session.add_all(prompts)
+        params = {"scheduler": "ddim", "steps": 20, "guidance_scale": 3.0}
+        models = [
+            ModelVersion(project_id=project.id, name=name, base=base, params=params, evaluation={})
+            for name, base in (("toy-v1", "toy"), ("toy-v0", "toy-v0"))
+        ]
+        session.add_all(models)
+        password = new_password(12)
+        annotator = users.get_by_email(session, DEMO_ANNOTATOR) or users.create_user(
+            session, email=DEMO_ANNOTATOR, role="annotator", password=password
+        )
+        session.add(Membership(project_id=project.id, user_id=annotator.id, role="annotator"))
+        session.flush()
+        # A small first job so that the first pairs are there within seconds, then the rest.
+        first = [p.id for p in prompts if p.split == "train"][:DEMO_FIRST_PROMPTS]
+        jobs = [
+            create_job(
+                session,
+                kind="generate",
+                params={
+                    "model_ids": [m.id for m in models],
+                    "images_per_prompt": DEMO_IMAGES_PER_PROMPT,
+                    "split": "train",
+                    "make_pairs": True,
+                    **({"prompt_ids": prompt_ids} if prompt_ids else {}),
+                },
+                project_id=project.id,
+                created_by_id=None,
+                max_attempts=3,
+            )
+            for prompt_ids in (first, None)
+        ]
+        job = jobs[-1]
+        return [
+            f"demo: project {project.id} with {len(texts)} toy prompts and models toy-v1, toy-v0",
+            f"demo: generating images (job {job.id}: {base_url}/jobs/{job.id})",
+            f"demo: annotator login {DEMO_ANNOTATOR} / password {password} (shown only once)",
+            f"demo: vote at {base_url}/projects/{project.id}/vote",
+        ]
