@@ -46,6 +46,7 @@ def create_app() -> FastAPI:
         description="Human-preference alignment loop for text-to-image diffusion models.",
     )
 
+    from app.audit.routes import router as audit_router
     from app.exports.routes import router as exports_router
     from app.generators.routes import router as models_router
     from app.images.routes import router as images_router
@@ -66,6 +67,7 @@ def create_app() -> FastAPI:
         votes_router,
         exports_router,
         ratings_router,
+        audit_router,
         pages_router,
     ):
         app.include_router(router)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
+from app.audit.service import record
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.deps import AdminUser, CurrentUser, get_project_for
@@ -31,6 +32,13 @@ def _create(session: Session, body: JobCreate, project_id: int | None, user: Use
         )
     except service.JobParamsError as exc:
         raise HTTPException(422, exc.errors) from None
+    record(
+        session,
+        actor=user,
+        action="job.launch",
+        target=f"job:{job.id}",
+        details={"kind": job.kind, "project_id": project_id},
+    )
     return JobCreated(id=job.id, status=job.status)
 
 
@@ -69,6 +77,7 @@ def get_job(job_id: int, session: SessionDep, user: CurrentUser) -> dict[str, An
 def cancel_job(job_id: int, session: SessionDep, user: CurrentUser) -> JSONResponse:
     job = job_for(session, user, job_id)
     service.request_cancel(session, job)
+    record(session, actor=user, action="job.cancel", target=f"job:{job.id}")
     return JSONResponse({"id": job.id, "status": job.status}, status_code=202)
 
 
@@ -76,4 +85,5 @@ def cancel_job(job_id: int, session: SessionDep, user: CurrentUser) -> JSONRespo
 def retry_job(job_id: int, session: SessionDep, user: CurrentUser) -> JobCreated:
     job = job_for(session, user, job_id)
     service.retry_job(session, job)
+    record(session, actor=user, action="job.retry", target=f"job:{job.id}")
     return JobCreated(id=job.id, status=job.status)

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException
 
+from app.audit.service import record
 from app.core.db import SessionDep
 from app.core.deps import CurrentUser, LeadUser, get_project_for
 from app.projects import service
@@ -26,7 +27,9 @@ def _public(project: Any) -> ProjectPublic:
 
 @router.post("/projects", status_code=201, response_model=ProjectPublic)
 def create_project(body: ProjectCreate, session: SessionDep, user: LeadUser) -> ProjectPublic:
-    return _public(service.create_project(session, data=body, creator=user))
+    project = service.create_project(session, data=body, creator=user)
+    record(session, actor=user, action="project.create", target=f"project:{project.id}")
+    return _public(project)
 
 
 @router.get("/projects", response_model=list[ProjectPublic])
@@ -58,4 +61,11 @@ def add_annotator(
         annotator, token = service.add_annotator(session, project=project, email=body.email)
     except UserError as exc:
         raise HTTPException(422, str(exc)) from None
+    record(
+        session,
+        actor=user,
+        action="member.add",
+        target=f"project:{project.id}",
+        details={"user_id": annotator.id, "role": "annotator"},
+    )
     return {"user_id": annotator.id, "token": token}

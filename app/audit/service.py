@@ -1,0 +1,56 @@
+"""Recording and reading the audit log of lead and admin actions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.audit.models import AuditEvent
+from app.users.models import User
+
+# Never stored in an audit entry, whatever a caller passes.
+_SECRET_KEYS = {"password", "token", "secret", "password_hash", "csrf_token"}
+
+
+def record(
+    session: Session,
+    *,
+    actor: User | None,
+    action: str,
+    target: str = "",
+    details: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Add an audit entry in the caller's transaction (so it exists iff the action happened)."""
+    clean = {k: v for k, v in (details or {}).items() if k.lower() not in _SECRET_KEYS}
+    event = AuditEvent(
+        actor_id=actor.id if actor else None, action=action, target=target, details=clean
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def recent(
+    session: Session, *, limit: int = 200, action: str | None = None
+) -> list[dict[str, Any]]:
+    stmt = (
+        select(AuditEvent, User.email)
+        .outerjoin(User, User.id == AuditEvent.actor_id)
+        .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
+        .limit(limit)
+    )
+    if action:
+        stmt = stmt.where(AuditEvent.action == action)
+    return [
+        {
+            "id": event.id,
+            "at": event.created_at.isoformat(),
+            "actor": email,
+            "action": event.action,
+            "target": event.target,
+            "details": event.details,
+        }
+        for event, email in session.execute(stmt)
+    ]
