@@ -181,7 +181,8 @@ def test_cli_train_rejects_bad_snapshot(tmp_path: Path) -> None:
 
 
 def test_cli_evaluate(tmp_path: Path) -> None:
-    result = CliRunner().invoke(toy_group, ["evaluate", "toy-v0", "-n", "4", "--steps", "2"])
+    args = ["evaluate", "toy-v0", "-n", "4", "--steps", "2", "--seed", "1", "--threads", "1"]
+    result = CliRunner().invoke(toy_group, args)
     assert result.exit_code == 0, result.output
     assert "4 images" in result.output and "colour" in result.output
     missing = CliRunner().invoke(toy_group, ["evaluate", str(tmp_path)])

@@ -73,12 +73,16 @@ def train_command(
 @click.option("-n", "n", type=int, default=200, show_default=True, help="Prompts to generate.")
 @click.option("--steps", type=int, default=None, help="Sampling steps (default: the toy's).")
 @click.option("--seed", type=int, default=0, show_default=True)
-def evaluate_command(model: str, n: int, steps: int | None, seed: int) -> None:
+@click.option("--threads", type=int, default=1, show_default=True, help="torch CPU threads.")
+def evaluate_command(model: str, n: int, steps: int | None, seed: int, threads: int) -> None:
     """Generate for sampled prompts and report how often each prompted attribute shows."""
+    import torch
+
     from worker.toy import resolve_toy
     from worker.toy.evaluate import DEFAULT_STEPS, evaluate_alignment
     from worker.toy.model import load_pipeline
 
+    torch.set_num_threads(max(1, threads))
     path = resolve_toy(model) or Path(model)
     if not (path / "model_index.json").is_file():
         raise click.BadParameter(f"no toy model at {path}", param_hint="MODEL")
