@@ -1,21 +1,210 @@
-"""A job's live page: status, progress and log, refreshed by htmx polling."""
+"""Jobs in the browser: a project's job list, launch forms generated from each kind's params
+schema, and a job's live page (status, progress, log, metric plots; htmx polling)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from typing import Any
 
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core import plots
+from app.core.config import get_settings
 from app.core.db import SessionDep
-from app.core.deps import PageUser
+from app.core.deps import PageUser, get_project_for
 from app.core.web import is_htmx, render
-from app.jobs.models import TERMINAL
+from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
+from app.generators.models import ModelVersion
+from app.jobs import service
+from app.jobs.kinds import KINDS, JobKind
+from app.jobs.models import TERMINAL, Job
 from app.jobs.routes import job_for
+from app.projects.models import Project
+from app.users.models import User
 
 router = APIRouter(include_in_schema=False)
+
+LIST_LIMIT = 100
+LOG_LINES = 30
+
+
+def project_kinds() -> list[JobKind]:
+    """The job kinds a lead can launch in a project, in registration order."""
+    return [kind for kind in KINDS.values() if kind.needs_project]
+
+
+def _describe(kind: JobKind) -> str:
+    doc = (kind.params.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
+
+
+def _jobs(session: Session, project_id: int) -> list[tuple[Job, str | None]]:
+    rows = session.execute(
+        select(Job, User.email)
+        .outerjoin(User, User.id == Job.created_by_id)
+        .where(Job.project_id == project_id)
+        .order_by(Job.id.desc())
+        .limit(LIST_LIMIT)
+    )
+    return [(job, email) for job, email in rows]
+
+
+@router.get("/projects/{project_id}/jobs", response_class=HTMLResponse)
+def jobs_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=True)
+    jobs = _jobs(session, project.id)
+    ctx = {
+        "project": project,
+        "tab": "jobs",
+        "jobs": jobs,
+        "active": any(job.status not in TERMINAL for job, _ in jobs),
+        "kinds": [(k.name, _describe(k)) for k in project_kinds()],
+        "limit": LIST_LIMIT,
+    }
+    template = "partials/dash_jobs_table.html" if is_htmx(request) else "pages/jobs.html"
+    return render(request, template, ctx)
+
+
+def _kind_or_404(name: str) -> JobKind:
+    kind = KINDS.get(name)
+    if kind is None or not kind.needs_project:
+        raise HTTPException(404, f"no job kind {name!r} can be launched in a project")
+    return kind
+
+
+def _model_choices(session: Session, project_id: int) -> list[tuple[int, str]]:
+    return [
+        (mid, name)
+        for mid, name in session.execute(
+            select(ModelVersion.id, ModelVersion.name)
+            .where(ModelVersion.project_id == project_id)
+            .order_by(ModelVersion.id)
+        )
+    ]
+
+
+def _form_page(
+    request: Request,
+    session: Session,
+    project: Project,
+    kind: JobKind,
+    *,
+    values: dict[str, Any] | None = None,
+    errors: dict[str, str] | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    choices = _model_choices(session, project.id)
+    if values is None:
+        # Sensible starting points: every model for multi-model kinds, the newest for one.
+        values = {}
+        if "model_ids" in kind.params.model_fields:
+            values["model_ids"] = [mid for mid, _ in choices]
+        if "model_id" in kind.params.model_fields and choices:
+            values["model_id"] = choices[-1][0]
+    errors = errors or {}
+    ctx = {
+        "project": project,
+        "tab": "jobs",
+        "kind": kind.name,
+        "description": _describe(kind),
+        "queue": kind.queue,
+        "fields": fields_for(kind.params, values, errors, models=choices),
+        "general_error": errors.get(""),
+        "has_errors": bool(errors),
+    }
+    return render(request, "pages/jobs_new.html", ctx, status_code=status_code)
+
+
+@router.get("/projects/{project_id}/jobs/new", response_class=HTMLResponse)
+def new_job_form(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, kind: str
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=True)
+    return _form_page(request, session, project, _kind_or_404(kind))
+
+
+@router.post("/projects/{project_id}/jobs/new", response_class=HTMLResponse)
+def launch_job(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, form: PostedForm
+) -> Response:
+    """Validate with the kind's schema (and its database checks); 422 shows errors inline."""
+    project = get_project_for(session, user, project_id, lead=True)
+    kind = _kind_or_404(str(form.get("kind", "")))
+    params, problems = parse_form(kind.params, form)
+    if problems:
+        return _form_page(
+            request, session, project, kind, values=params, errors=problems, status_code=422
+        )
+    try:
+        job = service.create_job(
+            session,
+            kind=kind.name,
+            params=params,
+            project_id=project.id,
+            created_by_id=user.id,
+            max_attempts=get_settings().job_max_attempts,
+        )
+    except service.JobParamsError as exc:
+        errors = errors_by_field(
+            [e for e in exc.errors if list(e.get("loc", []))[:1] == ["params"]], skip_head=1
+        )
+        for other in exc.errors:
+            if list(other.get("loc", []))[:1] != ["params"]:
+                errors[""] = str(other.get("msg"))
+        return _form_page(
+            request, session, project, kind, values=params, errors=errors, status_code=422
+        )
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+def _job_context(job: Job, *, error: str | None = None) -> dict[str, Any]:
+    metrics = job.metrics or {}
+    panels = plots.group_metric_series(metrics)
+    return {
+        "job": job,
+        "finished": job.status in TERMINAL,
+        "can_cancel": job.status not in TERMINAL,
+        "can_retry": job.status in ("failed", "cancelled"),
+        "log_lines": list(job.log or [])[-LOG_LINES:],
+        "metrics_svg": plots.small_multiples(panels, columns=2) if panels else None,
+        "action_error": error,
+    }
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: int, request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
     job = job_for(session, user, job_id)
+    project = session.get(Project, job.project_id) if job.project_id is not None else None
     template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
-    return render(request, template, {"job": job, "finished": job.status in TERMINAL})
+    return render(request, template, {"project": project, **_job_context(job)})
+
+
+def _after_action(request: Request, session: Session, job: Job, exc: HTTPException) -> Response:
+    project = session.get(Project, job.project_id) if job.project_id is not None else None
+    ctx = {"project": project, **_job_context(job, error=str(exc.detail))}
+    template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
+    return render(request, template, ctx, status_code=exc.status_code)
+
+
+@router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
+def cancel_job(job_id: int, request: Request, session: SessionDep, user: PageUser) -> Response:
+    job = job_for(session, user, job_id)
+    try:
+        service.request_cancel(session, job)
+    except HTTPException as exc:
+        return _after_action(request, session, job, exc)
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/retry", response_class=HTMLResponse)
+def retry_job(job_id: int, request: Request, session: SessionDep, user: PageUser) -> Response:
+    job = job_for(session, user, job_id)
+    try:
+        service.retry_job(session, job)
+    except HTTPException as exc:
+        return _after_action(request, session, job, exc)
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)

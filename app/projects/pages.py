@@ -1,18 +1,421 @@
-"""The home page: the projects a person can work on."""
+"""The home page and a lead's project setup pages: new project, prompts, models, settings,
+annotators (invite links, deactivation). Forms post here and errors come back inline."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import HTMLResponse
+from typing import Any
 
+from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from app.core.config import get_settings
 from app.core.db import SessionDep
-from app.core.deps import PageUser
+from app.core.deps import PageUser, get_project_for, membership_role
 from app.core.web import render
-from app.projects import service
+from app.dashboard import service as dashboard
+from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
+from app.generators import service as generators
+from app.generators.schemas import GenerationParams, ModelCreate
+from app.projects import service, uploads
+from app.projects.models import Membership, Project, Prompt
+from app.projects.schemas import ProjectCreate, ProjectSettings
+from app.users import service as users
+from app.users.invites import invite_path, make_invite_token
+from app.users.models import User
 
 router = APIRouter(include_in_schema=False)
+
+PARAMS_PREFIX = "p_"
+
+
+def _require_lead_role(user: User) -> None:
+    if user.role not in ("admin", "lead"):
+        raise HTTPException(403, "this page needs the lead or admin role")
+
+
+def _errors(exc: ValidationError) -> dict[str, str]:
+    return errors_by_field([dict(e) for e in exc.errors()])
 
 
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
-    return render(request, "pages/home.html", {"projects": service.projects_for(session, user)})
+    items = []
+    for project in service.projects_for(session, user):
+        role = membership_role(session, user, project.id)
+        lead = role in ("admin", "lead") and user.role in ("admin", "lead")
+        items.append({"project": project, "lead": lead, "annotator": role is not None})
+    return render(request, "pages/project_list.html", {"projects": items})
+
+
+# -- new project ------------------------------------------------------------------------------
+
+
+def _new_project_page(
+    request: Request, values: dict[str, Any], errors: dict[str, str], status_code: int = 200
+) -> HTMLResponse:
+    ctx = {
+        "values": values,
+        "errors": errors,
+        "settings_fields": fields_for(ProjectSettings, values.get("settings"), errors),
+    }
+    return render(request, "pages/project_new.html", ctx, status_code=status_code)
+
+
+@router.get("/projects/new", response_class=HTMLResponse)
+def new_project_form(request: Request, user: PageUser) -> HTMLResponse:
+    _require_lead_role(user)
+    return _new_project_page(request, {"name": "", "description": ""}, {})
+
+
+@router.post("/projects/new", response_class=HTMLResponse)
+def create_project(
+    request: Request, session: SessionDep, user: PageUser, form: PostedForm
+) -> Response:
+    _require_lead_role(user)
+    settings_raw, problems = parse_form(ProjectSettings, form)
+    values = {
+        "name": str(form.get("name", "")),
+        "description": str(form.get("description", "")),
+        "settings": settings_raw,
+    }
+    try:
+        data = ProjectCreate.model_validate(values)
+    except ValidationError as exc:
+        errors = {}
+        for error in exc.errors():
+            loc = [str(p) for p in error["loc"]]
+            key = loc[1] if loc[0] == "settings" and len(loc) > 1 else loc[0]
+            errors[key] = str(error["msg"]).removeprefix("Value error, ")
+        return _new_project_page(request, values, {**errors, **problems}, 422)
+    if problems:
+        return _new_project_page(request, values, problems, 422)
+    project = service.create_project(session, data=data, creator=user)
+    return RedirectResponse(f"/projects/{project.id}/prompts", status_code=303)
+
+
+# -- prompts ----------------------------------------------------------------------------------
+
+
+def _prompts_page(
+    request: Request,
+    session: Session,
+    project: Project,
+    *,
+    upload_errors: list[str] | None = None,
+    created: int | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    counts = dict(
+        session.execute(
+            select(Prompt.split, func.count())
+            .where(Prompt.project_id == project.id)
+            .group_by(Prompt.split)
+        ).all()
+    )
+    recent = list(
+        session.scalars(
+            select(Prompt)
+            .where(Prompt.project_id == project.id)
+            .order_by(Prompt.id.desc())
+            .limit(20)
+        )
+    )
+    ctx = {
+        "project": project,
+        "tab": "prompts",
+        "counts": {s: int(counts.get(s, 0)) for s in ("train", "val", "test")},
+        "recent": recent,
+        "upload_errors": upload_errors,
+        "created": created,
+        "max_bytes": get_settings().max_upload_bytes,
+    }
+    return render(request, "pages/project_prompts.html", ctx, status_code=status_code)
+
+
+@router.get("/projects/{project_id}/prompts", response_class=HTMLResponse)
+def prompts_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, created: int = 0
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=True)
+    return _prompts_page(request, session, project, created=created or None)
+
+
+@router.post("/projects/{project_id}/prompts", response_class=HTMLResponse)
+def upload_prompts(
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    file: UploadFile = File(),
+    format: str = Form(default=""),
+) -> Response:
+    """The same all-or-nothing import as the JSON upload endpoint, with errors shown inline."""
+    project = get_project_for(session, user, project_id, lead=True)
+    limit = get_settings().max_upload_bytes
+    data = file.file.read(limit + 1)
+    if len(data) > limit:
+        errors = [f"the file is over the upload limit of {limit} bytes"]
+        return _prompts_page(request, session, project, upload_errors=errors, status_code=413)
+    try:
+        created = uploads.import_prompt_file(
+            session,
+            project=project,
+            data=data,
+            filename=file.filename,
+            content_type=file.content_type,
+            file_format=format or None,
+        )
+    except uploads.PromptFileError as exc:
+        return _prompts_page(request, session, project, upload_errors=exc.errors, status_code=422)
+    return RedirectResponse(f"/projects/{project.id}/prompts?created={created}", status_code=303)
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+def _models_page(
+    request: Request,
+    session: Session,
+    project: Project,
+    *,
+    values: dict[str, Any] | None = None,
+    errors: dict[str, str] | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    values = values or {}
+    errors = errors or {}
+    models = generators.list_models(session, project.id)
+    choices = [(m.id, m.name) for m in models]
+    ctx = {
+        "project": project,
+        "tab": "models",
+        "models": models,
+        "values": {"name": "", "base": "toy", "adapter": "", "parent_id": "", **values},
+        "errors": errors,
+        "choices": choices,
+        "params_fields": fields_for(
+            GenerationParams,
+            values.get("params"),
+            {k.removeprefix(PARAMS_PREFIX): v for k, v in errors.items()},
+            prefix=PARAMS_PREFIX,
+        ),
+    }
+    return render(request, "pages/project_models.html", ctx, status_code=status_code)
+
+
+@router.get("/projects/{project_id}/models", response_class=HTMLResponse)
+def models_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=True)
+    return _models_page(request, session, project)
+
+
+@router.post("/projects/{project_id}/models", response_class=HTMLResponse)
+def register_model(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, form: PostedForm
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    params, problems = parse_form(GenerationParams, form, prefix=PARAMS_PREFIX)
+    values: dict[str, Any] = {
+        key: str(form.get(key, "")).strip() for key in ("name", "base", "adapter", "parent_id")
+    }
+    body: dict[str, Any] = {"name": values["name"], "base": values["base"], "params": params}
+    if values["adapter"]:
+        body["adapter"] = values["adapter"]
+    if values["parent_id"]:
+        body["parent_id"] = values["parent_id"]
+    values["params"] = params
+    errors = {PARAMS_PREFIX + k: v for k, v in problems.items()}
+    try:
+        data = ModelCreate.model_validate(body)
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc = [str(p) for p in error["loc"]]
+            key = PARAMS_PREFIX + loc[1] if loc[0] == "params" and len(loc) > 1 else loc[0]
+            errors[key] = str(error["msg"]).removeprefix("Value error, ")
+        return _models_page(
+            request, session, project, values=values, errors=errors, status_code=422
+        )
+    if errors:
+        return _models_page(
+            request, session, project, values=values, errors=errors, status_code=422
+        )
+    try:
+        model = generators.register_model(session, project=project, data=data)
+    except HTTPException as exc:
+        errors = {"": str(exc.detail)}
+        return _models_page(
+            request, session, project, values=values, errors=errors, status_code=exc.status_code
+        )
+    return RedirectResponse(f"/projects/{project.id}/models?added={model.id}", status_code=303)
+
+
+# -- settings ---------------------------------------------------------------------------------
+
+
+def _settings_page(
+    request: Request,
+    project: Project,
+    values: dict[str, Any] | None,
+    errors: dict[str, str],
+    *,
+    saved: bool = False,
+    status_code: int = 200,
+) -> HTMLResponse:
+    current = values if values is not None else service.project_settings(project).model_dump()
+    ctx = {
+        "project": project,
+        "tab": "settings",
+        "fields": fields_for(ProjectSettings, current, errors),
+        "errors": errors,
+        "saved": saved,
+    }
+    return render(request, "pages/project_settings.html", ctx, status_code=status_code)
+
+
+@router.get("/projects/{project_id}/settings", response_class=HTMLResponse)
+def settings_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, saved: int = 0
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=True)
+    return _settings_page(request, project, None, {}, saved=bool(saved))
+
+
+@router.post("/projects/{project_id}/settings", response_class=HTMLResponse)
+def save_settings(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, form: PostedForm
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    raw, problems = parse_form(ProjectSettings, form)
+    try:
+        clean = ProjectSettings.model_validate(raw)
+    except ValidationError as exc:
+        return _settings_page(request, project, raw, {**_errors(exc), **problems}, status_code=422)
+    if problems:
+        return _settings_page(request, project, raw, problems, status_code=422)
+    project.settings = clean.model_dump()
+    session.flush()
+    return RedirectResponse(f"/projects/{project.id}/settings?saved=1", status_code=303)
+
+
+# -- annotators -------------------------------------------------------------------------------
+
+
+def _annotator_member(session: Session, project: Project, user_id: int) -> User:
+    membership = session.get(Membership, (project.id, user_id))
+    user = session.get(User, user_id)
+    if membership is None or membership.role != "annotator" or user is None:
+        raise HTTPException(404, "no such annotator in this project")
+    return user
+
+
+def _annotators_page(
+    request: Request,
+    session: Session,
+    project: Project,
+    *,
+    invite: dict[str, str] | None = None,
+    error: str | None = None,
+    email: str = "",
+    status_code: int = 200,
+) -> HTMLResponse:
+    rows = [r for r in dashboard.votes_per_annotator(session, project.id) if r.member]
+    has_password = dict(
+        session.execute(
+            select(User.id, User.password_hash.is_not(None)).where(
+                User.id.in_([r.user_id for r in rows])
+            )
+        ).all()
+    )
+    roles = dict(
+        session.execute(
+            select(User.id, User.role).where(User.id.in_([r.user_id for r in rows]))
+        ).all()
+    )
+    ctx = {
+        "project": project,
+        "tab": "annotators",
+        "rows": rows,
+        "has_password": has_password,
+        "roles": roles,
+        "invite": invite,
+        "error": error,
+        "email": email,
+    }
+    return render(request, "pages/project_annotators.html", ctx, status_code=status_code)
+
+
+@router.get("/projects/{project_id}/annotators", response_class=HTMLResponse)
+def annotators_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=True)
+    return _annotators_page(request, session, project)
+
+
+def _invite_for(request: Request, user: User) -> dict[str, str]:
+    path = invite_path(make_invite_token(user))
+    return {"email": user.email, "url": str(request.base_url).rstrip("/") + path}
+
+
+@router.post("/projects/{project_id}/annotators", response_class=HTMLResponse)
+def invite_annotator(
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    email: str = Form(max_length=320),
+) -> HTMLResponse:
+    """Add an annotator (a new account, or an existing one) and show their invite link."""
+    project = get_project_for(session, user, project_id, lead=True)
+    try:
+        address = users.normalise_email(email)
+    except users.UserError as exc:
+        return _annotators_page(
+            request, session, project, error=str(exc), email=email, status_code=422
+        )
+    invitee = users.get_by_email(session, address)
+    if invitee is None:
+        invitee = users.create_user(session, email=address, role="annotator")
+    service.add_member(session, project=project, user=invitee, role="annotator")
+    invite = None
+    if invitee.password_hash is None and invitee.role == "annotator":
+        invite = _invite_for(request, invitee)
+    return _annotators_page(request, session, project, invite=invite)
+
+
+@router.post("/projects/{project_id}/annotators/{user_id}/invite", response_class=HTMLResponse)
+def new_invite_link(
+    project_id: int, user_id: int, request: Request, session: SessionDep, user: PageUser
+) -> HTMLResponse:
+    project = get_project_for(session, user, project_id, lead=True)
+    invitee = _annotator_member(session, project, user_id)
+    # A link for an account that has a password would let a lead take it over.
+    if invitee.password_hash is not None or invitee.role != "annotator":
+        raise HTTPException(409, "this annotator has already set a password")
+    if not invitee.is_active:
+        raise HTTPException(409, "this annotator is deactivated; reactivate them first")
+    return _annotators_page(request, session, project, invite=_invite_for(request, invitee))
+
+
+@router.post("/projects/{project_id}/annotators/{user_id}/active", response_class=HTMLResponse)
+def set_active(
+    project_id: int,
+    user_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    active: bool = Form(),
+) -> Response:
+    """Deactivate (or reactivate) an annotator account: no login, no working token."""
+    project = get_project_for(session, user, project_id, lead=True)
+    target = _annotator_member(session, project, user_id)
+    if target.role != "annotator":
+        raise HTTPException(403, "only annotator accounts can be deactivated here")
+    target.is_active = active
+    session.flush()
+    return RedirectResponse(f"/projects/{project.id}/annotators", status_code=303)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.db import utcnow
@@ -309,3 +310,246 @@ def test_dashboard_refuses_annotators_and_other_leads(
         response = client.get(path, headers=bearer(token))
         assert response.status_code == 403
         assert "base-model" not in response.text and "/api/v1/images/" not in response.text
+
+
+# -- forms generated from schemas ------------------------------------------------------------
+
+
+def test_forms_follow_the_schema() -> None:
+    from starlette.datastructures import FormData
+
+    from app.dashboard.forms import errors_by_field, fields_for, parse_form
+    from app.jobs.kinds import GenerateParams
+    from app.projects.schemas import ProjectSettings
+
+    fields = {f.key: f for f in fields_for(GenerateParams, models=[(4, "a"), (7, "b")])}
+    assert fields["model_ids"].kind == "models" and fields["model_ids"].required
+    assert fields["model_ids"].options == [("4", "a (#4)"), ("7", "b (#7)")]
+    assert fields["split"].kind == "select" and fields["split"].value == "train"
+    assert ("all", "all") in fields["split"].options
+    assert (fields["images_per_prompt"].min, fields["images_per_prompt"].max) == (1, 64)
+    assert fields["images_per_prompt"].value == "2" and fields["images_per_prompt"].step == "1"
+    assert fields["seeds"].kind == "list" and fields["seeds"].value == ""
+    assert fields["make_pairs"].kind == "checkbox" and fields["make_pairs"].value is True
+    assert fields["batch_size"].kind == "number" and not fields["batch_size"].required
+    settings = {f.key: f for f in fields_for(ProjectSettings, {"gold_rate": 0.25})}
+    assert settings["gold_rate"].value == "0.25" and settings["gold_rate"].step == "any"
+    assert settings["votes_per_pair"].help == "overlap k"
+
+    form = FormData(
+        [
+            ("model_ids", "4"),
+            ("model_ids", "7"),
+            ("images_per_prompt", " 3 "),
+            ("seeds", "1, 2 3"),
+            ("batch_size", ""),
+            ("split", "val"),
+        ]  # fmt: skip
+    )
+    raw, problems = parse_form(GenerateParams, form)
+    assert problems == {}
+    assert raw == {
+        "model_ids": ["4", "7"],
+        "images_per_prompt": "3",
+        "split": "val",
+        "seeds": ["1", "2", "3"],
+        "make_pairs": False,  # an unchecked box
+    }
+    clean = GenerateParams.model_validate(raw)
+    assert clean.model_ids == [4, 7] and clean.seeds == [1, 2, 3] and clean.batch_size is None
+    errors = errors_by_field(
+        [
+            {"loc": ["params", "seeds"], "msg": "needs exactly images_per_prompt seeds"},
+            {"loc": ["params", "seeds", 0], "msg": "too big"},
+            {"loc": ["kind"], "msg": "unknown"},
+        ],
+        skip_head=1,
+    )
+    assert errors == {"seeds": "needs exactly images_per_prompt seeds; 0: too big", "": "unknown"}
+
+
+# -- project setup pages ---------------------------------------------------------------------
+
+LEAD_PASSWORD = "lead-password-1"
+
+
+def _lead_client(client: Any, make_user: Any) -> tuple[Any, User, str]:
+    lead, _ = make_user("lead", password=LEAD_PASSWORD)
+    csrf = login(client, lead.email, LEAD_PASSWORD)
+    return client, lead, csrf
+
+
+def test_lead_creates_a_project_with_settings_and_sees_name_errors(
+    client: Any, db: Session, make_user: Any
+) -> None:
+    client, lead, csrf = _lead_client(client, make_user)
+    page = client.get("/")
+    assert 'href="/projects/new"' in page.text
+    form = client.get("/projects/new")
+    assert form.status_code == 200 and 'name="votes_per_pair"' in form.text
+    bad = client.post("/projects/new", data={"csrf_token": csrf, "name": "   "})
+    assert bad.status_code == 422 and "must not be blank" in bad.text
+    no_csrf = client.post("/projects/new", data={"name": "x"})
+    assert no_csrf.status_code == 403
+    made = client.post(
+        "/projects/new",
+        data={"csrf_token": csrf, "name": "Cats", "votes_per_pair": "5", "tie_policy": "soft"},
+        follow_redirects=False,
+    )
+    assert made.status_code == 303
+    project_id = int(made.headers["location"].split("/")[2])
+    project = db.get(Project, project_id)
+    assert project is not None and project.name == "Cats"
+    assert project.settings["votes_per_pair"] == 5 and project.settings["tie_policy"] == "soft"
+    assert f'href="/projects/{project_id}"' in client.get("/").text
+
+
+def test_prompt_upload_page_imports_or_lists_errors_with_line_numbers(
+    client: Any, db: Session, make_user: Any
+) -> None:
+    client, lead, csrf = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    db.commit()
+    url = f"/projects/{project.id}/prompts"
+    bad = client.post(
+        url,
+        data={"csrf_token": csrf},
+        files={"file": ("p.jsonl", b'{"text": "ok"}\n{"text": ""}\n{"txt": "x"}\n')},
+    )
+    assert bad.status_code == 422
+    assert "Nothing was imported" in bad.text
+    assert "line 2: text must not be blank" in bad.text and "line 3:" in bad.text
+    assert (
+        db.scalar(select(func.count()).select_from(Prompt).where(Prompt.project_id == project.id))
+        == 0
+    )
+    good = client.post(
+        url,
+        data={"csrf_token": csrf, "format": "csv"},
+        files={"file": ("p.csv", b"text,split\na cat,train\na dog,test\n")},
+        follow_redirects=False,
+    )
+    assert good.status_code == 303 and good.headers["location"].endswith("created=2")
+    shown = client.get(good.headers["location"])
+    assert "Added 2 prompts" in shown.text and "train 1 · val 0 · test 1" in shown.text
+
+
+def test_model_registration_page(client: Any, db: Session, make_user: Any) -> None:
+    client, lead, csrf = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    db.commit()
+    url = f"/projects/{project.id}/models"
+    page = client.get(url)
+    assert 'name="p_scheduler"' in page.text and 'name="p_guidance_scale"' in page.text
+    fields = {"csrf_token": csrf, "name": "base", "base": "toy", "p_scheduler": "euler",
+              "p_steps": "8", "p_guidance_scale": "3.5", "p_height": "", "p_width": ""}  # fmt: skip
+    bad = client.post(url, data={**fields, "p_steps": "0", "p_height": "30"})
+    assert bad.status_code == 422
+    assert "greater than or equal to 1" in bad.text and "multiple of 8" in bad.text
+    ok = client.post(url, data=fields, follow_redirects=False)
+    assert ok.status_code == 303
+    (model,) = db.scalars(select(ModelVersion).where(ModelVersion.project_id == project.id))
+    assert model.params["scheduler"] == "euler" and model.params["steps"] == 8
+    assert model.params["guidance_scale"] == 3.5 and model.params["height"] is None
+    twice = client.post(url, data=fields)
+    assert twice.status_code == 409 and "already exists" in twice.text
+    child = client.post(url, data={**fields, "name": "child", "parent_id": str(model.id)},
+                        follow_redirects=False)  # fmt: skip
+    assert child.status_code == 303
+    assert db.scalar(select(ModelVersion.parent_id).where(ModelVersion.name == "child")) == model.id
+
+
+def test_settings_page_saves_valid_settings_only(client: Any, db: Session, make_user: Any) -> None:
+    client, lead, csrf = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    db.commit()
+    url = f"/projects/{project.id}/settings"
+    assert 'name="active_sampling"' in client.get(url).text
+    base = {"csrf_token": csrf, "votes_per_pair": "4", "gold_rate": "0.1", "tie_policy": "soft",
+            "active_sampling": "1", "votes_per_second": "2"}  # fmt: skip
+    bad = client.post(url, data={**base, "gold_rate": "2"})
+    assert bad.status_code == 422 and "less than or equal to 1" in bad.text
+    db.refresh(project)
+    assert project.settings.get("gold_rate", 0.0) == 0.0
+    ok = client.post(url, data=base, follow_redirects=False)
+    assert ok.status_code == 303
+    db.refresh(project)
+    assert project.settings["gold_rate"] == 0.1 and project.settings["active_sampling"] is True
+    assert project.settings["votes_per_pair"] == 4 and project.settings["votes_per_second"] == 2
+    assert "Saved." in client.get(ok.headers["location"]).text
+
+
+def test_invite_link_sets_a_password_once_and_deactivation_locks_out(
+    client: Any, db: Session, make_user: Any
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.users.invites import InviteError, make_invite_token, read_invite_token
+    from app.users.service import get_by_email, issue_token
+
+    client, lead, csrf = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    db.commit()
+    url = f"/projects/{project.id}/annotators"
+    email = f"new-{project.id}@example.com"
+    bad = client.post(url, data={"csrf_token": csrf, "email": "nope"})
+    assert bad.status_code == 422 and "not an email" in bad.text
+    shown = client.post(url, data={"csrf_token": csrf, "email": email})
+    assert shown.status_code == 200
+    link = re.search(r'id="invite-link">http://testserver(/invite/[^<]+)<', shown.text)
+    assert link, shown.text
+    invitee = get_by_email(db, email)
+    assert invitee is not None and invitee.role == "annotator" and invitee.password_hash is None
+
+    with TestClient(client.app, base_url="http://testserver") as guest:
+        form = guest.get(link.group(1))
+        assert form.status_code == 200 and email in form.text
+        differ = guest.post(link.group(1), data={"password": "abcdefgh1", "confirm": "x"})
+        assert differ.status_code == 422 and "differ" in differ.text
+        short = guest.post(link.group(1), data={"password": "short", "confirm": "short"})
+        assert short.status_code == 422 and "at least 8" in short.text
+        done = guest.post(
+            link.group(1),
+            data={"password": "annotator-pw-1", "confirm": "annotator-pw-1"},
+            follow_redirects=False,
+        )
+        assert done.status_code == 303
+        assert guest.get("/").status_code == 200  # logged in by the invite
+        assert guest.get(link.group(1)).status_code == 400  # used once
+    db.refresh(invitee)
+    assert invitee.password_hash is not None
+    with pytest.raises(InviteError, match="expired"):
+        token = make_invite_token(invitee, now=utcnow() - dt.timedelta(days=8))
+        read_invite_token(db, token)
+    with pytest.raises(InviteError, match="not valid"):
+        read_invite_token(db, make_invite_token(invitee)[:-2] + "00", secret="another-secret")
+    with pytest.raises(InviteError, match="not valid"):
+        read_invite_token(db, "12.x.y")
+
+    token = issue_token(db, invitee)
+    db.commit()
+    before = client.get(f"/api/v1/projects/{project.id}/pairs/next", headers=bearer(token))
+    assert before.status_code == 204
+    off = client.post(
+        f"{url}/{invitee.id}/active",
+        data={"csrf_token": csrf, "active": "false"},
+        follow_redirects=False,
+    )
+    assert off.status_code == 303
+    db.refresh(invitee)
+    assert not invitee.is_active
+    assert "deactivated" in client.get(url).text
+    api = client.get(f"/api/v1/projects/{project.id}/pairs/next", headers=bearer(token))
+    assert api.status_code == 401
+    with TestClient(client.app, base_url="http://testserver") as guest:
+        refused = guest.post("/login", data={"email": email, "password": "annotator-pw-1"})
+        assert refused.status_code == 400
+    with pytest.raises(InviteError, match="deactivated"):
+        read_invite_token(db, make_invite_token(invitee))
+    # Leads cannot deactivate themselves or other leads through this page.
+    assert (
+        client.post(
+            f"{url}/{lead.id}/active", data={"csrf_token": csrf, "active": "false"}
+        ).status_code
+        == 404
+    )
