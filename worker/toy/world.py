@@ -5,7 +5,7 @@ pixels, so tests and simulated annotators can judge generated images without a l
 
 - colour: hue of the foreground (backgrounds are neutral, so chroma separates foreground);
 - shade: light (mixed with white), plain, dark (mixed with black);
-- shape: fill ratio of the bounding box and vertical asymmetry of the mask;
+- shape: the best-matching shape template of the same area and centroid;
 - size: area fraction (each size class has the same area for every shape);
 - position: centre of the robust bounding box, on a 3 × 3 grid;
 - background: luminance of the border.
