@@ -553,3 +553,110 @@ def test_invite_link_sets_a_password_once_and_deactivation_locks_out(
         ).status_code
         == 404
     )
+
+
+# -- jobs pages -------------------------------------------------------------------------------
+
+
+def test_launch_job_form_validates_with_the_kind_schema(
+    client: Any, db: Session, make_user: Any, sent_jobs: list[tuple[int, str]]
+) -> None:
+    from app.jobs.models import Job
+
+    client, lead, csrf = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    model = ModelVersion(project_id=project.id, name="m1", base="toy", params={})
+    db.add(model)
+    db.commit()
+    jobs_url = f"/projects/{project.id}/jobs"
+    listing = client.get(jobs_url)
+    assert "kind=generate" in listing.text and "kind=fit_ratings" in listing.text
+    assert "kind=selftest" not in listing.text  # not a project job
+    form = client.get(f"{jobs_url}/new", params={"kind": "generate"})
+    # Every model is ticked to start with; defaults come from the schema.
+    assert re.search(rf'name="model_ids" value="{model.id}" checked', form.text)
+    assert 'name="images_per_prompt" value="2"' in form.text
+    assert client.get(f"{jobs_url}/new", params={"kind": "selftest"}).status_code == 404
+    assert client.get(f"{jobs_url}/new", params={"kind": "nope"}).status_code == 404
+
+    post = {"csrf_token": csrf, "kind": "generate", "images_per_prompt": "2", "split": "train",
+            "make_pairs": "1"}  # fmt: skip
+    none = client.post(f"{jobs_url}/new", data=post)
+    assert none.status_code == 422 and "at least 1 item" in none.text
+    seeds = client.post(f"{jobs_url}/new", data={**post, "model_ids": str(model.id),
+                                                  "seeds": "1"})  # fmt: skip
+    assert seeds.status_code == 422
+    assert re.search(
+        r'data-field="seeds".*?needs exactly images_per_prompt seeds', seeds.text, re.S
+    )
+    assert 'value="1"' in seeds.text  # what was typed stays in the form
+    words = client.post(f"{jobs_url}/new", data={**post, "model_ids": str(model.id),
+                                                  "images_per_prompt": "many"})  # fmt: skip
+    assert words.status_code == 422 and "valid integer" in words.text
+    assert not sent_jobs and db.scalar(select(func.count()).select_from(Job)) == 0
+    ok = client.post(
+        f"{jobs_url}/new", data={**post, "model_ids": str(model.id)}, follow_redirects=False
+    )
+    assert ok.status_code == 303
+    job_id = int(ok.headers["location"].rsplit("/", 1)[1])
+    job = db.get(Job, job_id)
+    assert (
+        job is not None and job.params["model_ids"] == [model.id] and job.created_by_id == lead.id
+    )
+    assert sent_jobs == [(job_id, "gpu")]
+    listing = client.get(jobs_url)
+    assert f'data-job="{job_id}"' in listing.text and 'hx-trigger="every 3s"' in listing.text
+
+
+def test_job_page_live_status_metrics_log_cancel_and_retry(
+    client: Any, db: Session, make_user: Any, sent_jobs: list[tuple[int, str]]
+) -> None:
+    from app.jobs.service import create_job
+
+    client, lead, csrf = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    job = create_job(db, kind="fit_ratings", params={}, project_id=project.id,
+                     created_by_id=lead.id, max_attempts=3)  # fmt: skip
+    job.status = "running"
+    job.progress = 0.4
+    job.log = [f"line {i}" for i in range(50)] + ["<b>not bold</b>"]
+    job.metrics = {
+        "loss": [[1, 0.69], [2, 0.6], [3, 0.5]],
+        "implicit_acc": [[1, 0.5], [2, 0.6], [3, 0.7]],
+        "model_err_w": [[1, 0.3], [2, 0.2], [3, 0.1]],
+        "model_err_l": [[1, 0.3], [2, 0.35], [3, 0.4]],
+    }
+    db.commit()
+    page = client.get(f"/jobs/{job.id}")
+    assert page.status_code == 200
+    html = page.text
+    assert 'data-status="running"' in html and "40%" in html
+    assert 'hx-trigger="every 1s"' in html
+    assert "line 49" in html and "line 20" not in html  # the last lines only
+    assert "&lt;b&gt;not bold&lt;/b&gt;" in html
+    figure = re.search(r'<figure class="plot" id="job-metrics">(.*?)</figure>', html, re.S)
+    assert figure
+    root = ET.fromstring(figure.group(1))
+    titles = {t.text for t in root.iter("{http://www.w3.org/2000/svg}title")}
+    assert {"loss", "implicit_acc", "model_err (winner / loser)"} <= titles
+    assert f'action="/jobs/{job.id}/cancel"' in html and f"/jobs/{job.id}/retry" not in html
+    partial = client.get(f"/jobs/{job.id}", headers={"HX-Request": "true"})
+    assert partial.text.lstrip().startswith('<section id="job-status"')
+
+    cancel = client.post(f"/jobs/{job.id}/cancel", data={"csrf_token": csrf},
+                         follow_redirects=False)  # fmt: skip
+    assert cancel.status_code == 303
+    db.refresh(job)
+    assert job.cancel_requested
+    job.status = "cancelled"
+    db.commit()
+    done = client.get(f"/jobs/{job.id}").text
+    assert "hx-trigger" not in done.split('id="job-status"')[1].split(">")[0]
+    assert f'action="/jobs/{job.id}/retry"' in done
+    again = client.post(f"/jobs/{job.id}/cancel", data={"csrf_token": csrf})
+    assert again.status_code == 409 and "already cancelled" in again.text
+    retry = client.post(f"/jobs/{job.id}/retry", data={"csrf_token": csrf},
+                        follow_redirects=False)  # fmt: skip
+    assert retry.status_code == 303
+    db.refresh(job)
+    assert job.status == "queued" and (job.id, "cpu") in sent_jobs
