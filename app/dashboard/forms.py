@@ -141,8 +141,9 @@ def fields_for(
         _, optional = _unwrap_optional(info.annotation)
         if kind in ("models", "model"):
             options = [(str(i), f"{name} (#{i})") for i, name in models]
-            if kind == "model" and (optional or not info.is_required()):
-                options = [("", "—"), *options]
+        if kind in ("select", "model") and optional:
+            # None usually means "decided elsewhere" (e.g. the project's setting).
+            options = [("", "— default"), *options]
         low, high, step = _bounds(info)
         value = values[key] if key in values else _default(info)
         out.append(

@@ -660,3 +660,36 @@ def test_job_page_live_status_metrics_log_cancel_and_retry(
     assert retry.status_code == 303
     db.refresh(job)
     assert job.status == "queued" and (job.id, "cpu") in sent_jobs
+
+
+def test_every_project_job_kind_has_a_form_whose_defaults_validate() -> None:
+    """What a browser posts from an untouched form is the schema's defaults, for every kind."""
+    from starlette.datastructures import FormData
+
+    from app.dashboard.forms import fields_for, parse_form
+    from app.jobs.pages import project_kinds
+
+    kinds = project_kinds()
+    assert {"generate", "fit_ratings"} <= {k.name for k in kinds}
+    for kind in kinds:
+        fields = fields_for(kind.params, models=[(3, "m"), (4, "n")])
+        posted: list[tuple[str, str]] = []
+        for f in fields:
+            if f.kind == "checkbox":
+                posted += [(f.name, "1")] if f.value else []
+            elif f.kind == "models":
+                posted += [(f.name, "3"), (f.name, "4")] if f.required else []
+            elif f.kind in ("select", "model"):
+                chosen = f.value if any(v == f.value for v, _ in f.options) else f.options[0][0]
+                posted.append((f.name, chosen))
+            else:
+                posted.append((f.name, f.value))
+        raw, problems = parse_form(kind.params, FormData(posted))
+        assert problems == {}, kind.name
+        clean = kind.params.model_validate(raw)
+        defaults = {
+            key: info.get_default(call_default_factory=True)
+            for key, info in kind.params.model_fields.items()
+            if not info.is_required()
+        }
+        assert {k: getattr(clean, k) for k in defaults} == defaults, kind.name
