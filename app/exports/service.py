@@ -192,17 +192,27 @@ _ROW_COLUMNS = [
 def iter_vote_rows(
     session: Session, project_id: int, fmt: str, *, batch_size: int = DEFAULT_BATCH
 ) -> Iterator[list[Row[Any]]]:
-    """Batches of joined vote rows in vote-id order (keyset pagination: no long cursor)."""
-    stmt = _vote_select(project_id, SCOPES[fmt], _ROW_COLUMNS).order_by(Vote.id).limit(batch_size)
-    last_id = 0
-    while True:
-        rows = session.execute(stmt.where(Vote.id > last_id)).all()
-        if not rows:
-            return
-        yield rows
-        last_id = rows[-1].vote_id
-        if len(rows) < batch_size:
-            return
+    """Batches of joined vote rows in vote-id order, batch_size votes at a time.
+
+    The vote ids stream from one query on the votes table alone (a server-side cursor on
+    Postgres); each batch of ids is then joined in its own statement. Paging the join itself
+    with ORDER BY/LIMIT let the planner, with statistics lagging a bulk load, join every
+    remaining vote before cutting each page: quadratic in the number of votes.
+    """
+    scope = SCOPES[fmt]
+    ids = select(Vote.id).where(Vote.project_id == project_id)
+    if scope.choices is not None:
+        ids = ids.where(Vote.choice.in_(scope.choices))
+    ids = ids.order_by(Vote.id).execution_options(yield_per=batch_size)
+    joined = _vote_select(project_id, scope, _ROW_COLUMNS).order_by(Vote.id)
+    id_result = session.scalars(ids)
+    try:
+        for id_batch in id_result.partitions():
+            rows = session.execute(joined.where(Vote.id.in_(id_batch))).all()
+            if rows:
+                yield list(rows)
+    finally:
+        id_result.close()
 
 
 def count_export_rows(session: Session, project_id: int, fmt: str) -> int:

@@ -375,7 +375,7 @@ def test_csv_escapes_formula_cells_everywhere(db) -> None:  # type: ignore[no-un
 
 
 def _bulk_project(session: Session, n_votes: int) -> int:
-    """A project with n_votes votes on distinct pairs, inserted in bulk (one shared PNG)."""
+    """A project with n_votes votes on distinct pairs, inserted in bulk (one shared image)."""
     project = Project(name="bulk", settings={})
     session.add(project)
     session.flush()
@@ -386,7 +386,8 @@ def _bulk_project(session: Session, n_votes: int) -> int:
     annotator = users.create_user(
         session, email=f"bulk-{uuid.uuid4().hex[:6]}@example.com", role="annotator"
     )
-    digest, key = get_media_store().put(tiny_png(7), ext="png")
+    # 64 px of noise: ~12 KB per image, so holding every row would show in the peak.
+    digest, key = get_media_store().put(tiny_png(7, size=64), ext="png")
     n_images = 2
     while n_images * (n_images - 1) // 2 < n_votes:
         n_images += 1
@@ -457,9 +458,9 @@ def test_export_yields_before_reading_every_vote(db) -> None:  # type: ignore[no
         stream = export_jsonl(db, project_id, batch_size=20)
         first = next(stream)
         assert len(first.splitlines()) == 20
-        assert len(statements) == 1  # one batch read, 9 more to go
+        assert len(statements) == 2  # the streamed id query and one batch of rows
         rest = list(stream)
-        assert len(statements) == 11  # 10 batches + the empty page that ends the loop
+        assert len(statements) == 11  # the id query and 10 batches of rows
         assert sum(len(chunk.splitlines()) for chunk in [first, *rest]) == 200
     finally:
         event.remove(connection, "before_cursor_execute", record)
@@ -482,8 +483,9 @@ def test_pickapic_export_memory_does_not_grow_with_votes(db) -> None:  # type: i
     peak_small, size_small = _peak_export_bytes(db, small)
     peak_large, size_large = _peak_export_bytes(db, large)
     assert size_large > 5 * size_small
-    # A list of every row would make the peak grow ~7x; batches keep it flat.
-    assert peak_large < 2 * peak_small, (peak_small, peak_large)
+    # Holding every row would take > 70 MB for the large project; batches keep the peak flat
+    # (the slack absorbs interpreter-wide tables that happen to resize during a run).
+    assert peak_large < 2 * peak_small + 8 * 2**20, (peak_small, peak_large)
 
 
 # --------------------------------------------------------------------------------------------
