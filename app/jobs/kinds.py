@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -109,3 +110,172 @@ def register_kind(kind: JobKind) -> JobKind:
 register_kind(JobKind("selftest", SelftestParams, queue="cpu", needs_project=False))
 register_kind(JobKind("generate", GenerateParams, queue="gpu", check=check_generate))
 register_kind(JobKind("fit_ratings", FitRatingsParams, queue="cpu"))
+
+
+class TrainRewardParams(JobParams):
+    """A reward model r(prompt, image) from a snapshot of the project's votes."""
+
+    # "toyconv" (small convnet, for the toy world), "clip" (openai/clip-vit-large-patch14) or a
+    # CLIP hub id / local directory.
+    backbone: str = Field(default="toyconv", min_length=1, max_length=500)
+    steps: int = Field(default=1500, ge=1, le=200_000)
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    # None: 1e-3 for toyconv, 1e-6 (PickScore) for CLIP.
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    val_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of prompts held out")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    # soft: a tie is a (0.5, 0.5) target, as PickScore trains; drop: ties are left out.
+    tie_policy: Literal["drop", "soft"] = "soft"
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone(cls, value: str) -> str:
+        value = value.strip()
+        if value in ("toyconv", "clip") or value.startswith(("/", "./")):
+            return value
+        if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value):
+            raise ValueError("must be 'toyconv', 'clip', a CLIP hub id (org/name) or a path")
+        return value
+
+
+class ScoreImagesParams(JobParams):
+    """Reward scores of model versions' images (per image, and each model's mean)."""
+
+    reward_model_id: int | None = Field(default=None, description="default: the latest version")
+    model_ids: list[int] | None = Field(default=None, min_length=1, max_length=50)
+    split: Literal["train", "val", "test", "all"] = "all"
+    batch_size: int = Field(default=64, ge=1, le=1024)
+
+
+def check_train_reward(
+    session: Session, project_id: int | None, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from app.ratings.snapshots import usable_vote_counts
+
+    decisive, prompts = usable_vote_counts(session, project_id)  # type: ignore[arg-type]
+    if decisive == 0 or prompts < 2:
+        return [
+            {
+                "loc": ["params"],
+                "msg": "no usable votes: training needs left/right votes on non-gold pairs of "
+                f"at least two prompts (found {decisive} over {prompts} prompts)",
+            }
+        ]
+    return []
+
+
+def check_score_images(
+    session: Session, project_id: int | None, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from app.pairs.active import latest_reward_model
+    from app.ratings.models import RewardModel
+
+    errors = check_model_ids(session, project_id, params)
+    wanted = params.get("reward_model_id")
+    if wanted is None:
+        if latest_reward_model(session, project_id) is None:  # type: ignore[arg-type]
+            errors.append({"loc": ["params"], "msg": "the project has no reward model yet"})
+    else:
+        row = session.get(RewardModel, wanted)
+        if row is None or row.project_id != project_id:
+            errors.append(
+                {"loc": ["params", "reward_model_id"], "msg": "not a reward model of this project"}
+            )
+    return errors
+
+
+register_kind(JobKind("train_reward", TrainRewardParams, queue="gpu", check=check_train_reward))
+register_kind(JobKind("score_images", ScoreImagesParams, queue="gpu", check=check_score_images))
+
+
+class TrainDPOParams(JobParams):
+    """Diffusion-DPO on the project's votes, producing a child of `model_id`."""
+
+    model_id: int
+    # Paper convention, softplus((β/2)(Δθ − Δref)). 5000 is the paper's SD 1.5 value; the toy
+    # model's errors are larger per pixel, so its useful β is smaller (see benchmarks).
+    beta: float = Field(default=5000.0, gt=0)
+    beta_convention: Literal["paper", "diffusers"] = "paper"
+    loss: Literal["sigmoid", "hinge", "ipo", "sft"] = "sigmoid"
+    steps: int = Field(default=200, ge=1, le=100_000)
+    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
+    lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    grad_accum: int = Field(default=1, ge=1, le=1024)
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float = Field(default=1.0, ge=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    empty_prompt_prob: float = Field(default=0.0, ge=0, le=1)
+    tie_policy: Literal["drop", "soft"] | None = None  # default: the project's setting
+    checkpoint_every: int = Field(default=50, ge=1)
+    # A soft time limit: checkpoint and re-queue after this long; the next attempt resumes.
+    time_limit_minutes: float | None = Field(default=None, gt=0)
+    seed: int = 0
+    name: str | None = Field(default=None, max_length=200)
+    # After success: evaluate child vs parent and enter the child into the arena.
+    closed_loop: bool = True
+    arena_images_per_prompt: int = Field(default=2, ge=1, le=16)
+
+
+class EvaluateParams(JobParams):
+    """Parent vs child on held-out prompts with the same seeds, judged by a reward model."""
+
+    model_ids: list[int] = Field(min_length=2, max_length=2, description="[parent, child]")
+    split: Literal["train", "val", "test", "all"] = "test"
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, max_length=64)
+    reward_model_id: int | None = None
+
+
+def check_train_dpo(
+    session: Session, project_id: int | None, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from app.generators.models import ModelVersion
+    from app.ratings.snapshots import usable_vote_counts
+
+    errors = check_model_ids(session, project_id, params)
+    if errors:
+        return errors
+    model = session.get(ModelVersion, params["model_id"])
+    if model is not None and model.adapter and params["lora_rank"] > 0:
+        errors.append(
+            {
+                "loc": ["params", "lora_rank"],
+                "msg": f"model {model.id} already has an adapter; train it with lora_rank 0 "
+                "(full fine-tuning) to build on it",
+            }
+        )
+    decisive, _ = usable_vote_counts(session, project_id)  # type: ignore[arg-type]
+    if decisive == 0:
+        errors.append({"loc": ["params"], "msg": "the project has no votes to train on yet"})
+    return errors
+
+
+def check_evaluate(
+    session: Session, project_id: int | None, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from app.ratings.models import RewardModel
+
+    errors = check_model_ids(session, project_id, params)
+    rm_id = params.get("reward_model_id")
+    if rm_id is not None:
+        row = session.get(RewardModel, rm_id)
+        if row is None or row.project_id != project_id:
+            errors.append(
+                {"loc": ["params", "reward_model_id"], "msg": "not a reward model of this project"}
+            )
+    elif (
+        session.scalar(select(RewardModel.id).where(RewardModel.project_id == project_id).limit(1))
+        is None
+    ):
+        errors.append(
+            {
+                "loc": ["params", "reward_model_id"],
+                "msg": "the project has no reward model yet; run train_reward first",
+            }
+        )
+    return errors
+
+
+register_kind(JobKind("train_dpo", TrainDPOParams, queue="gpu", check=check_train_dpo))
+register_kind(JobKind("evaluate", EvaluateParams, queue="gpu", check=check_evaluate))

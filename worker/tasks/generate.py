@@ -83,34 +83,36 @@ def _store(ctx: JobContext, model: ModelVersion, prompt_id: int, seed: int, imag
         return False
 
 
-@handler("generate")
-def generate(ctx: JobContext) -> dict[str, Any]:
+def generate_images(
+    ctx: JobContext,
+    models: list[ModelVersion],
+    prompts: list[tuple[int, str]],
+    seeds: list[int],
+    *,
+    batch_size: int | None = None,
+    progress: tuple[float, float] = (0.0, 1.0),
+) -> tuple[int, int]:
+    """Generate every missing (prompt, model, seed) image; returns (created, skipped).
+
+    Stops quietly between batches when the job is cancelled (the caller raises).
+    """
     from worker.generation import iter_generate
 
-    params = ctx.params
-    seeds = params.get("seeds") or list(range(params["images_per_prompt"]))
-    prompts = _prompts(ctx)
-    if not prompts:
-        raise ValueError(f"no prompts in split {params['split']!r} of project {ctx.project_id}")
     text_of = dict(prompts)
-    with ctx.session() as session:
-        models = [session.get(ModelVersion, mid) for mid in params["model_ids"]]
     plan: list[tuple[ModelVersion, list[tuple[int, int]]]] = []
     skipped = 0
     for model in models:
-        if model is None:
-            raise ValueError("a model version of this job was deleted")
         done = _existing(ctx, model.id, list(text_of))
         todo = [(pid, seed) for pid in text_of for seed in seeds if (pid, seed) not in done]
         skipped += len(text_of) * len(seeds) - len(todo)
         plan.append((model, todo))
     total = sum(len(todo) for _, todo in plan)
-    created = 0
-    finished = 0
+    created = finished = 0
     last_report = 0.0
+    low, high = progress
     ctx.log(f"{total} images to generate, {skipped} already stored")
     for model, todo in plan:
-        if not todo:
+        if not todo or ctx.cancel_requested:
             continue
         ctx.log(f"model {model.name}: {len(todo)} images")
         items = [(text_of[pid], seed) for pid, seed in todo]
@@ -119,7 +121,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
         for _prompt, seed, image in iter_generate(
             spec,
             items,
-            batch_size=batch_size_for(spec, params.get("batch_size")),
+            batch_size=batch_size_for(spec, batch_size),
             should_cancel=lambda: ctx.cancel_requested,
         ):
             prompt_id, expected_seed = next(ids)
@@ -129,13 +131,35 @@ def generate(ctx: JobContext) -> dict[str, Any]:
             # Throttled: a progress write per image would cost more than a small image.
             if time.monotonic() - last_report > 0.5 or finished == total:
                 last_report = time.monotonic()
-                ctx.progress(finished / max(total, 1), f"{finished} of {total} images")
-        ctx.check_cancelled()
+                fraction = low + (high - low) * finished / max(total, 1)
+                ctx.progress(fraction, f"{finished} of {total} images")
+    return created, skipped
+
+
+def load_models(ctx: JobContext, model_ids: list[int]) -> list[ModelVersion]:
+    with ctx.session() as session:
+        models = [session.get(ModelVersion, mid) for mid in model_ids]
+    if any(m is None for m in models):
+        raise ValueError("a model version of this job was deleted")
+    return models  # type: ignore[return-value]
+
+
+@handler("generate")
+def generate(ctx: JobContext) -> dict[str, Any]:
+    params = ctx.params
+    seeds = params.get("seeds") or list(range(params["images_per_prompt"]))
+    prompts = _prompts(ctx)
+    if not prompts:
+        raise ValueError(f"no prompts in split {params['split']!r} of project {ctx.project_id}")
+    models = load_models(ctx, params["model_ids"])
+    created, skipped = generate_images(
+        ctx, models, prompts, seeds, batch_size=params.get("batch_size")
+    )
     if ctx.cancel_requested:
         raise JobCancelled()
     pairs = 0
     if params.get("make_pairs", True):
-        pairs = _make_pairs(ctx, [m.id for m in models if m is not None], list(text_of), seeds)
+        pairs = _make_pairs(ctx, [m.id for m in models], [pid for pid, _ in prompts], seeds)
     ctx.progress(1.0, f"{created} new images, {pairs} new pairs")
     return {"images": created, "skipped": skipped, "pairs": pairs}
 
