@@ -54,6 +54,7 @@ def create_app() -> FastAPI:
     from app.pages import router as pages_router
     from app.pairs.routes import router as pairs_router
     from app.projects.routes import router as projects_router
+    from app.ratings.reward_routes import router as reward_models_router
     from app.ratings.routes import router as ratings_router
     from app.votes.routes import router as votes_router
 
@@ -67,6 +68,7 @@ def create_app() -> FastAPI:
         votes_router,
         exports_router,
         ratings_router,
+        reward_models_router,
         audit_router,
         pages_router,
     ):
@@ -109,6 +111,7 @@ def create_app() -> FastAPI:
         if exc.status_code in (401, 403, 404) and _wants_html(request):
             from app.core.web import render
 
+            request.state.user_session = None  # detached by the rollback: render signed out
             return render(
                 request,
                 "pages/error.html",

@@ -287,7 +287,8 @@ _active_order: CandidateOrder | None = None
 
 
 def set_active_order(order: CandidateOrder | None) -> None:
-    """Install the order used for projects with `active_sampling` on (None restores the default).
+    """Install the order used for projects with `active_sampling` on (None restores the default,
+    `app.pairs.active.active_order`).
 
     The candidates given to it are already capacity-checked; it may reorder or drop them, and
     is expected to honour the project's `random_floor` itself.
@@ -297,8 +298,12 @@ def set_active_order(order: CandidateOrder | None) -> None:
 
 
 def order_for(project: Project) -> CandidateOrder:
-    if project_settings(project).active_sampling and _active_order is not None:
-        return _active_order
+    if project_settings(project).active_sampling:
+        if _active_order is not None:
+            return _active_order
+        from app.pairs.active import active_order  # imports this module: import when needed
+
+        return active_order
     return fewest_votes_first
 
 
