@@ -136,10 +136,12 @@ def line_chart(
     width: int = 560,
     height: int = 240,
     x_format: Callable[[float], str] | None = None,
+    x_ticks: Sequence[float] | None = None,
 ) -> str:
     """Lines of (x, y) points, one per series, with axes, ticks and a legend.
 
-    x_format turns an x tick into its label (e.g. an hour offset into a clock time).
+    x_format turns an x tick into its label (e.g. an hour offset into a clock time); x_ticks
+    replaces the automatic ticks (their ends become the axis ends).
     """
     clean = {name: _clean(points) for name, points in series.items()}
     clean = {name: pts for name, pts in clean.items() if pts}
@@ -147,9 +149,9 @@ def line_chart(
         return _empty(width, height, title, "line-chart", "no data yet")
     xs = [x for pts in clean.values() for x, _ in pts]
     ys = [y for pts in clean.values() for _, y in pts]
-    x_ticks = nice_ticks(min(xs), max(xs), 6)
+    x_ticks = sorted(x_ticks) if x_ticks else nice_ticks(min(xs), max(xs), 6)
     y_ticks = nice_ticks(min(ys), max(ys), 5)
-    left, right, top = 52, 12, 26 if title else 10
+    left, right, top = 52, 24, 26 if title else 10
     legend_rows = 1 if len(clean) > 1 else 0
     bottom = 34 + (14 if x_label else 0) + 16 * legend_rows
     sx = linear_scale((x_ticks[0], x_ticks[-1]), (left, width - right))
@@ -226,13 +228,13 @@ def bar_chart(
     value_label: str = "",
     width: int = 560,
     row_height: int = 26,
-    baseline: float | None = None,
+    baseline: float | None = 0.0,
     show_values: bool = True,
 ) -> str:
     """Horizontal bars, one row per label, with interval whiskers where low/high are given.
 
-    Bars start at baseline: 0 when the value range includes it, else the axis minimum (ratings
-    on an Elo scale are compared by their differences, not by their distance from zero).
+    Bars grow from baseline (None: the axis minimum). Counts start at 0; ratings on an Elo
+    scale are better drawn from their mean, as they mean something only relative to each other.
     """
     usable = [b for b in bars if _finite(b.value)]
     if not usable:
@@ -241,8 +243,6 @@ def bar_chart(
     for b in usable:
         values.extend(v for v in (b.low, b.high) if _finite(v))
     lo, hi = min(values), max(values)
-    if baseline is None and lo >= 0 and hi > 0 and lo <= hi * 0.5:
-        baseline = 0.0
     if baseline is not None:
         lo, hi = min(lo, baseline), max(hi, baseline)
     ticks = nice_ticks(lo, hi, 5)

@@ -20,6 +20,9 @@ from app.projects.models import Project
 
 router = APIRouter(include_in_schema=False)
 
+# Ratings are 400·s/ln 10 + 1000 with centred scores: 1000 is the average model.
+ELO_MEAN = 1000.0
+
 EXPORT_LABELS = {
     "pickapic": "Pick-a-Pic parquet",
     "fastchat": "FastChat battles (JSON)",
@@ -40,6 +43,7 @@ def _overview(session: Session, project: Project, request: Request) -> dict[str,
         {"votes": [(float(i - len(hourly) + 1), n) for i, (_, n) in enumerate(hourly)]},
         title="Votes per hour (last 48 h, UTC)",
         x_format=clock,
+        x_ticks=[float(-h) for h in range(0, len(hourly), 6)],
         height=220,
     )
     annotators = service.votes_per_annotator(session, project.id, now=now)
@@ -61,7 +65,8 @@ def _leaderboard(session: Session, project: Project, request: Request) -> dict[s
     svg = plots.bar_chart(
         [plots.Bar(r["name"], r["rating"], r["ci_low"], r["ci_high"]) for r in rows],
         title="Rating with 95 % interval",
-        value_label="rating (Elo scale)",
+        value_label="rating (Elo scale; bars from the average, 1000)",
+        baseline=ELO_MEAN,
     )
     return {"leaderboard": rows, "leaderboard_svg": svg}
 
@@ -73,9 +78,7 @@ def _quality(session: Session, project: Project, request: Request) -> dict[str, 
 def _lineage(session: Session, project: Project, request: Request) -> dict[str, Any]:
     nodes = service.lineage(session, project.id)
     return {
-        "lineage": [
-            {"node": n, "summary": service.evaluation_summary(n.evaluation)} for n in nodes
-        ]
+        "lineage": [{"node": n, "summary": service.evaluation_summary(n.evaluation)} for n in nodes]
     }
 
 
@@ -148,4 +151,3 @@ def dashboard_section(
         raise HTTPException(404, f"no dashboard section {section!r}")
     ctx = {"project": project, **build(session, project, request)}
     return render(request, f"partials/dash_{section}.html", ctx)
-

@@ -109,14 +109,14 @@ def test_bar_chart_bars_and_interval_whiskers() -> None:
         Bar("worst", 900, 850, 950),
         Bar(EVIL, 1000),
     ]
-    svg = bar_chart(bars, title="Leaderboard", width=500)
+    svg = bar_chart(bars, title="Leaderboard", width=500, baseline=None)
     root = parse(svg)
     assert "<script>" not in svg
     groups = root.findall("svg:g", NS)
     assert [g.get("data-label") for g in groups] == ["best", "worst", EVIL]
     rects = [g.find("svg:rect", NS) for g in groups]
-    # Elo-scale values do not start at zero: bars grow from the axis minimum, so their lengths
-    # keep the order of the values.
+    # Without a baseline, bars grow from the axis minimum, so their lengths keep the order of the
+    # values.
     widths = [float(r.get("width")) for r in rects]  # type: ignore[union-attr, arg-type]
     assert widths[0] > widths[2] > widths[1]
     whiskers = groups[0].findall("svg:line", NS)
@@ -160,3 +160,17 @@ def test_small_multiples_nest_one_chart_per_panel() -> None:
         ("300", "150"),
     }
     assert "no metrics" in "".join(parse(small_multiples({})).itertext())
+
+
+def test_bar_chart_diverges_from_a_baseline_inside_the_range() -> None:
+    root = parse(bar_chart([Bar("up", 1100), Bar("down", 900)], baseline=1000))
+    up, down = (g.find("svg:rect", NS) for g in root.findall("svg:g", NS))
+    # The "down" bar ends where the "up" bar starts: at the baseline, and both are as long.
+    assert float(down.get("x")) + float(down.get("width")) == pytest.approx(float(up.get("x")))  # type: ignore[union-attr, arg-type]
+    assert float(up.get("width")) == pytest.approx(float(down.get("width")))  # type: ignore[union-attr, arg-type]
+
+
+def test_line_chart_explicit_ticks_and_labels() -> None:
+    svg = line_chart({"v": [[-3, 1], [0, 2]]}, x_ticks=[-6, -3, 0], x_format=lambda t: f"h{int(t)}")
+    ticks = [t.text for t in parse(svg).iter("{http://www.w3.org/2000/svg}text")]
+    assert {"h-6", "h-3", "h0"} <= set(ticks)
