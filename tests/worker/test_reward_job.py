@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import random
 import uuid
 from collections.abc import Iterator
@@ -236,6 +237,12 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
     assert scored["models"][0]["mean"] == pytest.approx(np.mean(list(scored["scores"].values())))
     assert scored["scores"][sample[0].id] == pytest.approx(helper[sample[0].id], abs=1e-4)
 
+    # Filters: one model version's images, a prompt split.
+    only = _run(pid, "score_images", {"model_ids": [toy_project["model_id"]], "split": "train"})
+    assert only.result["images"] == len(images)
+    empty = _run(pid, "score_images", {"reward_model_id": row.id, "split": "test"}).result
+    assert (empty["images"], empty["models"], empty["scores"]) == (0, [], {})
+
     # A retried attempt returns the committed model instead of training again.
     with session_scope() as s:
         again = s.get(Job, job.id)
@@ -255,6 +262,54 @@ def test_versions_count_up_and_drop_policy_trains(toy_project: dict[str, Any]) -
     # Dropping ties leaves only decisive pairs.
     assert second.result["tie_pairs"] == 0 and first["tie_pairs"] > 0
     assert second.result["pairs"] < first["pairs"]
+
+
+def _tiny_clip(path: Path) -> Path:
+    """A tiny random CLIP saved like a hub checkpoint (no download)."""
+    import string
+
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits:
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=48)
+    torch.manual_seed(0)
+    layers = {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={
+            **layers,
+            "vocab_size": len(vocab),
+            "num_attention_heads": 2,
+            "max_position_embeddings": 48,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**layers, "image_size": 16, "patch_size": 8, "num_attention_heads": 2},
+        projection_dim=8,
+    )
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_train_reward_on_a_clip_backbone(toy_project: dict[str, Any], tmp_path: Path) -> None:
+    clip_dir = _tiny_clip(tmp_path / "tiny-clip")
+    params = {"backbone": str(clip_dir), "steps": 2, "batch_size": 8, "learning_rate": 1e-4}
+    job = _run(toy_project["project_id"], "train_reward", params)
+    with session_scope() as s:
+        row = s.get(RewardModel, job.result["reward_model_id"])
+        images = list(
+            s.scalars(select(Image).where(Image.project_id == toy_project["project_id"]).limit(3))
+        )
+        assert row is not None and row.backbone == str(clip_dir)
+        scores = score_model_images(s, get_media_store(), row, images)
+    saved = rm.read_reward_model_config(get_media_store().root / row.path)
+    assert saved["model"]["backbone"] == "clip" and saved["train_config"]["lr"] == 1e-4
+    assert len(scores) == 3 and all(math.isfinite(v) for v in scores.values())
 
 
 def test_train_config_maps_backbones_and_defaults() -> None:

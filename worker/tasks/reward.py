@@ -245,6 +245,7 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
     dataset = build_preference_dataset(pairs, ctx.store.read)
     config = train_config(params)
     ctx.check_cancelled()
+    ctx.truncate_metrics(0)  # a retried attempt trains from scratch: drop the old series
 
     def on_progress(step: int, total: int, point: dict[str, float]) -> None:
         ctx.metrics(
