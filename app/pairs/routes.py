@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, HTTPException, Response
 
 from app.core.db import SessionDep
 from app.core.deps import CurrentUser, get_project_for
@@ -28,11 +28,17 @@ def to_public(served: service.ServedPair) -> PairServed:
 @router.get(
     "/projects/{project_id}/pairs/next",
     response_model=PairServed,
-    responses={204: {"description": "nothing is left for this annotator"}},
+    responses={
+        204: {"description": "nothing is left for this annotator"},
+        503: {"description": "every open pair is being handed out right now (see Retry-After)"},
+    },
 )
 def next_pair(project_id: int, session: SessionDep, user: CurrentUser) -> Any:
     project = get_project_for(session, user, project_id, lead=False)
-    served = service.next_pair(session, project=project, annotator=user)
+    try:
+        served = service.next_pair(session, project=project, annotator=user)
+    except service.PairsBusy as exc:
+        raise HTTPException(503, str(exc), {"Retry-After": "1"}) from None
     if served is None:
         return Response(status_code=204)
     return to_public(served)

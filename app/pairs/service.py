@@ -13,8 +13,12 @@ Rules of `next_pair`:
 
 Concurrency: on Postgres the candidate pair row is locked with `FOR NO KEY UPDATE SKIP LOCKED`
 and the capacity is checked again, in a fresh statement, once the lock is held, so concurrent
-annotators cannot push a pair past k. SQLite serialises writers: the first write of the unit
-of work (deleting the annotator's expired reservations) takes the database write lock.
+annotators cannot push a pair past k. The scheduler never waits on a pair lock: when every
+open candidate is locked by someone else it looks again a few times, then raises `PairsBusy`
+(the API answers 503 with Retry-After) rather than block a web thread. Other lock waits are
+bounded by `lock_timeout`, so a stalled request can never wedge the others. SQLite serialises
+writers: the first write of the unit of work (deleting the annotator's expired reservations)
+takes the database write lock.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import datetime as dt
 import io
 import itertools
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageFilter
-from sqlalchemy import delete, false, func, select, update
+from sqlalchemy import delete, false, func, select, text, update
 from sqlalchemy.orm import Session
 
 from app.core.db import utcnow
@@ -47,8 +52,15 @@ from app.votes.models import Vote
 GOLD_KINDS = ("blur", "noise")
 # How many candidate pairs one scheduling decision looks at (fewest votes first).
 CANDIDATE_WINDOW = 64
-# Locked candidates skipped before falling back to waiting for one lock.
-MAX_SKIPS = 16
+# Candidates tried per look, and looks (with a short pause between) when all were locked.
+MAX_TRIES = 24
+LOOKS = 4
+# Longest wait for a row lock in the scheduler and the vote path (Postgres).
+LOCK_TIMEOUT_MS = 3000
+
+
+class PairsBusy(Exception):
+    """Every open pair was being handed out or voted on at that moment: ask again shortly."""
 
 
 # --- building pairs -----------------------------------------------------------------------------
@@ -345,13 +357,11 @@ def load_pair_for_update(session: Session, pair_id: int) -> Pair | None:
     return session.get(Pair, pair_id, populate_existing=True)
 
 
-def _try_lock(session: Session, pair_id: int, *, wait: bool) -> bool:
+def _try_lock(session: Session, pair_id: int) -> bool:
     if not _is_postgres(session):
         return load_pair_for_update(session, pair_id) is not None
     stmt = (
-        select(Pair.id)
-        .where(Pair.id == pair_id)
-        .with_for_update(key_share=True, skip_locked=not wait)
+        select(Pair.id).where(Pair.id == pair_id).with_for_update(key_share=True, skip_locked=True)
     )
     return session.scalar(stmt) is not None
 
@@ -393,19 +403,19 @@ def _candidates(
 
 def _still_open(session: Session, cand: Candidate, annotator_id: int, now: dt.datetime) -> bool:
     """Capacity check in a fresh statement, after the lock: sees what others just committed."""
+    voted = (
+        select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator_id).exists()
+    )
     row = session.execute(
-        select(Pair.vote_count, Pair.votes_wanted, _live_others(annotator_id, now)).where(
+        select(Pair.vote_count, Pair.votes_wanted, _live_others(annotator_id, now), voted).where(
             Pair.id == cand.pair_id
         )
     ).one_or_none()
     if row is None:
         return False
-    voted = session.scalar(
-        select(Vote.id).where(Vote.pair_id == cand.pair_id, Vote.annotator_id == annotator_id)
-    )
-    if voted is not None:
+    vote_count, votes_wanted, reserved, already_voted = row
+    if already_voted:
         return False
-    vote_count, votes_wanted, reserved = row
     return cand.is_gold or vote_count + reserved < votes_wanted
 
 
@@ -472,27 +482,25 @@ def _serve_from(
     minutes: float,
     now: dt.datetime,
     rng: random.Random,
-) -> ServedPair | None:
-    skipped: list[Candidate] = []
-    for cand in ordered:
-        if not _try_lock(session, cand.pair_id, wait=False):
-            skipped.append(cand)
-            if len(skipped) >= MAX_SKIPS:
-                break
+) -> tuple[ServedPair | None, int]:
+    """Reserve the first candidate that can be locked and is still open; (served, locked)."""
+    locked = 0
+    for cand in ordered[:MAX_TRIES]:
+        if not _try_lock(session, cand.pair_id):
+            locked += 1
             continue
         if _still_open(session, cand, annotator_id, now):
-            return _reserve(
+            served = _reserve(
                 session, cand, annotator_id=annotator_id, minutes=minutes, now=now, rng=rng
             )
-    # Every open pair was locked by someone voting or being served: wait for those locks
-    # rather than answer "nothing left" while work remains.
-    for cand in skipped:
-        _try_lock(session, cand.pair_id, wait=True)
-        if _still_open(session, cand, annotator_id, now):
-            return _reserve(
-                session, cand, annotator_id=annotator_id, minutes=minutes, now=now, rng=rng
-            )
-    return None
+            return served, locked
+    return None, locked
+
+
+def bound_lock_waits(session: Session) -> None:
+    """Cap row-lock waits for the rest of this transaction (Postgres; SQLite has busy_timeout)."""
+    if _is_postgres(session):
+        session.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
 
 
 def next_pair(
@@ -513,6 +521,7 @@ def next_pair(
     now = now or utcnow()
     rng = rng or random.Random()
     settings = project_settings(project)
+    bound_lock_waits(session)
     # First write of the unit of work: on SQLite it serialises schedulers; on Postgres the
     # annotator's row lock serialises this annotator's own concurrent requests.
     session.execute(
@@ -528,33 +537,38 @@ def next_pair(
     held = _held(session, project_id=project.id, annotator_id=annotator.id, now=now)
     if held is not None:
         return held
-    tiers = (
-        [True, False] if settings.gold_rate > 0 and rng.random() < settings.gold_rate else [False]
-    )
-    for gold in tiers:
-        candidates = _candidates(
-            session,
-            project_id=project.id,
-            annotator_id=annotator.id,
-            gold=gold,
-            now=now,
-            window=window,
-        )
-        if not candidates:
-            continue
-        ordering = fewest_votes_first if gold else (order or order_for(project))
-        ordered = ordering(session, project, candidates, annotator)
-        served = _serve_from(
-            session,
-            ordered,
-            annotator_id=annotator.id,
-            minutes=settings.reservation_minutes,
-            now=now,
-            rng=rng,
-        )
-        if served is not None:
-            return served
-    return None
+    gold_first = settings.gold_rate > 0 and rng.random() < settings.gold_rate
+    tiers = [True, False] if gold_first else [False]
+    for look in range(LOOKS):
+        locked = 0
+        for gold in tiers:
+            candidates = _candidates(
+                session,
+                project_id=project.id,
+                annotator_id=annotator.id,
+                gold=gold,
+                now=now,
+                window=window,
+            )
+            if not candidates:
+                continue
+            ordering = fewest_votes_first if gold else (order or order_for(project))
+            served, skipped = _serve_from(
+                session,
+                ordering(session, project, candidates, annotator),
+                annotator_id=annotator.id,
+                minutes=settings.reservation_minutes,
+                now=now,
+                rng=rng,
+            )
+            if served is not None:
+                return served
+            locked += skipped
+        if not locked:
+            return None
+        # Locks are held for a few milliseconds: look again rather than wait on one.
+        time.sleep(0.005 * 2**look)
+    raise PairsBusy("every open pair is being handed out right now; ask again in a second")
 
 
 def peek_next(

@@ -78,7 +78,11 @@ def _vote_context(
     error: str | None = None,
 ) -> dict[str, Any]:
     now = utcnow()
-    served = pairs.next_pair(session, project=project, annotator=user, now=now)
+    busy = False
+    try:
+        served = pairs.next_pair(session, project=project, annotator=user, now=now)
+    except pairs.PairsBusy:
+        served, busy = None, True
     pair = None
     preload: list[str] = []
     if served is not None:
@@ -102,6 +106,7 @@ def _vote_context(
         "undo": _undo(session, project, user, now),
         "notice": notice,
         "error": error,
+        "busy": busy,
         **_counts(session, project, user),
     }
 

@@ -27,7 +27,12 @@ from app.core.db import utcnow
 from app.core.deps import membership_role
 from app.core.health import VOTES
 from app.pairs.models import Pair, Reservation
-from app.pairs.service import live_reservations_by_others, load_pair_for_update, pairs_left
+from app.pairs.service import (
+    bound_lock_waits,
+    live_reservations_by_others,
+    load_pair_for_update,
+    pairs_left,
+)
 from app.projects.models import Project
 from app.projects.service import project_settings
 from app.users.models import User
@@ -168,6 +173,7 @@ def record_vote(
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 100:
         raise InvalidVote("idempotency_key must be 1 to 100 characters")
     # Locked until commit: concurrent votes and schedulers on this pair queue up behind us.
+    bound_lock_waits(session)
     pair = load_pair_for_update(session, pair_id)
     if pair is None:
         raise PairNotFound(f"pair {pair_id} not found")
@@ -273,6 +279,7 @@ def change_last_vote(
         raise InvalidVote(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
     if choice == vote.choice:
         return vote
+    bound_lock_waits(session)
     pair = load_pair_for_update(session, vote.pair_id)
     assert pair is not None
     was, becomes = vote.choice in PREFERENCES, choice in PREFERENCES

@@ -430,3 +430,14 @@ def test_peek_and_pairs_left(db, make_user) -> None:  # type: ignore[no-untyped-
     nxt = service.next_pair(db, project=w.project, annotator=user)
     assert nxt is not None and {nxt.left_image_id, nxt.right_image_id} == set(peek)
     assert service.pairs_left(db, project=w.project, annotator=user) == 2
+
+
+def test_all_candidates_locked_is_busy_not_empty(client, db, make_user, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    w = build_world(db, make_user, n_prompts=2)
+    user, token = w.annotators[0]
+    monkeypatch.setattr(service, "_try_lock", lambda session, pair_id: False)
+    with pytest.raises(service.PairsBusy):
+        service.next_pair(db, project=w.project, annotator=user)
+    busy = client.get(f"/api/v1/projects/{w.project.id}/pairs/next", headers=bearer(token))
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+    assert db.scalar(select(Reservation.pair_id).where(Reservation.annotator_id == user.id)) is None

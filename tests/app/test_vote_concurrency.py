@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -145,6 +146,9 @@ def _annotate(stack: Stack, token: str, start: threading.Barrier, seed: int) -> 
             nxt = client.get(f"/api/v1/projects/{stack.project_id}/pairs/next")
             if nxt.status_code == 204:
                 break
+            if nxt.status_code == 503:  # every open pair locked at that instant: ask again
+                time.sleep(float(nxt.headers["retry-after"]) / 10)
+                continue
             if nxt.status_code != 200:
                 errors.append(f"next {nxt.status_code} {nxt.text}")
                 break
