@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import func, insert, literal, select
 from sqlalchemy.orm import Session, aliased
@@ -205,7 +205,7 @@ def snapshot_pairs(
         stmt = stmt.where(Pair.purpose.in_(list(purposes)))
 
     pairs: list[TrainingPair] = []
-    current: tuple | None = None  # type: ignore[type-arg]
+    current: tuple[Any, ...] | None = None
     counts = [0, 0, 0]  # wins of image a, wins of image b, ties
 
     def flush() -> None:
