@@ -205,8 +205,15 @@ def evaluation_summary(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
                 low, high = _as_float(interval[0]), _as_float(interval[1])
             elif "ci_low" in section:
                 low, high = _as_float(section.get("ci_low")), _as_float(section.get("ci_high"))
+            n = section.get("n")
             found.append(
-                {"label": (prefix + key).replace("_", " "), "value": rate, "low": low, "high": high}
+                {
+                    "label": (prefix + key).replace("_", " "),
+                    "value": rate,
+                    "low": low,
+                    "high": high,
+                    "n": n if isinstance(n, int) and not isinstance(n, bool) else None,
+                }
             )
 
     scan(evaluation or {}, "")

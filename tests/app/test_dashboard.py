@@ -187,11 +187,19 @@ def test_lineage_is_a_depth_first_tree_with_win_rates(db: Session, make_user: An
         ("other-root", 0),
     ]
     summary = service.evaluation_summary(nodes[1].evaluation)
-    assert summary == [{"label": "reward win rate", "value": 0.62, "low": 0.55, "high": 0.69}]
+    assert summary == [
+        {"label": "reward win rate", "value": 0.62, "low": 0.55, "high": 0.69, "n": None}
+    ]
     flat = service.evaluation_summary(
         {"win_rate": 0.4, "ci_low": 0.3, "ci_high": 0.5, "human_win_rate": "n/a"}
     )
-    assert flat == [{"label": "win rate", "value": 0.4, "low": 0.3, "high": 0.5}]
+    assert flat == [{"label": "win rate", "value": 0.4, "low": 0.3, "high": 0.5, "n": None}]
+    # What the evaluate job records on a child.
+    evaluated = {"vs_parent": {"win_rate": 0.7, "ci_low": 0.6, "ci_high": 0.8, "wins": 7,
+                               "ties": 0, "losses": 3, "n": 10, "parent_id": 1}}  # fmt: skip
+    assert service.evaluation_summary(evaluated) == [
+        {"label": "vs parent win rate", "value": 0.7, "low": 0.6, "high": 0.8, "n": 10}
+    ]
     assert service.evaluation_summary({}) == []
 
 
@@ -693,3 +701,19 @@ def test_every_project_job_kind_has_a_form_whose_defaults_validate() -> None:
             if not info.is_required()
         }
         assert {k: getattr(clean, k) for k in defaults} == defaults, kind.name
+
+
+def test_every_project_job_kind_form_renders(client: Any, db: Session, make_user: Any) -> None:
+    from app.jobs.pages import project_kinds
+
+    client, lead, _ = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    db.add_all(
+        [ModelVersion(project_id=project.id, name=f"m{i}", base="toy", params={}) for i in (1, 2)]
+    )
+    db.commit()
+    for kind in project_kinds():
+        page = client.get(f"/projects/{project.id}/jobs/new", params={"kind": kind.name})
+        assert page.status_code == 200, kind.name
+        for key in kind.params.model_fields:
+            assert f'data-field="{key}"' in page.text, (kind.name, key)
