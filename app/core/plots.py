@@ -154,7 +154,9 @@ def line_chart(
     left, right, top = 52, 24, 26 if title else 10
     legend_rows = 1 if len(clean) > 1 else 0
     bottom = 34 + (14 if x_label else 0) + 16 * legend_rows
-    sx = linear_scale((x_ticks[0], x_ticks[-1]), (left, width - right))
+    # Explicit ticks may not reach the data's ends: the axis spans both.
+    x_domain = (min(x_ticks[0], min(xs)), max(x_ticks[-1], max(xs)))
+    sx = linear_scale(x_domain, (left, width - right))
     sy = linear_scale((y_ticks[0], y_ticks[-1]), (height - bottom, top))
     parts = _open(width, height, title, "line-chart")
     if title:

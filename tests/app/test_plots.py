@@ -174,3 +174,9 @@ def test_line_chart_explicit_ticks_and_labels() -> None:
     svg = line_chart({"v": [[-3, 1], [0, 2]]}, x_ticks=[-6, -3, 0], x_format=lambda t: f"h{int(t)}")
     ticks = [t.text for t in parse(svg).iter("{http://www.w3.org/2000/svg}text")]
     assert {"h-6", "h-3", "h0"} <= set(ticks)
+    # Data beyond the explicit ticks stays inside the plot (right of the y axis).
+    root = parse(line_chart({"v": [[-47, 1], [0, 2]]}, x_ticks=[-42, 0], width=400))
+    axis_x = float(root.find("svg:line", NS).get("x1"))  # type: ignore[union-attr, arg-type]
+    (line,) = root.findall("svg:polyline", NS)
+    xs = [float(p.split(",")[0]) for p in line.get("points", "").split()]
+    assert min(xs) >= axis_x and max(xs) <= 400
