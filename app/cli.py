@@ -36,6 +36,8 @@ class LazyGroup(click.Group):
         "toy": "worker.toy.cli:toy_group",
         "export": "app.exports.cli:export_command",
         "import": "app.exports.cli:import_command",
+        "backup": "app.backup:backup_command",
+        "restore": "app.backup:restore_command",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
