@@ -1,0 +1,232 @@
+"""Load test of the distributed stack: simulated annotators against `prefloop serve --no-worker
+--web-workers N` on Postgres and Redis.
+
+Each annotator loops GET /api/v1/projects/{id}/pairs/next then POST /api/v1/pairs/{id}/votes with
+a fresh idempotency key (the client and the annotator loop are those of `vote_path.py`). Checked
+after the run, from the database: zero errors, acknowledged votes == stored rows, no (pair,
+annotator) twice, no pair over its k. Printed: a table of p50/p99 per endpoint and votes/s.
+A 503 from next-pair ("every open pair is being handed out right now", Retry-After 1) is an
+answer of the API, counted as busy, not as an error.
+
+Run: .venv/bin/python benchmarks/load.py [--annotators 200] [--seconds 60] [--web-workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.vote_path import Tally, free_port, load, pct, populate  # noqa: E402
+
+PG_ADMIN_URL = os.environ.get("PREFLOOP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+BROKER_URL = os.environ.get("PREFLOOP_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@dataclass
+class LoadReport:
+    annotators: int
+    web_workers: int
+    seconds: float
+    tally: Tally
+    rows: int
+    rows_match: bool
+    duplicates: int
+    over_k: int
+
+    @property
+    def votes_per_second(self) -> float:
+        return len(self.tally.acked) / self.seconds
+
+    @property
+    def ok(self) -> bool:
+        return (
+            not self.tally.errors
+            and self.rows_match
+            and len(set(self.tally.acked)) == len(self.tally.acked)
+            and self.duplicates == 0
+            and self.over_k == 0
+        )
+
+    def table(self) -> str:
+        t = self.tally
+        lines = [
+            f"annotators={self.annotators} web_workers={self.web_workers} "
+            f"seconds={self.seconds:.1f} cpus={os.cpu_count()}",
+            f"{'endpoint':<32}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}",
+        ]
+        for name, values in (
+            ("GET /projects/{id}/pairs/next", t.next_ms),
+            ("POST /pairs/{id}/votes", t.vote_ms),
+        ):
+            top = max(values) if values else float("nan")
+            lines.append(
+                f"{name:<32}{len(values):>9}{pct(values, 50):>9.1f}{pct(values, 99):>9.1f}"
+                f"{top:>9.1f}"
+            )
+        lines += [
+            f"votes: {len(t.acked)} acknowledged, {self.votes_per_second:.1f} votes/s; "
+            f"next-pair answers: {t.empty} empty (204), {t.busy} busy (503)",
+            f"errors: {len(t.errors)}  acknowledged == rows: {self.rows_match} ({self.rows} rows)"
+            f"  duplicate (pair, annotator): {self.duplicates}  pairs over k: {self.over_k}",
+            *(f"  {line}" for line in t.errors[:5]),
+        ]
+        return "\n".join(lines)
+
+
+def _admin(admin_url: str, sql: str) -> None:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+def _vote_ids(url: str) -> set[int]:
+    with psycopg.connect(url) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM votes")}
+
+
+def _integrity(url: str) -> tuple[int, int]:
+    """(pairs voted twice by one annotator, pairs holding more votes than they want)."""
+    with psycopg.connect(url) as conn:
+        duplicates = conn.execute(
+            "SELECT count(*) FROM (SELECT pair_id, annotator_id FROM votes"
+            " GROUP BY pair_id, annotator_id HAVING count(*) > 1) d"
+        ).fetchone()[0]  # type: ignore[index]
+        over_k = conn.execute(
+            "SELECT count(*) FROM pairs p WHERE p.vote_count > p.votes_wanted OR p.votes_wanted <"
+            " (SELECT count(*) FROM votes v WHERE v.pair_id = p.id AND v.choice <> 'skip')"
+        ).fetchone()[0]  # type: ignore[index]
+    return int(duplicates), int(over_k)
+
+
+def _wait_healthy(base: str, server: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"prefloop serve exited with {server.returncode}")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError("prefloop serve did not become healthy")
+
+
+def run_load(
+    *,
+    annotators: int,
+    seconds: float,
+    web_workers: int = 2,
+    pairs: int | None = None,
+    k: int = 3,
+    think_s: float = 0.0,
+    warmup_s: float = 2.0,
+    pg_admin_url: str = PG_ADMIN_URL,
+    broker_url: str = BROKER_URL,
+    log_path: Path | None = None,
+) -> LoadReport:
+    """Run the load against a fresh database and a fresh `serve --no-worker`; the report."""
+    from app.core.migrate import upgrade_head
+
+    name = f"prefloop_load_{uuid.uuid4().hex[:8]}"
+    url = pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
+    _admin(pg_admin_url, f'CREATE DATABASE "{name}"')
+    tmp = Path(tempfile.mkdtemp(prefix="prefloop-load-"))
+    log = open(log_path or tmp / "serve.log", "wb")  # noqa: SIM115 - closed in finally
+    server: subprocess.Popen[bytes] | None = None
+    try:
+        upgrade_head(url.replace("postgresql://", "postgresql+psycopg://"))
+        # Enough pairs that nobody runs dry: a closed loop votes a few hundred times a second.
+        wanted = pairs or max(2000, int(annotators * (seconds + warmup_s) * 2 / k))
+        project_id, tokens = populate(url, annotators=annotators, pairs=wanted, k=k)
+        port = free_port()
+        env = {k_: v for k_, v in os.environ.items() if not k_.startswith("PREFLOOP_")}
+        env.update(
+            PREFLOOP_DATABASE_URL=url,
+            PREFLOOP_BROKER_URL=broker_url,
+            PREFLOOP_BROKER_KEY_PREFIX=f"prefloop-load-{uuid.uuid4().hex[:8]}:",
+            PREFLOOP_SECRET_KEY="load-" + uuid.uuid4().hex,
+            PREFLOOP_DATA_DIR=str(tmp / "data"),
+            PREFLOOP_MEDIA_DIR=str(tmp / "media"),
+            PREFLOOP_LOG_LEVEL="WARNING",
+        )
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--port", str(port)]
+            + ["--web-workers", str(web_workers)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_healthy(f"http://127.0.0.1:{port}", server, 90)
+        if warmup_s > 0:  # imports, pools and plans warm in every web worker
+            asyncio.run(load(port, tokens[: min(20, len(tokens))], project_id, warmup_s, 0.0))
+        before = _vote_ids(url)
+        tally, elapsed = asyncio.run(load(port, tokens, project_id, seconds, think_s))
+        rows = _vote_ids(url) - before
+        duplicates, over_k = _integrity(url)
+    finally:
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+        log.close()
+        _admin(pg_admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return LoadReport(
+        annotators=annotators,
+        web_workers=web_workers,
+        seconds=elapsed,
+        tally=tally,
+        rows=len(rows),
+        rows_match=set(tally.acked) == rows,
+        duplicates=duplicates,
+        over_k=over_k,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--annotators", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--web-workers", type=int, default=2, help="uvicorn worker processes")
+    parser.add_argument("--pairs", type=int, default=None, help="default: enough for the run")
+    parser.add_argument("--k", type=int, default=3, help="votes wanted per pair")
+    parser.add_argument(
+        "--think-ms",
+        type=float,
+        default=0.0,
+        help="mean pause of an annotator between a vote and the next pair (0: closed loop)",
+    )
+    args = parser.parse_args()
+    report = run_load(
+        annotators=args.annotators,
+        seconds=args.seconds,
+        web_workers=args.web_workers,
+        pairs=args.pairs,
+        k=args.k,
+        think_s=args.think_ms / 1000,
+    )
+    print(report.table())
+    raise SystemExit(0 if report.ok else 1)
+
+
+if __name__ == "__main__":
+    main()
