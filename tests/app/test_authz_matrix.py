@@ -1,0 +1,458 @@
+"""Who may call what: EVERY route of the application × every kind of caller.
+
+The route list is read from `app.routes` (API routes, pages, the OpenAPI documents and the static
+mount), and every route must be classified in ACCESS below: a new route fails
+`test_every_route_is_classified` until someone decides who may call it. Path parameters are
+filled with real ids of a fixture project, so an "allowed" answer is about the data and a
+refusal is about access.
+
+Callers: anonymous, an annotator of the project, the lead of another project, the lead of the
+project, an admin. Expectations by class:
+- anonymous → 401 JSON (API) or 303 to /login (pages), except on public routes;
+- a caller outside the class → 403 or 404, showing nothing of the project;
+- a caller inside the class → the route's own answer (200 for reads; 2xx, 303 or a
+  conflict/validation answer for writes), never 401/403.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from fastapi.routing import APIRoute
+from PIL import Image as PILImage
+from sqlalchemy.orm import Session
+from starlette.routing import Mount, Route
+
+from app.core.storage import get_media_store
+from app.generators.models import ModelVersion
+from app.images.service import store_image
+from app.jobs.service import create_job
+from app.main import create_app
+from app.pairs.models import Pair
+from app.projects.models import Prompt
+from app.projects.schemas import ProjectCreate
+from app.projects.service import add_member, create_project
+from app.ratings.models import RewardModel
+from app.users.invites import make_invite_token
+from app.votes.models import Vote
+from tests.support import bearer
+
+ROLES = ("anonymous", "annotator", "other_lead", "lead", "admin")
+
+# Who is let in, per class of route.
+ALLOWED: dict[str, set[str]] = {
+    "public": set(ROLES),
+    "user": {"annotator", "other_lead", "lead", "admin"},
+    "any_lead": {"other_lead", "lead", "admin"},
+    "lead": {"lead", "admin"},
+    "member": {"annotator", "lead", "admin"},
+    # The annotator's own vote: nobody else may see or change it, not even the project's lead.
+    "owner": {"annotator"},
+    "admin": {"admin"},
+}
+
+R = tuple[str, str]
+
+ACCESS: dict[R, str] = {
+    # Public: ops probes, login, invite links, the API description and static files.
+    ("GET", "/healthz"): "public",
+    ("GET", "/metrics"): "public",
+    ("GET", "/login"): "public",
+    ("POST", "/login"): "public",
+    ("POST", "/logout"): "public",
+    ("GET", "/invite/{token}"): "public",
+    ("POST", "/invite/{token}"): "public",
+    ("GET", "/openapi.json"): "public",
+    ("GET", "/docs"): "public",
+    ("GET", "/docs/oauth2-redirect"): "public",
+    ("GET", "/redoc"): "public",
+    ("GET", "/static/{path}"): "public",
+    # Every signed-in user.
+    ("GET", "/"): "user",
+    # Leads anywhere: new projects.
+    ("GET", "/api/v1/projects"): "any_lead",
+    ("POST", "/api/v1/projects"): "any_lead",
+    ("GET", "/projects/new"): "any_lead",
+    ("POST", "/projects/new"): "any_lead",
+    # Admins: the audit log and system jobs.
+    ("GET", "/api/v1/audit"): "admin",
+    ("GET", "/admin/audit"): "admin",
+    ("POST", "/api/v1/jobs"): "admin",
+    # Members of the project: voting and the annotator's own figures.
+    ("GET", "/api/v1/images/{image_id}"): "member",
+    ("GET", "/api/v1/projects/{project_id}/pairs/next"): "member",
+    ("POST", "/api/v1/pairs/{pair_id}/votes"): "member",
+    ("GET", "/api/v1/projects/{project_id}/me"): "member",
+    ("GET", "/projects/{project_id}/vote"): "member",
+    ("POST", "/projects/{project_id}/vote"): "member",
+    ("GET", "/projects/{project_id}/me"): "member",
+    # The annotator's own last vote.
+    ("PUT", "/api/v1/votes/{vote_id}"): "owner",
+    ("GET", "/projects/{project_id}/vote/change/{vote_id}"): "owner",
+    ("POST", "/projects/{project_id}/vote/change/{vote_id}"): "owner",
+    # The project's lead (and admins): everything else.
+    ("GET", "/api/v1/projects/{project_id}"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/annotator-quality"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/annotators"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/export"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/images"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/import"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/jobs"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/leaderboard"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/models"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/models"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/prompts"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/prompts/upload"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/reward-models"): "lead",
+    ("GET", "/api/v1/reward-models/{reward_model_id}"): "lead",
+    ("GET", "/api/v1/jobs/{job_id}"): "lead",
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): "lead",
+    ("POST", "/api/v1/jobs/{job_id}/retry"): "lead",
+    ("GET", "/jobs/{job_id}"): "lead",
+    ("POST", "/jobs/{job_id}/cancel"): "lead",
+    ("POST", "/jobs/{job_id}/retry"): "lead",
+    ("GET", "/projects/{project_id}"): "lead",
+    ("GET", "/projects/{project_id}/dash/{section}"): "lead",
+    ("GET", "/projects/{project_id}/annotators"): "lead",
+    ("POST", "/projects/{project_id}/annotators"): "lead",
+    ("POST", "/projects/{project_id}/annotators/{user_id}/active"): "lead",
+    ("POST", "/projects/{project_id}/annotators/{user_id}/invite"): "lead",
+    ("GET", "/projects/{project_id}/jobs"): "lead",
+    ("GET", "/projects/{project_id}/jobs/new"): "lead",
+    ("POST", "/projects/{project_id}/jobs/new"): "lead",
+    ("GET", "/projects/{project_id}/models"): "lead",
+    ("POST", "/projects/{project_id}/models"): "lead",
+    ("GET", "/projects/{project_id}/prompts"): "lead",
+    ("POST", "/projects/{project_id}/prompts"): "lead",
+    ("GET", "/projects/{project_id}/settings"): "lead",
+    ("POST", "/projects/{project_id}/settings"): "lead",
+}
+
+# What an allowed caller gets, where it is not the default (200 for reads; for writes 200, 201,
+# 202, 303, or 409 when the state forbids it, e.g. retrying a queued job).
+ALLOWED_STATUS: dict[R, set[int]] = {
+    ("GET", "/api/v1/projects/{project_id}/pairs/next"): {200, 204},
+    ("POST", "/login"): {400},  # wrong password: refused as a login, not as an access
+    ("POST", "/logout"): {303},
+    ("GET", "/login"): {200, 303},  # signed-in callers are sent on
+}
+DEFAULT_WRITE = {200, 201, 202, 303, 409}
+
+
+def walk_routes(routes: Any, prefix: str = "") -> Iterator[R]:
+    """(method, path) of every route and mount, through included routers."""
+    for route in routes:
+        original = getattr(route, "original_router", None)
+        if original is not None:
+            context = getattr(route, "include_context", None)
+            yield from walk_routes(original.routes, prefix + (getattr(context, "prefix", "") or ""))
+        elif isinstance(route, Mount):
+            yield "GET", prefix + route.path + "/{path}"
+        elif isinstance(route, APIRoute | Route):
+            for method in sorted((route.methods or {"GET"}) - {"HEAD"}):
+                yield method, prefix + route.path
+
+
+def app_routes() -> list[R]:
+    return sorted(set(walk_routes(create_app().routes)))
+
+
+ROUTES = app_routes()
+
+
+def test_every_route_is_classified() -> None:
+    """A new route fails here until it is put in ACCESS (and stale entries are removed)."""
+    unclassified = sorted(set(ROUTES) - set(ACCESS))
+    stale = sorted(set(ACCESS) - set(ROUTES))
+    assert not unclassified, f"classify these routes in ACCESS: {unclassified}"
+    assert not stale, f"these ACCESS entries name no route: {stale}"
+    # The walk sees pages, the JSON API, the documents and the static mount.
+    assert len(ROUTES) > 50
+    assert ("GET", "/projects/{project_id}/dash/{section}") in ROUTES
+    assert ("PUT", "/api/v1/votes/{vote_id}") in ROUTES
+    assert ("GET", "/openapi.json") in ROUTES
+
+
+def tiny_png(seed: int, size: int = 8) -> bytes:
+    img = PILImage.new("RGB", (size, size), ((seed * 40) % 256, (seed * 90) % 256, 7))
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+@dataclass
+class World:
+    """A project with data of every kind, its people, and another project next to it."""
+
+    params: dict[str, Any]
+    tokens: dict[str, str | None]
+    emails: dict[str, str]
+    ids: dict[str, Any] = field(default_factory=dict)
+
+
+def build_world(db: Session, make_user: Any, name: str = "guarded") -> World:
+    lead, lead_token = make_user("lead")
+    other_lead, other_token = make_user("lead")
+    annotator, annotator_token = make_user("annotator")
+    admin, admin_token = make_user("admin")
+    project = create_project(db, data=ProjectCreate(name=name), creator=lead)
+    elsewhere = create_project(db, data=ProjectCreate(name="elsewhere"), creator=other_lead)
+    add_member(db, project=project, user=annotator, role="annotator")
+    store = get_media_store()
+    models = [
+        ModelVersion(project_id=project.id, name=f"authz-model-{k}", base="toy", params={})
+        for k in range(2)
+    ]
+    db.add_all(models)
+    prompt = Prompt(project_id=project.id, text="a guarded prompt", split="train", tags=[])
+    foreign_prompt = Prompt(project_id=elsewhere.id, text="elsewhere", split="train", tags=[])
+    db.add_all([prompt, foreign_prompt])
+    db.flush()
+    images = [
+        store_image(
+            db,
+            store,
+            project_id=project.id,
+            prompt_id=prompt.id,
+            png=tiny_png(k),
+            model_version_id=models[k % 2].id,
+            seed=k,
+        )
+        for k in range(4)
+    ]
+    foreign = store_image(
+        db, store, project_id=elsewhere.id, prompt_id=foreign_prompt.id, png=tiny_png(99)
+    )
+    voted = Pair(
+        project_id=project.id,
+        prompt_id=prompt.id,
+        image_a_id=images[0].id,
+        image_b_id=images[1].id,
+        purpose="eval",
+        votes_wanted=3,
+        vote_count=1,
+    )
+    open_pair = Pair(
+        project_id=project.id,
+        prompt_id=prompt.id,
+        image_a_id=images[2].id,
+        image_b_id=images[3].id,
+        purpose="eval",
+        votes_wanted=3,
+        vote_count=0,
+    )
+    db.add_all([voted, open_pair])
+    db.flush()
+    vote = Vote(
+        pair_id=voted.id,
+        project_id=project.id,
+        annotator_id=annotator.id,
+        left_image_id=images[0].id,
+        choice="left",
+        latency_ms=900,
+    )
+    db.add(vote)
+    job = create_job(
+        db,
+        kind="fit_ratings",
+        params={},
+        project_id=project.id,
+        created_by_id=lead.id,
+        max_attempts=3,
+    )
+    reward = RewardModel(
+        project_id=project.id, version=1, backbone="toy", path="rm/1", metrics={"accuracy": 0.5}
+    )
+    db.add(reward)
+    db.flush()
+    db.commit()
+    return World(
+        params={
+            "project_id": project.id,
+            "job_id": job.id,
+            "user_id": annotator.id,
+            "section": "overview",
+            "image_id": images[0].id,
+            "pair_id": open_pair.id,
+            "vote_id": vote.id,
+            "reward_model_id": reward.id,
+            "token": make_invite_token(annotator),
+            "path": "app.js",
+        },
+        tokens={
+            "anonymous": None,
+            "annotator": annotator_token,
+            "other_lead": other_token,
+            "lead": lead_token,
+            "admin": admin_token,
+        },
+        emails={"annotator": annotator.email, "lead": lead.email, "admin": admin.email},
+        ids={
+            "elsewhere": elsewhere.id,
+            "foreign_image": foreign.id,
+            "images": [i.id for i in images],
+            "open_pair": open_pair.id,
+            "models": [m.name for m in models],
+            "lead_user": lead,
+            "annotator_user": annotator,
+        },
+    )
+
+
+@pytest.fixture()
+def world(db: Session, make_user: Any) -> World:
+    return build_world(db, make_user)
+
+
+def request_kwargs(method: str, path: str, world: World) -> dict[str, Any]:
+    """A body and query that pass input validation, so the answer is about access."""
+    p = world.params
+    prompt_file = {"file": ("prompts.txt", b"a red square\n", "text/plain")}
+    table: dict[R, dict[str, Any]] = {
+        ("POST", "/login"): {"data": {"email": world.emails["lead"], "password": "not-it-1"}},
+        ("POST", "/invite/{token}"): {
+            "data": {"password": "a-new-password", "confirm": "a-new-password"}
+        },
+        ("POST", "/api/v1/projects"): {"json": {"name": "authz"}},
+        ("POST", "/projects/new"): {"data": {"name": "authz"}},
+        ("POST", "/api/v1/jobs"): {"json": {"kind": "selftest"}},
+        ("POST", "/api/v1/pairs/{pair_id}/votes"): {
+            "json": {"choice": "left", "left_image_id": world.ids["images"][2]}
+        },
+        ("POST", "/projects/{project_id}/vote"): {
+            "data": {
+                "pair_id": str(p["pair_id"]),
+                "left_image_id": world.ids["images"][2],
+                "choice": "right",
+            }
+        },
+        ("PUT", "/api/v1/votes/{vote_id}"): {"json": {"choice": "right"}},
+        ("POST", "/projects/{project_id}/vote/change/{vote_id}"): {"data": {"choice": "tie"}},
+        ("GET", "/api/v1/projects/{project_id}/export"): {"params": {"format": "jsonl"}},
+        ("POST", "/api/v1/projects/{project_id}/import"): {
+            "params": {"format": "fastchat"},
+            "files": {"file": ("b.json", b'[{"model_a": "p", "model_b": "q", "winner": "tie"}]')},
+        },
+        ("POST", "/api/v1/projects/{project_id}/annotators"): {
+            "json": {"email": f"new-{uuid.uuid4().hex[:6]}@example.com"}
+        },
+        ("POST", "/api/v1/projects/{project_id}/jobs"): {"json": {"kind": "fit_ratings"}},
+        ("POST", "/api/v1/projects/{project_id}/models"): {
+            "json": {"name": "authz-new", "base": "toy"}
+        },
+        ("POST", "/api/v1/projects/{project_id}/prompts"): {
+            "json": {"prompts": [{"text": "a blue square"}]}
+        },
+        ("POST", "/api/v1/projects/{project_id}/prompts/upload"): {"files": prompt_file},
+        ("POST", "/projects/{project_id}/annotators"): {"data": {"email": "invitee@example.com"}},
+        ("POST", "/projects/{project_id}/annotators/{user_id}/active"): {
+            "data": {"active": "true"}
+        },
+        ("GET", "/projects/{project_id}/jobs/new"): {"params": {"kind": "generate"}},
+        ("POST", "/projects/{project_id}/jobs/new"): {"data": {"kind": "fit_ratings"}},
+        ("POST", "/projects/{project_id}/models"): {"data": {"name": "authz-new", "base": "toy"}},
+        ("POST", "/projects/{project_id}/prompts"): {"files": prompt_file},
+        ("POST", "/projects/{project_id}/settings"): {"data": {"votes_per_pair": "2"}},
+    }
+    return table.get((method, path), {})
+
+
+def is_api(path: str) -> bool:
+    return path.startswith("/api/") or path in ("/healthz", "/metrics", "/openapi.json")
+
+
+def check_access(client: Any, world: World, method: str, path: str, role: str) -> None:
+    """One call of the route as `role`; an AssertionError says what was wrong."""
+    route_class = ACCESS[(method, path)]
+    url = path.format(**world.params)
+    token = world.tokens[role]
+    headers = {} if is_api(path) else {"Accept": "text/html"}
+    if token is not None:
+        headers.update(bearer(token))
+    response = client.request(
+        method, url, headers=headers, follow_redirects=False, **request_kwargs(method, path, world)
+    )
+    status = response.status_code
+    assert status < 500, (status, response.text[:500])
+    if role in ALLOWED[route_class]:
+        expected = ALLOWED_STATUS.get((method, path), {200} if method == "GET" else DEFAULT_WRITE)
+        assert status in expected, (status, response.text[:500])
+        return
+    if role == "anonymous":
+        if is_api(path):
+            assert status == 401, status
+            assert response.headers["content-type"].startswith("application/json")
+            assert response.headers.get("www-authenticate") == "Bearer"
+        else:
+            assert status == 303, status
+            assert response.headers["location"].startswith("/login?next="), response.headers
+        return
+    assert status in (403, 404), (status, response.text[:500])
+    if route_class == "owner" and role in ALLOWED["member"]:
+        return  # a member refused someone else's vote gets their own vote page back
+    # A refusal shows nothing of the project: no model names, prompts, images or annotators.
+    for secret in (
+        *world.ids["models"],
+        "a guarded prompt",
+        "/api/v1/images/",
+        world.emails["annotator"],
+    ):
+        assert secret not in response.text, secret
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+def test_route_access_by_role(
+    client: Any, db: Session, world: World, method: str, path: str
+) -> None:
+    assert (method, path) in ACCESS, "unclassified route (see test_every_route_is_classified)"
+    connection = db.get_bind()
+    failures = []
+    for role in ROLES:
+        # Each caller meets the same world: what one call wrote is rolled back for the next.
+        db.commit()
+        savepoint = connection.begin_nested()  # type: ignore[union-attr]
+        try:
+            check_access(client, world, method, path, role)
+        except AssertionError as exc:
+            failures.append(f"{role}: {exc}")
+        finally:
+            savepoint.rollback()
+            db.expunge_all()
+    assert not failures, "\n".join(failures)
+
+
+def test_images_of_another_project_are_not_found(client: Any, world: World) -> None:
+    """An image id of another project answers like an unknown id, for every member role."""
+    foreign = f"/api/v1/images/{world.ids['foreign_image']}"
+    for role in ("annotator", "lead"):
+        response = client.get(foreign, headers=bearer(world.tokens[role] or ""))
+        assert response.status_code == 404, (role, response.status_code)
+        unknown = client.get("/api/v1/images/" + "0" * 32, headers=bearer(world.tokens[role] or ""))
+        assert unknown.status_code == 404 and unknown.json() == response.json()
+
+
+def test_other_leads_cannot_reach_project_data_through_ids(client: Any, world: World) -> None:
+    """Ids of the project used from the other lead's side: every answer is a refusal."""
+    token = world.tokens["other_lead"] or ""
+    p = world.params
+    probes = [
+        ("GET", f"/api/v1/jobs/{p['job_id']}"),
+        ("GET", f"/api/v1/reward-models/{p['reward_model_id']}"),
+        ("PUT", f"/api/v1/votes/{p['vote_id']}"),
+        ("POST", f"/api/v1/pairs/{p['pair_id']}/votes"),
+        ("GET", f"/api/v1/projects/{p['project_id']}/images"),
+    ]
+    bodies = {"PUT": {"choice": "right"}, "POST": {"choice": "left", "left_image_id": "x" * 32}}
+    for method, url in probes:
+        response = client.request(method, url, headers=bearer(token), json=bodies.get(method))
+        assert response.status_code in (403, 404), (url, response.status_code)
+    # And the project's lead cannot reach the other project.
+    elsewhere = world.ids["elsewhere"]
+    lead = bearer(world.tokens["lead"] or "")
+    assert client.get(f"/api/v1/projects/{elsewhere}", headers=lead).status_code == 403
+    assert client.get(f"/projects/{elsewhere}/vote", headers=lead).status_code == 403
