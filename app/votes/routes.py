@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, HTTPException, Response
+from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep
 from app.core.deps import CurrentUser, get_project_for
@@ -17,6 +21,18 @@ from app.votes.schemas import (
 )
 
 router = APIRouter(prefix="/api/v1", tags=["annotators"])
+
+# Test-only fault injection, off unless PREFLOOP_FAULT_INJECTION=1 (never set it in production):
+# a new vote whose idempotency key starts with this prefix ends the web process right after its
+# transaction commits and before any response is written, the crash a client's retry must survive.
+FAULT_EXIT_PREFIX = "fault-exit-after-commit-"
+
+
+def _inject_exit_after_commit(session: Session, idempotency_key: str | None) -> None:
+    if os.environ.get("PREFLOOP_FAULT_INJECTION") != "1" or not idempotency_key:
+        return
+    if idempotency_key.startswith(FAULT_EXIT_PREFIX):
+        event.listen(session, "after_commit", lambda _session: os._exit(70), once=True)
 
 
 def http_error(exc: service.VoteError) -> HTTPException:
@@ -52,6 +68,8 @@ def cast_vote(
         raise http_error(exc) from None
     if not created:
         response.status_code = 200
+    else:
+        _inject_exit_after_commit(session, body.idempotency_key)
     return VoteAck(vote_id=vote.id)
 
 
