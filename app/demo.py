@@ -17,7 +17,6 @@ DEMO_ANNOTATOR = "demo@prefloop.local"
 # Small enough that the first pairs are ready seconds after start on a 2-core CPU.
 DEMO_PROMPTS = {"train": 24, "test": 8}
 DEMO_IMAGES_PER_PROMPT = 2
-DEMO_FIRST_PROMPTS = 4
 
 
 def create_demo(base_url: str) -> list[str]:
@@ -59,26 +58,20 @@ def create_demo(base_url: str) -> list[str]:
         )
         session.add(Membership(project_id=project.id, user_id=annotator.id, role="annotator"))
         session.flush()
-        # A small first job so that the first pairs are there within seconds, then the rest.
-        first = [p.id for p in prompts if p.split == "train"][:DEMO_FIRST_PROMPTS]
-        jobs = [
-            create_job(
-                session,
-                kind="generate",
-                params={
-                    "model_ids": [m.id for m in models],
-                    "images_per_prompt": DEMO_IMAGES_PER_PROMPT,
-                    "split": "train",
-                    "make_pairs": True,
-                    **({"prompt_ids": prompt_ids} if prompt_ids else {}),
-                },
-                project_id=project.id,
-                created_by_id=None,
-                max_attempts=3,
-            )
-            for prompt_ids in (first, None)
-        ]
-        job = jobs[-1]
+        # The job pairs each round of prompts as it goes: the first pairs come within seconds.
+        job = create_job(
+            session,
+            kind="generate",
+            params={
+                "model_ids": [m.id for m in models],
+                "images_per_prompt": DEMO_IMAGES_PER_PROMPT,
+                "split": "train",
+                "make_pairs": True,
+            },
+            project_id=project.id,
+            created_by_id=None,
+            max_attempts=3,
+        )
         return [
             f"demo: project {project.id} with {len(texts)} toy prompts and models toy-v1, toy-v0",
             f"demo: generating images (job {job.id}: {base_url}/jobs/{job.id})",

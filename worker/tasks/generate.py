@@ -144,6 +144,10 @@ def load_models(ctx: JobContext, model_ids: list[int]) -> list[ModelVersion]:
     return models  # type: ignore[return-value]
 
 
+# Prompts per round when pairs are made as we go: annotators can start after the first round.
+PAIR_ROUND_PROMPTS = 8
+
+
 @handler("generate")
 def generate(ctx: JobContext) -> dict[str, Any]:
     params = ctx.params
@@ -152,14 +156,22 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     if not prompts:
         raise ValueError(f"no prompts in split {params['split']!r} of project {ctx.project_id}")
     models = load_models(ctx, params["model_ids"])
-    created, skipped = generate_images(
-        ctx, models, prompts, seeds, batch_size=params.get("batch_size")
-    )
-    if ctx.cancel_requested:
-        raise JobCancelled()
-    pairs = 0
-    if params.get("make_pairs", True):
-        pairs = _make_pairs(ctx, [m.id for m in models], [pid for pid, _ in prompts], seeds)
+    make = params.get("make_pairs", True)
+    # With pairs wanted, work prompt-major in rounds and pair each round as soon as it exists.
+    size = PAIR_ROUND_PROMPTS if make else len(prompts)
+    rounds = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+    created = skipped = pairs = 0
+    for index, chunk in enumerate(rounds):
+        span = (index / len(rounds), (index + 1) / len(rounds))
+        new, old = generate_images(
+            ctx, models, chunk, seeds, batch_size=params.get("batch_size"), progress=span
+        )
+        created += new
+        skipped += old
+        if ctx.cancel_requested:
+            raise JobCancelled()
+        if make:
+            pairs += _make_pairs(ctx, [m.id for m in models], [pid for pid, _ in chunk], seeds)
     ctx.progress(1.0, f"{created} new images, {pairs} new pairs")
     return {"images": created, "skipped": skipped, "pairs": pairs}
 
