@@ -2,7 +2,8 @@
 --web-workers N` on Postgres and Redis.
 
 Each annotator loops GET /api/v1/projects/{id}/pairs/next then POST /api/v1/pairs/{id}/votes with
-a fresh idempotency key (the client and the annotator loop are those of `vote_path.py`). Checked
+a fresh idempotency key, over its own keep-alive connection (a minimal asyncio client, so that
+the load generator takes little of the CPUs it shares with the server). Checked
 after the run, from the database: zero errors, acknowledged votes == stored rows, no (pair,
 annotator) twice, no pair over its k. Printed: a table of p50/p99 per endpoint and votes/s.
 A 503 from next-pair ("every open pair is being handed out right now", Retry-After 1) is an
@@ -15,15 +16,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import random
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -31,10 +35,109 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.vote_path import Tally, free_port, load, pct, populate  # noqa: E402
+from benchmarks.vote_path import free_port, pct, populate  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("PREFLOOP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 BROKER_URL = os.environ.get("PREFLOOP_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+CHOICES = ("left", "right", "tie", "both_bad")
+
+
+class Connection:
+    """One annotator's HTTP/1.1 keep-alive connection, one request at a time."""
+
+    def __init__(self, port: int, token: str) -> None:
+        self.port = port
+        self.head = f"Host: 127.0.0.1:{port}\r\nAuthorization: Bearer {token}\r\n"
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        assert self.reader is not None
+        payload = json.dumps(body).encode() if body is not None else b""
+        self.writer.write(
+            f"{method} {path} HTTP/1.1\r\n{self.head}Content-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode().partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        data = await self.reader.readexactly(length) if length else b""
+        return status, json.loads(data) if data else None
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+@dataclass
+class Tally:
+    next_ms: list[float] = field(default_factory=list)
+    vote_ms: list[float] = field(default_factory=list)
+    acked: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    empty: int = 0
+    busy: int = 0
+
+
+async def annotator(
+    port: int, token: str, project_id: int, deadline: float, tally: Tally, seed: int, think: float
+) -> None:
+    """Next pair, vote, (think), until the deadline; every answer is tallied."""
+    rng = random.Random(seed)
+    conn = Connection(port, token)
+    try:
+        await asyncio.sleep(rng.uniform(0, think or 0.2))  # annotators do not start in lockstep
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            status, pair = await conn.request("GET", f"/api/v1/projects/{project_id}/pairs/next")
+            t1 = time.perf_counter()
+            tally.next_ms.append((t1 - t0) * 1000)
+            if status in (204, 503):  # nothing left / every open pair being handed out
+                tally.empty += status == 204
+                tally.busy += status == 503
+                await asyncio.sleep(0.1)
+                continue
+            if status != 200:
+                tally.errors.append(f"next {status} {pair}")
+                continue
+            body = {
+                "choice": rng.choice(CHOICES),
+                "left_image_id": pair["left"]["image_id"],
+                "latency_ms": rng.randrange(300, 4000),
+                "idempotency_key": uuid.uuid4().hex,
+            }
+            status, ack = await conn.request("POST", f"/api/v1/pairs/{pair['pair_id']}/votes", body)
+            tally.vote_ms.append((time.perf_counter() - t1) * 1000)
+            if status in (200, 201):
+                tally.acked.append(ack["vote_id"])
+            else:
+                tally.errors.append(f"vote {status} {ack}")
+            if think:
+                await asyncio.sleep(think * rng.uniform(0.5, 1.5))
+    except Exception as exc:  # noqa: BLE001 - a dropped connection is an error to report
+        tally.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+async def load(
+    port: int, tokens: list[str], project_id: int, seconds: float, think: float
+) -> tuple[Tally, float]:
+    tally = Tally()
+    start = time.perf_counter()
+    await asyncio.gather(
+        *(
+            annotator(port, token, project_id, start + seconds, tally, seed, think)
+            for seed, token in enumerate(tokens)
+        )
+    )
+    return tally, time.perf_counter() - start
 
 
 @dataclass
