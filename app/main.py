@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
@@ -104,6 +104,16 @@ def create_app() -> FastAPI:
             {"detail": "database temporarily unavailable; retry shortly"},
             status_code=503,
             headers={"Retry-After": "5"},
+        )
+
+    @app.exception_handler(DataError)
+    async def _out_of_range(request: Request, exc: Exception) -> Response:
+        # A value the database cannot hold (an id past 2**31 - 1...) is the request's fault;
+        # answering 503 would have clients retry it forever.
+        log.warning("web.data_error path=%s error=%s", request.url.path, type(exc).__name__)
+        return JSONResponse(
+            {"detail": "a value in the request is out of the range this server stores"},
+            status_code=422,
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select, text
 
@@ -70,7 +70,8 @@ def healthz() -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-@router.get("/metrics")
+# Documented as text/plain (the Prometheus exposition format), not the default JSON.
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics() -> Response:
     try:
         with get_sessionmaker()() as session:
