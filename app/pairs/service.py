@@ -397,32 +397,49 @@ def _candidates(
         )
     if exclude:
         stmt = stmt.where(Pair.id.not_in(list(exclude)))
-    stmt = stmt.order_by(Pair.vote_count, Pair.id).limit(window)
+    stmt = stmt.order_by(Pair.vote_count).limit(window)
     return [Candidate(*row) for row in session.execute(stmt)]
 
 
-def _still_open(session: Session, cand: Candidate, annotator_id: int, now: dt.datetime) -> bool:
-    """Capacity check in a fresh statement, after the lock: sees what others just committed."""
+def _still_open(
+    session: Session, cand: Candidate, annotator_id: int, now: dt.datetime
+) -> str | None:
+    """The prompt text if the pair is still open for this annotator, else None.
+
+    Runs as a fresh statement after the lock, so it sees what others have just committed.
+    """
     voted = (
         select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator_id).exists()
     )
     row = session.execute(
-        select(Pair.vote_count, Pair.votes_wanted, _live_others(annotator_id, now), voted).where(
-            Pair.id == cand.pair_id
+        select(
+            Pair.vote_count, Pair.votes_wanted, _live_others(annotator_id, now), voted, Prompt.text
         )
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .where(Pair.id == cand.pair_id)
     ).one_or_none()
     if row is None:
-        return False
-    vote_count, votes_wanted, reserved, already_voted = row
-    if already_voted:
-        return False
-    return cand.is_gold or vote_count + reserved < votes_wanted
+        return None
+    vote_count, votes_wanted, reserved, already_voted, prompt = row
+    if already_voted or not (cand.is_gold or vote_count + reserved < votes_wanted):
+        return None
+    return prompt
+
+
+def _drop_reservations(session: Session, annotator_id: int, *, expired_before: dt.datetime) -> None:
+    session.execute(
+        delete(Reservation).where(
+            Reservation.annotator_id == annotator_id, Reservation.expires_at <= expired_before
+        ),
+        execution_options={"synchronize_session": False},
+    )
 
 
 def _held(
     session: Session, *, project_id: int, annotator_id: int, now: dt.datetime
-) -> ServedPair | None:
-    row = session.execute(
+) -> tuple[ServedPair | None, list[int]]:
+    """(the live reservation of this annotator in the project, pairs of its expired ones)."""
+    rows = session.execute(
         select(
             Reservation.pair_id,
             Reservation.left_image_id,
@@ -434,23 +451,23 @@ def _held(
         )
         .join(Pair, Pair.id == Reservation.pair_id)
         .join(Prompt, Prompt.id == Pair.prompt_id)
-        .where(
-            Reservation.annotator_id == annotator_id,
-            Reservation.expires_at > now,
-            Pair.project_id == project_id,
-        )
+        .where(Reservation.annotator_id == annotator_id, Pair.project_id == project_id)
         .order_by(Reservation.created_at.desc())
-        .limit(1)
-    ).one_or_none()
-    if row is None:
-        return None
-    pair_id, left, expires_at, a, b, is_gold, text = row
-    return ServedPair(pair_id, text, left, b if left == a else a, expires_at, is_gold)
+    ).all()
+    live = None
+    expired = []
+    for pair_id, left, expires_at, a, b, is_gold, prompt in rows:
+        if expires_at <= now:
+            expired.append(pair_id)
+        elif live is None:
+            live = ServedPair(pair_id, prompt, left, b if left == a else a, expires_at, is_gold)
+    return live, expired
 
 
 def _reserve(
     session: Session,
     cand: Candidate,
+    prompt: str,
     *,
     annotator_id: int,
     minutes: float,
@@ -470,8 +487,7 @@ def _reserve(
         )
     )
     session.flush()
-    text = session.scalar(select(Prompt.text).where(Prompt.id == cand.prompt_id)) or ""
-    return ServedPair(cand.pair_id, text, left, right, expires_at, cand.is_gold)
+    return ServedPair(cand.pair_id, prompt, left, right, expires_at, cand.is_gold)
 
 
 def _serve_from(
@@ -489,9 +505,10 @@ def _serve_from(
         if not _try_lock(session, cand.pair_id):
             locked += 1
             continue
-        if _still_open(session, cand, annotator_id, now):
+        prompt = _still_open(session, cand, annotator_id, now)
+        if prompt is not None:
             served = _reserve(
-                session, cand, annotator_id=annotator_id, minutes=minutes, now=now, rng=rng
+                session, cand, prompt, annotator_id=annotator_id, minutes=minutes, now=now, rng=rng
             )
             return served, locked
     return None, locked
@@ -522,21 +539,20 @@ def next_pair(
     rng = rng or random.Random()
     settings = project_settings(project)
     bound_lock_waits(session)
-    # First write of the unit of work: on SQLite it serialises schedulers; on Postgres the
-    # annotator's row lock serialises this annotator's own concurrent requests.
-    session.execute(
-        delete(Reservation).where(
-            Reservation.annotator_id == annotator.id, Reservation.expires_at <= now
-        ),
-        execution_options={"synchronize_session": False},
-    )
     if _is_postgres(session):
+        # Serialises this annotator's own concurrent requests (one live reservation each).
         session.execute(
             select(User.id).where(User.id == annotator.id).with_for_update(key_share=True)
         )
-    held = _held(session, project_id=project.id, annotator_id=annotator.id, now=now)
+    else:
+        # The first write of the unit of work takes SQLite's write lock: schedulers queue here.
+        _drop_reservations(session, annotator.id, expired_before=now)
+    held, expired = _held(session, project_id=project.id, annotator_id=annotator.id, now=now)
     if held is not None:
         return held
+    if expired:
+        # Lapsed ones would collide with a new reservation of the same pair.
+        _drop_reservations(session, annotator.id, expired_before=now)
     gold_first = settings.gold_rate > 0 and rng.random() < settings.gold_rate
     tiers = [True, False] if gold_first else [False]
     for look in range(LOOKS):
