@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
@@ -97,8 +98,10 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeoutError)
     async def _database_down(request: Request, exc: Exception) -> Response:
         # A database outage is temporary: tell clients to come back instead of showing a 500.
+        # So is an overload that leaves no pooled connection free within the pool timeout.
         log.error("web.database_unavailable path=%s error=%s", request.url.path, type(exc).__name__)
         return JSONResponse(
             {"detail": "database temporarily unavailable; retry shortly"},

@@ -6,8 +6,9 @@ a fresh idempotency key, over its own keep-alive connection (a minimal asyncio c
 the load generator takes little of the CPUs it shares with the server). Checked
 after the run, from the database: zero errors, acknowledged votes == stored rows, no (pair,
 annotator) twice, no pair over its k. Printed: a table of p50/p99 per endpoint and votes/s.
-A 503 from next-pair ("every open pair is being handed out right now", Retry-After 1) is an
-answer of the API, counted as busy, not as an error.
+A 503 with Retry-After (next-pair: "every open pair is being handed out right now"; any call:
+the database is overloaded or unavailable) is an answer of the API, not an error: next-pair is
+asked again, a vote is sent again with the same idempotency key; both are counted.
 
 Run: .venv/bin/python benchmarks/load.py [--annotators 200] [--seconds 60] [--web-workers 2]
 """
@@ -40,6 +41,7 @@ from benchmarks.vote_path import free_port, pct, populate  # noqa: E402
 PG_ADMIN_URL = os.environ.get("PREFLOOP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 BROKER_URL = os.environ.get("PREFLOOP_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 CHOICES = ("left", "right", "tie", "both_bad")
+MAX_VOTE_RETRIES = 5
 
 
 class Connection:
@@ -51,7 +53,8 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any, float]:
+        """(status, JSON body, Retry-After seconds or 0)."""
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
         assert self.reader is not None
@@ -62,13 +65,15 @@ class Connection:
             + payload
         )
         status = int((await self.reader.readline()).split()[1])
-        length = 0
+        length, retry_after = 0, 0.0
         while (line := await self.reader.readline()) not in (b"\r\n", b""):
             name, _, value = line.decode().partition(":")
             if name.lower() == "content-length":
                 length = int(value)
+            elif name.lower() == "retry-after":
+                retry_after = float(value)
         data = await self.reader.readexactly(length) if length else b""
-        return status, json.loads(data) if data else None
+        return status, json.loads(data) if data else None, retry_after
 
     def close(self) -> None:
         if self.writer is not None:
@@ -83,6 +88,7 @@ class Tally:
     errors: list[str] = field(default_factory=list)
     empty: int = 0
     busy: int = 0
+    vote_retries: int = 0
 
 
 async def annotator(
@@ -95,7 +101,7 @@ async def annotator(
         await asyncio.sleep(rng.uniform(0, think or 0.2))  # annotators do not start in lockstep
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            status, pair = await conn.request("GET", f"/api/v1/projects/{project_id}/pairs/next")
+            status, pair, _ = await conn.request("GET", f"/api/v1/projects/{project_id}/pairs/next")
             t1 = time.perf_counter()
             tally.next_ms.append((t1 - t0) * 1000)
             if status in (204, 503):  # nothing left / every open pair being handed out
@@ -112,8 +118,19 @@ async def annotator(
                 "latency_ms": rng.randrange(300, 4000),
                 "idempotency_key": uuid.uuid4().hex,
             }
-            status, ack = await conn.request("POST", f"/api/v1/pairs/{pair['pair_id']}/votes", body)
+            path = f"/api/v1/pairs/{pair['pair_id']}/votes"
+            status, ack, retry_after = await conn.request("POST", path, body)
             tally.vote_ms.append((time.perf_counter() - t1) * 1000)
+            # A 503 (overloaded or unavailable database) says come back: the same request with
+            # the same idempotency key, so that a vote stored after all is not cast twice.
+            for _ in range(MAX_VOTE_RETRIES):
+                if status != 503:
+                    break
+                tally.vote_retries += 1
+                await asyncio.sleep(min(retry_after, 2.0) * rng.uniform(0.5, 1.0))
+                t2 = time.perf_counter()
+                status, ack, retry_after = await conn.request("POST", path, body)
+                tally.vote_ms.append((time.perf_counter() - t2) * 1000)
             if status in (200, 201):
                 tally.acked.append(ack["vote_id"])
             else:
@@ -183,7 +200,8 @@ class LoadReport:
             )
         lines += [
             f"votes: {len(t.acked)} acknowledged, {self.votes_per_second:.1f} votes/s; "
-            f"next-pair answers: {t.empty} empty (204), {t.busy} busy (503)",
+            f"next-pair answers: {t.empty} empty (204), {t.busy} busy (503); "
+            f"vote retries after 503: {t.vote_retries}",
             f"errors: {len(t.errors)}  acknowledged == rows: {self.rows_match} ({self.rows} rows)"
             f"  duplicate (pair, annotator): {self.duplicates}  pairs over k: {self.over_k}",
             *(f"  {line}" for line in t.errors[:5]),

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from app.core.db import SessionDep
 from app.core.security import tokens_equal
@@ -54,16 +55,18 @@ def _origin_ok(request: Request) -> bool:
 
 
 async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
+    # Async only for the CSRF form read; the database lookups run in the threadpool, since one
+    # blocking the event loop while the pool is exhausted stalls every request of the process.
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        user = users.user_for_token(session, header[7:].strip())
+        user = await run_in_threadpool(users.user_for_token, session, header[7:].strip())
         if user is None:
             raise HTTPException(401, "invalid or revoked token", {"WWW-Authenticate": "Bearer"})
         return Auth(user=user, via="token")
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
-    user_session = users.session_for_token(session, cookie)
+    user_session = await run_in_threadpool(users.session_for_token, session, cookie)
     if user_session is None:
         return None
     # Cookie-authenticated writes need the synchronizer token and a same-origin request.

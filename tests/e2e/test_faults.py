@@ -4,6 +4,7 @@ by tests/e2e/test_dpo_job.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -20,7 +21,7 @@ import pytest
 
 from app.votes.routes import FAULT_EXIT_PREFIX
 from benchmarks.vote_path import populate
-from tests.support import Proc, Stack, bearer, free_port, wait_for, wait_job
+from tests.support import Proc, Stack, bearer, free_port, login, wait_for, wait_job
 
 HTML = {"Accept": "text/html"}
 
@@ -358,3 +359,48 @@ def test_web_killed_after_commit_retry_gets_the_original_vote(tmp_path: Path) ->
         )
         assert again.status_code == 201 and stack.serve.proc.poll() is None
         annotator.close()
+
+
+# --- overload: the pool has no free connection -------------------------------------------------
+
+
+def test_auth_lookups_run_off_the_event_loop(client, make_user, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A lookup blocking the event loop while the pool is exhausted stalls every request of the
+    web process (found by the load test: 200 annotators hung a worker for minutes)."""
+    from app.users import service as users
+
+    on_loop: list[str] = []
+
+    def spying(real):  # type: ignore[no-untyped-def]
+        def lookup(session, token):  # type: ignore[no-untyped-def]
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(real.__name__)
+            except RuntimeError:
+                pass
+            return real(session, token)
+
+        return lookup
+
+    for name in ("user_for_token", "session_for_token"):
+        monkeypatch.setattr(users, name, spying(getattr(users, name)))
+    user, token = make_user("lead", password="a long enough password")
+    assert client.get("/api/v1/projects", headers=bearer(token)).status_code == 200
+    login(client, user.email, "a long enough password")
+    assert client.get("/api/v1/projects").status_code == 200
+    assert on_loop == []
+
+
+def test_no_free_pooled_connection_answers_503(client, make_user, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+    from app.users import service as users
+
+    def exhausted(session, token):  # type: ignore[no-untyped-def]
+        raise PoolTimeoutError("QueuePool limit of size 10 overflow 20 reached")
+
+    _, token = make_user("annotator")
+    monkeypatch.setattr(users, "user_for_token", exhausted)
+    answer = client.get("/api/v1/projects", headers=bearer(token))
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
+    assert "retry" in answer.json()["detail"]
