@@ -93,7 +93,8 @@ def _gallery(session: Session, project: Project, request: Request) -> dict[str, 
 
     def number(name: str) -> int | None:
         raw = query.get(name, "")
-        return int(raw) if raw.isdigit() else None
+        # ASCII only: str.isdigit() accepts '²', which int() refuses; past 18 digits, no row.
+        return int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 18 else None
 
     split = query.get("split") or None
     if split not in (None, "train", "val", "test"):

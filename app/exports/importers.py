@@ -2,8 +2,9 @@
 stored leaderboard.
 
 Both only flush: the caller's transaction (the request, or the CLI's session_scope) commits, and
-an ImportFormatError rolls everything back, so a bad file leaves nothing half-imported. (Image
-files already written to the content-addressed media store stay there, unreferenced.)
+an ImportFormatError rolls everything back, so a bad file leaves nothing half-imported. Every
+image is checked (complete, not a decompression bomb) before the first one is written to the
+media store, so a bad file leaves no files behind either.
 
 Pick-a-Pic rows are numbered from 0 (as in `datasets` and pandas). Mapping:
 - `caption` → a prompt of the project (reused when the text already exists), split "train";
@@ -304,6 +305,41 @@ def import_annotator_email(project_id: int, user_key: str | None) -> str:
     return f"import+p{project_id}-u{_slug(user_key)}@prefloop.local"
 
 
+def check_image(row_no: int, column: str, data: object) -> None:
+    """Complete image bytes of a sane size, or an ImportFormatError naming the cell."""
+    if not isinstance(data, bytes) or not data:
+        raise ImportFormatError([f"row {row_no}: {column} must hold the image file's bytes"])
+    try:
+        with warnings.catch_warnings():
+            # Past MAX_IMAGE_PIXELS Pillow only warns; here such a size is a decompression bomb.
+            warnings.simplefilter("error", PILImage.DecompressionBombWarning)
+            with PILImage.open(io.BytesIO(data)) as img:
+                # Checksums and the end marker without decoding: a truncated file fails here.
+                img.verify()
+    except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image
+        raise ImportFormatError(
+            [f"row {row_no}: {column} is not a readable image ({type(exc).__name__}: {exc})"]
+        ) from None
+
+
+def _check_new_images(parquet: pq.ParquetFile, writer: _PickapicWriter) -> None:
+    """Check every image the writing pass would store, before it stores the first one."""
+    known = set(writer.images)
+    keys = set(writer.keys)
+    columns = ["image_0_uid", "image_1_uid", "jpg_0", "jpg_1", "ranking_id"]
+    for start, rows in _batches(parquet, columns, IMPORT_BATCH):
+        for offset, row in enumerate(rows):
+            key = _idempotency_key(str(row["ranking_id"]).strip())
+            if key in keys:
+                continue  # skipped as already imported: its images are not read
+            keys.add(key)
+            for k in (0, 1):
+                uid = str(row[f"image_{k}_uid"]).strip()
+                if uid not in known:
+                    check_image(start + offset, f"jpg_{k}", row[f"jpg_{k}"])
+                    known.add(uid)
+
+
 class _PickapicWriter:
     """Get-or-create lookups for one import, preloaded once so rows cost no extra queries."""
 
@@ -390,15 +426,8 @@ class _PickapicWriter:
     ) -> tuple[str, int | None]:
         if uid in self.images:
             return self.images[uid]
-        if not isinstance(data, bytes) or not data:
-            raise ImportFormatError([f"row {row_no}: {column} must hold the image file's bytes"])
-        try:
-            with PILImage.open(io.BytesIO(data)) as img:
-                img.size  # noqa: B018 - reading the header is the check
-        except Exception as exc:  # noqa: BLE001 - any decoder failure means a bad image
-            raise ImportFormatError(
-                [f"row {row_no}: {column} is not a readable image ({type(exc).__name__}: {exc})"]
-            ) from None
+        check_image(row_no, column, data)
+        assert isinstance(data, bytes)
         model_id = self.model(model)
         image = store_image(
             self.session,
@@ -483,6 +512,7 @@ def import_pickapic(
     parquet = _open_parquet(source)
     validate_pickapic(parquet)
     writer = _PickapicWriter(session, project, store)
+    _check_new_images(parquet, writer)
     # Second pass: the rows again, now with their images, a batch at a time.
     for start, rows in _batches(parquet, _columns(parquet, images=True), IMPORT_BATCH):
         for offset, row in enumerate(rows):

@@ -20,7 +20,9 @@ router = APIRouter(prefix="/api/v1", tags=["images"])
 
 @router.get("/images/{image_id}", response_class=FileResponse)
 def image_bytes(image_id: str, session: SessionDep, user: CurrentUser) -> FileResponse:
-    image = session.get(Image, image_id) if len(image_id) <= 32 else None
+    # Ids are short hex strings; anything else (NUL bytes, traversal, overlong) is unknown.
+    plausible = len(image_id) <= 32 and image_id.isascii() and image_id.isalnum()
+    image = session.get(Image, image_id) if plausible else None
     # Unknown and forbidden look the same, so ids cannot be probed.
     if image is None or membership_role(session, user, image.project_id) is None:
         raise HTTPException(404, "image not found")

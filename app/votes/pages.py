@@ -126,7 +126,7 @@ def vote_page(
 
 def _latency(raw: str) -> int | None:
     raw = raw.strip()
-    if not raw.isdigit():
+    if not (raw.isascii() and raw.isdigit()):  # str.isdigit() accepts '²', int() does not
         return None
     return min(int(raw), service.MAX_LATENCY_MS)
 
