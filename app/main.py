@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
 from app.core.config import get_settings
+from app.core.db import get_engine, pool_capacity
 from app.core.deps import LoginRequired
 from app.core.health import LATENCY, REQUESTS
 from app.core.health import router as health_router
@@ -75,6 +77,8 @@ def create_app() -> FastAPI:
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
+    # Requests working on the database at once, per process (see app.core.db.request_slot).
+    app.state.db_slots = asyncio.Semaphore(pool_capacity(get_engine()))
 
     @app.middleware("http")
     async def headers_and_metrics(

@@ -404,3 +404,40 @@ def test_no_free_pooled_connection_answers_503(client, make_user, monkeypatch) -
     answer = client.get("/api/v1/projects", headers=bearer(token))
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "5"
     assert "retry" in answer.json()["detail"]
+
+
+def test_requests_using_the_database_at_once_are_bounded_by_slots(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Past the pool's capacity requests wait for a slot on the event loop instead of holding
+    threads that wait for connections (the load test's throughput collapse)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from app.core.db import get_engine, pool_capacity
+    from app.main import create_app
+    from app.users import service as users
+
+    lock = threading.Lock()
+    active = [0, 0]  # now, peak
+
+    def slow_lookup(session, token):  # type: ignore[no-untyped-def]
+        with lock:
+            active[0] += 1
+            active[1] = max(active)
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+
+    monkeypatch.setattr(users, "user_for_token", slow_lookup)
+    app = create_app()
+    assert app.state.db_slots._value == pool_capacity(get_engine()) == 30
+    app.state.db_slots = asyncio.Semaphore(2)
+    with TestClient(app) as client, ThreadPoolExecutor(6) as pool:
+        codes = list(
+            pool.map(
+                lambda _: client.get("/api/v1/projects", headers=bearer("pfl_nope")).status_code,
+                range(6),
+            )
+        )
+    assert codes == [401] * 6
+    assert active[1] == 2
