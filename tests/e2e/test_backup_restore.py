@@ -175,6 +175,9 @@ def test_backup_of_a_running_stack_restores_every_vote_and_image(tmp_path: Path)
         assert "restored 14 votes, 16 images and 16 media files" in restored.stdout
         twice = prefloop(env, "restore", str(backup_dir))
         assert twice.returncode == 1 and "restore into an empty database" in twice.stderr
+        forced = prefloop(env, "restore", "--force", str(backup_dir))
+        assert forced.returncode == 0, forced.stderr
+        assert "restored 14 votes, 16 images" in forced.stdout
 
         serve = Proc(["serve", "--no-worker", "--port", str(port)], env, tmp_path / "restored.log")
         base = f"http://127.0.0.1:{port}"
