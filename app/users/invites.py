@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.core.db import SessionDep, utcnow
-from app.core.deps import SESSION_COOKIE
 from app.core.security import sign, tokens_equal
 from app.core.web import render
 from app.users import service
@@ -107,18 +106,6 @@ def accept_invite(
     if problem is not None:
         ctx = {"error": None, "problem": problem, "user": user, "token": token}
         return render(request, "pages/invite.html", ctx, status_code=422)
-    settings = get_settings()
-    cookie, _ = service.start_session(
-        session, user, days=settings.session_days, user_agent=request.headers.get("user-agent")
-    )
-    response = RedirectResponse("/", status_code=303)
-    response.set_cookie(
-        SESSION_COOKIE,
-        cookie,
-        max_age=settings.session_days * 86400,
-        httponly=True,
-        secure=settings.cookie_secure,
-        samesite="lax",
-        path="/",
-    )
-    return response
+    from app.users.pages import log_in
+
+    return log_in(request, session, user, RedirectResponse("/", status_code=303))

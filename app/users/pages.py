@@ -6,12 +6,14 @@ from urllib.parse import urlparse
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.deps import SESSION_COOKIE, OptionalAuth
 from app.core.web import render
 from app.users import service
+from app.users.models import User
 
 router = APIRouter(include_in_schema=False)
 
@@ -62,10 +64,15 @@ def login(
             {"next": _safe_next(next), "error": "Wrong email or password."},
             status_code=400,
         )
+    return log_in(request, session, user, RedirectResponse(_safe_next(next), status_code=303))
+
+
+def log_in(request: Request, session: Session, user: User, response: Response) -> Response:
+    """Start a server-side session for `user` and set its cookie on `response`."""
+    settings = get_settings()
     token, _ = service.start_session(
         session, user, days=settings.session_days, user_agent=request.headers.get("user-agent")
     )
-    response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(
         SESSION_COOKIE,
         token,

@@ -19,17 +19,18 @@ import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.support import FAST_JOBS, REPO, Proc, base_env, bearer, free_port, login, wait_for
+from tests.support import (
+    FAST_JOBS,
+    REPO,
+    Proc,
+    base_env,
+    bearer,
+    free_port,
+    launch_chromium,
+    login,
+    wait_for,
+)
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 LEAD = ("lead@flow.test", "lead-flow-password-1")
 TOY = REPO / "worker" / "toy" / "weights" / "toy-v1" / "model_index.json"
 PROMPTS = b"a red circle\na blue square\na green triangle\na yellow circle\n"
@@ -83,7 +84,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        chromium = launch_chromium(p)
         yield chromium
         chromium.close()
 

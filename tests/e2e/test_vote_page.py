@@ -31,17 +31,8 @@ from app.projects.service import add_member, create_project
 from app.users import service as users
 from app.votes.models import Vote
 from tests.app.test_pairs import tiny_png
-from tests.support import Proc, base_env, free_port, wait_for
+from tests.support import Proc, base_env, free_port, launch_chromium, wait_for
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PASSWORD = "vote-page-password-1"
 
 
@@ -165,7 +156,7 @@ def _wait_given(page: Page, n: int) -> None:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        chromium = launch_chromium(p)
         yield chromium
         chromium.close()
 

@@ -32,8 +32,7 @@ from app.ratings.models import Rating, RatingFit
 from app.users import service as users
 from app.votes.models import Vote
 from tests.app.test_pairs import tiny_png
-from tests.e2e.test_vote_page import CHROMIUM_ARGS
-from tests.support import Proc, base_env, free_port, wait_for
+from tests.support import Proc, base_env, free_port, launch_chromium, wait_for
 
 PASSWORD = "xss-test-password-1"
 PROJECT = '<script>window.__xss=1</script>Proj "X"'
@@ -139,7 +138,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        chromium = launch_chromium(p)
         yield chromium
         chromium.close()
 
