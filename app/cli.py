@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -133,6 +134,7 @@ def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
     from worker.celery_app import celery_app
 
     settings = get_settings()
+    _limit_torch_threads(settings.torch_threads)
     celery_app.worker_main(
         [
             "worker",
@@ -148,6 +150,17 @@ def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
             "--without-mingle",
         ]
     )
+
+
+def _limit_torch_threads(threads: int | None) -> None:
+    """Set torch's CPU threads before any job runs (see PREFLOOP_TORCH_THREADS)."""
+    import torch
+
+    count = threads or max(1, (os.cpu_count() or 2) // 2)
+    torch.set_num_threads(count)
+    # Inter-op threads can only be set once, before any parallel work.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(count)
 
 
 @main.group()

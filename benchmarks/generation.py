@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--batch", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--guidance", type=float, default=4.0)
     args = parser.parse_args()
 

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     job_stale_seconds: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1)
     reaper_interval_seconds: float = Field(default=15.0, gt=0)
+    # CPU threads for torch in a worker. Unset: half the cores, so a CPU worker leaves room for
+    # the web server and the database (oversubscribed torch threads slow down by 10× or more).
+    torch_threads: int | None = Field(default=None, ge=1, le=512)
     # Leaderboards are refitted at most this often while votes come in.
     ratings_refresh_seconds: float = Field(default=60.0, ge=0)
     # Above the longest job: Redis redelivers an unacknowledged message after this.
