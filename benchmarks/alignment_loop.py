@@ -21,6 +21,12 @@ two preferences, fidelity drop ≤ 2 points, whole loop ≤ 20 minutes). Written
     .venv/bin/python benchmarks/alignment_loop.py --quick          # a smoke run, minutes
 
 Needs the test services (Postgres and Redis, as for `tests/e2e`).
+
+Measured with the defaults (1 200 votes, 10 % flip noise, DPO β 2000, lr 1e-4, rank 8, batch 8,
+150 steps; 80 held-out prompts × 3 held-out seeds), 2 shared CPU cores: brighter 94.2 %
+[90.4, 96.5], darker 98.3 % [95.8, 99.4], larger 60.8 % [54.5, 66.8]; colour+shape fidelity
+98.2 % before, 98.0 / 98.2 / 98.2 % after; 2.8–4.3 min per loop on a quiet machine, 17.7 min at
+load average 5–8.
 """
 
 from __future__ import annotations
