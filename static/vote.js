@@ -97,6 +97,9 @@
     const button = root.querySelector(`[data-key="${key}"]`);
     if (!button || button.disabled) return;
     event.preventDefault();
+    // A key pressed right after a swap can beat htmx's settle step: make sure the button's
+    // hx-* attributes are live before clicking it (process is idempotent).
+    if (window.htmx) window.htmx.process(button);
     button.click();
   });
 

@@ -222,6 +222,7 @@ def test_vote_with_mouse_and_every_shortcut_then_change_and_empty(
     empty = page.locator(".empty-state")
     assert "Nothing to do" in empty.inner_text()
     assert page.locator(".pairs-left").inner_text() == "0"
+    page.wait_for_selector(".undo")
     page.keyboard.press("u")
     page.wait_for_selector(".change-banner")
     assert "it was: Left" in page.inner_text(".change-banner")
