@@ -9,7 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,38 @@ class Stack:
         if self.serve is not None:
             self.serve.stop()
         drop_database(self.db_name)
+
+
+@contextmanager
+def embedded_web(tmp: Path) -> Iterator[tuple[str, Any, Any]]:
+    """`prefloop serve --no-worker` on a fresh SQLite data dir, for browser tests.
+
+    Yields (base URL, a session factory on its database, its media store) once the schema
+    exists and the web answers.
+    """
+    from sqlalchemy.orm import sessionmaker
+
+    import app.models  # noqa: F401 - every table, for the flush order
+    from app.core.db import make_engine
+    from app.core.storage import MediaStore
+
+    data_dir = tmp / "data"
+    port = free_port()
+    serve = Proc(
+        ["serve", "--no-worker", "--data-dir", str(data_dir), "--port", str(port)],
+        base_env(PREFLOOP_LOG_LEVEL="WARNING"),
+        tmp / "serve.log",
+    )
+    base = f"http://127.0.0.1:{port}"
+    engine = None
+    try:
+        # The admin line comes after the migrations: the schema is there from then on.
+        wait_for(lambda: "admin login" in serve.output(), 90, what="serve to migrate")
+        engine = make_engine(f"sqlite:///{data_dir / 'prefloop.db'}")
+        factory = sessionmaker(bind=engine, expire_on_commit=False)
+        wait_for(lambda: httpx.get(f"{base}/login", timeout=2).status_code == 200, 60, what="web")
+        yield base, factory, MediaStore(data_dir / "media")
+    finally:
+        serve.stop()
+        if engine is not None:
+            engine.dispose()

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Page, sync_playwright
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 import app.models  # noqa: F401 - every table, for the flush order
-from app.core.db import make_engine, session_scope
+from app.core.db import session_scope
 from app.core.storage import MediaStore
 from app.generators.models import ModelVersion
 from app.images.service import store_image
@@ -31,7 +30,7 @@ from app.projects.service import add_member, create_project
 from app.users import service as users
 from app.votes.models import Vote
 from tests.app.test_pairs import tiny_png
-from tests.support import Proc, base_env, free_port, launch_chromium, wait_for
+from tests.support import embedded_web, launch_chromium
 
 PASSWORD = "vote-page-password-1"
 
@@ -87,22 +86,7 @@ def _project(session: Any, store: MediaStore, lead: Any, name: str, n_prompts: i
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    tmp = tmp_path_factory.mktemp("vote-page")
-    data_dir = tmp / "data"
-    port = free_port()
-    serve = Proc(
-        ["serve", "--no-worker", "--data-dir", str(data_dir), "--port", str(port)],
-        base_env(PREFLOOP_LOG_LEVEL="WARNING"),
-        tmp / "serve.log",
-    )
-    base = f"http://127.0.0.1:{port}"
-    engine = None
-    try:
-        # The admin line comes after the migrations: the schema is there from then on.
-        wait_for(lambda: "admin login" in serve.output(), 90, what="serve to migrate")
-        engine = make_engine(f"sqlite:///{data_dir / 'prefloop.db'}")
-        factory = sessionmaker(bind=engine, expire_on_commit=False)
-        store = MediaStore(data_dir / "media")
+    with embedded_web(tmp_path_factory.mktemp("vote-page")) as (base, factory, store):
         with session_scope(factory) as session:
             lead = users.create_user(session, email="lead@vote.test", role="lead")
             projects = {
@@ -118,12 +102,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 add_member(session, project=project, user=user, role="annotator")
                 emails[key] = user.email
             names = [m.name for m in session.scalars(select(ModelVersion)).all()]
-        wait_for(lambda: httpx.get(f"{base}/login", timeout=2).status_code == 200, 60, what="web")
         yield Site(base, factory, projects, emails, names)
-    finally:
-        serve.stop()
-        if engine is not None:
-            engine.dispose()
 
 
 def _votes(site: Site, email: str) -> list[Vote]:

@@ -14,14 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from playwright.sync_api import Page, sync_playwright
-from sqlalchemy.orm import sessionmaker
 
 import app.models  # noqa: F401 - every table, for the flush order
-from app.core.db import make_engine, session_scope
-from app.core.storage import MediaStore
+from app.core.db import session_scope
 from app.generators.models import ModelVersion
 from app.images.service import store_image
 from app.pairs.service import make_pairs
@@ -32,7 +29,7 @@ from app.ratings.models import Rating, RatingFit
 from app.users import service as users
 from app.votes.models import Vote
 from tests.app.test_pairs import tiny_png
-from tests.support import Proc, base_env, free_port, launch_chromium, wait_for
+from tests.support import embedded_web, launch_chromium
 
 PASSWORD = "xss-test-password-1"
 PROJECT = '<script>window.__xss=1</script>Proj "X"'
@@ -53,21 +50,7 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    tmp = tmp_path_factory.mktemp("xss")
-    data_dir = tmp / "data"
-    port = free_port()
-    serve = Proc(
-        ["serve", "--no-worker", "--data-dir", str(data_dir), "--port", str(port)],
-        base_env(PREFLOOP_LOG_LEVEL="WARNING"),
-        tmp / "serve.log",
-    )
-    base = f"http://127.0.0.1:{port}"
-    engine = None
-    try:
-        wait_for(lambda: "admin login" in serve.output(), 90, what="serve to migrate")
-        engine = make_engine(f"sqlite:///{data_dir / 'prefloop.db'}")
-        factory = sessionmaker(bind=engine, expire_on_commit=False)
-        store = MediaStore(data_dir / "media")
+    with embedded_web(tmp_path_factory.mktemp("xss")) as (base, factory, store):
         with session_scope(factory) as session:
             lead = users.create_user(session, email="lead@xss.test", role="lead", password=PASSWORD)
             annotator = users.create_user(session, email=EMAIL, role="annotator", password=PASSWORD)
@@ -127,12 +110,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                     )
                 )
             project_id = project.id
-        wait_for(lambda: httpx.get(f"{base}/login", timeout=2).status_code == 200, 60, what="web")
         yield Site(base, project_id)
-    finally:
-        serve.stop()
-        if engine is not None:
-            engine.dispose()
 
 
 @pytest.fixture(scope="module")
