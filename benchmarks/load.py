@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.vote_path import Tally as VotePathTally  # noqa: E402
 from benchmarks.vote_path import free_port, pct, populate  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("PREFLOOP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -81,13 +82,8 @@ class Connection:
 
 
 @dataclass
-class Tally:
-    next_ms: list[float] = field(default_factory=list)
-    vote_ms: list[float] = field(default_factory=list)
-    acked: list[int] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    empty: int = 0
-    busy: int = 0
+class Tally(VotePathTally):
+    # Votes resent after a 503 with the same idempotency key.
     vote_retries: int = 0
 
 
