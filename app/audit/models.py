@@ -20,5 +20,9 @@ class AuditEvent(Base):
     )
     action: Mapped[str] = mapped_column(String(64))
     target: Mapped[str] = mapped_column(String(200), default="")
+    # No foreign key: the record outlives the project it speaks of.
+    project_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    # The client address the action came from ("cli" for the command line).
+    address: Mapped[str] = mapped_column(String(64), default="", server_default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)

@@ -69,6 +69,7 @@ async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
     user_session = await run_in_threadpool(users.session_for_token, session, cookie)
     if user_session is None:
         return None
+    user_session.user.token_project_id = None  # type: ignore[attr-defined]
     # Cookie-authenticated writes need the synchronizer token and a same-origin request.
     if request.method not in SAFE_METHODS and (
         not _origin_ok(request) or not await _csrf_ok(request, user_session)
@@ -115,13 +116,27 @@ LeadUser = Annotated[User, Depends(require_lead)]
 AdminUser = Annotated[User, Depends(require_admin)]
 
 
+def token_project(user: User) -> int | None:
+    """The one project a project-confined API token may reach (None: not confined)."""
+    return getattr(user, "token_project_id", None)
+
+
 def membership_role(session: Session, user: User, project_id: int) -> str | None:
-    """'admin', 'lead', 'annotator' or None: what this user may do in the project."""
+    """'admin', 'lead', 'annotator' or None: what this user may do in the project.
+
+    A deactivated membership counts as none; so does every other project for a token that is
+    confined to one project.
+    """
+    scope = token_project(user)
+    if scope is not None and scope != project_id:
+        return None
     if user.role == "admin":
         return "admin"
     return session.scalar(
         select(Membership.role).where(
-            Membership.project_id == project_id, Membership.user_id == user.id
+            Membership.project_id == project_id,
+            Membership.user_id == user.id,
+            Membership.is_active.is_(True),
         )
     )
 

@@ -117,12 +117,13 @@ def votes_per_annotator(
     """Every annotator member and everyone who voted, most votes first."""
     hour_ago = (now or utcnow()) - dt.timedelta(hours=1)
     rows: dict[int, AnnotatorRow] = {}
-    for user in session.scalars(
-        select(User)
+    for user, member_active in session.execute(
+        select(User, Membership.is_active)
         .join(Membership, Membership.user_id == User.id)
         .where(Membership.project_id == project_id, Membership.role == "annotator")
     ):
-        rows[user.id] = AnnotatorRow(user.id, user.email, user.is_active, member=True)
+        active = user.is_active and member_active
+        rows[user.id] = AnnotatorRow(user.id, user.email, active, member=True)
     recent = func.sum(case((Vote.created_at >= hour_ago, 1), else_=0))
     for user_id, email, active, votes, last, last_hour in session.execute(
         select(

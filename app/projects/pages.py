@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from app.audit.service import record
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.deps import PageUser, get_project_for, membership_role
@@ -319,6 +320,7 @@ def _annotators_page(
     project: Project,
     *,
     invite: dict[str, str] | None = None,
+    notice: str | None = None,
     error: str | None = None,
     email: str = "",
     status_code: int = 200,
@@ -343,6 +345,7 @@ def _annotators_page(
         "has_password": has_password,
         "roles": roles,
         "invite": invite,
+        "notice": notice,
         "error": error,
         "email": email,
     }
@@ -370,7 +373,8 @@ def invite_annotator(
     user: PageUser,
     email: str = Form(max_length=320),
 ) -> HTMLResponse:
-    """Add an annotator (a new account, or an existing one) and show their invite link."""
+    """Add an annotator: a new account comes with an invite link; an existing account only
+    becomes a member (its password is its owner's business)."""
     project = get_project_for(session, user, project_id, lead=True)
     try:
         address = users.normalise_email(email)
@@ -379,13 +383,46 @@ def invite_annotator(
             request, session, project, error=str(exc), email=email, status_code=422
         )
     invitee = users.get_by_email(session, address)
+    existing = invitee is not None
     if invitee is None:
         invitee = users.create_user(session, email=address, role="annotator")
     service.add_member(session, project=project, user=invitee, role="annotator")
-    invite = None
-    if invitee.password_hash is None and invitee.role == "annotator":
-        invite = _invite_for(request, invitee)
-    return _annotators_page(request, session, project, invite=invite)
+    record(
+        session,
+        actor=user,
+        action="member.add",
+        target=f"user:{invitee.id}",
+        details={"project_id": project.id, "role": "annotator", "existing": existing},
+    )
+    invite = None if existing else _invite_for(request, invitee)
+    notice = f"{address} already has an account and is now a member." if existing else None
+    return _annotators_page(request, session, project, invite=invite, notice=notice)
+
+
+def may_invite(session: Session, actor: User, invitee: User) -> bool:
+    """Whether `actor` may get a set-your-password link for `invitee`.
+
+    Only for an annotator account that has never had a password and belongs to no project
+    the actor does not lead: otherwise the link would let a lead take over someone else's
+    account. (Admins reset passwords from the Users page.)
+    """
+    if invitee.password_hash is not None or invitee.role != "annotator":
+        return False
+    if actor.role == "admin":
+        return True
+    projects = set(
+        session.scalars(select(Membership.project_id).where(Membership.user_id == invitee.id))
+    )
+    led = set(
+        session.scalars(
+            select(Membership.project_id).where(
+                Membership.user_id == actor.id,
+                Membership.role == "lead",
+                Membership.is_active.is_(True),
+            )
+        )
+    )
+    return projects <= led
 
 
 @router.post("/projects/{project_id}/annotators/{user_id}/invite", response_class=HTMLResponse)
@@ -394,11 +431,19 @@ def new_invite_link(
 ) -> HTMLResponse:
     project = get_project_for(session, user, project_id, lead=True)
     invitee = _annotator_member(session, project, user_id)
-    # A link for an account that has a password would let a lead take it over.
-    if invitee.password_hash is not None or invitee.role != "annotator":
-        raise HTTPException(409, "this annotator has already set a password")
+    if not may_invite(session, user, invitee):
+        raise HTTPException(
+            409, "no invite link for this account: it has a password or belongs to other projects"
+        )
     if not invitee.is_active:
-        raise HTTPException(409, "this annotator is deactivated; reactivate them first")
+        raise HTTPException(409, "this account is deactivated")
+    record(
+        session,
+        actor=user,
+        action="member.invite",
+        target=f"user:{invitee.id}",
+        details={"project_id": project.id},
+    )
     return _annotators_page(request, session, project, invite=_invite_for(request, invitee))
 
 
@@ -411,11 +456,19 @@ def set_active(
     user: PageUser,
     active: bool = Form(),
 ) -> Response:
-    """Deactivate (or reactivate) an annotator account: no login, no working token."""
+    """Deactivate (or reactivate) someone's membership of this project; their account, and
+    their other projects, are untouched (only admins (de)activate accounts)."""
     project = get_project_for(session, user, project_id, lead=True)
     target = _annotator_member(session, project, user_id)
-    if target.role != "annotator":
-        raise HTTPException(403, "only annotator accounts can be deactivated here")
-    target.is_active = active
+    membership = session.get(Membership, (project.id, target.id))
+    assert membership is not None  # _annotator_member checked it
+    membership.is_active = active
     session.flush()
+    record(
+        session,
+        actor=user,
+        action="member.activate" if active else "member.deactivate",
+        target=f"user:{target.id}",
+        details={"project_id": project.id},
+    )
     return RedirectResponse(f"/projects/{project.id}/annotators", status_code=303)

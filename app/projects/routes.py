@@ -58,14 +58,15 @@ def add_annotator(
 ) -> dict[str, Any]:
     project = get_project_for(session, user, project_id, lead=True)
     try:
-        annotator, token = service.add_annotator(session, project=project, email=body.email)
+        added = service.add_annotator(session, project=project, email=body.email, actor=user)
     except UserError as exc:
         raise HTTPException(422, str(exc)) from None
     record(
         session,
         actor=user,
         action="member.add",
-        target=f"project:{project.id}",
-        details={"user_id": annotator.id, "role": "annotator"},
+        target=f"user:{added.user.id}",
+        details={"project_id": project.id, "role": "annotator", "existing": added.existing},
     )
-    return {"user_id": annotator.id, "token": token}
+    # `token` stays in the answer (null for an existing account) so clients need not branch.
+    return {"user_id": added.user.id, "token": added.token, "existing": added.existing}

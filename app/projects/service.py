@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -40,8 +42,12 @@ def add_prompts(session: Session, *, project: Project, prompts: list[PromptIn]) 
 
 
 def add_member(session: Session, *, project: Project, user: User, role: str) -> Membership:
+    """Make `user` a member; an existing membership keeps its role and becomes active again."""
     existing = session.get(Membership, (project.id, user.id))
     if existing is not None:
+        if not existing.is_active:
+            existing.is_active = True
+            session.flush()
         return existing
     membership = Membership(project_id=project.id, user_id=user.id, role=role)
     session.add(membership)
@@ -49,19 +55,45 @@ def add_member(session: Session, *, project: Project, user: User, role: str) -> 
     return membership
 
 
-def add_annotator(session: Session, *, project: Project, email: str) -> tuple[User, str]:
-    """Create (or reuse) an annotator account, add it to the project, and issue a token."""
-    user = users.get_by_email(session, email)
-    if user is None:
-        user = users.create_user(session, email=email, role="annotator")
+@dataclass
+class AddedMember:
+    user: User
+    # True when the account existed before this call: then nothing but a membership was made.
+    existing: bool
+    # Only for an account created by this very call: its first API token, confined to the
+    # project. An existing account's credentials belong to its owner alone.
+    token: str | None = None
+
+
+def add_annotator(
+    session: Session, *, project: Project, email: str, actor: User | None = None
+) -> AddedMember:
+    """Add an annotator to the project by email.
+
+    An unknown email gets a new account and its first token (for scripts that enrol
+    annotators). A known email gets a membership only: issuing a token, invite or password
+    for an account the caller did not create would hand them someone else's identity.
+    """
+    address = users.normalise_email(email)
+    user = users.get_by_email(session, address)
+    if user is not None:
+        add_member(session, project=project, user=user, role="annotator")
+        return AddedMember(user=user, existing=True)
+    user = users.create_user(session, email=address, role="annotator")
     add_member(session, project=project, user=user, role="annotator")
-    return user, users.issue_token(session, user, name=f"project {project.id}")
+    token = users.issue_token(
+        session, user, name=f"project {project.id}", project_id=project.id, created_by=actor
+    )
+    return AddedMember(user=user, existing=False, token=token)
 
 
 def projects_for(session: Session, user: User) -> list[Project]:
     stmt = select(Project).order_by(Project.id)
     if user.role != "admin":
         stmt = stmt.join(Membership, Membership.project_id == Project.id).where(
-            Membership.user_id == user.id
+            Membership.user_id == user.id, Membership.is_active.is_(True)
         )
+    scope = getattr(user, "token_project_id", None)
+    if scope is not None:
+        stmt = stmt.where(Project.id == scope)
     return list(session.scalars(stmt))

@@ -62,18 +62,69 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
     return user
 
 
-def issue_token(session: Session, user: User, name: str | None = None) -> str:
+# last_used_at is written at most this often per token, so busy scripts do not turn every
+# request into a write.
+LAST_USED_RESOLUTION = dt.timedelta(seconds=60)
+TOKEN_NAME_MAX = 100
+
+
+def create_token(
+    session: Session,
+    user: User,
+    name: str | None = None,
+    *,
+    project_id: int | None = None,
+    created_by: User | None = None,
+) -> tuple[ApiToken, str]:
+    """A new API token for `user`; the secret is returned here only, never stored.
+
+    Callers decide who may receive it: the owner, an admin, or the lead who created the
+    account in this very call (then `project_id` confines the token to that project).
+    """
+    if name is not None:
+        name = name.strip()[:TOKEN_NAME_MAX] or None
     token = security.new_token()
-    session.add(
-        ApiToken(
-            user_id=user.id,
-            token_hash=security.hash_token(token),
-            prefix=token[:10],
-            name=name,
+    row = ApiToken(
+        user_id=user.id,
+        token_hash=security.hash_token(token),
+        prefix=token[:10],
+        name=name,
+        project_id=project_id,
+        created_by_id=(created_by or user).id,
+    )
+    session.add(row)
+    session.flush()
+    return row, token
+
+
+def issue_token(
+    session: Session,
+    user: User,
+    name: str | None = None,
+    *,
+    project_id: int | None = None,
+    created_by: User | None = None,
+) -> str:
+    return create_token(session, user, name, project_id=project_id, created_by=created_by)[1]
+
+
+def tokens_of(session: Session, user: User) -> list[ApiToken]:
+    return list(
+        session.scalars(
+            select(ApiToken).where(ApiToken.user_id == user.id).order_by(ApiToken.id.desc())
         )
     )
-    session.flush()
-    return token
+
+
+def revoke_token(session: Session, user: User, token_id: int) -> ApiToken | None:
+    """Revoke one of `user`'s tokens; None if there is no such token of theirs."""
+    row = session.get(ApiToken, token_id)
+    if row is None or row.user_id != user.id:
+        return None
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return row
 
 
 def user_for_token(session: Session, token: str) -> User | None:
@@ -84,7 +135,14 @@ def user_for_token(session: Session, token: str) -> User | None:
     )
     if row is None or not row.user.is_active:
         return None
-    return row.user
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at >= LAST_USED_RESOLUTION:
+        row.last_used_at = now
+        session.flush()
+    user = row.user
+    # Read by app.core.deps.membership_role: a project-confined token sees that project only.
+    user.token_project_id = row.project_id  # type: ignore[attr-defined]
+    return user
 
 
 def start_session(

@@ -487,7 +487,7 @@ def test_settings_page_saves_valid_settings_only(client: Any, db: Session, make_
     assert "Saved." in client.get(ok.headers["location"]).text
 
 
-def test_invite_link_sets_a_password_once_and_deactivation_locks_out(
+def test_invite_link_sets_a_password_once_and_deactivation_is_per_project(
     client: Any, db: Session, make_user: Any
 ) -> None:
     from fastapi.testclient import TestClient
@@ -544,16 +544,28 @@ def test_invite_link_sets_a_password_once_and_deactivation_locks_out(
         follow_redirects=False,
     )
     assert off.status_code == 303
+    # The membership is off, the account is not: it still logs in and works elsewhere.
     db.refresh(invitee)
-    assert not invitee.is_active
+    assert invitee.is_active
     assert "deactivated" in client.get(url).text
     api = client.get(f"/api/v1/projects/{project.id}/pairs/next", headers=bearer(token))
-    assert api.status_code == 401
+    assert api.status_code == 403
     with TestClient(client.app, base_url="http://testserver") as guest:
-        refused = guest.post("/login", data={"email": email, "password": "annotator-pw-1"})
-        assert refused.status_code == 400
-    with pytest.raises(InviteError, match="deactivated"):
-        read_invite_token(db, make_invite_token(invitee))
+        signed_in = guest.post(
+            "/login",
+            data={"email": email, "password": "annotator-pw-1"},
+            follow_redirects=False,
+        )
+        assert signed_in.status_code == 303
+        assert guest.get(f"/projects/{project.id}/vote").status_code == 403
+    on = client.post(
+        f"{url}/{invitee.id}/active",
+        data={"csrf_token": csrf, "active": "true"},
+        follow_redirects=False,
+    )
+    assert on.status_code == 303
+    again = client.get(f"/api/v1/projects/{project.id}/pairs/next", headers=bearer(token))
+    assert again.status_code == 204
     # Leads cannot deactivate themselves or other leads through this page.
     assert (
         client.post(
