@@ -7,6 +7,7 @@ overlap without seeing each other.
 
 from __future__ import annotations
 
+import getpass
 import os
 import tempfile
 import uuid
@@ -34,6 +35,14 @@ os.environ.update(
         "PREFLOOP_DATA_DIR": str(TMP_ROOT / "data"),
         "PREFLOOP_MEDIA_DIR": str(TMP_ROOT / "media"),
         "PREFLOOP_LOG_LEVEL": "INFO",
+        # Tests build tiny pipelines in pytest's temporary folders and load them from there.
+        "PREFLOOP_MODEL_ROOTS": ",".join(
+            [
+                str(TMP_ROOT / "data" / "models"),
+                str(Path(__file__).resolve().parents[1] / "worker" / "toy" / "weights"),
+                str(Path(tempfile.gettempdir()) / f"pytest-of-{getpass.getuser()}"),
+            ]
+        ),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

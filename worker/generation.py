@@ -253,7 +253,8 @@ def resolve_base(base: str) -> str:
                 base, f"toy model weights are missing at {toy_dir} (run `prefloop toy train`)"
             )
         return str(toy_dir)
-    path = Path(base).expanduser()
+    _refuse_unconfined(base)
+    path = Path(base)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(base, f"directory {base} has no model_index.json")
@@ -263,6 +264,15 @@ def resolve_base(base: str) -> str:
     if base.startswith(("/", ".", "~")) or not _HUB_ID_RE.match(base):
         raise ModelLoadError(base, f"no such directory: {base}")
     return base
+
+
+def _refuse_unconfined(value: str) -> None:
+    """A stored base/adapter that is a path on this disk must lie under the model roots or be
+    a job artifact (rows from before the check, or a relative path diffusers would read)."""
+    from app.generators.sources import loadable_local
+
+    if Path(value).exists() and not loadable_local(value):
+        raise ModelLoadError(value, "not an allowed model source (outside the model roots)")
 
 
 def _dtype_kwarg() -> str:
@@ -322,6 +332,7 @@ def load_pipeline(spec: GeneratorSpec, device: torch.device | str | None = None)
         raise ModelLoadError(spec.base, _short(exc)) from exc
 
     if spec.adapter:
+        _refuse_unconfined(spec.adapter)
         try:
             pipe.load_lora_weights(spec.adapter, local_files_only=local_only)
         except Exception as exc:

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     # Above the longest job: Redis redelivers an unacknowledged message after this.
     broker_visibility_timeout: int = Field(default=12 * 3600, ge=60)
 
+    # Directories a model's `base` or `adapter` may name (comma-separated). Unset: the data
+    # dir's models/ and the shipped toy weights. See app.generators.sources.
+    model_roots: str | None = None
+
     # Web
     session_days: int = Field(default=14, ge=1)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
@@ -110,6 +114,14 @@ class Settings(BaseSettings):
     @property
     def resolved_media_dir(self) -> Path:
         return (self.media_dir or self.resolved_data_dir / "media").expanduser().resolve()
+
+    @property
+    def resolved_model_roots(self) -> list[Path]:
+        if self.model_roots and self.model_roots.strip():
+            raw = [p.strip() for p in self.model_roots.split(",") if p.strip()]
+            return [Path(p).resolve() for p in raw]
+        toy_weights = Path(__file__).resolve().parents[2] / "worker" / "toy" / "weights"
+        return [self.resolved_data_dir / "models", toy_weights.resolve()]
 
     @property
     def cookie_secure(self) -> bool:

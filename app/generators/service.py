@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 
 from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic
+from app.generators.sources import SourceError, resolve_sources
 from app.projects.models import Project
 
 
@@ -23,11 +24,17 @@ def register_model(session: Session, *, project: Project, data: ModelCreate) -> 
         parent = session.get(ModelVersion, data.parent_id)
         if parent is None or parent.project_id != project.id:
             raise HTTPException(422, f"parent_id {data.parent_id} is not a model of this project")
+    try:
+        base, adapter = resolve_sources(
+            session, project_id=project.id, base=data.base, adapter=data.adapter
+        )
+    except SourceError as exc:
+        raise HTTPException(422, str(exc)) from None
     model = ModelVersion(
         project_id=project.id,
         name=data.name,
-        base=data.base.strip(),
-        adapter=data.adapter,
+        base=base,
+        adapter=adapter,
         params=data.params.model_dump(),
         parent_id=data.parent_id,
         status="arena",

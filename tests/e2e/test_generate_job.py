@@ -17,7 +17,7 @@ from tests.tiny_pipelines import build_tiny_sd
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tmp = tmp_path_factory.mktemp("generate")
     with Stack(tmp) as running:
-        running.model_path = build_tiny_sd(tmp / "tiny-sd")  # type: ignore[attr-defined]
+        running.model_path = build_tiny_sd(tmp / "data" / "models" / "tiny-sd")  # type: ignore[attr-defined]
         yield running
 
 

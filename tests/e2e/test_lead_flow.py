@@ -51,7 +51,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     else:
         from tests.tiny_pipelines import build_tiny_sd
 
-        base_model = str(build_tiny_sd(tmp / "tiny-sd"))
+        base_model = str(build_tiny_sd(tmp / "data" / "models" / "tiny-sd"))
     port = free_port()
     serve = Proc(["serve", "--port", str(port)], env, tmp / "serve.log")
     base = f"http://127.0.0.1:{port}"
