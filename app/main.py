@@ -59,6 +59,7 @@ def create_app() -> FastAPI:
     from app.projects.routes import router as projects_router
     from app.ratings.reward_routes import router as reward_models_router
     from app.ratings.routes import router as ratings_router
+    from app.users.routes import router as users_router
     from app.votes.routes import router as votes_router
 
     for router in (
@@ -73,6 +74,7 @@ def create_app() -> FastAPI:
         ratings_router,
         reward_models_router,
         audit_router,
+        users_router,
         pages_router,
     ):
         app.include_router(router)

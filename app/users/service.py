@@ -66,6 +66,8 @@ def authenticate(session: Session, email: str, password: str) -> User | None:
 # request into a write.
 LAST_USED_RESOLUTION = dt.timedelta(seconds=60)
 TOKEN_NAME_MAX = 100
+# Live tokens per account: enough for every script, few enough to review on one page.
+MAX_ACTIVE_TOKENS = 50
 
 
 def create_token(
@@ -83,6 +85,13 @@ def create_token(
     """
     if name is not None:
         name = name.strip()[:TOKEN_NAME_MAX] or None
+    live = session.scalar(
+        select(func.count())
+        .select_from(ApiToken)
+        .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+    )
+    if (live or 0) >= MAX_ACTIVE_TOKENS:
+        raise UserError(f"at most {MAX_ACTIVE_TOKENS} live tokens per account; revoke some first")
     token = security.new_token()
     row = ApiToken(
         user_id=user.id,

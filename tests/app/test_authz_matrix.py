@@ -25,9 +25,11 @@ from typing import Any
 import pytest
 from fastapi.routing import APIRoute
 from PIL import Image as PILImage
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.routing import Mount, Route
 
+from app.core.security import hash_token
 from app.core.storage import get_media_store
 from app.generators.models import ModelVersion
 from app.images.service import store_image
@@ -39,6 +41,7 @@ from app.projects.schemas import ProjectCreate
 from app.projects.service import add_member, create_project
 from app.ratings.models import RewardModel
 from app.users.invites import make_invite_token
+from app.users.models import ApiToken
 from app.votes.models import Vote
 from tests.support import bearer
 
@@ -72,8 +75,15 @@ ACCESS: dict[R, str] = {
     ("GET", "/docs/oauth2-redirect"): "public",
     ("GET", "/redoc"): "public",
     ("GET", "/static/{path}"): "public",
-    # Every signed-in user.
+    # Every signed-in user, on their own account.
     ("GET", "/"): "user",
+    ("GET", "/api/v1/me/tokens"): "user",
+    ("POST", "/api/v1/me/tokens"): "user",
+    ("GET", "/me/tokens"): "user",
+    ("POST", "/me/tokens"): "user",
+    # A token is revoked by its owner only (the fixture's token is the annotator's).
+    ("DELETE", "/api/v1/me/tokens/{token_id}"): "owner",
+    ("POST", "/me/tokens/{token_id}/revoke"): "owner",
     # Leads anywhere: new projects.
     ("GET", "/api/v1/projects"): "any_lead",
     ("POST", "/api/v1/projects"): "any_lead",
@@ -83,6 +93,7 @@ ACCESS: dict[R, str] = {
     ("GET", "/api/v1/audit"): "admin",
     ("GET", "/admin/audit"): "admin",
     ("POST", "/api/v1/jobs"): "admin",
+    ("POST", "/api/v1/users/{user_id}/tokens"): "admin",
     # Members of the project: voting and the annotator's own figures.
     ("GET", "/api/v1/images/{image_id}"): "member",
     ("GET", "/api/v1/projects/{project_id}/pairs/next"): "member",
@@ -140,6 +151,8 @@ ALLOWED_STATUS: dict[R, set[int]] = {
     ("POST", "/login"): {400},  # wrong password: refused as a login, not as an access
     ("POST", "/logout"): {303},
     ("GET", "/login"): {200, 303},  # signed-in callers are sent on
+    ("DELETE", "/api/v1/me/tokens/{token_id}"): {204},
+    ("POST", "/me/tokens"): {201},
 }
 DEFAULT_WRITE = {200, 201, 202, 303, 409}
 
@@ -282,6 +295,9 @@ def build_world(db: Session, make_user: Any, name: str = "guarded") -> World:
             "vote_id": vote.id,
             "reward_model_id": reward.id,
             "token": make_invite_token(annotator),
+            "token_id": db.scalar(
+                select(ApiToken.id).where(ApiToken.token_hash == hash_token(annotator_token))
+            ),
             "path": "app.js",
         },
         tokens={
@@ -319,6 +335,9 @@ def request_kwargs(method: str, path: str, world: World) -> dict[str, Any]:
             "data": {"password": "a-new-password", "confirm": "a-new-password"}
         },
         ("POST", "/api/v1/projects"): {"json": {"name": "authz"}},
+        ("POST", "/api/v1/me/tokens"): {"json": {"name": "authz"}},
+        ("POST", "/me/tokens"): {"data": {"name": "authz"}},
+        ("POST", "/api/v1/users/{user_id}/tokens"): {"json": {"name": "authz"}},
         ("POST", "/projects/new"): {"data": {"name": "authz"}},
         ("POST", "/api/v1/jobs"): {"json": {"kind": "selftest"}},
         ("POST", "/api/v1/pairs/{pair_id}/votes"): {
