@@ -7,11 +7,17 @@ import importlib
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from app import __version__
 from app.core.config import SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from app.users.models import User
 
 
 def _settings_or_exit() -> None:
@@ -176,6 +182,7 @@ def user() -> None:
 def user_add(email: str, role: str, password: str | None, with_token: bool) -> None:
     """Create a user."""
     _settings_or_exit()
+    from app.audit.service import record
     from app.core.db import session_scope
     from app.users import service
 
@@ -183,6 +190,8 @@ def user_add(email: str, role: str, password: str | None, with_token: bool) -> N
         with session_scope() as session:
             created = service.create_user(session, email=email, role=role, password=password)
             token = service.issue_token(session, created, name="cli") if with_token else None
+            record(session, actor=None, action="user.create", target=f"user:{created.id}",
+                   details={"role": role, "token": bool(token)}, address="cli")  # fmt: skip
             click.echo(f"created {role} {created.email} (id {created.id})")
     except service.UserError as exc:
         raise click.ClickException(str(exc)) from None
@@ -205,19 +214,87 @@ def user_list() -> None:
             click.echo(f"{row.id}\t{row.email}\t{row.role}\t{state}")
 
 
+def _named_user(session: Session, email: str) -> User:
+    from app.users import service
+
+    found = service.get_by_email(session, email)
+    if found is None:
+        raise click.ClickException(f"no user with email {email}")
+    return found
+
+
 @user.command("token")
 @click.argument("email")
-def user_token(email: str) -> None:
+@click.option("--name", default="cli", show_default=True, help="Name shown in the token list.")
+def user_token(email: str, name: str) -> None:
     """Issue a new API token for a user (shown once)."""
     _settings_or_exit()
+    from app.audit.service import record
     from app.core.db import session_scope
     from app.users import service
 
     with session_scope() as session:
-        found = service.get_by_email(session, email)
-        if found is None:
-            raise click.ClickException(f"no user with email {email}")
-        click.echo(service.issue_token(session, found, name="cli"))
+        found = _named_user(session, email)
+        row, token = service.create_token(session, found, name)
+        record(session, actor=None, action="token.create", target=f"user:{row.user_id}",
+               details={"token_id": row.id, "name": row.name}, address="cli")  # fmt: skip
+    click.echo(token)
+
+
+@user.command("password")
+@click.argument("email")
+@click.option(
+    "--set", "set_now", is_flag=True, help="Type the new password here instead of a link."
+)
+def user_password(email: str, set_now: bool) -> None:
+    """Reset a user's password: print a one-time link (valid a day) that sets it."""
+    _settings_or_exit()
+    from app.audit.service import record
+    from app.core.db import session_scope
+    from app.users import service
+    from app.users.invites import RESET_DAYS, reset_path
+
+    password = (
+        click.prompt("New password", hide_input=True, confirmation_prompt=True)
+        if set_now
+        else None
+    )
+    try:
+        with session_scope() as session:
+            found = _named_user(session, email)
+            if password is not None:
+                service.set_password(session, found, password)
+                action, link = "user.password_set", None
+            else:
+                action, link = "user.password_reset", reset_path(found)
+            record(session, actor=None, action=action, target=f"user:{found.id}",
+                   address="cli")  # fmt: skip
+    except service.UserError as exc:
+        raise click.ClickException(str(exc)) from None
+    if link is None:
+        click.echo(f"password of {email} changed; their browser sessions ended")
+    else:
+        base = get_settings().public_base_url.rstrip("/")
+        click.echo(f"one-time link for {email} (valid {RESET_DAYS:g} day): {base}{link}")
+
+
+@user.command("deactivate")
+@click.argument("email")
+@click.option("--reactivate", is_flag=True, help="Turn the account back on.")
+def user_deactivate(email: str, reactivate: bool) -> None:
+    """Deactivate an account everywhere (no login, no token works), or reactivate it."""
+    _settings_or_exit()
+    from app.audit.service import record
+    from app.core.db import session_scope
+    from app.users import service
+
+    with session_scope() as session:
+        found = _named_user(session, email)
+        service.set_account_active(session, found, reactivate)
+        action = "user.activate" if reactivate else "user.deactivate"
+        record(session, actor=None, action=action, target=f"user:{found.id}",
+               address="cli")  # fmt: skip
+    click.echo(f"{email} is {'active' if reactivate else 'deactivated'}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from sqlalchemy import select
@@ -14,18 +15,32 @@ from app.users.models import User
 _SECRET_KEYS = {"password", "token", "secret", "password_hash", "csrf_token"}
 
 
+# The client address of the request being served, set by the app's middleware; the command
+# line records "cli".
+CLIENT_ADDRESS: ContextVar[str] = ContextVar("prefloop_client_address", default="")
+
+
 def record(
     session: Session,
     *,
     actor: User | None,
     action: str,
     target: str = "",
+    project_id: int | None = None,
     details: dict[str, Any] | None = None,
+    address: str | None = None,
 ) -> AuditEvent:
     """Add an audit entry in the caller's transaction (so it exists iff the action happened)."""
     clean = {k: v for k, v in (details or {}).items() if k.lower() not in _SECRET_KEYS}
+    if project_id is None and isinstance(clean.get("project_id"), int):
+        project_id = clean["project_id"]
     event = AuditEvent(
-        actor_id=actor.id if actor else None, action=action, target=target, details=clean
+        actor_id=actor.id if actor else None,
+        action=action,
+        target=target[:200],
+        project_id=project_id,
+        address=(address if address is not None else CLIENT_ADDRESS.get())[:64],
+        details=clean,
     )
     session.add(event)
     session.flush()

@@ -22,6 +22,8 @@ from app.users import service
 from app.users.models import User
 
 INVITE_DAYS = 7.0
+# A reset link (made by an admin for an account that may have a password) lives shorter.
+RESET_DAYS = 1.0
 
 router = APIRouter(include_in_schema=False)
 
@@ -48,6 +50,11 @@ def make_invite_token(
 
 def invite_path(token: str) -> str:
     return f"/invite/{token}"
+
+
+def reset_path(user: User) -> str:
+    """A one-time link that sets `user`'s password: for the admin to pass on, never a lead."""
+    return invite_path(make_invite_token(user, days=RESET_DAYS))
 
 
 def read_invite_token(
@@ -106,6 +113,9 @@ def accept_invite(
     if problem is not None:
         ctx = {"error": None, "problem": problem, "user": user, "token": token}
         return render(request, "pages/invite.html", ctx, status_code=422)
+    from app.audit.service import record
     from app.users.pages import log_in
+
+    record(session, actor=user, action="user.password_set", target=f"user:{user.id}")
 
     return log_in(request, session, user, RedirectResponse("/", status_code=303))

@@ -10,6 +10,9 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.core.db import Base, UTCDateTime, utcnow
 
+# api_tokens.project_id refers to projects: that table must be known wherever tokens are used.
+from app.projects import models as _projects  # noqa: F401
+
 ROLES = ("admin", "lead", "annotator")
 
 

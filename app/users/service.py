@@ -44,13 +44,46 @@ def create_user(session: Session, *, email: str, role: str, password: str | None
     return user
 
 
-def set_password(session: Session, user: User, password: str) -> None:
-    """Change a password; every browser session of the user ends."""
-    if len(password) < 8:
-        raise UserError("password must be at least 8 characters")
+PASSWORD_MIN = 8
+
+
+def set_password(
+    session: Session, user: User, password: str, *, keep: UserSession | None = None
+) -> None:
+    """Change a password; every browser session of the user ends but `keep` (the one that
+    changed it). Outstanding set-password links die with the old hash."""
+    if len(password) < PASSWORD_MIN:
+        raise UserError(f"password must be at least {PASSWORD_MIN} characters")
     user.password_hash = security.hash_password(password)
     user.password_changed_at = utcnow()
-    session.execute(delete(UserSession).where(UserSession.user_id == user.id))
+    ending = delete(UserSession).where(UserSession.user_id == user.id)
+    if keep is not None:
+        ending = ending.where(UserSession.id != keep.id)
+    session.execute(ending)
+    session.flush()
+
+
+def change_own_password(
+    session: Session, user: User, current: str, new: str, *, keep: UserSession | None = None
+) -> None:
+    """The owner changes their password, proving they know the current one."""
+    if not security.verify_password(current, user.password_hash):
+        raise UserError("the current password is wrong")
+    set_password(session, user, new, keep=keep)
+
+
+def set_account_active(session: Session, user: User, active: bool) -> None:
+    """(De)activate an account everywhere: no login, no token, no session (admins only)."""
+    user.is_active = active
+    if not active:
+        session.execute(delete(UserSession).where(UserSession.user_id == user.id))
+    session.flush()
+
+
+def set_account_role(session: Session, user: User, role: str) -> None:
+    if role not in ROLES:
+        raise UserError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+    user.role = role
     session.flush()
 
 
