@@ -338,11 +338,25 @@ def _annotators_page(
             select(User.id, User.role).where(User.id.in_([r.user_id for r in rows]))
         ).all()
     )
+    # Members of other projects too get no link from here (see may_invite).
+    elsewhere = set(
+        session.scalars(
+            select(Membership.user_id).where(
+                Membership.user_id.in_([r.user_id for r in rows]),
+                Membership.project_id != project.id,
+            )
+        )
+    )
+    invitable = {
+        uid: not has and uid not in elsewhere for uid, has in has_password.items()
+    }
     ctx = {
         "project": project,
         "tab": "annotators",
+        "members": service.members(session, project),
         "rows": rows,
         "has_password": has_password,
+        "invitable": invitable,
         "roles": roles,
         "invite": invite,
         "notice": notice,
@@ -472,3 +486,108 @@ def set_active(
         details={"project_id": project.id},
     )
     return RedirectResponse(f"/projects/{project.id}/annotators", status_code=303)
+
+
+# -- members: co-leads and annotators ----------------------------------------------------------
+
+
+@router.post("/projects/{project_id}/members", response_class=HTMLResponse)
+def add_member_page(
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    email: str = Form(max_length=320),
+    role: str = Form(default="annotator", max_length=16),
+) -> HTMLResponse:
+    """Add a co-lead or an annotator; only a new account comes with an invite link."""
+    project = get_project_for(session, user, project_id, lead=True)
+    try:
+        added = service.add_project_member(session, project=project, email=email, role=role)
+    except (users.UserError, service.MemberError) as exc:
+        return _annotators_page(
+            request, session, project, error=str(exc), email=email, status_code=422
+        )
+    record(
+        session,
+        actor=user,
+        action="member.add",
+        target=f"user:{added.user.id}",
+        project_id=project.id,
+        details={"role": role, "existing": added.existing},
+    )
+    if added.existing:
+        notice = f"{added.user.email} already has an account and is now a member."
+        return _annotators_page(request, session, project, notice=notice)
+    return _annotators_page(request, session, project, invite=_invite_for(request, added.user))
+
+
+def _change(
+    request: Request,
+    session: Session,
+    user: User,
+    project_id: int,
+    member_id: int,
+    *,
+    action: str,
+    role: str | None = None,
+    active: bool | None = None,
+    remove: bool = False,
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    try:
+        if remove:
+            service.remove_member(session, project=project, user_id=member_id, actor=user)
+        else:
+            service.change_member(
+                session, project=project, user_id=member_id, actor=user, role=role,
+                active=active,
+            )  # fmt: skip
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except service.MemberError as exc:
+        return _annotators_page(request, session, project, error=str(exc), status_code=409)
+    details: dict[str, Any] = {"role": role} if role else {}
+    record(
+        session,
+        actor=user,
+        action=action,
+        target=f"user:{member_id}",
+        project_id=project.id,
+        details=details,
+    )
+    return RedirectResponse(f"/projects/{project.id}/annotators", status_code=303)
+
+
+@router.post("/projects/{project_id}/members/{user_id}/role", response_class=HTMLResponse)
+def change_member_role(
+    project_id: int,
+    user_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    role: str = Form(max_length=16),
+) -> Response:
+    return _change(request, session, user, project_id, user_id, action="member.update", role=role)
+
+
+@router.post("/projects/{project_id}/members/{user_id}/active", response_class=HTMLResponse)
+def set_member_active(
+    project_id: int,
+    user_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    active: bool = Form(),
+) -> Response:
+    action = "member.activate" if active else "member.deactivate"
+    return _change(request, session, user, project_id, user_id, action=action, active=active)
+
+
+@router.post("/projects/{project_id}/members/{user_id}/remove", response_class=HTMLResponse)
+def remove_member_page(
+    project_id: int, user_id: int, request: Request, session: SessionDep, user: PageUser
+) -> Response:
+    return _change(
+        request, session, user, project_id, user_id, action="member.remove", remove=True
+    )

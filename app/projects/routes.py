@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request, Response
 
 from app.audit.service import record
 from app.core.db import SessionDep
 from app.core.deps import CurrentUser, LeadUser, get_project_for
 from app.projects import service
-from app.projects.schemas import AnnotatorCreate, ProjectCreate, ProjectPublic, PromptsCreate
+from app.projects.schemas import (
+    AnnotatorCreate,
+    MemberCreate,
+    MemberPublic,
+    MemberUpdate,
+    ProjectCreate,
+    ProjectPublic,
+    PromptsCreate,
+)
+from app.users.invites import invite_path, make_invite_token
+from app.users.models import User
 from app.users.service import UserError
 
 router = APIRouter(prefix="/api/v1", tags=["projects"])
@@ -70,3 +80,94 @@ def add_annotator(
     )
     # `token` stays in the answer (null for an existing account) so clients need not branch.
     return {"user_id": added.user.id, "token": added.token, "existing": added.existing}
+
+
+def _member_public(membership: Any, member: Any) -> MemberPublic:
+    return MemberPublic(
+        user_id=member.id,
+        email=member.email,
+        role=membership.role,
+        active=membership.is_active,
+        account_active=member.is_active,
+    )
+
+
+@router.get("/projects/{project_id}/members", response_model=list[MemberPublic])
+def list_members(project_id: int, session: SessionDep, user: CurrentUser) -> list[MemberPublic]:
+    project = get_project_for(session, user, project_id, lead=True)
+    return [_member_public(m, u) for m, u in service.members(session, project)]
+
+
+@router.post("/projects/{project_id}/members", status_code=201)
+def add_member(
+    project_id: int, body: MemberCreate, request: Request, session: SessionDep, user: CurrentUser
+) -> dict[str, Any]:
+    """Add a co-lead or an annotator. A new account comes with a one-time invite link (for
+    its owner, to set a password); an existing account gets nothing but the membership."""
+    project = get_project_for(session, user, project_id, lead=True)
+    try:
+        added = service.add_project_member(
+            session, project=project, email=body.email, role=body.role
+        )
+    except (UserError, service.MemberError) as exc:
+        raise HTTPException(422, str(exc)) from None
+    record(
+        session,
+        actor=user,
+        action="member.add",
+        target=f"user:{added.user.id}",
+        project_id=project.id,
+        details={"role": body.role, "existing": added.existing},
+    )
+    invite = None
+    if not added.existing:
+        invite = str(request.base_url).rstrip("/") + invite_path(make_invite_token(added.user))
+    return {
+        "user_id": added.user.id,
+        "role": body.role,
+        "existing": added.existing,
+        "invite_url": invite,
+    }
+
+
+@router.patch("/projects/{project_id}/members/{user_id}", response_model=MemberPublic)
+def update_member(
+    project_id: int, user_id: int, body: MemberUpdate, session: SessionDep, user: CurrentUser
+) -> MemberPublic:
+    project = get_project_for(session, user, project_id, lead=True)
+    try:
+        membership = service.change_member(
+            session, project=project, user_id=user_id, actor=user, role=body.role,
+            active=body.active,
+        )  # fmt: skip
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except service.MemberError as exc:
+        raise HTTPException(409, str(exc)) from None
+    record(
+        session,
+        actor=user,
+        action="member.update",
+        target=f"user:{user_id}",
+        project_id=project.id,
+        details=body.model_dump(exclude_none=True),
+    )
+    member = session.get(User, user_id)
+    return _member_public(membership, member)
+
+
+@router.delete("/projects/{project_id}/members/{user_id}", status_code=204)
+def remove_member(
+    project_id: int, user_id: int, session: SessionDep, user: CurrentUser
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    try:
+        service.remove_member(session, project=project, user_id=user_id, actor=user)
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except service.MemberError as exc:
+        raise HTTPException(409, str(exc)) from None
+    record(
+        session, actor=user, action="member.remove", target=f"user:{user_id}", project_id=project.id
+    )
+    return Response(status_code=204)

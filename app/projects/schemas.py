@@ -74,3 +74,25 @@ class AnnotatorCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     email: str = Field(min_length=3, max_length=320)
+
+
+class MemberCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(min_length=3, max_length=320)
+    role: Literal["lead", "annotator"] = "annotator"
+
+
+class MemberUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["lead", "annotator"] | None = None
+    active: bool | None = None
+
+
+class MemberPublic(BaseModel):
+    user_id: int
+    email: str
+    role: str
+    active: bool
+    account_active: bool

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.projects.models import Membership, Project, Prompt
+from app.projects.models import MEMBER_ROLES, Membership, Project, Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings, PromptIn
 from app.users import service as users
 from app.users.models import User
@@ -97,3 +97,103 @@ def projects_for(session: Session, user: User) -> list[Project]:
     if scope is not None:
         stmt = stmt.where(Project.id == scope)
     return list(session.scalars(stmt))
+
+
+class MemberError(ValueError):
+    """A membership change that cannot be made (the message says why)."""
+
+
+def _check_lead_account(user: User, role: str) -> None:
+    if role == "lead" and user.role not in ("lead", "admin"):
+        raise MemberError(
+            f"{user.email} has an annotator account; only an admin can make it a lead account"
+        )
+
+
+def _active_leads(session: Session, project: Project) -> set[int]:
+    return set(
+        session.scalars(
+            select(Membership.user_id).where(
+                Membership.project_id == project.id,
+                Membership.role == "lead",
+                Membership.is_active.is_(True),
+            )
+        )
+    )
+
+
+def _keep_a_lead(session: Session, project: Project, user: User, actor: User) -> None:
+    # A project left without an active lead could only be run by admins again.
+    if actor.role != "admin" and _active_leads(session, project) <= {user.id}:
+        raise MemberError("a project keeps at least one active lead")
+
+
+def member_of(session: Session, project: Project, user_id: int) -> tuple[Membership, User]:
+    membership = session.get(Membership, (project.id, user_id))
+    user = session.get(User, user_id)
+    if membership is None or user is None:
+        raise LookupError(f"user {user_id} is not a member of this project")
+    return membership, user
+
+
+def add_project_member(
+    session: Session, *, project: Project, email: str, role: str
+) -> AddedMember:
+    """Add a lead or annotator by email. A new account is created without any credential (the
+    caller may show it an invite link); an existing one only gains the membership."""
+    if role not in MEMBER_ROLES:
+        raise MemberError(f"unknown role {role!r}; expected one of {', '.join(MEMBER_ROLES)}")
+    address = users.normalise_email(email)
+    user = users.get_by_email(session, address)
+    existing = user is not None
+    if user is None:
+        user = users.create_user(session, email=address, role=role)
+    _check_lead_account(user, role)
+    # An existing membership keeps its role: changing it is change_member's job (and rules).
+    add_member(session, project=project, user=user, role=role)
+    return AddedMember(user=user, existing=existing)
+
+
+def change_member(
+    session: Session,
+    *,
+    project: Project,
+    user_id: int,
+    actor: User,
+    role: str | None = None,
+    active: bool | None = None,
+) -> Membership:
+    membership, user = member_of(session, project, user_id)
+    if role is not None and role != membership.role:
+        if role not in MEMBER_ROLES:
+            raise MemberError(f"unknown role {role!r}; expected one of {', '.join(MEMBER_ROLES)}")
+        _check_lead_account(user, role)
+        if membership.role == "lead":
+            _keep_a_lead(session, project, user, actor)
+        membership.role = role
+    if active is not None and active != membership.is_active:
+        if not active and membership.role == "lead":
+            _keep_a_lead(session, project, user, actor)
+        membership.is_active = active
+    session.flush()
+    return membership
+
+
+def remove_member(session: Session, *, project: Project, user_id: int, actor: User) -> None:
+    membership, user = member_of(session, project, user_id)
+    if membership.role == "lead":
+        _keep_a_lead(session, project, user, actor)
+    session.delete(membership)
+    session.flush()
+
+
+def members(session: Session, project: Project) -> list[tuple[Membership, User]]:
+    return [
+        (m, u)
+        for m, u in session.execute(
+            select(Membership, User)
+            .join(User, User.id == Membership.user_id)
+            .where(Membership.project_id == project.id)
+            .order_by(Membership.role, User.email)
+        )
+    ]

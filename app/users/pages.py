@@ -9,7 +9,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.core.db import SessionDep
+from app.core.db import SessionDep, utcnow
 from app.core.deps import SESSION_COOKIE, OptionalAuth
 from app.core.web import render
 from app.users import service
@@ -70,6 +70,7 @@ def login(
 def log_in(request: Request, session: Session, user: User, response: Response) -> Response:
     """Start a server-side session for `user` and set its cookie on `response`."""
     settings = get_settings()
+    user.last_login_at = utcnow()
     token, _ = service.start_session(
         session, user, days=settings.session_days, user_agent=request.headers.get("user-agent")
     )

@@ -5,14 +5,17 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 
 from app.audit.service import record
 from app.core.db import SessionDep
-from app.core.deps import AdminUser, CurrentUser, token_project
+from app.core.deps import AdminUser, CurrentUser, OptionalAuth, token_project
+from app.projects.models import Membership
 from app.users import service
-from app.users.models import ApiToken, User
+from app.users.invites import RESET_DAYS, reset_path
+from app.users.models import ROLES, ApiToken, User
 
 router = APIRouter(prefix="/api/v1", tags=["account"])
 
@@ -54,6 +57,13 @@ class TokenCreated(TokenPublic):
 
 def token_public(row: ApiToken) -> dict[str, Any]:
     return TokenPublic.model_validate(row, from_attributes=True).model_dump()
+
+
+def _target(session: Any, user_id: int) -> User:
+    target = session.get(User, user_id)
+    if target is None:
+        raise HTTPException(404, f"user {user_id} not found")
+    return target
 
 
 def _create(session: Any, owner: User, name: str, actor: User) -> TokenCreated:
@@ -101,7 +111,102 @@ def create_token_for_user(
     user_id: int, body: TokenCreate, session: SessionDep, admin: AdminUser
 ) -> TokenCreated:
     """Admins may issue a token for any account (as `prefloop user token` does)."""
-    owner = session.get(User, user_id)
-    if owner is None:
-        raise HTTPException(404, f"user {user_id} not found")
-    return _create(session, owner, body.name, admin)
+    return _create(session, _target(session, user_id), body.name, admin)
+
+
+class PasswordChange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: str = Field(max_length=1000)
+    new_password: str = Field(min_length=service.PASSWORD_MIN, max_length=1000)
+
+
+@router.post("/me/password", status_code=204)
+def change_my_password(
+    body: PasswordChange, session: SessionDep, user: OwnerUser, auth: OptionalAuth
+) -> Response:
+    """Change one's own password; every other browser session of the account ends."""
+    keep = auth.user_session if auth is not None else None
+    try:
+        service.change_own_password(
+            session, user, body.current_password, body.new_password, keep=keep
+        )
+    except service.UserError as exc:
+        raise HTTPException(422, str(exc)) from None
+    record(session, actor=user, action="user.password_change", target=f"user:{user.id}")
+    return Response(status_code=204)
+
+
+# -- admins: every account -------------------------------------------------------------------
+
+
+class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: str | None = Field(default=None, max_length=16)
+    is_active: bool | None = None
+
+
+def user_public(session: Any, user: User) -> dict[str, Any]:
+    memberships = session.execute(
+        select(Membership.project_id, Membership.role, Membership.is_active).where(
+            Membership.user_id == user.id
+        )
+    ).all()
+    return {
+        "id": user.id,
+        "email": user.email,
+        "role": user.role,
+        "is_active": user.is_active,
+        "has_password": user.password_hash is not None,
+        "created_at": user.created_at,
+        "last_login_at": user.last_login_at,
+        "memberships": [
+            {"project_id": p, "role": r, "active": a} for p, r, a in memberships
+        ],
+    }
+
+
+def update_account(session: Any, admin: User, target: User, body: UserUpdate) -> None:
+    """Role and active state of an account, by an admin; never their own (no lock-out)."""
+    if target.id == admin.id and (
+        body.is_active is False or (body.role is not None and body.role != "admin")
+    ):
+        raise HTTPException(409, "admins cannot deactivate or demote themselves")
+    if body.role is not None and body.role not in ROLES:
+        raise HTTPException(422, f"unknown role {body.role!r}; expected one of {', '.join(ROLES)}")
+    if body.role is not None and body.role != target.role:
+        service.set_account_role(session, target, body.role)
+        record(session, actor=admin, action="user.role", target=f"user:{target.id}",
+               details={"role": body.role})  # fmt: skip
+    if body.is_active is not None and body.is_active != target.is_active:
+        service.set_account_active(session, target, body.is_active)
+        action = "user.activate" if body.is_active else "user.deactivate"
+        record(session, actor=admin, action=action, target=f"user:{target.id}")
+
+
+@router.get("/users")
+def list_users(session: SessionDep, admin: AdminUser) -> list[dict[str, Any]]:
+    return [user_public(session, u) for u in session.scalars(select(User).order_by(User.id))]
+
+
+@router.patch("/users/{user_id}")
+def patch_user(
+    user_id: int, body: UserUpdate, session: SessionDep, admin: AdminUser
+) -> dict[str, Any]:
+    target = _target(session, user_id)
+    update_account(session, admin, target, body)
+    return user_public(session, target)
+
+
+@router.post("/users/{user_id}/password-reset", status_code=201)
+def password_reset_link(
+    user_id: int, request: Request, session: SessionDep, admin: AdminUser
+) -> dict[str, Any]:
+    """A one-time link that sets the account's password, for the admin to pass on."""
+    target = _target(session, user_id)
+    if not target.is_active:
+        raise HTTPException(409, "this account is deactivated")
+    record(session, actor=admin, action="user.password_reset", target=f"user:{target.id}")
+    url = str(request.base_url).rstrip("/") + reset_path(target)
+    return {"user_id": target.id, "url": url, "valid_days": RESET_DAYS}

@@ -81,6 +81,9 @@ ACCESS: dict[R, str] = {
     ("POST", "/api/v1/me/tokens"): "user",
     ("GET", "/me/tokens"): "user",
     ("POST", "/me/tokens"): "user",
+    ("POST", "/api/v1/me/password"): "user",
+    ("GET", "/me/password"): "user",
+    ("POST", "/me/password"): "user",
     # A token is revoked by its owner only (the fixture's token is the annotator's).
     ("DELETE", "/api/v1/me/tokens/{token_id}"): "owner",
     ("POST", "/me/tokens/{token_id}/revoke"): "owner",
@@ -94,6 +97,12 @@ ACCESS: dict[R, str] = {
     ("GET", "/admin/audit"): "admin",
     ("POST", "/api/v1/jobs"): "admin",
     ("POST", "/api/v1/users/{user_id}/tokens"): "admin",
+    ("GET", "/api/v1/users"): "admin",
+    ("PATCH", "/api/v1/users/{user_id}"): "admin",
+    ("POST", "/api/v1/users/{user_id}/password-reset"): "admin",
+    ("GET", "/admin/users"): "admin",
+    ("POST", "/admin/users/{user_id}"): "admin",
+    ("POST", "/admin/users/{user_id}/reset"): "admin",
     # Members of the project: voting and the annotator's own figures.
     ("GET", "/api/v1/images/{image_id}"): "member",
     ("GET", "/api/v1/projects/{project_id}/pairs/next"): "member",
@@ -133,6 +142,14 @@ ACCESS: dict[R, str] = {
     ("POST", "/projects/{project_id}/annotators"): "lead",
     ("POST", "/projects/{project_id}/annotators/{user_id}/active"): "lead",
     ("POST", "/projects/{project_id}/annotators/{user_id}/invite"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/members"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/members"): "lead",
+    ("PATCH", "/api/v1/projects/{project_id}/members/{user_id}"): "lead",
+    ("DELETE", "/api/v1/projects/{project_id}/members/{user_id}"): "lead",
+    ("POST", "/projects/{project_id}/members"): "lead",
+    ("POST", "/projects/{project_id}/members/{user_id}/role"): "lead",
+    ("POST", "/projects/{project_id}/members/{user_id}/active"): "lead",
+    ("POST", "/projects/{project_id}/members/{user_id}/remove"): "lead",
     ("GET", "/projects/{project_id}/jobs"): "lead",
     ("GET", "/projects/{project_id}/jobs/new"): "lead",
     ("POST", "/projects/{project_id}/jobs/new"): "lead",
@@ -153,6 +170,10 @@ ALLOWED_STATUS: dict[R, set[int]] = {
     ("GET", "/login"): {200, 303},  # signed-in callers are sent on
     ("DELETE", "/api/v1/me/tokens/{token_id}"): {204},
     ("POST", "/me/tokens"): {201},
+    # A wrong current password: refused as input, not as an access.
+    ("POST", "/api/v1/me/password"): {422},
+    ("POST", "/me/password"): {422},
+    ("DELETE", "/api/v1/projects/{project_id}/members/{user_id}"): {204},
 }
 DEFAULT_WRITE = {200, 201, 202, 303, 409}
 
@@ -338,6 +359,23 @@ def request_kwargs(method: str, path: str, world: World) -> dict[str, Any]:
         ("POST", "/api/v1/me/tokens"): {"json": {"name": "authz"}},
         ("POST", "/me/tokens"): {"data": {"name": "authz"}},
         ("POST", "/api/v1/users/{user_id}/tokens"): {"json": {"name": "authz"}},
+        ("POST", "/api/v1/me/password"): {
+            "json": {"current_password": "not-it", "new_password": "a-new-password"}
+        },
+        ("POST", "/me/password"): {
+            "data": {"current": "not-it", "password": "a-new-password", "confirm": "a-new-password"}
+        },
+        ("PATCH", "/api/v1/users/{user_id}"): {"json": {"is_active": True}},
+        ("POST", "/admin/users/{user_id}"): {"data": {"active": "true"}},
+        ("POST", "/api/v1/projects/{project_id}/members"): {
+            "json": {"email": f"member-{uuid.uuid4().hex[:6]}@example.com", "role": "annotator"}
+        },
+        ("PATCH", "/api/v1/projects/{project_id}/members/{user_id}"): {"json": {"active": True}},
+        ("POST", "/projects/{project_id}/members"): {
+            "data": {"email": "member@example.com", "role": "annotator"}
+        },
+        ("POST", "/projects/{project_id}/members/{user_id}/role"): {"data": {"role": "annotator"}},
+        ("POST", "/projects/{project_id}/members/{user_id}/active"): {"data": {"active": "true"}},
         ("POST", "/projects/new"): {"data": {"name": "authz"}},
         ("POST", "/api/v1/jobs"): {"json": {"kind": "selftest"}},
         ("POST", "/api/v1/pairs/{pair_id}/votes"): {
