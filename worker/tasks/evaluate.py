@@ -15,7 +15,7 @@ from app.generators.models import ModelVersion
 from app.images.models import Image
 from app.projects.models import Prompt
 from app.ratings.models import RewardModel
-from worker.evaluation import paired_outcomes, win_rate_interval
+from worker.evaluation import cluster_bootstrap_ci, paired_outcomes, win_rate_interval
 from worker.runner import JobCancelled, JobContext, handler
 from worker.seeds import seeds_by_prompt
 from worker.tasks.generate import generate_images, load_models
@@ -72,10 +72,17 @@ def evaluate(ctx: JobContext) -> dict[str, Any]:
     keys = [(pid, seed) for pid, _ in prompts for seed in seeds[pid]]
     child_scores = np.array([by_key[(child.id, pid, seed)] for pid, seed in keys])  # (N,)
     parent_scores = np.array([by_key[(parent.id, pid, seed)] for pid, seed in keys])  # (N,)
-    win = win_rate_interval(paired_outcomes(child_scores, parent_scores))
+    # A reward model's score has no perceptual scale to set a tolerance on: only exact ties tie.
+    win = win_rate_interval(paired_outcomes(child_scores, parent_scores, tol=0.0))
+    # Seeds of one prompt are not independent comparisons: the interval resamples prompts.
+    cluster_low, cluster_high = cluster_bootstrap_ci(
+        paired_outcomes(child_scores, parent_scores, tol=0.0), [pid for pid, _ in keys]
+    )
     evaluation = {
         "vs_parent": {
             **win.as_dict(),
+            "cluster_ci_low": cluster_low,
+            "cluster_ci_high": cluster_high,
             "parent_id": parent.id,
             "reward_model_id": reward_row.id,
             "split": params["split"],
