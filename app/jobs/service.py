@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import utcnow
-from app.jobs.kinds import KINDS
+from app.jobs.kinds import KINDS, JobParams
 from app.jobs.models import TERMINAL, Job
 
 log = logging.getLogger("prefloop.jobs")
@@ -26,14 +26,15 @@ class JobParamsError(ValueError):
         self.errors = errors
 
 
-def validate_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate_params(kind: str, params: dict[str, Any]) -> JobParams:
+    """The kind's params model for a submission (defaults filled in)."""
     spec = KINDS.get(kind)
     if spec is None:
         raise JobParamsError(
             [{"loc": ["kind"], "msg": f"unknown job kind {kind!r}; known: {sorted(KINDS)}"}]
         )
     try:
-        return spec.params.model_validate(params).model_dump(mode="json")
+        return spec.params.model_validate(params)
     except ValidationError as exc:
         raise JobParamsError(
             [
@@ -53,17 +54,18 @@ def create_job(
     max_attempts: int,
 ) -> Job:
     """Insert a queued job; its message is sent only once this transaction commits."""
-    clean = validate_params(kind, params)
+    valid = validate_params(kind, params)
     spec = KINDS[kind]
     if spec.needs_project and project_id is None:
         raise JobParamsError([{"loc": ["project_id"], "msg": f"{kind} jobs need a project"}])
     if spec.check is not None:
-        errors = spec.check(session, project_id, clean)
+        errors = spec.check(session, project_id, valid)
         if errors:
             raise JobParamsError(errors)
+    clean = valid.model_dump(mode="json")
     job = Job(
         kind=kind,
-        queue=spec.queue_for(clean),
+        queue=spec.queue_for(valid),
         params=clean,
         project_id=project_id,
         created_by_id=created_by_id,

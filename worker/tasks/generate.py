@@ -16,8 +16,9 @@ from sqlalchemy.exc import IntegrityError
 from app.generators.models import ModelVersion
 from app.images.models import Image
 from app.images.service import store_image
+from app.jobs.kinds import GenerateParams
 from app.projects.models import Project, Prompt
-from worker.runner import JobCancelled, JobContext, handler
+from worker.runner import JobCancelled, ProjectJobContext
 
 
 def spec_for(model: ModelVersion) -> Any:
@@ -41,17 +42,19 @@ def batch_size_for(spec: Any, requested: int | None) -> int:
     return int(max(base, min(64, base * (256 * 256) // max(pixels, 1) // 8)))
 
 
-def _prompts(ctx: JobContext) -> list[tuple[int, str]]:
+def _prompts(ctx: ProjectJobContext[GenerateParams]) -> list[tuple[int, str]]:
     with ctx.session() as session:
         stmt = select(Prompt.id, Prompt.text).where(Prompt.project_id == ctx.project_id)
-        if ctx.params.get("prompt_ids"):
-            stmt = stmt.where(Prompt.id.in_(ctx.params["prompt_ids"]))
-        elif ctx.params["split"] != "all":
-            stmt = stmt.where(Prompt.split == ctx.params["split"])
+        if ctx.params.prompt_ids:
+            stmt = stmt.where(Prompt.id.in_(ctx.params.prompt_ids))
+        elif ctx.params.split != "all":
+            stmt = stmt.where(Prompt.split == ctx.params.split)
         return [(pid, text) for pid, text in session.execute(stmt.order_by(Prompt.id))]
 
 
-def _existing(ctx: JobContext, model_id: int, prompt_ids: list[int]) -> set[tuple[int, int]]:
+def _existing(
+    ctx: ProjectJobContext[Any], model_id: int, prompt_ids: list[int]
+) -> set[tuple[int, int]]:
     with ctx.session() as session:
         rows = session.execute(
             select(Image.prompt_id, Image.seed).where(
@@ -61,7 +64,9 @@ def _existing(ctx: JobContext, model_id: int, prompt_ids: list[int]) -> set[tupl
         return {(pid, seed) for pid, seed in rows}
 
 
-def _store(ctx: JobContext, model: ModelVersion, prompt_id: int, seed: int, image: Any) -> bool:
+def _store(
+    ctx: ProjectJobContext[Any], model: ModelVersion, prompt_id: int, seed: int, image: Any
+) -> bool:
     from worker.generation import png_bytes, provenance
 
     spec = spec_for(model)
@@ -84,7 +89,7 @@ def _store(ctx: JobContext, model: ModelVersion, prompt_id: int, seed: int, imag
 
 
 def generate_images(
-    ctx: JobContext,
+    ctx: ProjectJobContext[Any],
     models: list[ModelVersion],
     prompts: list[tuple[int, str]],
     seeds: list[int],
@@ -136,7 +141,7 @@ def generate_images(
     return created, skipped
 
 
-def load_models(ctx: JobContext, model_ids: list[int]) -> list[ModelVersion]:
+def load_models(ctx: ProjectJobContext[Any], model_ids: list[int]) -> list[ModelVersion]:
     with ctx.session() as session:
         models = [session.get(ModelVersion, mid) for mid in model_ids]
     if any(m is None for m in models):
@@ -148,15 +153,14 @@ def load_models(ctx: JobContext, model_ids: list[int]) -> list[ModelVersion]:
 PAIR_ROUND_PROMPTS = 8
 
 
-@handler("generate")
-def generate(ctx: JobContext) -> dict[str, Any]:
+def generate(ctx: ProjectJobContext[GenerateParams]) -> dict[str, Any]:
     params = ctx.params
-    seeds = params.get("seeds") or list(range(params["images_per_prompt"]))
+    seeds = params.seeds or list(range(params.images_per_prompt))
     prompts = _prompts(ctx)
     if not prompts:
-        raise ValueError(f"no prompts in split {params['split']!r} of project {ctx.project_id}")
-    models = load_models(ctx, params["model_ids"])
-    make = params.get("make_pairs", True)
+        raise ValueError(f"no prompts in split {params.split!r} of project {ctx.project_id}")
+    models = load_models(ctx, params.model_ids)
+    make = params.make_pairs
     # With pairs wanted, work prompt-major in rounds and pair each round as soon as it exists.
     size = PAIR_ROUND_PROMPTS if make else len(prompts)
     rounds = [prompts[i : i + size] for i in range(0, len(prompts), size)]
@@ -164,7 +168,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     for index, chunk in enumerate(rounds):
         span = (index / len(rounds), (index + 1) / len(rounds))
         new, old = generate_images(
-            ctx, models, chunk, seeds, batch_size=params.get("batch_size"), progress=span
+            ctx, models, chunk, seeds, batch_size=params.batch_size, progress=span
         )
         created += new
         skipped += old
@@ -177,7 +181,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
 
 
 def _make_pairs(
-    ctx: JobContext, model_ids: list[int], prompt_ids: list[int], seeds: list[int]
+    ctx: ProjectJobContext[Any], model_ids: list[int], prompt_ids: list[int], seeds: list[int]
 ) -> int:
     from app.pairs.service import make_pairs
 

@@ -11,12 +11,13 @@ import numpy as np
 from sqlalchemy import select
 
 from app.generators.models import ModelVersion
+from app.jobs.kinds import FitRatingsParams
 from app.pairs.models import Pair
 from app.ratings.models import Rating, RatingFit
 from app.ratings.service import evaluation_votes, finite_or_none
 from app.votes.models import Vote
 from worker import bradley_terry as bt
-from worker.runner import JobContext, handler
+from worker.runner import ProjectJobContext
 
 _OUTCOME = {
     "left": bt.OUTCOME_A,
@@ -26,7 +27,7 @@ _OUTCOME = {
 }
 
 
-def _annotator_table(ctx: JobContext) -> list[dict[str, Any]]:
+def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str, Any]]:
     """Quality figures over every vote of the project (gold answers included)."""
     with ctx.session() as session:
         rows = session.execute(
@@ -85,11 +86,10 @@ def _annotator_table(ctx: JobContext) -> list[dict[str, Any]]:
     return table
 
 
-@handler("fit_ratings")
-def fit_ratings(ctx: JobContext) -> dict[str, Any]:
+def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
     params = ctx.params
     with ctx.session() as session:
-        votes = evaluation_votes(session, ctx.project_id)  # type: ignore[arg-type]
+        votes = evaluation_votes(session, ctx.project_id)
         names = dict(
             session.execute(
                 select(ModelVersion.id, ModelVersion.name).where(
@@ -115,21 +115,21 @@ def fit_ratings(ctx: JobContext) -> dict[str, Any]:
         )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", bt.DisconnectedComparisonsWarning)
-            if params["bootstrap"] > 0:
+            if params.bootstrap > 0:
                 boot = bt.bootstrap_bradley_terry(
                     counts,
-                    params["bootstrap"],
-                    ties=params["ties"],
-                    prior=params["prior"],
-                    seed=params["seed"],
+                    params.bootstrap,
+                    ties=params.ties,
+                    prior=params.prior,
+                    seed=params.seed,
                     item_names=[names[m] for m in models],
                     on_progress=lambda done: ctx.progress(
-                        0.1 + 0.8 * done / params["bootstrap"], f"bootstrap {done}"
+                        0.1 + 0.8 * done / params.bootstrap, f"bootstrap {done}"
                     ),
                 )
                 fit, lower, upper, ranks = boot.fit, boot.lower, boot.upper, boot.ranks
             else:
-                fit = bt.fit_bradley_terry(counts, ties=params["ties"], prior=params["prior"])
+                fit = bt.fit_bradley_terry(counts, ties=params.ties, prior=params.prior)
                 lower = upper = fit.scores
                 ranks = bt.ranks_from_intervals(lower, upper)
         for warning in caught:
@@ -150,16 +150,16 @@ def fit_ratings(ctx: JobContext) -> dict[str, Any]:
             )
         leaderboard.sort(key=lambda r: (r["rank"], -r["rating"]))
         method = {
-            "ties": params["ties"],
-            "prior": params["prior"],
-            "bootstrap": params["bootstrap"],
+            "ties": params.ties,
+            "prior": params.prior,
+            "bootstrap": params.bootstrap,
             "tie_param": fit.tie_param,
             "log_likelihood": fit.log_likelihood,
             "converged": fit.converged,
             "components": len(fit.components),
         }
     else:
-        method = {"ties": params["ties"], "note": "fewer than two rated models"}
+        method = {"ties": params.ties, "note": "fewer than two rated models"}
     annotators = _annotator_table(ctx)
     with ctx.session() as session:
         row = RatingFit(
