@@ -17,13 +17,16 @@ import scipy.sparse as sp
 from scipy import optimize, stats
 from scipy.sparse.csgraph import connected_components
 
+from app.ratings.scale import elo_scale
+from app.votes.vocabulary import CHOICES, Choice, Outcome, gold_correct
+
 TieMode = Literal["half", "davidson"]
 TIE_MODES: tuple[str, ...] = ("half", "davidson")
 
-# Outcome codes for a comparison between item_a and item_b.
-OUTCOME_A = 0
-OUTCOME_B = 1
-OUTCOME_TIE = 2
+# Outcome codes for a comparison between item_a and item_b (the vote vocabulary's).
+OUTCOME_A = int(Outcome.A)
+OUTCOME_B = int(Outcome.B)
+OUTCOME_TIE = int(Outcome.TIE)
 
 # A N(0, 1/λ) prior with λ = 0.01 is sd 10 on the logit scale (≈ 1 700 Elo points): it only
 # matters for items whose record is one-sided or cut off from the rest of the graph.
@@ -38,9 +41,6 @@ DEFAULT_MAX_ITER = 100
 # Up to this many items the Newton system is solved densely (batched Cholesky); above it with
 # Jacobi-preconditioned conjugate gradients on the sparse pair graph, O(m) per CG step.
 DENSE_MAX_ITEMS = 300
-
-ELO_SCALE = 400.0 / math.log(10.0)
-ELO_OFFSET = 1000.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -565,11 +565,6 @@ def log_likelihood(
     return float(terms.loglik.sum())
 
 
-def elo_scale(scores: np.ndarray) -> np.ndarray:
-    """Logit-scale scores → Elo-like ratings: 400·s/ln 10 + 1000."""
-    return ELO_SCALE * np.asarray(scores, dtype=np.float64) + ELO_OFFSET
-
-
 def ranks_from_intervals(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """(n,) bounds → (n,) ranks: 1 + number of items whose lower bound exceeds my upper bound."""
     lower = np.asarray(lower, dtype=np.float64)
@@ -666,9 +661,6 @@ def bootstrap_bradley_terry(
 # --------------------------------------------------------------------------------------------
 # Annotator quality
 # --------------------------------------------------------------------------------------------
-
-CHOICES: tuple[str, ...] = ("left", "right", "tie", "both_bad", "skip")
-
 
 @dataclass(frozen=True)
 class QualityThresholds:
@@ -844,6 +836,12 @@ class AnnotatorQuality:
     flags: tuple[str, ...]
 
 
+def _outcome_code(choice: str) -> int:
+    """A vote's outcome code; -1 for a skip (no data)."""
+    outcome = Choice(choice).outcome
+    return -1 if outcome is None else int(outcome)
+
+
 def annotator_quality(
     annotator: Sequence[object] | np.ndarray,
     pair: Sequence[object] | np.ndarray,
@@ -879,10 +877,11 @@ def annotator_quality(
     li, ri = item_idx[:n_votes], item_idx[n_votes:]  # (V,)
     n_ann, n_items = annotators.shape[0], items.shape[0]
 
-    is_left = choice_arr == "left"
-    is_right = choice_arr == "right"
-    is_tie = (choice_arr == "tie") | (choice_arr == "both_bad")
-    used = is_left | is_right | is_tie  # (V,) skips are no data
+    outcome_of = np.array([_outcome_code(c) for c in choice_arr], dtype=np.int64)  # (V,)
+    is_left = outcome_of == OUTCOME_A
+    is_right = outcome_of == OUTCOME_B
+    is_tie = outcome_of == OUTCOME_TIE
+    used = outcome_of >= 0  # (V,) skips are no data
 
     # NoisyBT on left/right/tie votes, started from a plain BT fit.
     skill = np.full(n_ann, np.nan)
@@ -915,9 +914,10 @@ def annotator_quality(
     others_sum = np.bincount(ann[used], others[used], n_ann)
 
     gold_arr = np.asarray(gold if gold is not None else [None] * n_votes, dtype=object)
-    graded = (gold_arr != None) & (choice_arr != "skip")  # noqa: E711  (V,)
+    hit = np.array([gold_correct(c, g) for c, g in zip(choice_arr, gold_arr, strict=True)])
+    graded = np.array([h is not None for h in hit], dtype=bool)  # (V,)
     n_gold = np.bincount(ann[graded], minlength=n_ann)  # (A,)
-    gold_hits = np.bincount(ann[graded], choice_arr[graded] == gold_arr[graded], n_ann)
+    gold_hits = np.bincount(ann[graded], hit[graded].astype(bool), n_ann)
     latency = (
         np.full(n_votes, np.nan)
         if latency_ms is None

@@ -51,6 +51,7 @@ from app.projects.models import Project, Prompt
 from app.ratings.models import Rating, RatingFit
 from app.users import service as users
 from app.votes.models import Vote
+from app.votes.vocabulary import Choice
 
 IMPORT_FORMATS: tuple[str, ...] = ("pickapic", "fastchat")
 REQUIRED_COLUMNS = (
@@ -71,7 +72,12 @@ MAX_UID = 200
 # Rows read (and image bytes held) at a time in the writing pass.
 IMPORT_BATCH = 128
 DEFAULT_FASTCHAT_BOOTSTRAP = 200
-_LABELS = {(1.0, 0.0): "left", (0.0, 1.0): "right", (0.5, 0.5): "tie"}
+# Pick-a-Pic (label_0, label_1) → the vote, image 0 being the left one.
+_LABELS = {
+    (c.p_left, 1.0 - c.p_left): c.value
+    for c in (Choice.LEFT, Choice.RIGHT, Choice.TIE)
+    if c.p_left is not None
+}
 
 
 class ImportFormatError(ValueError):
@@ -189,7 +195,7 @@ def _row_meta(row: dict[str, Any]) -> _RowMeta:
     if has_label is not None and not isinstance(has_label, bool):
         raise ValueError(f"has_label must be true or false, got {has_label!r}")
     if has_label is False:
-        choice = "both_bad"
+        choice = Choice.BOTH_BAD.value
     elif (label_0, label_1) in _LABELS:
         choice = _LABELS[(label_0, label_1)]
     else:

@@ -46,14 +46,13 @@ from app.pairs.service import Candidate, fewest_votes_first
 from app.projects.models import Project
 from app.projects.service import project_settings
 from app.ratings.models import Rating, RewardModel
+from app.ratings.scale import elo_to_logit_gap
 from app.ratings.service import latest_fit
 from app.users.models import User
 
 IMAGE_SCORES_FILE = "image_scores.json"
 # A 95 % interval spans 2 × 1.96 standard deviations.
 _CI_WIDTH_IN_SD = 2 * 1.959963984540054
-# Elo-like display scale: rating = 400 · s / ln(10) + 1000.
-_ELO_PER_LOGIT = 400.0 / math.log(10.0)
 
 
 # --- reward models and their per-image scores -------------------------------------------------
@@ -150,7 +149,7 @@ def rank_uncertainty(
     sd_b = max(0.0, interval_b[1] - interval_b[0]) / _CI_WIDTH_IN_SD
     spread = math.hypot(sd_a, sd_b)
     if spread == 0.0:
-        return outcome_uncertainty(rating_a / _ELO_PER_LOGIT, rating_b / _ELO_PER_LOGIT)
+        return outcome_uncertainty(elo_to_logit_gap(rating_a, rating_b), 0.0)
     p = _normal_cdf((rating_a - rating_b) / spread)
     return 1.0 - abs(2.0 * p - 1.0)
 

@@ -15,6 +15,7 @@ from app.jobs.models import Job
 from app.pairs.models import Pair
 from app.ratings.models import Rating, RatingFit
 from app.votes.models import Vote
+from app.votes.vocabulary import PREFERENCES
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def evaluation_votes(session: Session, project_id: int) -> list[EvalVote]:
             Vote.project_id == project_id,
             Pair.purpose == "eval",
             Pair.is_gold.is_(False),
-            Vote.choice != "skip",
+            Vote.choice.in_(PREFERENCES),
         )
     )
     votes: list[EvalVote] = []

@@ -16,15 +16,9 @@ from app.pairs.models import Pair
 from app.ratings.models import Rating, RatingFit
 from app.ratings.service import evaluation_votes, finite_or_none
 from app.votes.models import Vote
+from app.votes.vocabulary import Choice, gold_answer
 from worker import bradley_terry as bt
 from worker.runner import ProjectJobContext
-
-_OUTCOME = {
-    "left": bt.OUTCOME_A,
-    "right": bt.OUTCOME_B,
-    "tie": bt.OUTCOME_TIE,
-    "both_bad": bt.OUTCOME_TIE,
-}
 
 
 def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str, Any]]:
@@ -57,9 +51,7 @@ def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str,
         choice.append(vote_choice)
         latency.append(float(ms) if ms is not None else np.nan)
         if is_gold and expected:
-            gold.append(
-                "tie" if expected == "tie" else ("left" if expected == left_id else "right")
-            )
+            gold.append(gold_answer(expected, left_id, right_id).value)
         else:
             gold.append(None)
     with warnings.catch_warnings():
@@ -105,7 +97,7 @@ def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
         counts = bt.aggregate_comparisons(
             np.array([index[v.left_model] for v in votes]),
             np.array([index[v.right_model] for v in votes]),
-            np.array([_OUTCOME[v.choice] for v in votes]),
+            np.array([Choice(v.choice).outcome for v in votes]),
             n_items=len(models),
         )
         per_model = np.bincount(
