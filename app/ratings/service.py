@@ -1,4 +1,5 @@
-"""Leaderboards and annotator quality from a project's votes (the math is worker/bradley_terry)."""
+"""Leaderboards and annotator quality from a project's votes (the maths: app/ratings/
+bradley_terry.py, quality.py and leaderboard.py)."""
 
 from __future__ import annotations
 

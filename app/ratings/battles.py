@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from app.ratings.bradley_terry import PairCounts, aggregate_comparisons
 from app.votes.vocabulary import Choice
-from worker.bradley_terry import PairCounts, aggregate_comparisons
 
 SKIP = -1
 # Both tables come from the vote vocabulary: FastChat's `winner` and prefloop's `choice`.
