@@ -6,18 +6,22 @@ import datetime as dt
 import logging
 from typing import Any
 
-from fastapi import HTTPException
 from pydantic import ValidationError
 from sqlalchemy import event, or_, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import utcnow
+from app.core.errors import Conflict
 from app.jobs.kinds import KINDS, JobParams
 from app.jobs.models import TERMINAL, Job
 
 log = logging.getLogger("prefloop.jobs")
 _PENDING = "prefloop_pending_enqueue"
+
+
+class JobStateError(Conflict):
+    """The job's status does not allow the action (cancel a finished job, retry a running one)."""
 
 
 class JobParamsError(ValueError):
@@ -110,7 +114,7 @@ def send_job(job_id: int, queue: str, countdown: float | None = None) -> None:
 
 def request_cancel(session: Session, job: Job) -> None:
     if job.status in TERMINAL:
-        raise HTTPException(409, f"job {job.id} already {job.status}")
+        raise JobStateError(f"job {job.id} already {job.status}")
     job.cancel_requested = True
     if job.status == "queued":
         job.status = "cancelled"
@@ -121,7 +125,7 @@ def request_cancel(session: Session, job: Job) -> None:
 def retry_job(session: Session, job: Job) -> None:
     """Run a failed or cancelled job again with a fresh attempts budget."""
     if job.status not in ("failed", "cancelled"):
-        raise HTTPException(409, f"only failed or cancelled jobs can be retried (is {job.status})")
+        raise JobStateError(f"only failed or cancelled jobs can be retried (is {job.status})")
     job.status = "queued"
     job.attempts = 0
     job.error = None

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.deps import PageUser, get_project_for, membership_role
+from app.core.errors import DomainError, http_status
 from app.core.web import render
 from app.dashboard import service as dashboard
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
@@ -246,10 +247,10 @@ def register_model(
         )
     try:
         model = generators.register_model(session, project=project, data=data)
-    except HTTPException as exc:
-        errors = {"": str(exc.detail)}
+    except DomainError as exc:
+        errors = {"": exc.detail}
         return _models_page(
-            request, session, project, values=values, errors=errors, status_code=exc.status_code
+            request, session, project, values=values, errors=errors, status_code=http_status(exc)
         )
     return RedirectResponse(f"/projects/{project.id}/models?added={model.id}", status_code=303)
 
