@@ -11,7 +11,7 @@ v-prediction comes from the pipeline's scheduler config.
   the latest checkpoint, raises :class:`TrainingDiverged` on NaN/inf or exploding loss, and
   checkpoints then returns early when ``should_stop()`` says so (cancel, soft time limit).
 - :func:`save_result` writes the output: a diffusers-format LoRA (``pipe.load_lora_weights``) or
-  a full UNet (``save_pretrained``).
+  the whole pipeline with the fine-tuned UNet (``save_pretrained``).
 
 Mixed precision is plain ``torch.autocast`` (+ ``GradScaler`` for fp16) rather than
 ``accelerate.Accelerator``: the Accelerator's process-wide state refuses a second
@@ -55,6 +55,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from app.core.storage import atomic_dir, replace_dir
 from app.jobs.kinds import DPOTrainingParams
 from worker.dpo import DPOOutput, add_noise, diffusion_target, dpo_loss, per_sample_error, sft_loss
 
@@ -595,7 +596,7 @@ class DPOTrainer:
         final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
         tmp = ckpt_dir / f".tmp-{final.name}"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
             tmp.mkdir()
         self._barrier()
         self._save_rng(tmp)
@@ -612,9 +613,7 @@ class DPOTrainer:
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         self._barrier()
         if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         self._barrier()
         return final
 
@@ -757,12 +756,6 @@ def train(
 # Output
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
 def save_lora(unet: nn.Module, out_dir: Path, *, sdxl: bool | None = None) -> Path:
     """Write the UNet's LoRA in diffusers format, loadable with ``pipe.load_lora_weights``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -774,25 +767,16 @@ def save_lora(unet: nn.Module, out_dir: Path, *, sdxl: bool | None = None) -> Pa
     lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     lora_state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state.items()}
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state, safe_serialization=True)
-    _replace_dir(tmp, out_dir)
-    return out_dir
-
-
-def save_unet(unet: nn.Module, out_dir: Path) -> Path:
-    """Write a fully fine-tuned UNet with ``save_pretrained``."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
-    _replace_dir(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state, safe_serialization=True)
     return out_dir
 
 
 def save_result(pipe: Any, config: DPOConfig, out_dir: Path) -> Path:
-    """Write what a run produced: the LoRA adapter, or the full UNet when lora_rank is 0."""
+    """Write what a run produced: the LoRA adapter, or, when lora_rank is 0, the whole pipeline
+    with its fine-tuned UNet (a directory the generator loads as a model)."""
     if config.lora_rank > 0:
         return save_lora(pipe.unet, out_dir)
-    return save_unet(pipe.unet, out_dir)
+    with atomic_dir(Path(out_dir)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)

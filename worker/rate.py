@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from app.core.storage import write_atomic
 from app.ratings.battles import BattleFormatError, load_battles
 from app.ratings.bradley_terry import DEFAULT_PRIOR, TIE_MODES, TieMode
 from app.ratings.leaderboard import Leaderboard, LeaderboardRow, leaderboard
@@ -123,11 +124,8 @@ def rate_command(
         click.echo(table, err=True)
         click.echo(payload)
         return
-    target = Path(out)
-    partial = target.with_name(target.name + ".partial")
     try:
-        partial.write_text(payload + "\n", encoding="utf-8")
-        partial.replace(target)  # readers never see a half-written file
+        write_atomic(Path(out), payload + "\n")  # readers never see a half-written file
     except OSError as error:
         click.echo(f"Error: cannot write {out}: {error}", err=True)
         raise SystemExit(2) from None

@@ -14,8 +14,6 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
+from app.core.storage import atomic_dir
 from app.jobs.kinds import RewardTrainingParams
 
 HEADS = ("cosine", "mlp")
@@ -752,10 +751,7 @@ def save_reward_model(
     model; an existing model at ``directory`` is replaced.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(target) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         document = {
             "format": FORMAT_NAME,
@@ -769,22 +765,7 @@ def save_reward_model(
             (tmp / VOCAB_FILE).write_text(json.dumps(model.encoder.vocab))
         elif isinstance(model.encoder, ClipEncoder):
             model.encoder.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(source, target)
-        return
-    # A non-empty directory cannot be renamed over: move the old one aside first.
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_reward_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

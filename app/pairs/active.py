@@ -30,9 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import random
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,7 +38,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.storage import MediaStore, get_media_store
+from app.core.storage import MediaStore, get_media_store, write_atomic
 from app.images.models import Image
 from app.pairs.service import Candidate, fewest_votes_first
 from app.projects.models import Project
@@ -83,10 +81,7 @@ def record_image_scores(store: MediaStore, row: RewardModel, scores: Mapping[str
         fcntl.flock(lock, fcntl.LOCK_EX)
         merged = _read_scores_file(target)
         merged.update({str(k): float(v) for k, v in scores.items()})
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"reward_model_id": row.id, "scores": merged}, fh)
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps({"reward_model_id": row.id, "scores": merged}))
     return target
 
 

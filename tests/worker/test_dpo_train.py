@@ -297,12 +297,13 @@ def test_saved_lora_loads_in_plain_diffusers_and_changes_output(pipe_dirs, cache
     assert np.allclose(with_lora, _generate(trained), atol=1e-5)
 
 
-def test_full_finetune_saves_a_loadable_unet(pipe_dirs, cached, tmp_path):
+def test_full_finetune_saves_a_loadable_pipeline(pipe_dirs, cached, tmp_path):
     pipe = _load(pipe_dirs)
     config = _config(lora_rank=0, steps=1)
     train(pipe, cached["sd"], config, tmp_path / "ck")
-    out = save_result(pipe, config, tmp_path / "unet")
-    loaded = UNet2DConditionModel.from_pretrained(out)
+    out = save_result(pipe, config, tmp_path / "model")
+    assert (out / "model_index.json").exists()  # a whole pipeline the generator can load
+    loaded = UNet2DConditionModel.from_pretrained(out / "unet")
     base = UNet2DConditionModel.from_pretrained(pipe_dirs["sd"] / "unet")
     trained_sd = pipe.unet.state_dict()
     assert all(torch.equal(v, trained_sd[k]) for k, v in loaded.state_dict().items())

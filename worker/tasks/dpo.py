@@ -141,18 +141,7 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
             f"soft time limit reached at step {result.step}; the next attempt resumes there"
         )
 
-    out_dir = work / ("adapter" if params.lora_rank > 0 else "model")
-    if params.lora_rank > 0:
-        save_result(pipe, params, out_dir)
-    else:
-        # A fully fine-tuned UNet becomes a whole pipeline directory the generator can load.
-        tmp = out_dir.with_name(".tmp-model")
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
+    out_dir = save_result(pipe, params, work / ("adapter" if params.lora_rank > 0 else "model"))
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
