@@ -23,6 +23,7 @@ from app.generators.schemas import GenerationParams, ModelCreate
 from app.projects import service, uploads
 from app.projects.models import Membership, Project, Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings
+from app.projects.settings import dump_settings
 from app.users import service as users
 from app.users.invites import invite_path, make_invite_token
 from app.users.models import User
@@ -298,7 +299,7 @@ def save_settings(
         return _settings_page(request, project, raw, {**_errors(exc), **problems}, status_code=422)
     if problems:
         return _settings_page(request, project, raw, problems, status_code=422)
-    project.settings = clean.model_dump()
+    project.settings = dump_settings(clean)
     session.flush()
     return RedirectResponse(f"/projects/{project.id}/settings?saved=1", status_code=303)
 
