@@ -10,6 +10,7 @@ from app.generators.models import ModelVersion
 from app.jobs.service import create_job
 from app.projects.models import Membership, Project, Prompt
 from app.projects.schemas import ProjectSettings
+from app.projects.settings import dump_settings
 from app.users import service as users
 
 DEMO_PROJECT = "Demo: toy shapes"
@@ -35,7 +36,7 @@ def create_demo(base_url: str) -> list[str]:
             name=DEMO_PROJECT,
             description="Two toy text-to-image models (toy-v1 and the less trained toy-v0) on "
             "prompts like 'a large red circle'. Vote for the image that matches the prompt best.",
-            settings=settings.model_dump(),
+            settings=dump_settings(settings),
         )
         session.add(project)
         session.flush()

@@ -19,6 +19,7 @@ from app import __version__
 from app.core.config import get_settings
 from app.core.db import get_engine, pool_capacity
 from app.core.deps import LoginRequired
+from app.core.errors import DomainError, http_status
 from app.core.health import LATENCY, REQUESTS
 from app.core.health import router as health_router
 from app.core.web import ROOT
@@ -124,6 +125,11 @@ def create_app() -> FastAPI:
             {"detail": "a value in the request is out of the range this server stores"},
             status_code=422,
         )
+
+    @app.exception_handler(DomainError)
+    async def _refused(request: Request, exc: DomainError) -> Response:
+        # Services raise domain errors; this is where they become HTTP answers.
+        return JSONResponse({"detail": exc.detail}, status_code=http_status(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

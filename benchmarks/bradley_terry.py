@@ -27,7 +27,7 @@ import choix  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import optimize, stats  # noqa: E402
 
-from worker.bradley_terry import (  # noqa: E402
+from app.ratings.bradley_terry import (  # noqa: E402
     OUTCOME_A,
     OUTCOME_B,
     OUTCOME_TIE,

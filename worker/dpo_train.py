@@ -11,7 +11,7 @@ v-prediction comes from the pipeline's scheduler config.
   the latest checkpoint, raises :class:`TrainingDiverged` on NaN/inf or exploding loss, and
   checkpoints then returns early when ``should_stop()`` says so (cancel, soft time limit).
 - :func:`save_result` writes the output: a diffusers-format LoRA (``pipe.load_lora_weights``) or
-  a full UNet (``save_pretrained``).
+  the whole pipeline with the fine-tuned UNet (``save_pretrained``).
 
 Mixed precision is plain ``torch.autocast`` (+ ``GradScaler`` for fp16) rather than
 ``accelerate.Accelerator``: the Accelerator's process-wide state refuses a second
@@ -44,7 +44,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,6 +55,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from app.core.storage import atomic_dir, replace_dir
+from app.jobs.kinds import DPOTrainingParams
 from worker.dpo import DPOOutput, add_noise, diffusion_target, dpo_loss, per_sample_error, sft_loss
 
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -64,61 +66,9 @@ _CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 _RESUMABLE_CHANGES = {"steps", "checkpoint_every", "keep_last", "explode_loss"}
 
 
-@dataclass
-class DPOConfig:
-    """Hyper-parameters of one Diffusion-DPO run."""
-
-    # β in the paper convention (softplus((β/2)(Δθ − Δref)), see worker.dpo). 5000 is the paper's
-    # value for SD 1.5 with per-sample errors averaged over C·H·W; the diffusers example's 2500 is
-    # the same objective. It suits the toy model too (toy-v1, LoRA rank 8, lr 1e-4, 8 pairs per
-    # step, right- vs wrong-colour pairs, 120 steps): held-out implicit accuracy 0.965 with the
-    # winners' denoising error unchanged. β = 50 or 500 learn the ranking as fast but make the
-    # winners worse too (error +0.009 / +0.007): too weak a pull towards the reference.
-    beta: float = 5000.0
-    beta_convention: Literal["paper", "diffusers"] = "paper"
-    # "sigmoid" is Diffusion-DPO; "hinge" and "ipo" are the variants; "sft" trains the plain
-    # denoising loss on winners only (the paper's baseline) while still logging the DPO margins.
-    loss_kind: Literal["sigmoid", "hinge", "ipo", "sft"] = "sigmoid"
-    # The paper uses 1e-8 × effective batch (2.048e-5 at 2048 pairs) for the full UNet; LoRA
-    # tolerates larger rates (the diffusers example sweeps 1e-5 … 5e-4). On the toy model 1e-4
-    # suits LoRA; 1e-3 gives loss spikes (1.8) and winners' error +0.010.
-    learning_rate: float = 1e-5
-    weight_decay: float = 1e-2  # AdamW, the diffusers default
-    steps: int = 2000  # optimizer steps (the paper: 2000)
-    batch_size: int = 4  # pairs per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_steps: int = 0  # linear warm-up, then constant (the paper: 500)
-    max_grad_norm: float = 1.0  # clip the global norm; 0 disables clipping (still reported)
-    # 0 trains the full UNet and keeps a frozen copy as the reference; > 0 trains a LoRA on the
-    # attention projections and obtains the reference by disabling the adapter. lora_alpha is
-    # fixed to the rank (scale 1) so the saved adapter loads unchanged in plain diffusers.
-    lora_rank: int = 8
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    # Share of pairs whose prompt is replaced by the empty prompt (the paper: 0.2), which keeps
-    # the unconditional branch used by classifier-free guidance in training.
-    empty_prompt_prob: float = 0.0
-    # True: a pair's label p = P(w ≻ l) (0.5 for a tie) trains as a soft label. False: ties are
-    # dropped, as in the original code, and every other pair counts as a hard win.
-    tie_soft_labels: bool = True
-    checkpoint_every: int = 100
-    keep_last: int = 2  # checkpoints kept on disk (the newest ones)
-    # softplus starts at ln 2 ≈ 0.69; a mean loss this high means the policy ranks pairs far
-    # worse than the reference, which in practice is a blown-up run (noise images).
-    explode_loss: float = 50.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.loss_kind not in ("sigmoid", "hinge", "ipo", "sft"):
-            raise ValueError(f"unknown loss_kind {self.loss_kind!r}")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError(f"unknown mixed_precision {self.mixed_precision!r}")
-        if self.beta_convention not in ("paper", "diffusers"):
-            raise ValueError(f"unknown beta_convention {self.beta_convention!r}")
-        if min(self.steps, self.batch_size, self.grad_accum, self.checkpoint_every) < 1:
-            raise ValueError("steps, batch_size, grad_accum and checkpoint_every must be ≥ 1")
-        if self.lora_rank < 0 or self.keep_last < 1:
-            raise ValueError("lora_rank must be ≥ 0 and keep_last ≥ 1")
+# The run's hyper-parameters are the job's params model (`app.jobs.kinds`): one definition of
+# every option and its default. `train_dpo` jobs pass their TrainDPOParams, a subclass.
+DPOConfig = DPOTrainingParams
 
 
 class TrainingDiverged(RuntimeError):
@@ -561,13 +511,13 @@ class DPOTrainer:
         model_err_w, model_err_l = model_err.chunk(2)  # (B,), (B,)
         with torch.no_grad(), self._reference() as ref_model:
             ref_err_w, ref_err_l = self._errors(ref_model, inputs).chunk(2)  # (B,) each
-        labels = batch.labels if cfg.tie_soft_labels else None
-        kind = "sigmoid" if cfg.loss_kind == "sft" else cfg.loss_kind
+        labels = batch.labels if cfg.soft_labels else None
+        kind = "sigmoid" if cfg.loss == "sft" else cfg.loss
         out = dpo_loss(
             model_err_w, model_err_l, ref_err_w, ref_err_l, cfg.beta,
             kind=kind, label=labels, convention=cfg.beta_convention,
         )  # fmt: skip
-        loss = sft_loss(model_err_w) if cfg.loss_kind == "sft" else out.loss
+        loss = sft_loss(model_err_w) if cfg.loss == "sft" else out.loss
         return loss, out
 
     def _all_mean(self, values: Tensor) -> Tensor:
@@ -646,7 +596,7 @@ class DPOTrainer:
         final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
         tmp = ckpt_dir / f".tmp-{final.name}"
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # a crashed attempt's leftovers
             tmp.mkdir()
         self._barrier()
         self._save_rng(tmp)
@@ -655,25 +605,27 @@ class DPOTrainer:
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
             torch.save(self.scaler.state_dict(), tmp / "grad_scaler.pt")
-            state = {"step": step, "sampler": sampler.state_dict(), "config": asdict(self.config)}
+            state = {
+                "step": step,
+                "sampler": sampler.state_dict(),
+                "config": _training_settings(self.config),
+            }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         self._barrier()
         if self.rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_dir(tmp, final)
         self._barrier()
         return final
 
     def load_checkpoint(self, path: Path, sampler: PairSampler) -> int:
         """Restore everything :meth:`save_checkpoint` wrote; returns the step."""
         state = json.loads((path / "trainer_state.json").read_text())
-        saved = DPOConfig(**state["config"])
+        saved = state["config"]
+        current = _training_settings(self.config)
         changed = {
-            f.name
-            for f in fields(DPOConfig)
-            if f.name not in _RESUMABLE_CHANGES
-            and getattr(saved, f.name) != getattr(self.config, f.name)
+            name
+            for name, value in current.items()
+            if name not in _RESUMABLE_CHANGES and name in saved and saved[name] != value
         }
         if changed:
             raise ValueError(f"checkpoint {path} was written with different {sorted(changed)}")
@@ -729,6 +681,11 @@ class DPOTrainer:
 # The loop
 
 
+def _training_settings(config: DPOConfig) -> dict[str, Any]:
+    """The run's hyper-parameters as JSON (a job's own fields, such as its name, left out)."""
+    return config.model_dump(mode="json", include=set(DPOTrainingParams.model_fields))
+
+
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     """Complete checkpoints under ``ckpt_dir``, oldest first."""
     if not ckpt_dir.is_dir():
@@ -738,7 +695,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def _usable_pairs(data: CachedPairs, config: DPOConfig) -> list[int]:
-    if config.tie_soft_labels:
+    if config.soft_labels:
         return list(range(len(data)))
     return [i for i, p in enumerate(data.labels.tolist()) if p != 0.5]
 
@@ -799,12 +756,6 @@ def train(
 # Output
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-
-
 def save_lora(unet: nn.Module, out_dir: Path, *, sdxl: bool | None = None) -> Path:
     """Write the UNet's LoRA in diffusers format, loadable with ``pipe.load_lora_weights``."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -816,25 +767,16 @@ def save_lora(unet: nn.Module, out_dir: Path, *, sdxl: bool | None = None) -> Pa
     lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     lora_state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state.items()}
     pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state, safe_serialization=True)
-    _replace_dir(tmp, out_dir)
-    return out_dir
-
-
-def save_unet(unet: nn.Module, out_dir: Path) -> Path:
-    """Write a fully fine-tuned UNet with ``save_pretrained``."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
-    _replace_dir(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state, safe_serialization=True)
     return out_dir
 
 
 def save_result(pipe: Any, config: DPOConfig, out_dir: Path) -> Path:
-    """Write what a run produced: the LoRA adapter, or the full UNet when lora_rank is 0."""
+    """Write what a run produced: the LoRA adapter, or, when lora_rank is 0, the whole pipeline
+    with its fine-tuned UNet (a directory the generator loads as a model)."""
     if config.lora_rank > 0:
         return save_lora(pipe.unet, out_dir)
-    return save_unet(pipe.unet, out_dir)
+    with atomic_dir(Path(out_dir)) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)

@@ -4,7 +4,7 @@ An image depends only on (prompt, model spec, seed): every image gets its own CP
 `torch.Generator`, so neither the batch it was generated in nor the device changes its noise.
 
 torch and diffusers are imported inside functions so that the web side can import
-`GeneratorSpec` and `SCHEDULER_NAMES` to validate model parameters without loading torch.
+`SCHEDULER_NAMES` without loading torch.
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
+
+from pydantic import ConfigDict, Field, field_validator
+
+from app.generators.schemas import DType, GenerationParams
 
 if TYPE_CHECKING:
     import torch
@@ -51,8 +54,7 @@ _SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 SCHEDULER_NAMES: tuple[str, ...] = tuple(_SCHEDULERS)
-
-DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+DTYPES: tuple[str, ...] = get_args(DType)
 
 # "toy" and "toy-<version>" name the project's own toy models, resolved by worker.toy.
 _TOY_RE = re.compile(r"^toy(-[\w.]+)?$")
@@ -78,34 +80,23 @@ def _check_scheduler_name(name: str) -> None:
         raise ValueError(f"unknown scheduler {name!r}; valid schedulers: {valid}")
 
 
-@dataclass(frozen=True)
-class GeneratorSpec:
-    """Everything that determines a model's images, apart from the prompt and the seed."""
+class GeneratorSpec(GenerationParams):
+    """Everything that determines a model's images, apart from the prompt and the seed.
 
-    base: str
+    The sampling fields and their defaults are the API's `GenerationParams`: a model version's
+    stored params are exactly what the worker samples with.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str = Field(min_length=1)
     adapter: str | None = None
-    scheduler: str = "default"
-    steps: int = 30
-    guidance_scale: float = 7.5
-    # None: the model's native size (unet.sample_size * vae scale factor).
-    height: int | None = None
-    width: int | None = None
-    dtype: str = "auto"
 
-    def __post_init__(self) -> None:
-        if not self.base:
-            raise ValueError("base must name a hub id, a local path or a toy model")
-        _check_scheduler_name(self.scheduler)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid dtypes: {', '.join(DTYPES)}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
-        if self.guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be non-negative, got {self.guidance_scale}")
-        for side in ("height", "width"):
-            value = getattr(self, side)
-            if value is not None and value < 1:
-                raise ValueError(f"{side} must be positive, got {value}")
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _known_scheduler(cls, value: Any) -> Any:
+        _check_scheduler_name(value)  # a message that names every valid scheduler
+        return value
 
     @classmethod
     def from_params(
@@ -113,7 +104,7 @@ class GeneratorSpec:
     ) -> GeneratorSpec:
         """Build a spec from a model version's `params` JSON; unknown keys are an error."""
         params = dict(params or {})
-        allowed = {"scheduler", "steps", "guidance_scale", "height", "width", "dtype"}
+        allowed = set(GenerationParams.model_fields)
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise ValueError(

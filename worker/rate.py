@@ -4,87 +4,19 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
 
-from worker.battles import BattleFormatError, Battles, load_battles
-from worker.bradley_terry import (
-    DEFAULT_PRIOR,
-    TIE_MODES,
-    DisconnectedComparisonsWarning,
-    TieMode,
-    bootstrap_bradley_terry,
-    elo_scale,
-    fit_bradley_terry,
-    ranks_from_intervals,
-)
+from app.core.storage import write_atomic
+from app.ratings.battles import BattleFormatError, load_battles
+from app.ratings.bradley_terry import DEFAULT_PRIOR, TIE_MODES, TieMode
+from app.ratings.leaderboard import Leaderboard, LeaderboardRow, leaderboard
 
 DEFAULT_BOOTSTRAP = 1000
 # Show the bootstrap progress bar from about this much work (resamples × model pairs).
 PROGRESS_MIN_WORK = 200_000
-
-
-@dataclass(frozen=True)
-class LeaderboardRow:
-    """One model on the Elo-like scale (rating = 400·s/ln 10 + 1000)."""
-
-    model: str
-    rating: float
-    ci_low: float | None
-    ci_high: float | None
-    rank: int
-
-
-def leaderboard(
-    battles: Battles,
-    *,
-    ties: TieMode = "half",
-    n_bootstrap: int = DEFAULT_BOOTSTRAP,
-    prior: float = DEFAULT_PRIOR,
-    seed: int = 0,
-    on_progress: Callable[[int], None] | None = None,
-) -> list[LeaderboardRow]:
-    """Rows sorted by rating, best first.
-
-    With n_bootstrap ≥ 1 the interval is the 2.5–97.5 % bootstrap percentile range and the rank
-    counts the models whose interval lies wholly above; with 0 there is no interval and the
-    rank counts the models with a higher point rating.
-    """
-    counts = battles.counts()
-    if n_bootstrap > 0:
-        boot = bootstrap_bradley_terry(
-            counts,
-            n_bootstrap,
-            ties=ties,
-            prior=prior,
-            seed=seed,
-            on_progress=on_progress,
-            item_names=battles.models,
-        )
-        ratings = elo_scale(boot.fit.scores)
-        lows: list[float | None] = list(elo_scale(boot.lower))
-        highs: list[float | None] = list(elo_scale(boot.upper))
-        ranks = boot.ranks
-    else:
-        fit = fit_bradley_terry(counts, ties=ties, prior=prior, item_names=battles.models)
-        ratings = elo_scale(fit.scores)
-        lows = highs = [None] * len(battles.models)
-        ranks = ranks_from_intervals(ratings, ratings)
-    rows = [
-        LeaderboardRow(
-            model=name,
-            rating=float(ratings[k]),
-            ci_low=None if lows[k] is None else float(lows[k]),
-            ci_high=None if highs[k] is None else float(highs[k]),
-            rank=int(ranks[k]),
-        )
-        for k, name in enumerate(battles.models)
-    ]
-    return sorted(rows, key=lambda row: (-row.rating, row.model))
 
 
 def format_table(rows: list[LeaderboardRow]) -> str:
@@ -153,45 +85,47 @@ def rate_command(
         click.echo(f"Error: {battles_file}: {error}", err=True)
         raise SystemExit(2) from None
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DisconnectedComparisonsWarning)
-        if n_bootstrap * battles.counts().n_pairs >= PROGRESS_MIN_WORK:
-            with click.progressbar(
-                length=n_bootstrap, label="bootstrap", file=click.get_text_stream("stderr")
-            ) as bar:
-                state = {"done": 0}
+    counts = battles.counts()
 
-                def advance(done: int) -> None:
-                    bar.update(done - state["done"])
-                    state["done"] = done
+    def rate(on_progress: Callable[[int], None] | None = None) -> Leaderboard:
+        return leaderboard(
+            counts,
+            battles.models,
+            ties=ties,
+            n_bootstrap=n_bootstrap,
+            prior=prior,
+            seed=seed,
+            on_progress=on_progress,
+        )
 
-                rows = leaderboard(
-                    battles,
-                    ties=ties,
-                    n_bootstrap=n_bootstrap,
-                    prior=prior,
-                    seed=seed,
-                    on_progress=advance,
-                )
-        else:
-            rows = leaderboard(battles, ties=ties, n_bootstrap=n_bootstrap, prior=prior, seed=seed)
-    for warning in caught:
-        click.echo(f"Warning: {warning.message}", err=True)
+    if n_bootstrap * counts.n_pairs >= PROGRESS_MIN_WORK:
+        with click.progressbar(
+            length=n_bootstrap, label="bootstrap", file=click.get_text_stream("stderr")
+        ) as bar:
+            state = {"done": 0}
+
+            def advance(done: int) -> None:
+                bar.update(done - state["done"])
+                state["done"] = done
+
+            board = rate(advance)
+    else:
+        board = rate()
+    for message in board.warnings:
+        click.echo(f"Warning: {message}", err=True)
+    rows = board.rows
 
     if not all(math.isfinite(row.rating) for row in rows):
         click.echo("Error: the fit produced non-finite ratings", err=True)
         raise SystemExit(1)
-    payload = json.dumps([asdict(row) for row in rows], indent=2)
+    payload = json.dumps([row.public() for row in rows], indent=2)
     table = format_table(rows)
     if out is None:
         click.echo(table, err=True)
         click.echo(payload)
         return
-    target = Path(out)
-    partial = target.with_name(target.name + ".partial")
     try:
-        partial.write_text(payload + "\n", encoding="utf-8")
-        partial.replace(target)  # readers never see a half-written file
+        write_atomic(Path(out), payload + "\n")  # readers never see a half-written file
     except OSError as error:
         click.echo(f"Error: cannot write {out}: {error}", err=True)
         raise SystemExit(2) from None

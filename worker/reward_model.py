@@ -14,11 +14,9 @@ import json
 import math
 import os
 import re
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
-BACKBONES = ("clip", "toyconv")
+from app.core.storage import atomic_dir
+from app.jobs.kinds import RewardTrainingParams
+
 HEADS = ("cosine", "mlp")
 # PickScore's grid for the tie threshold t on |p0 - p1|.
 TIE_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
@@ -497,32 +497,8 @@ def _assemble_clip(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RewardTrainConfig:
-    """Training settings; defaults suit the toyconv backbone on the toy world."""
-
-    backbone: str = "toyconv"  # "toyconv" or "clip"
-    clip_model: str | None = None  # hub id or local path, required for "clip"
-    head: str | None = None  # "cosine" or "mlp"; None: cosine for clip, mlp for toyconv
-    steps: int = 1500
-    batch_size: int = 64  # PickScore: 128
-    # From-scratch convnets like 1e-3; PickScore fine-tunes CLIP ViT-H at 1e-6.
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    max_grad_norm: float = 1.0
-    val_fraction: float = 0.2  # share of distinct prompts held out
-    eval_every: int = 100
-    patience: int = 5  # evaluations without a better validation loss before stopping
-    seed: int = 0
-    embed_dim: int = 32  # toyconv only
-    conv_channels: int = 16  # toyconv only
-    head_hidden: int = 64
-    device: str = "auto"  # "auto": cuda when available
-
-    def resolved_head(self) -> str:
-        if self.head is not None:
-            return self.head
-        return "cosine" if self.backbone == "clip" else "mlp"
+# The training settings are the job's params model: one definition of each option and default.
+RewardTrainConfig = RewardTrainingParams
 
 
 @dataclass
@@ -551,8 +527,8 @@ class RewardTrainResult:
 
 def build_reward_model(config: RewardTrainConfig, train_prompts: Sequence[str]) -> RewardModel:
     """A fresh model for ``config``; the toyconv vocabulary comes from the training prompts."""
-    head = config.resolved_head()
-    if config.backbone == "toyconv":
+    head = config.resolved_head
+    if config.family == "toyconv":
         return build_toyconv_model(
             build_vocabulary(train_prompts),
             head=head,
@@ -560,11 +536,8 @@ def build_reward_model(config: RewardTrainConfig, train_prompts: Sequence[str]) 
             conv_channels=config.conv_channels,
             head_hidden=config.head_hidden,
         )
-    if config.backbone == "clip":
-        if not config.clip_model:
-            raise ValueError("backbone 'clip' needs clip_model (a hub id or local path)")
-        return build_clip_model(config.clip_model, head=head, head_hidden=config.head_hidden)
-    raise ValueError(f"unknown backbone {config.backbone!r}; expected one of {BACKBONES}")
+    assert config.clip_model is not None
+    return build_clip_model(config.clip_model, head=head, head_hidden=config.head_hidden)
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -639,15 +612,19 @@ def train_reward_model(
     dataset: PreferenceDataset,
     config: RewardTrainConfig,
     on_progress: ProgressCallback | None = None,
+    *,
+    device: str = "auto",
 ) -> RewardTrainResult:
-    """Train on a prompt-disjoint split, early-stop on validation loss, keep the best state."""
-    if config.steps < 1 or config.eval_every < 1 or config.batch_size < 1:
-        raise ValueError("steps, eval_every and batch_size must be positive")
+    """Train on a prompt-disjoint split, early-stop on validation loss, keep the best state.
+
+    ``device`` "auto" is cuda when available.
+    """
+    eval_every = config.eval_interval
+    target = _resolve_device(device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     train_set, val_set = dataset.split_by_prompt(config.val_fraction, config.seed)
-    device = _resolve_device(config.device)
-    model = build_reward_model(config, train_set.prompts).to(device)
+    model = build_reward_model(config, train_set.prompts).to(target)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -670,8 +647,8 @@ def train_reward_model(
         cursor += batch_size
 
         scores0, scores1 = _pair_scores(model, batch)
-        labels = torch.tensor([r.label0 for r in batch], device=device)
-        weights = prompt_weights([r.prompt for r in batch], train_counts).to(device)
+        labels = torch.tensor([r.label0 for r in batch], device=target)
+        weights = prompt_weights([r.prompt for r in batch], train_counts).to(target)
         loss = preference_loss(scores0, scores1, labels, weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -680,7 +657,7 @@ def train_reward_model(
         running_loss += float(loss.detach())
         running_n += 1
 
-        if step % config.eval_every != 0 and step != config.steps:
+        if step % eval_every != 0 and step != config.steps:
             continue
         val = evaluate_pairs(model, val_set, batch_size=config.batch_size)
         point = {
@@ -774,16 +751,13 @@ def save_reward_model(
     model; an existing model at ``directory`` is replaced.
     """
     target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(target) as tmp:
         save_model(model, str(tmp / MODEL_FILE))
         document = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
             "model": model.spec,
-            "train_config": asdict(config) if config is not None else None,
+            "train_config": config.model_dump(mode="json") if config is not None else None,
             "metrics": dict(metrics) if metrics is not None else None,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
@@ -791,22 +765,7 @@ def save_reward_model(
             (tmp / VOCAB_FILE).write_text(json.dumps(model.encoder.vocab))
         elif isinstance(model.encoder, ClipEncoder):
             model.encoder.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def _replace_dir(source: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(source, target)
-        return
-    # A non-empty directory cannot be renamed over: move the old one aside first.
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    os.replace(target, old)
-    os.replace(source, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def read_reward_model_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

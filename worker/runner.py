@@ -1,11 +1,14 @@
 """Runs one job: claim the row, heartbeat, call the kind's handler, record the outcome.
 
-Handlers are plain functions `handler(ctx: JobContext) -> dict` registered per kind; they report
-progress and metrics through the context and check for cancellation between units of work.
+Handlers are plain functions `handler(ctx) -> dict`, named per kind in `app.jobs.kinds`; the
+context carries the kind's validated params model (`ctx.params`) and, for project jobs, an int
+`project_id`. They report progress and metrics through the context and check for cancellation
+between units of work.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
@@ -14,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -23,21 +26,23 @@ import app.models  # noqa: F401  (every table, so relationships and foreign keys
 from app.core.config import Settings, get_settings
 from app.core.db import get_sessionmaker, session_scope, utcnow
 from app.core.storage import MediaStore, get_media_store
+from app.jobs.kinds import KINDS, JobKind, JobParams
 from app.jobs.models import Job
 from app.jobs.service import enqueue_after_commit
 
 log = logging.getLogger("prefloop.worker")
 
-Handler = Callable[["JobContext"], dict[str, Any]]
-HANDLERS: dict[str, Handler] = {}
+P = TypeVar("P", bound=JobParams)
+Handler = Callable[[Any], dict[str, Any]]
 
 
-def handler(kind: str) -> Callable[[Handler], Handler]:
-    def register(fn: Handler) -> Handler:
-        HANDLERS[kind] = fn
-        return fn
-
-    return register
+def resolve_handler(kind: JobKind[Any]) -> Handler:
+    """The function a kind's `handler` path names."""
+    module, _, name = kind.handler.partition(":")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise RuntimeError(f"job kind {kind.name!r} names no handler {kind.handler!r}")
+    return fn  # type: ignore[no-any-return]
 
 
 class JobCancelled(Exception):
@@ -52,12 +57,14 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-class JobContext:
-    def __init__(self, job: Job, settings: Settings, store: MediaStore, name: str) -> None:
+class JobContext(Generic[P]):
+    def __init__(
+        self, job: Job, params: P, settings: Settings, store: MediaStore, name: str
+    ) -> None:
         self.job_id = job.id
         self.kind = job.kind
-        self.project_id = job.project_id
-        self.params: dict[str, Any] = dict(job.params)
+        self.project_id: int | None = job.project_id
+        self.params: P = params
         self.attempt = job.attempts
         self.settings = settings
         self.store = store
@@ -118,6 +125,30 @@ class JobContext:
         return str(path)
 
 
+class ProjectJobContext(JobContext[P]):
+    """The context of a job that belongs to a project."""
+
+    def __init__(
+        self, job: Job, params: P, settings: Settings, store: MediaStore, name: str
+    ) -> None:
+        super().__init__(job, params, settings, store, name)
+        if job.project_id is None:
+            raise ValueError(f"{job.kind} job {job.id} has no project")
+        self.project_id: int = job.project_id
+
+
+def make_context(
+    job: Job, settings: Settings, store: MediaStore, name: str
+) -> tuple[JobContext[Any], Handler]:
+    """The job's context, its params re-validated by the kind's model, and its handler."""
+    kind = KINDS.get(job.kind)
+    if kind is None:
+        raise RuntimeError(f"no handler for job kind {job.kind!r} in this worker")
+    params = kind.params.model_validate(job.params)
+    context = ProjectJobContext if kind.needs_project else JobContext
+    return context(job, params, settings, store, name), resolve_handler(kind)
+
+
 def _claim(session: Session, job_id: int, name: str) -> Job | None:
     """Atomically move a queued job to running for this worker; None if someone else has it."""
     now = utcnow()
@@ -159,8 +190,6 @@ def _heartbeat_loop(ctx: JobContext, stop: threading.Event, interval: float) -> 
 
 def execute(job_id: int, name: str | None = None) -> str:
     """Run a job to an outcome; returns the final status (or 'skipped')."""
-    import worker.tasks  # noqa: F401  (registers the handlers)
-
     settings = get_settings()
     name = name or worker_name()
     factory = get_sessionmaker()
@@ -179,8 +208,14 @@ def execute(job_id: int, name: str | None = None) -> str:
             job.error = job.error or f"gave up after {job.max_attempts} attempts"
             job.finished_at = utcnow()
             return "failed"
-        ctx = JobContext(job, settings, get_media_store(), name)
-    fn = HANDLERS.get(ctx.kind)
+        try:
+            ctx, fn = make_context(job, settings, get_media_store(), name)
+        except Exception as exc:  # noqa: BLE001 - a row the worker cannot run fails at once
+            log.error("jobs.failed job_id=%s\n%s", job_id, traceback.format_exc())
+            job.status = "failed"
+            job.error = f"{type(exc).__name__}: {exc}"
+            job.finished_at = utcnow()
+            return "failed"
     stop = threading.Event()
     beat = threading.Thread(
         target=_heartbeat_loop, args=(ctx, stop, settings.job_heartbeat_seconds), daemon=True
@@ -189,8 +224,6 @@ def execute(job_id: int, name: str | None = None) -> str:
     log.info("jobs.start job_id=%s kind=%s attempt=%s", job_id, ctx.kind, ctx.attempt)
     started = time.monotonic()
     try:
-        if fn is None:
-            raise RuntimeError(f"no handler for job kind {ctx.kind!r} in this worker")
         result = fn(ctx)
         outcome = ("succeeded", {"result": result, "progress": 1.0, "error": None})
     except JobCancelled:

@@ -60,7 +60,6 @@ class Settings(BaseSettings):
     session_days: int = Field(default=14, ge=1)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     login_attempts_per_minute: int = Field(default=10, ge=1)
-    votes_per_second: float = Field(default=5.0, gt=0)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -134,12 +133,11 @@ class Settings(BaseSettings):
         path = self.resolved_data_dir / "secret_key"
         if path.exists():
             return path.read_text().strip()
+        from app.core.storage import write_atomic
+
         path.parent.mkdir(parents=True, exist_ok=True)
         key = secrets.token_urlsafe(48)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(key)
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        write_atomic(path, key, mode=0o600)
         return key
 
     def check_production_safety(self) -> None:

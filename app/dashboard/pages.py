@@ -17,11 +17,9 @@ from app.core.web import render
 from app.dashboard import service
 from app.exports.service import FILE_TYPES
 from app.projects.models import Project
+from app.ratings.scale import ELO_OFFSET
 
 router = APIRouter(include_in_schema=False)
-
-# Ratings are 400·s/ln 10 + 1000 with centred scores: 1000 is the average model.
-ELO_MEAN = 1000.0
 
 EXPORT_LABELS = {
     "pickapic": "Pick-a-Pic parquet",
@@ -65,8 +63,8 @@ def _leaderboard(session: Session, project: Project, request: Request) -> dict[s
     svg = plots.bar_chart(
         [plots.Bar(r["name"], r["rating"], r["ci_low"], r["ci_high"]) for r in rows],
         title="Rating with 95 % interval",
-        value_label="rating (Elo scale; bars from the average, 1000)",
-        baseline=ELO_MEAN,
+        value_label=f"rating (Elo scale; bars from the average, {ELO_OFFSET:.0f})",
+        baseline=ELO_OFFSET,
     )
     return {"leaderboard": rows, "leaderboard_svg": svg}
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import click
 from tqdm import tqdm
 
 from app.core.config import SettingsError, get_settings
+from app.core.storage import atomic_file
 from app.exports.importers import DEFAULT_FASTCHAT_BOOTSTRAP, ImportFormatError, summary_json
 from app.exports.service import count_export_rows, export_stream
 
@@ -38,21 +38,19 @@ def export_command(project_id: int, fmt: str, out: Path) -> None:
     from app.core.db import session_scope
     from app.projects.models import Project
 
-    partial = out.with_name(out.name + ".partial")
     with session_scope() as session:
         if session.get(Project, project_id) is None:
             raise click.ClickException(f"project {project_id} not found")
         total = count_export_rows(session, project_id, fmt)
         try:
+            # Readers never see a half-written export.
             with (
                 tqdm(total=total, unit="vote", desc=f"export {fmt}", file=sys.stderr) as bar,
-                open(partial, "wb") as fh,
+                atomic_file(out) as fh,
             ):
                 for chunk in export_stream(session, project_id, fmt, on_rows=bar.update):
                     fh.write(chunk)
-            os.replace(partial, out)  # readers never see a half-written export
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise click.ClickException(f"cannot write {out}: {exc}") from None
     click.echo(f"exported {total} votes of project {project_id} as {fmt} to {out}")
 

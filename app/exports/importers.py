@@ -48,9 +48,13 @@ from app.images.service import store_image
 from app.pairs.models import Pair
 from app.projects import service as projects
 from app.projects.models import Project, Prompt
+from app.ratings.battles import BattleFormatError, parse_battles_text
+from app.ratings.bradley_terry import DEFAULT_PRIOR
+from app.ratings.leaderboard import leaderboard
 from app.ratings.models import Rating, RatingFit
 from app.users import service as users
 from app.votes.models import Vote
+from app.votes.vocabulary import Choice
 
 IMPORT_FORMATS: tuple[str, ...] = ("pickapic", "fastchat")
 REQUIRED_COLUMNS = (
@@ -71,7 +75,12 @@ MAX_UID = 200
 # Rows read (and image bytes held) at a time in the writing pass.
 IMPORT_BATCH = 128
 DEFAULT_FASTCHAT_BOOTSTRAP = 200
-_LABELS = {(1.0, 0.0): "left", (0.0, 1.0): "right", (0.5, 0.5): "tie"}
+# Pick-a-Pic (label_0, label_1) → the vote, image 0 being the left one.
+_LABELS = {
+    (c.p_left, 1.0 - c.p_left): c.value
+    for c in (Choice.LEFT, Choice.RIGHT, Choice.TIE)
+    if c.p_left is not None
+}
 
 
 class ImportFormatError(ValueError):
@@ -189,7 +198,7 @@ def _row_meta(row: dict[str, Any]) -> _RowMeta:
     if has_label is not None and not isinstance(has_label, bool):
         raise ValueError(f"has_label must be true or false, got {has_label!r}")
     if has_label is False:
-        choice = "both_bad"
+        choice = Choice.BOTH_BAD.value
     elif (label_0, label_1) in _LABELS:
         choice = _LABELS[(label_0, label_1)]
     else:
@@ -538,16 +547,9 @@ def import_fastchat(
 ) -> dict[str, Any]:
     """Battle records (FastChat JSON list or JSON Lines) → model versions by name and a RatingFit.
 
-    Ratings are the Bradley–Terry fit of worker.bradley_terry with ties as half a win each, on
-    the Elo-like scale, with bootstrap percentile intervals and interval-based ranks.
+    Ratings are the Bradley–Terry leaderboard (app.ratings.leaderboard) with ties as half a win
+    each, on the Elo-like scale, with bootstrap percentile intervals and interval-based ranks.
     """
-    from worker.battles import BattleFormatError, parse_battles_text
-    from worker.bradley_terry import (
-        DEFAULT_PRIOR,
-        DisconnectedComparisonsWarning,
-        bootstrap_bradley_terry,
-        elo_scale,
-    )
 
     try:
         text = data.decode("utf-8-sig")
@@ -592,16 +594,9 @@ def import_fastchat(
             created += 1
         model_ids.append(existing[name])
 
-    counts = battles.counts()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DisconnectedComparisonsWarning)
-        boot = bootstrap_bradley_terry(
-            counts, max(n_bootstrap, 1), ties="half", seed=seed, item_names=battles.models
-        )
-    n_models = len(battles.models)
-    per_model = [0] * n_models
-    for k in (*battles.model_a.tolist(), *battles.model_b.tolist()):
-        per_model[k] += 1
+    board = leaderboard(
+        battles.counts(), battles.models, ties="half", n_bootstrap=max(n_bootstrap, 1), seed=seed
+    )
     fit = RatingFit(
         project_id=project.id,
         method={
@@ -610,44 +605,42 @@ def import_fastchat(
             "ties": "half",
             "prior": DEFAULT_PRIOR,
             "bootstrap": max(n_bootstrap, 1),
-            "level": boot.level,
+            "level": board.level,
             "battles": len(battles.outcome),
             "skipped": battles.n_skipped,
-            "warnings": [str(w.message) for w in caught],
+            "warnings": board.warnings,
         },
         annotators=[],
         vote_count=len(battles.outcome),
     )
     session.add(fit)
     session.flush()
-    ratings = elo_scale(boot.fit.scores)
-    lows, highs = elo_scale(boot.lower), elo_scale(boot.upper)
     rows = []
-    for k, name in enumerate(battles.models):
-        rating = Rating(
-            fit_id=fit.id,
-            model_version_id=model_ids[k],
-            score=float(boot.fit.scores[k]),
-            rating=float(ratings[k]),
-            ci_low=float(lows[k]),
-            ci_high=float(highs[k]),
-            rank=int(boot.ranks[k]),
-            votes=per_model[k],
+    for row in board.rows:
+        session.add(
+            Rating(
+                fit_id=fit.id,
+                model_version_id=model_ids[row.index],
+                score=row.score,
+                rating=row.rating,
+                ci_low=row.ci_low,
+                ci_high=row.ci_high,
+                rank=row.rank,
+                votes=row.votes,
+            )
         )
-        session.add(rating)
         rows.append(
             {
-                "model_id": model_ids[k],
-                "name": name,
-                "rating": rating.rating,
-                "ci_low": rating.ci_low,
-                "ci_high": rating.ci_high,
-                "rank": rating.rank,
-                "votes": rating.votes,
+                "model_id": model_ids[row.index],
+                "name": row.model,
+                "rating": row.rating,
+                "ci_low": row.ci_low,
+                "ci_high": row.ci_high,
+                "rank": row.rank,
+                "votes": row.votes,
             }
         )
     session.flush()
-    rows.sort(key=lambda r: (-r["rating"], r["name"]))
     return {
         "fit_id": fit.id,
         "battles": len(battles.outcome),

@@ -41,16 +41,10 @@ from app.images.models import Image
 from app.pairs.models import Pair
 from app.projects.models import Prompt
 from app.votes.models import Vote
+from app.votes.vocabulary import PREFERENCES, Choice
 
 ExportFormat = Literal["pickapic", "fastchat", "jsonl", "csv"]
 EXPORT_FORMATS: tuple[str, ...] = ("pickapic", "fastchat", "jsonl", "csv")
-PREFERENCE_CHOICES = ("left", "right", "tie", "both_bad")
-FASTCHAT_WINNER = {
-    "left": "model_a",
-    "right": "model_b",
-    "tie": "tie",
-    "both_bad": "tie (bothbad)",
-}
 # (file extension, media type) per format, for downloads and default file names.
 FILE_TYPES: dict[str, tuple[str, str]] = {
     "pickapic": ("parquet", "application/vnd.apache.parquet"),
@@ -119,8 +113,8 @@ class _Scope:
 
 
 SCOPES: dict[str, _Scope] = {
-    "pickapic": _Scope(PREFERENCE_CHOICES, include_gold=False, eval_only=False),
-    "fastchat": _Scope(PREFERENCE_CHOICES, include_gold=False, eval_only=True),
+    "pickapic": _Scope(PREFERENCES, include_gold=False, eval_only=False),
+    "fastchat": _Scope(PREFERENCES, include_gold=False, eval_only=True),
     "jsonl": _Scope(None, include_gold=True, eval_only=False),
     "csv": _Scope(None, include_gold=True, eval_only=False),
 }
@@ -226,7 +220,7 @@ def _iso(value: dt.datetime | None) -> str | None:
 
 
 def _winner_image(row: Row[Any]) -> str | None:
-    return {"left": row.left_id, "right": row.right_id}.get(row.choice)
+    return {Choice.LEFT: row.left_id, Choice.RIGHT: row.right_id}.get(row.choice)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,15 +255,11 @@ class _ChunkSink(io.RawIOBase):
 
 def pickapic_labels(choice: str) -> tuple[float, float, bool]:
     """(label_0, label_1, has_label) for a vote, image 0 being the left one."""
-    if choice == "left":
-        return 1.0, 0.0, True
-    if choice == "right":
-        return 0.0, 1.0, True
-    if choice == "tie":
-        return 0.5, 0.5, True
-    if choice == "both_bad":
-        return 0.5, 0.5, False
-    raise ValueError(f"{choice!r} votes are not exported to Pick-a-Pic")
+    p_left = Choice(choice).p_left
+    if p_left is None:
+        raise ValueError(f"{choice!r} votes are not exported to Pick-a-Pic")
+    # "Both bad" is exported as a tie without a label, so readers can tell the two apart.
+    return p_left, 1.0 - p_left, choice != Choice.BOTH_BAD
 
 
 def _prompt_counts(session: Session, project_id: int) -> dict[int, int]:
@@ -358,7 +348,7 @@ def fastchat_record(row: Row[Any]) -> dict[str, Any]:
     return {
         "model_a": row.left_model,
         "model_b": row.right_model,
-        "winner": FASTCHAT_WINNER[row.choice],
+        "winner": Choice(row.choice).fastchat_winner,
         "judge": f"prefloop-annotator-{row.annotator_id}",
         "tstamp": row.created_at.timestamp(),
         "question_id": str(row.prompt_id),

@@ -6,20 +6,34 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "ddpm", "lms")
+# Every sampler the worker can build (worker.generation maps each to its diffusers class);
+# "default" keeps the scheduler the model ships with.
+SchedulerName = Literal[
+    "default",
+    "ddim",
+    "ddpm",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_ancestral",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
 
 
 class GenerationParams(BaseModel):
+    """How a model version samples: stored on the version, read by the worker as registered."""
+
     model_config = ConfigDict(extra="forbid")
 
-    scheduler: Literal["ddim", "euler", "euler_ancestral", "dpmpp_2m", "pndm", "ddpm", "lms"] = (
-        "ddim"
-    )
+    scheduler: SchedulerName = "ddim"
     steps: int = Field(default=20, ge=1, le=500)
     guidance_scale: float = Field(default=5.0, ge=0.0, le=50.0)
     height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
     width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    dtype: DType = "auto"
 
 
 class ModelCreate(BaseModel):

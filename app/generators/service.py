@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from fastapi import HTTPException
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.errors import Conflict, Invalid
 from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic
 from app.generators.sources import SourceError, resolve_sources
 from app.projects.models import Project
+
+
+class ModelNameTaken(Conflict):
+    pass
+
+
+class UnknownParent(Invalid):
+    pass
 
 
 def register_model(session: Session, *, project: Project, data: ModelCreate) -> ModelVersion:
@@ -19,17 +27,17 @@ def register_model(session: Session, *, project: Project, data: ModelCreate) -> 
         )
     )
     if taken is not None:
-        raise HTTPException(409, f"a model named {data.name!r} already exists in this project")
+        raise ModelNameTaken(f"a model named {data.name!r} already exists in this project")
     if data.parent_id is not None:
         parent = session.get(ModelVersion, data.parent_id)
         if parent is None or parent.project_id != project.id:
-            raise HTTPException(422, f"parent_id {data.parent_id} is not a model of this project")
+            raise UnknownParent(f"parent_id {data.parent_id} is not a model of this project")
     try:
         base, adapter = resolve_sources(
             session, project_id=project.id, base=data.base, adapter=data.adapter
         )
     except SourceError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise Invalid(str(exc)) from None
     model = ModelVersion(
         project_id=project.id,
         name=data.name,

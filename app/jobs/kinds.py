@@ -1,11 +1,17 @@
-"""The job kinds: which queue runs each, and the schema of its params (checked at creation)."""
+"""The job kinds, each defined once: its params model, submission check, queue and handler.
+
+The params model is the only definition of a kind's options and their defaults: the API
+validates submissions with it, the stored row holds its JSON, and the worker's handler receives
+the model itself (re-validated from the row), so there is no second config class to drift.
+Handlers are named by import path so that the web process never imports torch.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
@@ -50,18 +56,16 @@ class FitRatingsParams(JobParams):
     seed: int = 0
 
 
+P = TypeVar("P", bound=JobParams)
 # A check that needs the database (ids belong to the project...): returns error dicts.
-Checker = Callable[[Session, int | None, dict[str, Any]], list[dict[str, Any]]]
+Checker = Callable[[Session, int | None, P], list[dict[str, Any]]]
 
 
 def check_model_ids(
-    session: Session, project_id: int | None, params: dict[str, Any]
+    session: Session, project_id: int | None, wanted: list[int]
 ) -> list[dict[str, Any]]:
     from app.generators.models import ModelVersion
 
-    wanted = [int(i) for i in params.get("model_ids") or []]
-    if params.get("model_id") is not None:
-        wanted.append(int(params["model_id"]))
     found = set(
         session.scalars(
             select(ModelVersion.id).where(
@@ -76,11 +80,11 @@ def check_model_ids(
 
 
 def check_generate(
-    session: Session, project_id: int | None, params: dict[str, Any]
+    session: Session, project_id: int | None, params: GenerateParams
 ) -> list[dict[str, Any]]:
-    errors = check_model_ids(session, project_id, params)
-    seeds = params.get("seeds")
-    if seeds is not None and len(seeds) != params["images_per_prompt"]:
+    errors = check_model_ids(session, project_id, params.model_ids)
+    seeds = params.seeds
+    if seeds is not None and len(seeds) != params.images_per_prompt:
         errors.append({"loc": ["params", "seeds"], "msg": "needs exactly images_per_prompt seeds"})
     # images.seed is a 32-bit column.
     if seeds is not None and any(not 0 <= s < 2**31 for s in seeds):
@@ -88,45 +92,37 @@ def check_generate(
     return errors
 
 
-@dataclass(frozen=True)
-class JobKind:
-    name: str
-    params: type[JobParams]
-    queue: str
-    needs_project: bool = True
-    check: Checker | None = None
-
-    def queue_for(self, params: dict[str, Any]) -> str:
-        return str(params.get("queue", self.queue))
+# The CLIP behind `"backbone": "clip"`: ViT-L/14, the family HPS and ImageReward build on.
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+# Learning rates when none is named: from-scratch convnets like 1e-3; PickScore fine-tunes CLIP
+# at 1e-6.
+DEFAULT_REWARD_LR = {"toyconv": 1e-3, "clip": 1e-6}
 
 
-KINDS: dict[str, JobKind] = {}
-
-
-def register_kind(kind: JobKind) -> JobKind:
-    KINDS[kind.name] = kind
-    return kind
-
-
-register_kind(JobKind("selftest", SelftestParams, queue="cpu", needs_project=False))
-register_kind(JobKind("generate", GenerateParams, queue="gpu", check=check_generate))
-register_kind(JobKind("fit_ratings", FitRatingsParams, queue="cpu"))
-
-
-class TrainRewardParams(JobParams):
-    """A reward model r(prompt, image) from a snapshot of the project's votes."""
+class RewardTrainingParams(JobParams):
+    """The settings of one reward-model training run: what `worker.reward_model` reads."""
 
     # "toyconv" (small convnet, for the toy world), "clip" (openai/clip-vit-large-patch14) or a
     # CLIP hub id / local directory.
     backbone: str = Field(default="toyconv", min_length=1, max_length=500)
+    # None: cosine for CLIP (PickScore's logit), an MLP for toyconv.
+    head: Literal["cosine", "mlp"] | None = None
     steps: int = Field(default=1500, ge=1, le=200_000)
-    batch_size: int = Field(default=64, ge=1, le=4096)
+    batch_size: int = Field(default=64, ge=1, le=4096, description="PickScore: 128")
     # None: 1e-3 for toyconv, 1e-6 (PickScore) for CLIP.
     learning_rate: float | None = Field(default=None, gt=0, le=1)
+    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    max_grad_norm: float = Field(default=1.0, gt=0)
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of prompts held out")
+    # None: about ten validation points per run, at most every 100 steps.
+    eval_every: int | None = Field(default=None, ge=1)
+    patience: int = Field(
+        default=5, ge=1, description="evaluations without a better validation loss before stopping"
+    )
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    # soft: a tie is a (0.5, 0.5) target, as PickScore trains; drop: ties are left out.
-    tie_policy: Literal["drop", "soft"] = "soft"
+    embed_dim: int = Field(default=32, ge=1, le=4096, description="toyconv only")
+    conv_channels: int = Field(default=16, ge=1, le=1024, description="toyconv only")
+    head_hidden: int = Field(default=64, ge=1, le=8192)
 
     @field_validator("backbone")
     @classmethod
@@ -137,6 +133,36 @@ class TrainRewardParams(JobParams):
         if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value):
             raise ValueError("must be 'toyconv', 'clip', a CLIP hub id (org/name) or a path")
         return value
+
+    @property
+    def family(self) -> Literal["toyconv", "clip"]:
+        return "toyconv" if self.backbone == "toyconv" else "clip"
+
+    @property
+    def clip_model(self) -> str | None:
+        """The CLIP hub id or directory a clip backbone loads."""
+        if self.family != "clip":
+            return None
+        return DEFAULT_CLIP_MODEL if self.backbone == "clip" else self.backbone
+
+    @property
+    def lr(self) -> float:
+        return self.learning_rate or DEFAULT_REWARD_LR[self.family]
+
+    @property
+    def eval_interval(self) -> int:
+        return self.eval_every or max(1, min(100, self.steps // 10))
+
+    @property
+    def resolved_head(self) -> str:
+        return self.head or ("cosine" if self.family == "clip" else "mlp")
+
+
+class TrainRewardParams(RewardTrainingParams):
+    """A reward model r(prompt, image) from a snapshot of the project's votes."""
+
+    # soft: a tie is a (0.5, 0.5) target, as PickScore trains; drop: ties are left out.
+    tie_policy: Literal["drop", "soft"] = "soft"
 
 
 class ScoreImagesParams(JobParams):
@@ -149,7 +175,7 @@ class ScoreImagesParams(JobParams):
 
 
 def check_train_reward(
-    session: Session, project_id: int | None, params: dict[str, Any]
+    session: Session, project_id: int | None, params: TrainRewardParams
 ) -> list[dict[str, Any]]:
     from app.ratings.snapshots import usable_vote_counts
 
@@ -166,13 +192,13 @@ def check_train_reward(
 
 
 def check_score_images(
-    session: Session, project_id: int | None, params: dict[str, Any]
+    session: Session, project_id: int | None, params: ScoreImagesParams
 ) -> list[dict[str, Any]]:
     from app.pairs.active import latest_reward_model
     from app.ratings.models import RewardModel
 
-    errors = check_model_ids(session, project_id, params)
-    wanted = params.get("reward_model_id")
+    errors = check_model_ids(session, project_id, params.model_ids or [])
+    wanted = params.reward_model_id
     if wanted is None:
         if latest_reward_model(session, project_id) is None:  # type: ignore[arg-type]
             errors.append({"loc": ["params"], "msg": "the project has no reward model yet"})
@@ -185,34 +211,59 @@ def check_score_images(
     return errors
 
 
-register_kind(JobKind("train_reward", TrainRewardParams, queue="gpu", check=check_train_reward))
-register_kind(JobKind("score_images", ScoreImagesParams, queue="gpu", check=check_score_images))
+class DPOTrainingParams(JobParams):
+    """The hyper-parameters of one Diffusion-DPO run: what `worker.dpo_train` reads."""
+
+    # β in the paper convention, softplus((β/2)(Δθ − Δref)) (see worker.dpo). 5000 is the
+    # paper's value for SD 1.5 with per-sample errors averaged over C·H·W (the diffusers
+    # example's 2500 is the same objective). It suits the toy model too (toy-v1, LoRA rank 8,
+    # lr 1e-4, 8 pairs per step, right- vs wrong-colour pairs, 120 steps): held-out implicit
+    # accuracy 0.965 with the winners' denoising error unchanged. β = 50 or 500 learn the ranking
+    # as fast but make the winners worse too: too weak a pull towards the reference.
+    beta: float = Field(default=5000.0, gt=0)
+    beta_convention: Literal["paper", "diffusers"] = "paper"
+    # "sigmoid" is Diffusion-DPO; "hinge" and "ipo" are the variants; "sft" trains the plain
+    # denoising loss on winners only (the paper's baseline) while still logging the DPO margins.
+    loss: Literal["sigmoid", "hinge", "ipo", "sft"] = "sigmoid"
+    steps: int = Field(default=200, ge=1, le=100_000, description="optimizer steps")
+    # The paper uses 1e-8 × effective batch for the full UNet; LoRA tolerates larger rates (the
+    # diffusers example sweeps 1e-5 … 5e-4). On the toy model 1e-4 suits LoRA; 1e-3 gives loss
+    # spikes and worse winners.
+    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
+    weight_decay: float = Field(default=1e-2, ge=0, le=1.0, description="AdamW")
+    # 0 trains the full UNet against a frozen copy; > 0 trains a LoRA on the attention
+    # projections (alpha = rank, so the saved adapter loads unchanged in plain diffusers).
+    lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
+    batch_size: int = Field(default=8, ge=1, le=1024, description="pairs per micro-batch")
+    grad_accum: int = Field(default=1, ge=1, le=1024, description="micro-batches per step")
+    warmup_steps: int = Field(default=0, ge=0, description="linear warm-up, then constant")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="0: no clipping")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    # Share of pairs whose prompt is replaced by the empty prompt (the paper: 0.2), which keeps
+    # the unconditional branch used by classifier-free guidance in training.
+    empty_prompt_prob: float = Field(default=0.0, ge=0, le=1)
+    # soft: a pair's label P(w ≻ l) (0.5 for a tie) trains as a soft label; drop: ties are left
+    # out, as in the original code. None in a job: the project's setting.
+    tie_policy: Literal["drop", "soft"] | None = None
+    checkpoint_every: int = Field(default=50, ge=1)
+    keep_last: int = Field(default=2, ge=1, le=100, description="checkpoints kept on disk")
+    # softplus starts at ln 2 ≈ 0.69; a mean loss this high means the policy ranks pairs far
+    # worse than the reference, which in practice is a blown-up run (noise images).
+    explode_loss: float = Field(default=50.0, gt=0)
+    seed: int = 0
+
+    @property
+    def soft_labels(self) -> bool:
+        return self.tie_policy != "drop"
 
 
-class TrainDPOParams(JobParams):
+class TrainDPOParams(DPOTrainingParams):
     """Diffusion-DPO on the project's votes, producing a child of `model_id`."""
 
     model_id: int
-    # Paper convention, softplus((β/2)(Δθ − Δref)). 5000 is the paper's SD 1.5 value; the toy
-    # model's errors are larger per pixel, so its useful β is smaller (see benchmarks).
-    beta: float = Field(default=5000.0, gt=0)
-    beta_convention: Literal["paper", "diffusers"] = "paper"
-    loss: Literal["sigmoid", "hinge", "ipo", "sft"] = "sigmoid"
-    steps: int = Field(default=200, ge=1, le=100_000)
-    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
-    lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
-    batch_size: int = Field(default=8, ge=1, le=1024)
-    grad_accum: int = Field(default=1, ge=1, le=1024)
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float = Field(default=1.0, ge=0)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False
-    empty_prompt_prob: float = Field(default=0.0, ge=0, le=1)
-    tie_policy: Literal["drop", "soft"] | None = None  # default: the project's setting
-    checkpoint_every: int = Field(default=50, ge=1)
     # A soft time limit: checkpoint and re-queue after this long; the next attempt resumes.
     time_limit_minutes: float | None = Field(default=None, gt=0)
-    seed: int = 0
     name: str | None = Field(default=None, max_length=200)
     # After success: evaluate child vs parent and enter the child into the arena.
     closed_loop: bool = True
@@ -232,16 +283,16 @@ class EvaluateParams(JobParams):
 
 
 def check_train_dpo(
-    session: Session, project_id: int | None, params: dict[str, Any]
+    session: Session, project_id: int | None, params: TrainDPOParams
 ) -> list[dict[str, Any]]:
     from app.generators.models import ModelVersion
     from app.ratings.snapshots import usable_vote_counts
 
-    errors = check_model_ids(session, project_id, params)
+    errors = check_model_ids(session, project_id, [params.model_id])
     if errors:
         return errors
-    model = session.get(ModelVersion, params["model_id"])
-    if model is not None and model.adapter and params["lora_rank"] > 0:
+    model = session.get(ModelVersion, params.model_id)
+    if model is not None and model.adapter and params.lora_rank > 0:
         errors.append(
             {
                 "loc": ["params", "lora_rank"],
@@ -256,12 +307,12 @@ def check_train_dpo(
 
 
 def check_evaluate(
-    session: Session, project_id: int | None, params: dict[str, Any]
+    session: Session, project_id: int | None, params: EvaluateParams
 ) -> list[dict[str, Any]]:
     from app.ratings.models import RewardModel
 
-    errors = check_model_ids(session, project_id, params)
-    rm_id = params.get("reward_model_id")
+    errors = check_model_ids(session, project_id, params.model_ids)
+    rm_id = params.reward_model_id
     if rm_id is not None:
         row = session.get(RewardModel, rm_id)
         if row is None or row.project_id != project_id:
@@ -281,5 +332,88 @@ def check_evaluate(
     return errors
 
 
-register_kind(JobKind("train_dpo", TrainDPOParams, queue="gpu", check=check_train_dpo))
-register_kind(JobKind("evaluate", EvaluateParams, queue="gpu", check=check_evaluate))
+# --- the registry ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobKind(Generic[P]):
+    name: str
+    params: type[P]
+    queue: str
+    # "module:function" of the worker's handler; it receives the validated params model.
+    handler: str
+    check: Checker[P] | None = None
+    # Project jobs' handlers get a context whose project_id is an int.
+    needs_project: bool = True
+
+    def queue_for(self, params: P) -> str:
+        return str(getattr(params, "queue", self.queue))
+
+
+KINDS: dict[str, JobKind[Any]] = {}
+
+
+def register_kind(kind: JobKind[Any]) -> JobKind[Any]:
+    KINDS[kind.name] = kind
+    return kind
+
+
+register_kind(
+    JobKind(
+        "selftest",
+        SelftestParams,
+        queue="cpu",
+        handler="worker.tasks.selftest:selftest",
+        needs_project=False,
+    )
+)
+register_kind(
+    JobKind(
+        "generate",
+        GenerateParams,
+        queue="gpu",
+        handler="worker.tasks.generate:generate",
+        check=check_generate,
+    )
+)
+register_kind(
+    JobKind(
+        "fit_ratings", FitRatingsParams, queue="cpu", handler="worker.tasks.ratings:fit_ratings"
+    )
+)
+register_kind(
+    JobKind(
+        "train_reward",
+        TrainRewardParams,
+        queue="gpu",
+        handler="worker.tasks.reward:train_reward",
+        check=check_train_reward,
+    )
+)
+register_kind(
+    JobKind(
+        "score_images",
+        ScoreImagesParams,
+        queue="gpu",
+        handler="worker.tasks.reward:score_images_job",
+        check=check_score_images,
+    )
+)
+register_kind(
+    JobKind(
+        "train_dpo",
+        TrainDPOParams,
+        queue="gpu",
+        handler="worker.tasks.dpo:train_dpo",
+        check=check_train_dpo,
+    )
+)
+register_kind(
+    JobKind(
+        "evaluate",
+        EvaluateParams,
+        queue="gpu",
+        handler="worker.tasks.evaluate:evaluate",
+        check=check_evaluate,
+    )
+)

@@ -14,6 +14,7 @@ from app.core import plots
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.deps import PageUser, get_project_for
+from app.core.errors import DomainError, http_status
 from app.core.web import is_htmx, render
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
 from app.generators.models import ModelVersion
@@ -183,11 +184,11 @@ def job_page(job_id: int, request: Request, session: SessionDep, user: PageUser)
     return render(request, template, {"project": project, **_job_context(job)})
 
 
-def _after_action(request: Request, session: Session, job: Job, exc: HTTPException) -> Response:
+def _after_action(request: Request, session: Session, job: Job, exc: DomainError) -> Response:
     project = session.get(Project, job.project_id) if job.project_id is not None else None
-    ctx = {"project": project, **_job_context(job, error=str(exc.detail))}
+    ctx = {"project": project, **_job_context(job, error=exc.detail)}
     template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
-    return render(request, template, ctx, status_code=exc.status_code)
+    return render(request, template, ctx, status_code=http_status(exc))
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
@@ -195,7 +196,7 @@ def cancel_job(job_id: int, request: Request, session: SessionDep, user: PageUse
     job = job_for(session, user, job_id)
     try:
         service.request_cancel(session, job)
-    except HTTPException as exc:
+    except DomainError as exc:
         return _after_action(request, session, job, exc)
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
@@ -205,6 +206,6 @@ def retry_job(job_id: int, request: Request, session: SessionDep, user: PageUser
     job = job_for(session, user, job_id)
     try:
         service.retry_job(session, job)
-    except HTTPException as exc:
+    except DomainError as exc:
         return _after_action(request, session, job, exc)
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)

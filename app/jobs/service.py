@@ -6,18 +6,22 @@ import datetime as dt
 import logging
 from typing import Any
 
-from fastapi import HTTPException
 from pydantic import ValidationError
 from sqlalchemy import event, or_, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.db import utcnow
-from app.jobs.kinds import KINDS
+from app.core.errors import Conflict
+from app.jobs.kinds import KINDS, JobParams
 from app.jobs.models import TERMINAL, Job
 
 log = logging.getLogger("prefloop.jobs")
 _PENDING = "prefloop_pending_enqueue"
+
+
+class JobStateError(Conflict):
+    """The job's status does not allow the action (cancel a finished job, retry a running one)."""
 
 
 class JobParamsError(ValueError):
@@ -26,14 +30,15 @@ class JobParamsError(ValueError):
         self.errors = errors
 
 
-def validate_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+def validate_params(kind: str, params: dict[str, Any]) -> JobParams:
+    """The kind's params model for a submission (defaults filled in)."""
     spec = KINDS.get(kind)
     if spec is None:
         raise JobParamsError(
             [{"loc": ["kind"], "msg": f"unknown job kind {kind!r}; known: {sorted(KINDS)}"}]
         )
     try:
-        return spec.params.model_validate(params).model_dump(mode="json")
+        return spec.params.model_validate(params)
     except ValidationError as exc:
         raise JobParamsError(
             [
@@ -53,17 +58,18 @@ def create_job(
     max_attempts: int,
 ) -> Job:
     """Insert a queued job; its message is sent only once this transaction commits."""
-    clean = validate_params(kind, params)
+    valid = validate_params(kind, params)
     spec = KINDS[kind]
     if spec.needs_project and project_id is None:
         raise JobParamsError([{"loc": ["project_id"], "msg": f"{kind} jobs need a project"}])
     if spec.check is not None:
-        errors = spec.check(session, project_id, clean)
+        errors = spec.check(session, project_id, valid)
         if errors:
             raise JobParamsError(errors)
+    clean = valid.model_dump(mode="json")
     job = Job(
         kind=kind,
-        queue=spec.queue_for(clean),
+        queue=spec.queue_for(valid),
         params=clean,
         project_id=project_id,
         created_by_id=created_by_id,
@@ -108,7 +114,7 @@ def send_job(job_id: int, queue: str, countdown: float | None = None) -> None:
 
 def request_cancel(session: Session, job: Job) -> None:
     if job.status in TERMINAL:
-        raise HTTPException(409, f"job {job.id} already {job.status}")
+        raise JobStateError(f"job {job.id} already {job.status}")
     job.cancel_requested = True
     if job.status == "queued":
         job.status = "cancelled"
@@ -119,7 +125,7 @@ def request_cancel(session: Session, job: Job) -> None:
 def retry_job(session: Session, job: Job) -> None:
     """Run a failed or cancelled job again with a fresh attempts budget."""
     if job.status not in ("failed", "cancelled"):
-        raise HTTPException(409, f"only failed or cancelled jobs can be retried (is {job.status})")
+        raise JobStateError(f"only failed or cancelled jobs can be retried (is {job.status})")
     job.status = "queued"
     job.attempts = 0
     job.error = None

@@ -30,9 +30,7 @@ from __future__ import annotations
 import fcntl
 import json
 import math
-import os
 import random
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -40,20 +38,19 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.storage import MediaStore, get_media_store
+from app.core.storage import MediaStore, get_media_store, write_atomic
 from app.images.models import Image
 from app.pairs.service import Candidate, fewest_votes_first
 from app.projects.models import Project
 from app.projects.service import project_settings
 from app.ratings.models import Rating, RewardModel
+from app.ratings.scale import elo_to_logit_gap
 from app.ratings.service import latest_fit
 from app.users.models import User
 
 IMAGE_SCORES_FILE = "image_scores.json"
 # A 95 % interval spans 2 × 1.96 standard deviations.
 _CI_WIDTH_IN_SD = 2 * 1.959963984540054
-# Elo-like display scale: rating = 400 · s / ln(10) + 1000.
-_ELO_PER_LOGIT = 400.0 / math.log(10.0)
 
 
 # --- reward models and their per-image scores -------------------------------------------------
@@ -84,10 +81,7 @@ def record_image_scores(store: MediaStore, row: RewardModel, scores: Mapping[str
         fcntl.flock(lock, fcntl.LOCK_EX)
         merged = _read_scores_file(target)
         merged.update({str(k): float(v) for k, v in scores.items()})
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"reward_model_id": row.id, "scores": merged}, fh)
-        os.replace(tmp, target)
+        write_atomic(target, json.dumps({"reward_model_id": row.id, "scores": merged}))
     return target
 
 
@@ -150,7 +144,7 @@ def rank_uncertainty(
     sd_b = max(0.0, interval_b[1] - interval_b[0]) / _CI_WIDTH_IN_SD
     spread = math.hypot(sd_a, sd_b)
     if spread == 0.0:
-        return outcome_uncertainty(rating_a / _ELO_PER_LOGIT, rating_b / _ELO_PER_LOGIT)
+        return outcome_uncertainty(elo_to_logit_gap(rating_a, rating_b), 0.0)
     p = _normal_cdf((rating_a - rating_b) / spread)
     return 1.0 - abs(2.0 * p - 1.0)
 

@@ -15,6 +15,7 @@ from app.audit.service import record
 from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.deps import PageUser, get_project_for, membership_role
+from app.core.errors import DomainError, http_status
 from app.core.web import render
 from app.dashboard import service as dashboard
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
@@ -23,6 +24,7 @@ from app.generators.schemas import GenerationParams, ModelCreate
 from app.projects import service, uploads
 from app.projects.models import Membership, Project, Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings
+from app.projects.settings import dump_settings
 from app.users import service as users
 from app.users.invites import invite_path, make_invite_token
 from app.users.models import User
@@ -247,10 +249,10 @@ def register_model(
         )
     try:
         model = generators.register_model(session, project=project, data=data)
-    except HTTPException as exc:
-        errors = {"": str(exc.detail)}
+    except DomainError as exc:
+        errors = {"": exc.detail}
         return _models_page(
-            request, session, project, values=values, errors=errors, status_code=exc.status_code
+            request, session, project, values=values, errors=errors, status_code=http_status(exc)
         )
     return RedirectResponse(f"/projects/{project.id}/models?added={model.id}", status_code=303)
 
@@ -298,7 +300,7 @@ def save_settings(
         return _settings_page(request, project, raw, {**_errors(exc), **problems}, status_code=422)
     if problems:
         return _settings_page(request, project, raw, problems, status_code=422)
-    project.settings = clean.model_dump()
+    project.settings = dump_settings(clean)
     session.flush()
     return RedirectResponse(f"/projects/{project.id}/settings?saved=1", status_code=303)
 

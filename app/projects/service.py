@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from app.projects.models import MEMBER_ROLES, Membership, Project, Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings, PromptIn
+from app.projects.settings import dump_settings, load_settings
 from app.users import service as users
 from app.users.models import User
 
@@ -17,7 +18,7 @@ def create_project(session: Session, *, data: ProjectCreate, creator: User) -> P
     project = Project(
         name=data.name,
         description=data.description,
-        settings=data.settings.model_dump(),
+        settings=dump_settings(data.settings),
         created_by_id=creator.id,
     )
     session.add(project)
@@ -29,7 +30,7 @@ def create_project(session: Session, *, data: ProjectCreate, creator: User) -> P
 
 
 def project_settings(project: Project) -> ProjectSettings:
-    return ProjectSettings.model_validate(project.settings or {})
+    return load_settings(project.settings)
 
 
 def add_prompts(session: Session, *, project: Project, prompts: list[PromptIn]) -> int:

@@ -1,4 +1,5 @@
-"""Leaderboards and annotator quality from a project's votes (the math is worker/bradley_terry)."""
+"""Leaderboards and annotator quality from a project's votes (the maths: app/ratings/
+bradley_terry.py, quality.py and leaderboard.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from app.jobs.models import Job
 from app.pairs.models import Pair
 from app.ratings.models import Rating, RatingFit
 from app.votes.models import Vote
+from app.votes.vocabulary import PREFERENCES
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,7 @@ def evaluation_votes(session: Session, project_id: int) -> list[EvalVote]:
             Vote.project_id == project_id,
             Pair.purpose == "eval",
             Pair.is_gold.is_(False),
-            Vote.choice != "skip",
+            Vote.choice.in_(PREFERENCES),
         )
     )
     votes: list[EvalVote] = []

@@ -30,11 +30,12 @@ from app.pairs.models import PURPOSES, Pair
 from app.projects.models import Prompt
 from app.ratings.models import Snapshot, SnapshotVote
 from app.votes.models import Vote
+from app.votes.vocabulary import DECISIVE, PREFERENCES, Choice
 
 TiePolicy = Literal["drop", "soft"]
 TIE_POLICIES: tuple[str, ...] = ("drop", "soft")
-# Choices a snapshot keeps: preference votes. "both_bad" is kept (ratings count it as a tie).
-SNAPSHOT_CHOICES: tuple[str, ...] = ("left", "right", "tie", "both_bad")
+# A snapshot keeps the preference votes; "both_bad" is kept (ratings count it as a tie).
+SNAPSHOT_CHOICES = PREFERENCES
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def usable_vote_counts(
     decisive, prompts = session.execute(
         select(func.count(Vote.id), func.count(func.distinct(Pair.prompt_id)))
         .join(Pair, Pair.id == Vote.pair_id)
-        .where(*usable_vote_filter(project_id, purposes), Vote.choice.in_(("left", "right")))
+        .where(*usable_vote_filter(project_id, purposes), Vote.choice.in_(DECISIVE))
     ).one()
     return int(decisive), int(prompts)
 
@@ -247,11 +248,11 @@ def snapshot_pairs(
             current, counts = pair_fields, [0, 0, 0]
         choice, left_id = row[11], row[12]
         a_id, b_id = pair_fields[5], pair_fields[6]
-        if choice == "tie":
+        if choice == Choice.TIE:
             counts[2] += 1
-        elif choice in ("left", "right"):
+        elif choice in DECISIVE:
             right_id = b_id if left_id == a_id else a_id
-            picked = left_id if choice == "left" else right_id
+            picked = left_id if choice == Choice.LEFT else right_id
             counts[0 if picked == a_id else 1] += 1
         # both_bad: no preference between the two images.
     flush()

@@ -9,8 +9,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, UTCDateTime, utcnow
 
-CHOICES = ("left", "right", "tie", "both_bad", "skip")
-
 
 class Vote(Base):
     __tablename__ = "votes"

@@ -29,16 +29,10 @@ from app.projects.service import project_settings
 from app.users.models import User
 from app.votes import service
 from app.votes.models import Vote
+from app.votes.vocabulary import MAX_LATENCY_MS, Choice
 
 router = APIRouter(include_in_schema=False)
 
-CHOICE_LABELS = {
-    "left": "Left",
-    "right": "Right",
-    "tie": "Tie",
-    "both_bad": "Both bad",
-    "skip": "Skip",
-}
 
 
 def _side(image_id: str) -> dict[str, str]:
@@ -54,7 +48,7 @@ def _undo(
     left = project_settings(project).change_vote_seconds - (now - last.created_at).total_seconds()
     if left <= 0:
         return None
-    return {"id": last.id, "choice": CHOICE_LABELS[last.choice], "seconds_left": int(left)}
+    return {"id": last.id, "choice": Choice(last.choice).label, "seconds_left": int(left)}
 
 
 def _counts(session: Session, project: Project, user: User) -> dict[str, int]:
@@ -128,7 +122,7 @@ def _latency(raw: str) -> int | None:
     raw = raw.strip()
     if not (raw.isascii() and raw.isdigit()):  # str.isdigit() accepts '²', int() does not
         return None
-    return min(int(raw), service.MAX_LATENCY_MS)
+    return min(int(raw), MAX_LATENCY_MS)
 
 
 @router.post("/projects/{project_id}/vote", response_class=HTMLResponse)
@@ -160,7 +154,7 @@ def cast_vote(
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    notice = f"Saved: {CHOICE_LABELS[vote.choice]}."
+    notice = f"Saved: {Choice(vote.choice).label}."
     return _show(request, _vote_context(session, project, user, notice=notice))
 
 
@@ -186,7 +180,7 @@ def change_form(
             "left": _side(vote.left_image_id),
             "right": _side(right),
         },
-        "previous": CHOICE_LABELS[vote.choice],
+        "previous": Choice(vote.choice).label,
         "action": f"/projects/{project.id}/vote/change/{vote.id}",
         "preload": [],
         "undo": None,
@@ -211,7 +205,7 @@ def change_vote(
         vote = service.change_last_vote(session, vote_id=vote_id, annotator=user, choice=choice)
     except service.VoteError as exc:
         return _show(request, _vote_context(session, project, user, error=exc.detail), exc.status)
-    notice = f"Changed your last vote to: {CHOICE_LABELS[vote.choice]}."
+    notice = f"Changed your last vote to: {Choice(vote.choice).label}."
     return _show(request, _vote_context(session, project, user, notice=notice))
 
 

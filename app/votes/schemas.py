@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
-Choice = Literal["left", "right", "tie", "both_bad", "skip"]
+from app.votes.vocabulary import MAX_LATENCY_MS, Choice
 
 
 class VoteCreate(BaseModel):
@@ -14,7 +12,7 @@ class VoteCreate(BaseModel):
 
     choice: Choice
     left_image_id: str = Field(min_length=1, max_length=32)
-    latency_ms: int | None = Field(default=None, ge=0, le=24 * 3600 * 1000)
+    latency_ms: int | None = Field(default=None, ge=0, le=MAX_LATENCY_MS)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=100)
 
 

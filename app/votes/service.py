@@ -36,12 +36,17 @@ from app.pairs.service import (
 from app.projects.models import Project
 from app.projects.service import project_settings
 from app.users.models import User
-from app.votes.models import CHOICES, Vote
+from app.votes.models import Vote
+from app.votes.vocabulary import (
+    MAX_LATENCY_MS,
+    Choice,
+    gold_answer,
+    parse_choice,
+)
+from app.votes.vocabulary import gold_correct as grade
 
 log = logging.getLogger("prefloop.votes")
 
-PREFERENCES = ("left", "right", "tie", "both_bad")
-MAX_LATENCY_MS = 24 * 3600 * 1000
 
 
 class VoteError(Exception):
@@ -166,8 +171,11 @@ def record_vote(
 ) -> tuple[Vote, bool]:
     """Store one vote; returns (vote, created). Raises a `VoteError` subclass when refused."""
     now = now or utcnow()
-    if choice not in CHOICES:
-        raise InvalidVote(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+    try:
+        picked = parse_choice(choice)
+    except ValueError as exc:
+        raise InvalidVote(str(exc)) from None
+    choice = picked.value  # stored as the plain string
     if latency_ms is not None and not 0 <= latency_ms <= MAX_LATENCY_MS:
         raise InvalidVote(f"latency_ms must be between 0 and {MAX_LATENCY_MS}")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 100:
@@ -203,7 +211,7 @@ def record_vote(
     )
     reservation = session.get(Reservation, (pair_id, annotator.id))
     holds_slot = reservation is not None and reservation.expires_at > now
-    counts = choice in PREFERENCES
+    counts = picked.is_preference
     if counts and not holds_slot and not _has_room(session, pair, annotator.id, now):
         raise VoteConflict(f"pair {pair_id} already has the {pair.votes_wanted} votes it needs")
 
@@ -275,14 +283,17 @@ def change_last_vote(
     """Change the annotator's most recent vote in its project, within `change_vote_seconds`."""
     now = now or utcnow()
     vote = changeable_vote(session, vote_id=vote_id, annotator=annotator, now=now)
-    if choice not in CHOICES:
-        raise InvalidVote(f"choice must be one of {', '.join(CHOICES)}, not {choice!r}")
+    try:
+        picked = parse_choice(choice)
+    except ValueError as exc:
+        raise InvalidVote(str(exc)) from None
+    choice, becomes = picked.value, picked.is_preference
     if choice == vote.choice:
         return vote
     bound_lock_waits(session)
     pair = load_pair_for_update(session, vote.pair_id)
     assert pair is not None
-    was, becomes = vote.choice in PREFERENCES, choice in PREFERENCES
+    was = Choice(vote.choice).is_preference
     if becomes and not was:
         if not _has_room(session, pair, annotator.id, now):
             raise VoteConflict(f"pair {pair.id} already has the {pair.votes_wanted} votes it needs")
@@ -313,14 +324,10 @@ def gold_correct(
     *, choice: str, left_image_id: str, expected: str | None, image_a_id: str, image_b_id: str
 ) -> bool | None:
     """Whether a vote on a gold pair gave the known answer (None: a skip, not an answer)."""
-    if choice == "skip" or expected is None:
+    if expected is None:
         return None
-    if expected == "tie":
-        return choice == "tie"
     right_image_id = image_b_id if left_image_id == image_a_id else image_a_id
-    return (choice == "left" and left_image_id == expected) or (
-        choice == "right" and right_image_id == expected
-    )
+    return grade(choice, gold_answer(expected, left_image_id, right_image_id))
 
 
 def annotator_stats(

@@ -25,7 +25,7 @@ def test_defaults_give_embedded_mode(monkeypatch: pytest.MonkeyPatch, tmp_path) 
         ("PREFLOOP_LOG_LEVEL", "LOUD"),
         ("PREFLOOP_DATABASE_URL", "mysql://x"),
         ("PREFLOOP_JOB_MAX_ATTEMPTS", "zero"),
-        ("PREFLOOP_VOTES_PER_SECOND", "-1"),
+        ("PREFLOOP_LOGIN_ATTEMPTS_PER_MINUTE", "0"),
     ],
 )
 def test_bad_value_names_the_variable(

@@ -263,7 +263,7 @@ def test_pickapic_export_opens_with_datasets(db, tmp_path: Path) -> None:  # typ
 
 
 def test_fastchat_export_is_eval_battles_between_models(db) -> None:  # type: ignore[no-untyped-def]
-    from worker.battles import parse_battles_text
+    from app.ratings.battles import parse_battles_text
 
     built = build_project(db)
     text = _collect(db, built.project.id, "fastchat").decode()

@@ -271,6 +271,7 @@ def _read_sqlite(data_dir: Path) -> dict[str, Any]:
     return {"images": images, "votes": [tuple(v) for v in votes]}
 
 
+@pytest.mark.slow
 def test_embedded_sqlite_backup_and_restore(tmp_path: Path) -> None:
     source = tmp_path / "source"
     facts = _populate_sqlite(source)
@@ -296,6 +297,7 @@ def test_embedded_sqlite_backup_and_restore(tmp_path: Path) -> None:
     assert _read_sqlite(target) == facts
 
 
+@pytest.mark.slow
 def test_restore_refuses_a_damaged_media_file(tmp_path: Path) -> None:
     source = tmp_path / "source"
     facts = _populate_sqlite(source)

@@ -297,12 +297,13 @@ def test_saved_lora_loads_in_plain_diffusers_and_changes_output(pipe_dirs, cache
     assert np.allclose(with_lora, _generate(trained), atol=1e-5)
 
 
-def test_full_finetune_saves_a_loadable_unet(pipe_dirs, cached, tmp_path):
+def test_full_finetune_saves_a_loadable_pipeline(pipe_dirs, cached, tmp_path):
     pipe = _load(pipe_dirs)
     config = _config(lora_rank=0, steps=1)
     train(pipe, cached["sd"], config, tmp_path / "ck")
-    out = save_result(pipe, config, tmp_path / "unet")
-    loaded = UNet2DConditionModel.from_pretrained(out)
+    out = save_result(pipe, config, tmp_path / "model")
+    assert (out / "model_index.json").exists()  # a whole pipeline the generator can load
+    loaded = UNet2DConditionModel.from_pretrained(out / "unet")
     base = UNet2DConditionModel.from_pretrained(pipe_dirs["sd"] / "unet")
     trained_sd = pipe.unet.state_dict()
     assert all(torch.equal(v, trained_sd[k]) for k, v in loaded.state_dict().items())
@@ -321,7 +322,7 @@ def test_beta_conventions_train_identically(pipe_dirs, cached, tmp_path):
 
 @pytest.mark.parametrize("loss_kind", ["hinge", "ipo", "sft"])
 def test_loss_kinds_train(pipe_dirs, cached, tmp_path, loss_kind):
-    config = _config(steps=2, loss_kind=loss_kind, beta=100.0)
+    config = _config(steps=2, loss=loss_kind, beta=100.0)
     result = train(_load(pipe_dirs), cached["sd"], config, tmp_path)
     first = result.history[0]
     expected = {"hinge": 1.0, "ipo": (1 / 100.0) ** 2}.get(loss_kind, first.model_err_w)
@@ -372,7 +373,7 @@ def test_grad_clipping_bounds_the_gradient(pipe_dirs, cached):
 def test_ties_are_dropped_or_kept_as_soft_labels(cached):
     data = cached["sd"]
     assert _usable_pairs(data, _config()) == [0, 1, 2, 3, 4]
-    assert _usable_pairs(data, _config(tie_soft_labels=False)) == [0, 1, 2, 4]
+    assert _usable_pairs(data, _config(tie_policy="drop")) == [0, 1, 2, 4]
     with pytest.raises(ValueError, match="usable"):
         PairSampler([], seed=0, num_processes=1, rank=0)
 
@@ -389,7 +390,7 @@ def test_tie_soft_label_reaches_the_loss(pipe_dirs, cached):
     noise_state = trainer.noise_gen.get_state()
     _, soft = trainer.compute(tie)
     trainer.noise_gen.set_state(noise_state)
-    trainer.config.tie_soft_labels = False
+    trainer.config.tie_policy = "drop"
     _, hard = trainer.compute(tie)
     assert torch.equal(soft.logits, hard.logits) and soft.logits.abs().min() > 0
     z = -2500.0 * soft.logits  # (β/2)(Δθ − Δref)
@@ -418,7 +419,7 @@ def test_sampler_slices_global_batches_per_process():
 
 def test_config_rejects_unknown_options():
     with pytest.raises(ValueError):
-        DPOConfig(loss_kind="kto")
+        DPOConfig(loss="kto")
     with pytest.raises(ValueError):
         DPOConfig(mixed_precision="fp8")
     with pytest.raises(ValueError):

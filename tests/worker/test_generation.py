@@ -518,7 +518,7 @@ def test_provenance_records_model_params_and_versions() -> None:
     assert record["base"] == "org/model"
     assert record["adapter"] == "/a"
     assert record["seed"] == 42
-    assert (record["scheduler"], record["steps"], record["guidance_scale"]) == ("dpmpp_2m", 9, 7.5)
+    assert (record["scheduler"], record["steps"], record["guidance_scale"]) == ("dpmpp_2m", 9, 5.0)
     assert (record["height"], record["width"]) == (64, None)
     assert record["dtype"] == str(AUTO_DTYPE).removeprefix("torch.")
     assert record["device"] == DEVICE.type

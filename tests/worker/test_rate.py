@@ -13,9 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import worker.rate as rate_module
-from worker.battles import parse_battles
-from worker.bradley_terry import elo_scale, fit_bradley_terry
-from worker.rate import leaderboard, rate_command
+from app.ratings.battles import parse_battles
+from app.ratings.bradley_terry import fit_bradley_terry
+from app.ratings.leaderboard import leaderboard
+from app.ratings.scale import elo_scale
+from worker.rate import rate_command
 
 WINNERS = ["model_a", "model_b", "tie", "tie (bothbad)"]
 
@@ -153,7 +155,8 @@ def test_bad_option_values_are_usage_errors(tmp_path: Path) -> None:
 
 
 def test_leaderboard_function_matches_bootstrap_ranks() -> None:
-    rows = leaderboard(parse_battles(synthetic_battles()), n_bootstrap=50, seed=1)
+    battles = parse_battles(synthetic_battles())
+    rows = leaderboard(battles.counts(), battles.models, n_bootstrap=50, seed=1).rows
     assert [r.rating for r in rows] == sorted((r.rating for r in rows), reverse=True)
     uppers = {r.model: r.ci_high for r in rows}
     for row in rows:

@@ -27,6 +27,7 @@ from app.core.storage import get_media_store
 from app.generators.models import ModelVersion
 from app.images.models import Image
 from app.images.service import store_image
+from app.jobs.kinds import TrainRewardParams
 from app.jobs.models import Job
 from app.jobs.service import JobParamsError, create_job
 from app.pairs.active import IMAGE_SCORES_FILE, image_scores
@@ -40,7 +41,7 @@ from app.votes.models import Vote
 from tests.support import bearer
 from worker import reward_model as rm
 from worker import runner
-from worker.tasks.reward import decode_png, load_cached, score_model_images, train_config
+from worker.tasks.reward import decode_png, load_cached, score_model_images
 from worker.toy import world
 
 SEEDS = (0, 1, 2, 3)
@@ -308,22 +309,22 @@ def test_train_reward_on_a_clip_backbone(toy_project: dict[str, Any], tmp_path: 
         assert row is not None and row.backbone == str(clip_dir)
         scores = score_model_images(s, get_media_store(), row, images)
     saved = rm.read_reward_model_config(get_media_store().root / row.path)
-    assert saved["model"]["backbone"] == "clip" and saved["train_config"]["lr"] == 1e-4
+    assert saved["model"]["backbone"] == "clip" and saved["train_config"]["learning_rate"] == 1e-4
     assert len(scores) == 3 and all(math.isfinite(v) for v in scores.values())
 
 
-def test_train_config_maps_backbones_and_defaults() -> None:
+def test_train_params_resolve_backbones_and_defaults() -> None:
     base = {"steps": 30, "batch_size": 8, "learning_rate": None, "val_fraction": 0.25, "seed": 3}
-    toy = train_config({**base, "backbone": "toyconv"})
-    assert (toy.backbone, toy.clip_model, toy.lr, toy.eval_every) == ("toyconv", None, 1e-3, 3)
-    clip = train_config({**base, "backbone": "clip", "learning_rate": 2e-5})
-    assert (clip.backbone, clip.clip_model, clip.lr) == (
+    toy = TrainRewardParams(**base, backbone="toyconv")
+    assert (toy.family, toy.clip_model, toy.lr, toy.eval_interval) == ("toyconv", None, 1e-3, 3)
+    clip = TrainRewardParams(**{**base, "backbone": "clip", "learning_rate": 2e-5})
+    assert (clip.family, clip.clip_model, clip.lr) == (
         "clip",
         "openai/clip-vit-large-patch14",
         2e-5,
     )
-    hub = train_config({**base, "backbone": "org/my-clip"})
-    assert (hub.backbone, hub.clip_model, hub.lr) == ("clip", "org/my-clip", 1e-6)
+    hub = TrainRewardParams(**base, backbone="org/my-clip")
+    assert (hub.family, hub.clip_model, hub.lr) == ("clip", "org/my-clip", 1e-6)
 
 
 def test_decode_png_shrinks_only_large_images() -> None:

@@ -352,7 +352,13 @@ def test_early_stopping_keeps_the_best_validation_state(small_toy_dataset):
     )
     calls: list[tuple[int, int, dict[str, float]]] = []
     config = RewardTrainConfig(
-        steps=400, batch_size=16, eval_every=5, patience=2, lr=3e-3, val_fraction=0.3, seed=1
+        steps=400,
+        batch_size=16,
+        eval_every=5,
+        patience=2,
+        learning_rate=3e-3,
+        val_fraction=0.3,
+        seed=1,
     )
     result = train_reward_model(noisy, config, on_progress=lambda *a: calls.append(a))
     assert result.stopped_early and result.steps_run < config.steps
@@ -423,8 +429,8 @@ def test_unknown_words_and_empty_prompts_still_score(small_toy_dataset):
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="backbone"):
         build_reward_model(RewardTrainConfig(backbone="resnet"), ["a"])
-    with pytest.raises(ValueError, match="clip_model"):
-        build_reward_model(RewardTrainConfig(backbone="clip"), ["a"])
+    with pytest.raises(ValueError, match="backbone"):
+        build_reward_model(RewardTrainConfig(backbone="no such backbone"), ["a"])
     with pytest.raises(ValueError, match="head"):
         build_reward_model(RewardTrainConfig(head="linear"), ["a"])
 
@@ -479,13 +485,12 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("head", ["cosine", "mlp"])
 def test_tiny_clip_trains_scores_and_round_trips(small_toy_dataset, tiny_clip_dir, tmp_path, head):
     config = RewardTrainConfig(
-        backbone="clip",
-        clip_model=str(tiny_clip_dir),
+        backbone=str(tiny_clip_dir),
         head=head,
         steps=4,
         batch_size=8,
         eval_every=2,
-        lr=1e-3,
+        learning_rate=1e-3,
         head_hidden=16,
         seed=0,
     )
@@ -521,13 +526,12 @@ def test_clip_training_lowers_the_loss_on_a_learnable_preference(tiny_clip_dir):
         pair = (bright, dark) if first_bright else (dark, bright)
         records.append(PreferenceRecord(f"prompt {i % 8}", *pair, float(first_bright)))
     config = RewardTrainConfig(
-        backbone="clip",
-        clip_model=str(tiny_clip_dir),
+        backbone=str(tiny_clip_dir),
         steps=12,
         batch_size=12,
         eval_every=4,
         patience=10,
-        lr=3e-3,
+        learning_rate=3e-3,
         val_fraction=0.25,
     )
     result = train_reward_model(PreferenceDataset(records), config)

@@ -1,3 +1,1 @@
-"""Job handlers, one module per kind; importing this package registers them all."""
-
-from worker.tasks import dpo, evaluate, generate, ratings, reward, selftest  # noqa: F401
+"""Job handlers, one module per kind; `app.jobs.kinds` names each kind's handler."""

@@ -15,38 +15,18 @@ from typing import Any
 from sqlalchemy import select
 
 from app.generators.models import ModelVersion
+from app.jobs.kinds import TrainDPOParams
 from app.jobs.service import create_job
 from app.projects.models import Project, Prompt
 from app.projects.service import project_settings
 from app.ratings.models import RewardModel
 from app.ratings.snapshots import create_snapshot, snapshot_for_job, snapshot_pairs
-from worker.runner import JobCancelled, JobContext, TransientJobError, handler
+from worker.runner import JobCancelled, ProjectJobContext, TransientJobError
 
 
-def dpo_config(params: dict[str, Any]) -> Any:
-    from worker.dpo_train import DPOConfig
-
-    return DPOConfig(
-        beta=params["beta"],
-        beta_convention=params["beta_convention"],
-        loss_kind=params["loss"],
-        learning_rate=params["learning_rate"],
-        steps=params["steps"],
-        batch_size=params["batch_size"],
-        grad_accum=params["grad_accum"],
-        warmup_steps=params["warmup_steps"],
-        max_grad_norm=params["max_grad_norm"],
-        lora_rank=params["lora_rank"],
-        mixed_precision=params["mixed_precision"],
-        gradient_checkpointing=params["gradient_checkpointing"],
-        empty_prompt_prob=params["empty_prompt_prob"],
-        tie_soft_labels=params["tie_policy"] == "soft",
-        checkpoint_every=params["checkpoint_every"],
-        seed=params["seed"],
-    )
-
-
-def _training_pairs(ctx: JobContext, tie_policy: str) -> tuple[int, list[Any]]:
+def _training_pairs(
+    ctx: ProjectJobContext[TrainDPOParams], tie_policy: str
+) -> tuple[int, list[Any]]:
     """The job's snapshot (made on the first attempt) and its train-split pairs as images."""
     from PIL import Image as PILImage
 
@@ -54,9 +34,7 @@ def _training_pairs(ctx: JobContext, tie_policy: str) -> tuple[int, list[Any]]:
 
     with ctx.session() as session:
         snapshot = snapshot_for_job(session, ctx.job_id) or create_snapshot(
-            session,
-            project_id=ctx.project_id,
-            job_id=ctx.job_id,  # type: ignore[arg-type]
+            session, project_id=ctx.project_id, job_id=ctx.job_id
         )
         snapshot_id = snapshot.id
     with ctx.session() as session:
@@ -90,8 +68,7 @@ def _load_parent(parent: ModelVersion) -> Any:
     return pipe
 
 
-@handler("train_dpo")
-def train_dpo(ctx: JobContext) -> dict[str, Any]:
+def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
     import torch
 
     from worker.dpo_train import (
@@ -103,33 +80,33 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
         train,
     )
 
-    params = dict(ctx.params)
     with ctx.session() as session:
         project = session.get(Project, ctx.project_id)
-        parent = session.get(ModelVersion, params["model_id"])
+        parent = session.get(ModelVersion, ctx.params.model_id)
         if project is None or parent is None:
             raise ValueError("the project or the model of this job no longer exists")
-        params["tie_policy"] = params.get("tie_policy") or project_settings(project).tie_policy
-    config = dpo_config(params)
+        tie_policy = ctx.params.tie_policy or project_settings(project).tie_policy
+    # The trainer reads the job's params themselves, with the tie policy resolved.
+    params = ctx.params.model_copy(update={"tie_policy": tie_policy})
     work = Path(ctx.work_dir())
     cache_path = work / "pairs-cache.pt"
     ckpt_dir = work / "checkpoints"
 
     ctx.progress(0.01, "loading the parent model")
     pipe = _load_parent(parent)
-    snapshot_id, pairs = _training_pairs(ctx, params["tie_policy"])
+    snapshot_id, pairs = _training_pairs(ctx, tie_policy)
     if cache_path.exists():
         data = CachedPairs.load(cache_path)
     else:
         if not pairs:
             raise ValueError(
                 f"snapshot {snapshot_id} has no training pairs on train-split prompts "
-                f"(tie policy {params['tie_policy']!r})"
+                f"(tie policy {tie_policy!r})"
             )
         ctx.progress(0.02, f"encoding {len(pairs)} pairs once")
         data = encode_pairs(pipe, pairs)
         data.save(cache_path)
-    ctx.log(f"snapshot {snapshot_id}: {len(data)} pairs; tie policy {params['tie_policy']}")
+    ctx.log(f"snapshot {snapshot_id}: {len(data)} pairs; tie policy {tie_policy}")
 
     existing = list_checkpoints(ckpt_dir)
     if existing:
@@ -138,9 +115,7 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
         ctx.log(f"resuming from checkpoint at step {resumed_at}")
 
     deadline = (
-        time.monotonic() + 60 * params["time_limit_minutes"]
-        if params.get("time_limit_minutes")
-        else None
+        time.monotonic() + 60 * params.time_limit_minutes if params.time_limit_minutes else None
     )
     timed_out = False
 
@@ -151,10 +126,10 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
 
     def on_metrics(metrics: Any) -> None:
         ctx.metrics(metrics.step, metrics.as_dict())
-        ctx.progress(0.05 + 0.9 * metrics.step / config.steps, f"step {metrics.step}")
+        ctx.progress(0.05 + 0.9 * metrics.step / params.steps, f"step {metrics.step}")
 
     try:
-        result = train(pipe, data, config, ckpt_dir, on_metrics=on_metrics, should_stop=should_stop)
+        result = train(pipe, data, params, ckpt_dir, on_metrics=on_metrics, should_stop=should_stop)
     except TrainingDiverged as exc:
         kept = list_checkpoints(ckpt_dir)
         note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
@@ -166,24 +141,13 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
             f"soft time limit reached at step {result.step}; the next attempt resumes there"
         )
 
-    out_dir = work / ("adapter" if config.lora_rank > 0 else "model")
-    if config.lora_rank > 0:
-        save_result(pipe, config, out_dir)
-    else:
-        # A fully fine-tuned UNet becomes a whole pipeline directory the generator can load.
-        tmp = out_dir.with_name(".tmp-model")
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if out_dir.exists():
-            import shutil
-
-            shutil.rmtree(out_dir)
-        tmp.replace(out_dir)
+    out_dir = save_result(pipe, params, work / ("adapter" if params.lora_rank > 0 else "model"))
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     last = result.history[-1] if result.history else None
     with ctx.session() as session:
-        parent = session.get(ModelVersion, params["model_id"])
+        parent = session.get(ModelVersion, params.model_id)
         assert parent is not None
         child = session.scalar(
             select(ModelVersion).where(ModelVersion.produced_by_job_id == ctx.job_id)
@@ -191,9 +155,9 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
         if child is None:
             child = ModelVersion(
                 project_id=parent.project_id,
-                name=params.get("name") or f"{parent.name}+dpo{ctx.job_id}",
-                base=parent.base if config.lora_rank > 0 else str(out_dir),
-                adapter=str(out_dir) if config.lora_rank > 0 else None,
+                name=params.name or f"{parent.name}+dpo{ctx.job_id}",
+                base=parent.base if params.lora_rank > 0 else str(out_dir),
+                adapter=str(out_dir) if params.lora_rank > 0 else None,
                 params=dict(parent.params),
                 parent_id=parent.id,
                 produced_by_job_id=ctx.job_id,
@@ -204,10 +168,10 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
             session.add(child)
             session.flush()
         child_id = child.id
-        follow_ups = _close_the_loop(session, ctx, parent, child) if params["closed_loop"] else {}
+        follow_ups = _close_the_loop(session, ctx, parent, child) if params.closed_loop else {}
     return {
         "model_id": child_id,
-        "parent_id": params["model_id"],
+        "parent_id": params.model_id,
         "snapshot_id": snapshot_id,
         "pairs": len(data),
         "steps": result.step,
@@ -219,7 +183,7 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
 
 
 def _close_the_loop(
-    session: Any, ctx: JobContext, parent: ModelVersion, child: ModelVersion
+    session: Any, ctx: ProjectJobContext[TrainDPOParams], parent: ModelVersion, child: ModelVersion
 ) -> dict[str, Any]:
     """Queue the evaluation (if a reward model exists) and the child's entry into the arena."""
     has_prompts = session.scalar(
@@ -248,7 +212,7 @@ def _close_the_loop(
         kind="generate",
         params={
             "model_ids": [parent.id, child.id],
-            "images_per_prompt": ctx.params["arena_images_per_prompt"],
+            "images_per_prompt": ctx.params.arena_images_per_prompt,
             "split": "train",
             "make_pairs": True,
         },

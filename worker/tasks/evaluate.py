@@ -13,17 +13,18 @@ from sqlalchemy import select
 
 from app.generators.models import ModelVersion
 from app.images.models import Image
+from app.jobs.kinds import EvaluateParams
 from app.projects.models import Prompt
 from app.ratings.models import RewardModel
 from worker.evaluation import cluster_bootstrap_ci, paired_outcomes, win_rate_interval
-from worker.runner import JobCancelled, JobContext, handler
+from worker.runner import JobCancelled, ProjectJobContext
 from worker.seeds import seeds_by_prompt
 from worker.tasks.generate import generate_images, load_models
 
 
-def _reward_model(ctx: JobContext) -> RewardModel:
+def _reward_model(ctx: ProjectJobContext[EvaluateParams]) -> RewardModel:
     with ctx.session() as session:
-        rm_id = ctx.params.get("reward_model_id")
+        rm_id = ctx.params.reward_model_id
         row = (
             session.get(RewardModel, rm_id)
             if rm_id
@@ -39,21 +40,20 @@ def _reward_model(ctx: JobContext) -> RewardModel:
     return row
 
 
-@handler("evaluate")
-def evaluate(ctx: JobContext) -> dict[str, Any]:
+def evaluate(ctx: ProjectJobContext[EvaluateParams]) -> dict[str, Any]:
     from worker.tasks.reward import score_model_images
 
     params = ctx.params
-    parent, child = load_models(ctx, params["model_ids"])
+    parent, child = load_models(ctx, params.model_ids)
     with ctx.session() as session:
         stmt = select(Prompt.id, Prompt.text).where(Prompt.project_id == ctx.project_id)
-        if params["split"] != "all":
-            stmt = stmt.where(Prompt.split == params["split"])
+        if params.split != "all":
+            stmt = stmt.where(Prompt.split == params.split)
         prompts = [(pid, text) for pid, text in session.execute(stmt.order_by(Prompt.id))]
     if not prompts:
-        raise ValueError(f"no prompts in split {params['split']!r} to evaluate on")
+        raise ValueError(f"no prompts in split {params.split!r} to evaluate on")
     seeds = seeds_by_prompt(
-        [pid for pid, _ in prompts], params["images_per_prompt"], "eval", params.get("seeds")
+        [pid for pid, _ in prompts], params.images_per_prompt, "eval", params.seeds
     )
     generate_images(ctx, [parent, child], prompts, seeds, progress=(0.0, 0.7))
     if ctx.cancel_requested:
@@ -85,8 +85,8 @@ def evaluate(ctx: JobContext) -> dict[str, Any]:
             "cluster_ci_high": cluster_high,
             "parent_id": parent.id,
             "reward_model_id": reward_row.id,
-            "split": params["split"],
-            "seeds": params.get("seeds"),  # None: per-prompt evaluation seeds
+            "split": params.split,
+            "seeds": params.seeds,  # None: per-prompt evaluation seeds
             "images_per_prompt": len(keys) // len(prompts),
             "mean_reward_child": float(child_scores.mean()),
             "mean_reward_parent": float(parent_scores.mean()),

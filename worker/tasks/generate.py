@@ -21,8 +21,9 @@ from sqlalchemy.exc import IntegrityError
 from app.generators.models import ModelVersion
 from app.images.models import Image
 from app.images.service import store_image
+from app.jobs.kinds import GenerateParams
 from app.projects.models import Project, Prompt
-from worker.runner import JobCancelled, JobContext, handler
+from worker.runner import JobCancelled, ProjectJobContext
 from worker.seeds import seeds_by_prompt
 
 
@@ -47,17 +48,19 @@ def batch_size_for(spec: Any, requested: int | None) -> int:
     return int(max(base, min(64, base * (256 * 256) // max(pixels, 1) // 8)))
 
 
-def _prompts(ctx: JobContext) -> list[tuple[int, str]]:
+def _prompts(ctx: ProjectJobContext[GenerateParams]) -> list[tuple[int, str]]:
     with ctx.session() as session:
         stmt = select(Prompt.id, Prompt.text).where(Prompt.project_id == ctx.project_id)
-        if ctx.params.get("prompt_ids"):
-            stmt = stmt.where(Prompt.id.in_(ctx.params["prompt_ids"]))
-        elif ctx.params["split"] != "all":
-            stmt = stmt.where(Prompt.split == ctx.params["split"])
+        if ctx.params.prompt_ids:
+            stmt = stmt.where(Prompt.id.in_(ctx.params.prompt_ids))
+        elif ctx.params.split != "all":
+            stmt = stmt.where(Prompt.split == ctx.params.split)
         return [(pid, text) for pid, text in session.execute(stmt.order_by(Prompt.id))]
 
 
-def _existing(ctx: JobContext, model_id: int, prompt_ids: list[int]) -> set[tuple[int, int]]:
+def _existing(
+    ctx: ProjectJobContext[Any], model_id: int, prompt_ids: list[int]
+) -> set[tuple[int, int]]:
     with ctx.session() as session:
         rows = session.execute(
             select(Image.prompt_id, Image.seed).where(
@@ -67,7 +70,9 @@ def _existing(ctx: JobContext, model_id: int, prompt_ids: list[int]) -> set[tupl
         return {(pid, seed) for pid, seed in rows}
 
 
-def _store(ctx: JobContext, model: ModelVersion, prompt_id: int, seed: int, image: Any) -> bool:
+def _store(
+    ctx: ProjectJobContext[Any], model: ModelVersion, prompt_id: int, seed: int, image: Any
+) -> bool:
     from worker.generation import png_bytes, provenance
 
     spec = spec_for(model)
@@ -90,7 +95,7 @@ def _store(ctx: JobContext, model: ModelVersion, prompt_id: int, seed: int, imag
 
 
 def generate_images(
-    ctx: JobContext,
+    ctx: ProjectJobContext[Any],
     models: list[ModelVersion],
     prompts: list[tuple[int, str]],
     seeds: Sequence[int] | Mapping[int, Sequence[int]],
@@ -149,7 +154,7 @@ def generate_images(
     return created, skipped
 
 
-def load_models(ctx: JobContext, model_ids: list[int]) -> list[ModelVersion]:
+def load_models(ctx: ProjectJobContext[Any], model_ids: list[int]) -> list[ModelVersion]:
     with ctx.session() as session:
         models = [session.get(ModelVersion, mid) for mid in model_ids]
     if any(m is None for m in models):
@@ -161,17 +166,16 @@ def load_models(ctx: JobContext, model_ids: list[int]) -> list[ModelVersion]:
 PAIR_ROUND_PROMPTS = 8
 
 
-@handler("generate")
-def generate(ctx: JobContext) -> dict[str, Any]:
+def generate(ctx: ProjectJobContext[GenerateParams]) -> dict[str, Any]:
     params = ctx.params
     prompts = _prompts(ctx)
     if not prompts:
-        raise ValueError(f"no prompts in split {params['split']!r} of project {ctx.project_id}")
+        raise ValueError(f"no prompts in split {params.split!r} of project {ctx.project_id}")
     seeds = seeds_by_prompt(
-        [pid for pid, _ in prompts], params["images_per_prompt"], "train", params.get("seeds")
+        [pid for pid, _ in prompts], params.images_per_prompt, "train", params.seeds
     )
-    models = load_models(ctx, params["model_ids"])
-    make = params.get("make_pairs", True)
+    models = load_models(ctx, params.model_ids)
+    make = params.make_pairs
     # With pairs wanted, work prompt-major in rounds and pair each round as soon as it exists.
     size = PAIR_ROUND_PROMPTS if make else len(prompts)
     rounds = [prompts[i : i + size] for i in range(0, len(prompts), size)]
@@ -179,7 +183,7 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     for index, chunk in enumerate(rounds):
         span = (index / len(rounds), (index + 1) / len(rounds))
         new, old = generate_images(
-            ctx, models, chunk, seeds, batch_size=params.get("batch_size"), progress=span
+            ctx, models, chunk, seeds, batch_size=params.batch_size, progress=span
         )
         created += new
         skipped += old
@@ -192,7 +196,9 @@ def generate(ctx: JobContext) -> dict[str, Any]:
     return {"images": created, "skipped": skipped, "pairs": pairs}
 
 
-def _make_pairs(ctx: JobContext, model_ids: list[int], seeds: Mapping[int, list[int]]) -> int:
+def _make_pairs(
+    ctx: ProjectJobContext[Any], model_ids: list[int], seeds: Mapping[int, list[int]]
+) -> int:
     """Pairs for this job's images: {prompt id: the seeds generated for it}."""
     from app.pairs.service import make_pairs
 

@@ -11,22 +11,19 @@ import numpy as np
 from sqlalchemy import select
 
 from app.generators.models import ModelVersion
+from app.jobs.kinds import FitRatingsParams
 from app.pairs.models import Pair
+from app.ratings.bradley_terry import DisconnectedComparisonsWarning, aggregate_comparisons
+from app.ratings.leaderboard import leaderboard as build_leaderboard
 from app.ratings.models import Rating, RatingFit
+from app.ratings.quality import annotator_quality
 from app.ratings.service import evaluation_votes, finite_or_none
 from app.votes.models import Vote
-from worker import bradley_terry as bt
-from worker.runner import JobContext, handler
-
-_OUTCOME = {
-    "left": bt.OUTCOME_A,
-    "right": bt.OUTCOME_B,
-    "tie": bt.OUTCOME_TIE,
-    "both_bad": bt.OUTCOME_TIE,
-}
+from app.votes.vocabulary import Choice, gold_answer
+from worker.runner import ProjectJobContext
 
 
-def _annotator_table(ctx: JobContext) -> list[dict[str, Any]]:
+def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str, Any]]:
     """Quality figures over every vote of the project (gold answers included)."""
     with ctx.session() as session:
         rows = session.execute(
@@ -56,14 +53,12 @@ def _annotator_table(ctx: JobContext) -> list[dict[str, Any]]:
         choice.append(vote_choice)
         latency.append(float(ms) if ms is not None else np.nan)
         if is_gold and expected:
-            gold.append(
-                "tie" if expected == "tie" else ("left" if expected == left_id else "right")
-            )
+            gold.append(gold_answer(expected, left_id, right_id).value)
         else:
             gold.append(None)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bt.DisconnectedComparisonsWarning)
-        quality = bt.annotator_quality(annotator, pair, left, right, choice, latency, gold)
+        warnings.simplefilter("ignore", DisconnectedComparisonsWarning)
+        quality = annotator_quality(annotator, pair, left, right, choice, latency, gold)
     table = []
     for q in quality:
         table.append(
@@ -85,11 +80,10 @@ def _annotator_table(ctx: JobContext) -> list[dict[str, Any]]:
     return table
 
 
-@handler("fit_ratings")
-def fit_ratings(ctx: JobContext) -> dict[str, Any]:
+def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
     params = ctx.params
     with ctx.session() as session:
-        votes = evaluation_votes(session, ctx.project_id)  # type: ignore[arg-type]
+        votes = evaluation_votes(session, ctx.project_id)
         names = dict(
             session.execute(
                 select(ModelVersion.id, ModelVersion.name).where(
@@ -102,64 +96,52 @@ def fit_ratings(ctx: JobContext) -> dict[str, Any]:
     models = sorted({v.left_model for v in votes} | {v.right_model for v in votes})
     if len(models) >= 2:
         index = {m: i for i, m in enumerate(models)}
-        counts = bt.aggregate_comparisons(
+        counts = aggregate_comparisons(
             np.array([index[v.left_model] for v in votes]),
             np.array([index[v.right_model] for v in votes]),
-            np.array([_OUTCOME[v.choice] for v in votes]),
+            np.array([Choice(v.choice).outcome for v in votes]),
             n_items=len(models),
         )
-        per_model = np.bincount(
-            np.concatenate([counts.item_i, counts.item_j]),
-            weights=np.concatenate([counts.cells().sum(1)] * 2),
-            minlength=len(models),
+        board = build_leaderboard(
+            counts,
+            [names.get(m, str(m)) for m in models],
+            ties=params.ties,
+            n_bootstrap=params.bootstrap,
+            prior=params.prior,
+            seed=params.seed,
+            on_progress=lambda done: ctx.progress(
+                0.1 + 0.8 * done / params.bootstrap, f"bootstrap {done}"
+            ),
         )
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", bt.DisconnectedComparisonsWarning)
-            if params["bootstrap"] > 0:
-                boot = bt.bootstrap_bradley_terry(
-                    counts,
-                    params["bootstrap"],
-                    ties=params["ties"],
-                    prior=params["prior"],
-                    seed=params["seed"],
-                    item_names=[names[m] for m in models],
-                    on_progress=lambda done: ctx.progress(
-                        0.1 + 0.8 * done / params["bootstrap"], f"bootstrap {done}"
-                    ),
-                )
-                fit, lower, upper, ranks = boot.fit, boot.lower, boot.upper, boot.ranks
-            else:
-                fit = bt.fit_bradley_terry(counts, ties=params["ties"], prior=params["prior"])
-                lower = upper = fit.scores
-                ranks = bt.ranks_from_intervals(lower, upper)
-        for warning in caught:
-            ctx.log(str(warning.message))
-        ratings, lo, hi = bt.elo_scale(fit.scores), bt.elo_scale(lower), bt.elo_scale(upper)
-        for i, model in enumerate(models):
+        for message in board.warnings:
+            ctx.log(message)
+        for row in board.rows:
             leaderboard.append(
                 {
-                    "model_id": model,
-                    "name": names.get(model, str(model)),
-                    "score": float(fit.scores[i]),
-                    "rating": float(ratings[i]),
-                    "ci_low": float(lo[i]),
-                    "ci_high": float(hi[i]),
-                    "rank": int(ranks[i]),
-                    "votes": int(per_model[i]),
+                    "model_id": models[row.index],
+                    "name": row.model,
+                    "score": row.score,
+                    "rating": row.rating,
+                    # Without bootstrap the interval collapses to the point rating.
+                    "ci_low": row.rating if row.ci_low is None else row.ci_low,
+                    "ci_high": row.rating if row.ci_high is None else row.ci_high,
+                    "rank": row.rank,
+                    "votes": row.votes,
                 }
             )
         leaderboard.sort(key=lambda r: (r["rank"], -r["rating"]))
+        fit = board.fit
         method = {
-            "ties": params["ties"],
-            "prior": params["prior"],
-            "bootstrap": params["bootstrap"],
+            "ties": params.ties,
+            "prior": params.prior,
+            "bootstrap": params.bootstrap,
             "tie_param": fit.tie_param,
             "log_likelihood": fit.log_likelihood,
             "converged": fit.converged,
             "components": len(fit.components),
         }
     else:
-        method = {"ties": params["ties"], "note": "fewer than two rated models"}
+        method = {"ties": params.ties, "note": "fewer than two rated models"}
     annotators = _annotator_table(ctx)
     with ctx.session() as session:
         row = RatingFit(

@@ -27,24 +27,20 @@ from sqlalchemy.orm import Session
 from app.core.storage import MediaStore
 from app.generators.models import ModelVersion
 from app.images.models import Image
+from app.jobs.kinds import ScoreImagesParams, TrainRewardParams
 from app.pairs.active import latest_reward_model, record_image_scores, reward_model_dir
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
 from app.ratings.models import RewardModel
 from app.ratings.snapshots import TrainingPair, create_snapshot, snapshot_for_job, snapshot_pairs
-from worker.runner import JobContext, handler
+from worker.runner import ProjectJobContext
 
 if TYPE_CHECKING:
-    from worker.reward_model import PreferenceDataset, RewardTrainConfig
+    from worker.reward_model import PreferenceDataset
     from worker.reward_model import RewardModel as RewardNet
 
 log = logging.getLogger("prefloop.worker.reward")
 
-# The CLIP behind `"backbone": "clip"`: ViT-L/14, the family HPS and ImageReward build on.
-DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-# Learning rates when the job names none: from-scratch convnets like 1e-3; PickScore fine-tunes
-# CLIP at 1e-6.
-DEFAULT_LR = {"toyconv": 1e-3, "clip": 1e-6}
 # Decoded training images are shrunk to this shorter side (above every CLIP input size), so a
 # large dataset of 1024 px images fits in memory.
 MAX_DECODE_SIDE = 448
@@ -174,29 +170,6 @@ def open_train_pair_images(session: Session, project_id: int) -> list[Image]:
 # --- train_reward -------------------------------------------------------------------------------
 
 
-def train_config(params: dict[str, Any]) -> RewardTrainConfig:
-    """The training settings a job's params ask for."""
-    from worker.reward_model import RewardTrainConfig
-
-    backbone = params["backbone"]
-    family = "toyconv" if backbone == "toyconv" else "clip"
-    clip_model = None
-    if family == "clip":
-        clip_model = DEFAULT_CLIP_MODEL if backbone == "clip" else backbone
-    steps = int(params["steps"])
-    return RewardTrainConfig(
-        backbone=family,
-        clip_model=clip_model,
-        steps=steps,
-        batch_size=int(params["batch_size"]),
-        lr=float(params["learning_rate"] or DEFAULT_LR[family]),
-        val_fraction=float(params["val_fraction"]),
-        # About ten validation points per run, at most every 100 steps.
-        eval_every=max(1, min(100, steps // 10)),
-        seed=int(params["seed"]),
-    )
-
-
 def _row_summary(row: RewardModel) -> dict[str, Any]:
     metrics = row.metrics or {}
     return {
@@ -220,12 +193,11 @@ def _row_summary(row: RewardModel) -> dict[str, Any]:
     }
 
 
-@handler("train_reward")
-def train_reward(ctx: JobContext) -> dict[str, Any]:
+def train_reward(ctx: ProjectJobContext[TrainRewardParams]) -> dict[str, Any]:
     from worker.reward_model import save_reward_model, train_reward_model
 
     params = ctx.params
-    project_id: int = ctx.project_id  # type: ignore[assignment]
+    project_id = ctx.project_id
     with ctx.session() as session:
         done = session.scalar(select(RewardModel).where(RewardModel.job_id == ctx.job_id))
         if done is not None:  # an earlier attempt committed its model: nothing left to do
@@ -234,7 +206,7 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
             session, project_id=project_id, job_id=ctx.job_id
         )
         snapshot_id, vote_count = snapshot.id, snapshot.vote_count
-        pairs = snapshot_pairs(session, snapshot_id, tie_policy=params["tie_policy"])
+        pairs = snapshot_pairs(session, snapshot_id, tie_policy=params.tie_policy)
     ctx.log(f"snapshot {snapshot_id}: {vote_count} votes, {len(pairs)} pairs")
     if len({p.prompt for p in pairs}) < 2:
         raise ValueError(
@@ -243,7 +215,6 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
         )
     ctx.progress(0.02, f"loading {len(pairs)} pairs")
     dataset = build_preference_dataset(pairs, ctx.store.read)
-    config = train_config(params)
     ctx.check_cancelled()
     ctx.truncate_metrics(0)  # a retried attempt trains from scratch: drop the old series
 
@@ -261,7 +232,7 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
         ctx.progress(0.05 + 0.85 * step / total, f"step {step}/{total}")
         ctx.check_cancelled()
 
-    trained = train_reward_model(dataset, config, on_progress)
+    trained = train_reward_model(dataset, params, on_progress)
     ctx.progress(0.92, "scoring open train-pair images")
     with ctx.session() as session:
         to_score = open_train_pair_images(session, project_id)
@@ -273,13 +244,13 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
             ).all()
         )
     image_scores: dict[str, float] = {}
-    for start in range(0, len(to_score), config.batch_size):
-        chunk = to_score[start : start + config.batch_size]
+    for start in range(0, len(to_score), params.batch_size):
+        chunk = to_score[start : start + params.batch_size]
         values = score_arrays(
             trained.model,
             [prompts[img.prompt_id] for img in chunk],
             [decode_png(ctx.store.read(img.storage_key)) for img in chunk],
-            config.batch_size,
+            params.batch_size,
         )
         image_scores.update({img.id: float(v) for img, v in zip(chunk, values, strict=True)})
 
@@ -297,7 +268,7 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
         "pairs": len(pairs),
         "tie_pairs": sum(p.is_tie for p in pairs),
         "votes": vote_count,
-        "tie_policy": params["tie_policy"],
+        "tie_policy": params.tie_policy,
         "scored_images": len(image_scores),
     }
     with ctx.session() as session:
@@ -311,7 +282,7 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
             version=int(previous or 0) + 1,
             snapshot_id=snapshot_id,
             job_id=ctx.job_id,
-            backbone=params["backbone"],
+            backbone=params.backbone,
             path="",
             metrics=metrics,
         )
@@ -319,7 +290,7 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
         session.flush()
         row.path = f"reward_models/{row.id}"
         # Written before the row commits: a listed model always has its files.
-        save_reward_model(trained.model, reward_model_dir(ctx.store, row), config, metrics)
+        save_reward_model(trained.model, reward_model_dir(ctx.store, row), params, metrics)
         record_image_scores(ctx.store, row, image_scores)
         session.flush()
         summary = _row_summary(row)
@@ -335,13 +306,12 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
 # --- score_images -------------------------------------------------------------------------------
 
 
-@handler("score_images")
-def score_images_job(ctx: JobContext) -> dict[str, Any]:
+def score_images_job(ctx: ProjectJobContext[ScoreImagesParams]) -> dict[str, Any]:
     params = ctx.params
-    project_id: int = ctx.project_id  # type: ignore[assignment]
+    project_id = ctx.project_id
     with ctx.session() as session:
-        if params.get("reward_model_id") is not None:
-            row = session.get(RewardModel, params["reward_model_id"])
+        if params.reward_model_id is not None:
+            row = session.get(RewardModel, params.reward_model_id)
         else:
             row = latest_reward_model(session, project_id)
         if row is None or row.project_id != project_id:
@@ -349,11 +319,11 @@ def score_images_job(ctx: JobContext) -> dict[str, Any]:
         stmt = select(Image).where(
             Image.project_id == project_id, Image.model_version_id.is_not(None)
         )
-        if params.get("model_ids"):
-            stmt = stmt.where(Image.model_version_id.in_(params["model_ids"]))
-        if params["split"] != "all":
+        if params.model_ids:
+            stmt = stmt.where(Image.model_version_id.in_(params.model_ids))
+        if params.split != "all":
             stmt = stmt.join(Prompt, Prompt.id == Image.prompt_id).where(
-                Prompt.split == params["split"]
+                Prompt.split == params.split
             )
         images = list(session.scalars(stmt.order_by(Image.id)))
         names = dict(
@@ -365,13 +335,13 @@ def score_images_job(ctx: JobContext) -> dict[str, Any]:
         )
     ctx.progress(0.05, f"scoring {len(images)} images with reward model v{row.version}")
     scores: dict[str, float] = {}
-    step = max(1, params["batch_size"]) * 8
+    step = max(1, params.batch_size) * 8
     for start in range(0, len(images), step):
         ctx.check_cancelled()
         chunk = images[start : start + step]
         with ctx.session() as session:
             scores.update(
-                score_model_images(session, ctx.store, row, chunk, batch_size=params["batch_size"])
+                score_model_images(session, ctx.store, row, chunk, batch_size=params.batch_size)
             )
         ctx.progress(0.05 + 0.9 * len(scores) / max(1, len(images)), f"{len(scores)} scored")
     record_image_scores(ctx.store, row, scores)

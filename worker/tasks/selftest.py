@@ -9,7 +9,8 @@ import socket
 import time
 from typing import Any
 
-from worker.runner import JobContext, TransientJobError, handler
+from app.jobs.kinds import SelftestParams
+from worker.runner import JobContext, TransientJobError
 
 
 def device_facts() -> dict[str, Any]:
@@ -24,15 +25,14 @@ def device_facts() -> dict[str, Any]:
     }
 
 
-@handler("selftest")
-def selftest(ctx: JobContext) -> dict[str, Any]:
-    steps = int(ctx.params["steps"])
+def selftest(ctx: JobContext[SelftestParams]) -> dict[str, Any]:
+    steps = ctx.params.steps
     for step in range(steps):
         ctx.check_cancelled()
-        time.sleep(float(ctx.params["sleep"]))
+        time.sleep(ctx.params.sleep)
         ctx.progress((step + 1) / steps, f"step {step + 1} of {steps}")
-        ctx.metrics(step + 1, {"step_seconds": float(ctx.params["sleep"])})
-    if ctx.params.get("fail"):
+        ctx.metrics(step + 1, {"step_seconds": ctx.params.sleep})
+    if ctx.params.fail:
         raise TransientJobError(f"selftest asked to fail (attempt {ctx.attempt})")
     facts = {
         "host": socket.gethostname(),

@@ -13,7 +13,6 @@ import copy
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from app.core.storage import atomic_dir
 from worker.toy import world
 from worker.toy.model import ToyComponents, ToyModelConfig, build_components, save_pipeline
 
@@ -276,19 +276,14 @@ def train_unet(
 def _save_atomically(parts: ToyComponents, out: Path, info: dict) -> Path:
     """Save the pipeline to `out` via a sibling temporary directory and a rename."""
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     devices = {n: getattr(parts, n).device for n in ("text_encoder", "vae", "unet")}
     for name in devices:
         getattr(parts, name).to("cpu")
-    save_pipeline(parts, tmp)
+    with atomic_dir(out) as tmp:
+        save_pipeline(parts, tmp)
+        (tmp / "training_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     for name, device in devices.items():
         getattr(parts, name).to(device)
-    (tmp / "training_info.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return out
 
 

@@ -9,22 +9,20 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-import worker.bradley_terry as bt
-from worker.bradley_terry import (
+import app.ratings.bradley_terry as bt
+from app.ratings.bradley_terry import (
     OUTCOME_A,
     OUTCOME_B,
     OUTCOME_TIE,
     DisconnectedComparisonsWarning,
     aggregate_comparisons,
-    agreement,
-    annotator_quality,
     bootstrap_bradley_terry,
-    elo_scale,
     fit_bradley_terry,
     log_likelihood,
-    position_bias_test,
     ranks_from_intervals,
 )
+from app.ratings.quality import agreement, annotator_quality, position_bias_test
+from app.ratings.scale import elo_scale
 
 TINY_PRIOR = 1e-10
 
@@ -426,3 +424,20 @@ def test_annotator_quality_gold_latency_and_orientation() -> None:
 def test_annotator_quality_rejects_unknown_choice() -> None:
     with pytest.raises(ValueError, match="unknown choice"):
         annotator_quality(["a"], ["p"], ["x"], ["y"], ["maybe"])
+
+
+def test_the_web_side_imports_neither_the_worker_nor_torch() -> None:
+    # The rating maths, the importer and the whole web app are app-owned: no worker module
+    # (and so no torch) is loaded by importing them.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, app.main, app.exports.importers, app.ratings.leaderboard, "
+        "app.ratings.quality, app.jobs.kinds\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('worker', 'torch')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"

@@ -1,7 +1,7 @@
-"""Bradley–Terry and Davidson ratings from pairwise votes, bootstrap intervals, annotator quality.
+"""Bradley–Terry and Davidson ratings from pairwise votes, and bootstrap intervals.
 
-Pure numpy/scipy. Items and annotators are integer indices here; callers map names to indices.
-Shapes: n items, m distinct unordered item pairs, B bootstrap resamples, V votes, A annotators.
+Pure numpy/scipy. Items are integer indices here; callers map names to indices.
+Shapes: n items, m distinct unordered item pairs, B bootstrap resamples.
 """
 
 from __future__ import annotations
@@ -14,16 +14,19 @@ from typing import Literal
 
 import numpy as np
 import scipy.sparse as sp
-from scipy import optimize, stats
+import scipy.sparse.linalg as spla
 from scipy.sparse.csgraph import connected_components
+
+from app.ratings.scale import elo_scale
+from app.votes.vocabulary import Outcome
 
 TieMode = Literal["half", "davidson"]
 TIE_MODES: tuple[str, ...] = ("half", "davidson")
 
-# Outcome codes for a comparison between item_a and item_b.
-OUTCOME_A = 0
-OUTCOME_B = 1
-OUTCOME_TIE = 2
+# Outcome codes for a comparison between item_a and item_b (the vote vocabulary's).
+OUTCOME_A = int(Outcome.A)
+OUTCOME_B = int(Outcome.B)
+OUTCOME_TIE = int(Outcome.TIE)
 
 # A N(0, 1/λ) prior with λ = 0.01 is sd 10 on the logit scale (≈ 1 700 Elo points): it only
 # matters for items whose record is one-sided or cut off from the rest of the graph.
@@ -38,9 +41,6 @@ DEFAULT_MAX_ITER = 100
 # Up to this many items the Newton system is solved densely (batched Cholesky); above it with
 # Jacobi-preconditioned conjugate gradients on the sparse pair graph, O(m) per CG step.
 DENSE_MAX_ITEMS = 300
-
-ELO_SCALE = 400.0 / math.log(10.0)
-ELO_OFFSET = 1000.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,7 +218,6 @@ class _Graph:
         self.item_j = item_j
         self.inc = sp.csr_matrix((vals, (rows, cols)), shape=(m, n))  # E (m, n)
         self.inc_t = self.inc.T.tocsr()  # Eᵀ (n, m)
-        self.abs_inc_t = abs(self.inc_t)
         # Sparsity pattern of the Laplacian Eᵀ diag(c) E + λI, assembled in O(m) per Newton
         # step: slot k of `_lap_order` says which of [c (i,j), c (j,i), diagonal] lands there.
         lap_rows = np.concatenate([item_i, item_j, np.arange(n)])
@@ -237,14 +236,6 @@ class _Graph:
         """(B, m) per-pair values → (B, n) Eᵀ r."""
         return np.asarray(self.inc_t @ r.T).T
 
-    def laplacian_matvec(self, c: np.ndarray, v: np.ndarray) -> np.ndarray:
-        """(B, m) weights, (B, n) vectors → (B, n) Eᵀ diag(c) E v."""
-        return self.scatter(c * self.diff(v))
-
-    def laplacian_diag(self, c: np.ndarray) -> np.ndarray:
-        """(B, m) weights → (B, n) diagonal of Eᵀ diag(c) E."""
-        return np.asarray(self.abs_inc_t @ c.T).T
-
     def sparse_laplacian(self, c: np.ndarray, shift: float) -> sp.csr_matrix:
         """(m,) weights → (n, n) CSR Eᵀ diag(c) E + shift·I."""
         diag = np.bincount(self.item_i, c, self.n) + np.bincount(self.item_j, c, self.n) + shift
@@ -262,38 +253,23 @@ class _Graph:
         return lap
 
 
-def _pcg(
-    matvec: Callable[[np.ndarray], np.ndarray],
-    rhs: np.ndarray,
-    diag: np.ndarray,
-    rtol: np.ndarray | float = 1e-10,
-    max_iter: int = 1000,
-) -> np.ndarray:
-    """Jacobi-preconditioned conjugate gradients, each row of rhs (B, n) solved independently.
+def _solve_sparse(
+    graph: _Graph, curv: np.ndarray, rhs: list[np.ndarray], prior: float, rtol: np.ndarray
+) -> list[np.ndarray]:
+    """Solve (Eᵀ diag(curv[b]) E + λI) x = r[b] for each row b and each r in rhs ((b, n) each).
 
-    Row b stops once its residual is below rtol[b] times its right-hand side's norm.
+    Jacobi-preconditioned conjugate gradients (scipy) on the sparse pair graph, O(m) per step;
+    row b stops once its residual is below rtol[b] times its right-hand side's norm.
     """
-    x = np.zeros_like(rhs)
-    r = rhs.copy()
-    z = r / diag
-    p = z.copy()
-    rz = np.einsum("bn,bn->b", r, z)  # (B,)
-    stop = rtol * np.linalg.norm(rhs, axis=1)  # (B,)
-    for _ in range(max_iter):
-        live = np.linalg.norm(r, axis=1) > stop  # (B,)
-        if not live.any():
-            break
-        ap = matvec(p)  # (B, n)
-        pap = np.einsum("bn,bn->b", p, ap)
-        alpha = np.where(live, rz / np.where(pap > 0, pap, 1.0), 0.0)  # (B,)
-        x += alpha[:, None] * p
-        r -= alpha[:, None] * ap
-        z = r / diag
-        rz_new = np.einsum("bn,bn->b", r, z)
-        beta = np.where(live, rz_new / np.where(rz > 0, rz, 1.0), 0.0)
-        p = z + beta[:, None] * p
-        rz = rz_new
-    return x
+    out = [np.zeros_like(r) for r in rhs]
+    for row in range(curv.shape[0]):
+        lap = graph.sparse_laplacian(curv[row], prior)  # (n, n) CSR
+        jacobi = sp.diags(1.0 / lap.diagonal())
+        for r, x in zip(rhs, out, strict=True):
+            x[row], _ = spla.cg(
+                lap, r[row], rtol=float(rtol[row]), atol=0.0, M=jacobi, maxiter=1000
+            )
+    return out
 
 
 @dataclass
@@ -386,21 +362,7 @@ def _fit_batch(
             if first_g_norm is None:
                 first_g_norm = np.maximum(g_norm, 1e-300)
             rtol = np.clip(g_norm / first_g_norm[active], 1e-11, 0.1)
-            if active.size == 1:
-                # One system: assemble the sparse Laplacian once, one CSR product per CG step.
-                lap = graph.sparse_laplacian(terms.curv_d[0], prior)  # (n, n)
-                diag = np.tile(lap.diagonal(), (len(rhs), 1))  # (k, n)
-                sol = _pcg(lambda v, a=lap: np.asarray(a @ v.T).T, np.concatenate(rhs), diag, rtol)
-            else:
-                curv = np.concatenate([terms.curv_d] * len(rhs), axis=0)  # (k·b, m)
-                diag = graph.laplacian_diag(curv) + prior  # (k·b, n)
-                sol = _pcg(
-                    lambda v, c=curv: graph.laplacian_matvec(c, v) + prior * v,
-                    np.concatenate(rhs, axis=0),
-                    diag,
-                    np.tile(rtol, len(rhs)),
-                )
-            solutions = np.split(sol, len(rhs), axis=0)
+            solutions = _solve_sparse(graph, terms.curv_d, rhs, prior, rtol)
         step_s = solutions[0]  # (b, n) A⁻¹ g_s
         decrement = np.einsum("bn,bn->b", g_s, step_s)  # (b,) gᵀH⁻¹g ≥ 0
         step_eta = None
@@ -565,11 +527,6 @@ def log_likelihood(
     return float(terms.loglik.sum())
 
 
-def elo_scale(scores: np.ndarray) -> np.ndarray:
-    """Logit-scale scores → Elo-like ratings: 400·s/ln 10 + 1000."""
-    return ELO_SCALE * np.asarray(scores, dtype=np.float64) + ELO_OFFSET
-
-
 def ranks_from_intervals(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
     """(n,) bounds → (n,) ranks: 1 + number of items whose lower bound exceeds my upper bound."""
     lower = np.asarray(lower, dtype=np.float64)
@@ -661,311 +618,3 @@ def bootstrap_bradley_terry(
         level=level,
         converged_fraction=n_converged / n_resamples,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Annotator quality
-# --------------------------------------------------------------------------------------------
-
-CHOICES: tuple[str, ...] = ("left", "right", "tie", "both_bad", "skip")
-
-
-@dataclass(frozen=True)
-class QualityThresholds:
-    """When an annotator is flagged; each flag needs enough votes to mean something."""
-
-    # "position_bias": binomial test of the left-rate on left/right votes against 1/2 rejects at
-    # this level AND the left-rate is at least this far from 1/2 (a tiny bias over thousands of
-    # votes is real but harmless).
-    position_bias_pvalue: float = 1e-3
-    position_bias_min_effect: float = 0.1
-    # "low_skill": NoisyBT skill σ(γ), the probability of voting by the images rather than by
-    # habit, is below this. "random" additionally has no side habit: |σ(q) − 1/2| < 0.1.
-    min_skill: float = 0.5
-    random_max_habit: float = 0.1
-    min_votes_for_skill: int = 20
-    # "low_gold_accuracy": below this on gold pairs, with at least min_gold_votes of them.
-    min_gold_accuracy: float = 0.7
-    min_gold_votes: int = 5
-    # "too_fast": median latency below this, with at least min_timed_votes timed votes.
-    min_median_latency_ms: float = 1500.0
-    min_timed_votes: int = 5
-
-
-@dataclass(frozen=True)
-class NoisyBTFit:
-    """NoisyBT: P(left wins) = σ(γ_a)·σ(s_left − s_right) + (1 − σ(γ_a))·σ(q_a)."""
-
-    scores: np.ndarray  # (n,) item scores
-    skill: np.ndarray  # (A,) σ(γ_a)
-    left_habit: np.ndarray  # (A,) σ(q_a): P(left) when not voting by the images
-    log_likelihood: float
-    converged: bool
-
-
-# Prior of the NoisyBT fit: λ/2·Σ s² + λ/2·Σ (γ − γ0)² + λ/2·Σ q². γ0 = 2 (σ ≈ 0.88) says an
-# annotator with little data is presumed mostly attentive.
-NOISY_BT_PRIOR = 0.1
-NOISY_BT_SKILL_PRIOR_MEAN = 2.0
-
-
-def fit_noisy_bt(
-    annotator: np.ndarray,
-    left_item: np.ndarray,
-    right_item: np.ndarray,
-    left_share: np.ndarray,
-    n_items: int,
-    n_annotators: int,
-    *,
-    prior: float = NOISY_BT_PRIOR,
-    init_scores: np.ndarray | None = None,
-) -> NoisyBTFit:
-    """MAP NoisyBT over all parameters (s, γ, q) at once with L-BFGS.
-
-    Votes (V,) give the annotator, the items shown left and right and left_share: 1 for left,
-    0 for right, 1/2 for a tie. Votes are first summed per (annotator, left, right) cell.
-    """
-    keys, cell = np.unique(
-        (np.asarray(annotator) * n_items + left_item) * n_items + right_item, return_inverse=True
-    )  # (K,), (V,)
-    n_cells = keys.shape[0]
-    share = np.asarray(left_share, dtype=np.float64)
-    lefts = np.bincount(cell, weights=share, minlength=n_cells)  # (K,) left-win mass
-    rights = np.bincount(cell, weights=1.0 - share, minlength=n_cells)
-    ann = keys // (n_items * n_items)  # (K,)
-    li = (keys // n_items) % n_items
-    ri = keys % n_items
-    n, a_count = n_items, n_annotators
-
-    def unpack(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return theta[:n], theta[n : n + a_count], theta[n + a_count :]
-
-    def negative_objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        s, gamma, q = unpack(theta)
-        d = s[li] - s[ri]  # (K,)
-        sig_d = 0.5 * (1 + np.tanh(0.5 * d))
-        sig_g = 0.5 * (1 + np.tanh(0.5 * gamma[ann]))
-        sig_q = 0.5 * (1 + np.tanh(0.5 * q[ann]))
-        p_left = np.clip(sig_g * sig_d + (1 - sig_g) * sig_q, 1e-12, 1 - 1e-12)  # (K,)
-        loglik = np.sum(lefts * np.log(p_left) + rights * np.log1p(-p_left))
-        dl_dp = lefts / p_left - rights / (1 - p_left)  # (K,)
-        r_d = dl_dp * sig_g * sig_d * (1 - sig_d)
-        r_g = dl_dp * sig_g * (1 - sig_g) * (sig_d - sig_q)
-        r_q = dl_dp * (1 - sig_g) * sig_q * (1 - sig_q)
-        g_s = np.bincount(li, r_d, n) - np.bincount(ri, r_d, n) - prior * s
-        g_gamma = np.bincount(ann, r_g, a_count) - prior * (gamma - NOISY_BT_SKILL_PRIOR_MEAN)
-        g_q = np.bincount(ann, r_q, a_count) - prior * q
-        objective = loglik - 0.5 * prior * (
-            s @ s + np.sum((gamma - NOISY_BT_SKILL_PRIOR_MEAN) ** 2) + q @ q
-        )
-        return -objective, -np.concatenate([g_s, g_gamma, g_q])
-
-    theta0 = np.concatenate(
-        [
-            np.zeros(n) if init_scores is None else np.asarray(init_scores, dtype=np.float64),
-            np.full(a_count, NOISY_BT_SKILL_PRIOR_MEAN),
-            np.zeros(a_count),
-        ]
-    )
-    res = optimize.minimize(
-        negative_objective, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 2000}
-    )
-    s, gamma, q = unpack(res.x)
-    sig = lambda x: 0.5 * (1 + np.tanh(0.5 * x))  # noqa: E731
-    penalty = 0.5 * prior * (s @ s + np.sum((gamma - NOISY_BT_SKILL_PRIOR_MEAN) ** 2) + q @ q)
-    return NoisyBTFit(
-        scores=s,
-        skill=sig(gamma),
-        left_habit=sig(q),
-        log_likelihood=float(-res.fun + penalty),
-        converged=bool(res.success),
-    )
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Inter-annotator agreement on units (pairs) with at least two votes."""
-
-    rate: float  # share of agreeing vote pairs within a unit
-    alpha: float  # Krippendorff's α (nominal); nan when all votes share one category
-    n_units: int
-    n_votes: int
-
-
-def agreement(unit: np.ndarray, label: np.ndarray) -> Agreement:
-    """Pairwise agreement rate and nominal Krippendorff's α; units with one vote are ignored."""
-    _, u = np.unique(np.asarray(unit), return_inverse=True)  # (V,)
-    _, c = np.unique(np.asarray(label), return_inverse=True)  # (V,)
-    n_units, n_cats = int(u.max(initial=-1) + 1), int(c.max(initial=-1) + 1)
-    table = np.zeros((n_units, n_cats))  # votes per (unit, category)
-    np.add.at(table, (u, c), 1.0)
-    per_unit = table.sum(axis=1)  # (U,)
-    keep = per_unit >= 2
-    table, per_unit = table[keep], per_unit[keep]
-    if table.shape[0] == 0:
-        return Agreement(rate=math.nan, alpha=math.nan, n_units=0, n_votes=0)
-    same = np.sum(table * (table - 1))  # ordered agreeing vote pairs
-    rate = same / np.sum(per_unit * (per_unit - 1))
-    # Coincidence matrix o_ck = Σ_u (n_uc n_uk − [c = k] n_uc)/(n_u − 1).
-    coincidence = np.einsum("uc,uk->ck", table / (per_unit - 1)[:, None], table)
-    coincidence -= np.diag((table / (per_unit - 1)[:, None]).sum(axis=0))
-    n_c = coincidence.sum(axis=1)  # (C,)
-    total = n_c.sum()
-    observed = total - np.trace(coincidence)  # Σ_{c≠k} o_ck
-    expected = total**2 - np.sum(n_c**2)  # Σ_{c≠k} n_c n_k
-    alpha = 1.0 - (total - 1.0) * observed / expected if expected > 0 else math.nan
-    return Agreement(
-        rate=float(rate), alpha=float(alpha), n_units=int(table.shape[0]), n_votes=int(total)
-    )
-
-
-def position_bias_test(n_left: int, n_right: int) -> float:
-    """Two-sided binomial-test p-value of a left-rate n_left/(n_left + n_right) against 1/2."""
-    if n_left + n_right == 0:
-        return 1.0
-    return float(stats.binomtest(int(n_left), int(n_left + n_right), 0.5).pvalue)
-
-
-@dataclass(frozen=True)
-class AnnotatorQuality:
-    """One annotator's reliability figures and the flags they raise."""
-
-    annotator: object
-    n_votes: int  # all votes, skips included
-    n_decisive: int  # left or right votes
-    left_rate: float  # among decisive votes; nan without any
-    position_bias_pvalue: float
-    skill: float  # NoisyBT σ(γ); nan when the annotator has no usable vote
-    left_habit: float  # NoisyBT σ(q)
-    agreement: float  # share of this annotator's votes agreeing with co-voters; nan if none
-    gold_accuracy: float  # nan without gold votes
-    n_gold: int
-    median_latency_ms: float  # nan without timings
-    flags: tuple[str, ...]
-
-
-def annotator_quality(
-    annotator: Sequence[object] | np.ndarray,
-    pair: Sequence[object] | np.ndarray,
-    left_item: Sequence[object] | np.ndarray,
-    right_item: Sequence[object] | np.ndarray,
-    choice: Sequence[str] | np.ndarray,
-    latency_ms: Sequence[float | None] | np.ndarray | None = None,
-    gold: Sequence[str | None] | None = None,
-    *,
-    thresholds: QualityThresholds | None = None,
-) -> list[AnnotatorQuality]:
-    """Per-annotator quality from votes (V,), in order of first appearance.
-
-    choice ∈ CHOICES as seen by the annotator; gold is the expected choice for gold pairs (None
-    elsewhere). Skips are no data; "both_bad" counts as a tie. Agreement compares which item won
-    (or tie), so the same pair shown in either order agrees.
-    """
-    th = thresholds or QualityThresholds()
-    choice_arr = np.asarray(choice, dtype=object)
-    bad = sorted({str(x) for x in choice_arr if x not in CHOICES})
-    if bad:
-        raise ValueError(f"unknown choice value(s) {bad}; expected one of {CHOICES}")
-    n_votes = choice_arr.shape[0]
-    if not (len(annotator) == len(pair) == len(left_item) == len(right_item) == n_votes):
-        raise ValueError("annotator, pair, left_item, right_item and choice must align")
-    annotators, first_seen, ann = np.unique(
-        np.asarray(annotator, dtype=object), return_index=True, return_inverse=True
-    )
-    items, item_idx = np.unique(
-        np.concatenate([np.asarray(left_item, dtype=object), np.asarray(right_item, dtype=object)]),
-        return_inverse=True,
-    )
-    li, ri = item_idx[:n_votes], item_idx[n_votes:]  # (V,)
-    n_ann, n_items = annotators.shape[0], items.shape[0]
-
-    is_left = choice_arr == "left"
-    is_right = choice_arr == "right"
-    is_tie = (choice_arr == "tie") | (choice_arr == "both_bad")
-    used = is_left | is_right | is_tie  # (V,) skips are no data
-
-    # NoisyBT on left/right/tie votes, started from a plain BT fit.
-    skill = np.full(n_ann, np.nan)
-    habit = np.full(n_ann, np.nan)
-    if used.any() and n_items >= 2:
-        share = np.where(is_left, 1.0, np.where(is_right, 0.0, 0.5))[used]
-        outcome = np.where(is_left, OUTCOME_A, np.where(is_right, OUTCOME_B, OUTCOME_TIE))[used]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DisconnectedComparisonsWarning)
-            start = fit_bradley_terry(
-                aggregate_comparisons(li[used], ri[used], outcome, n_items)
-            ).scores
-        noisy = fit_noisy_bt(
-            ann[used], li[used], ri[used], share, n_items, n_ann, init_scores=start
-        )
-        has_votes = np.bincount(ann[used], minlength=n_ann) > 0
-        skill = np.where(has_votes, noisy.skill, np.nan)
-        habit = np.where(has_votes, noisy.left_habit, np.nan)
-
-    # Agreement on the winning item: label 0 = lower item index won, 1 = higher won, 2 = tie.
-    lower_won = np.where(is_left, li < ri, ri < li)
-    label = np.where(is_tie, 2, np.where(lower_won, 0, 1))  # (V,)
-    _, unit = np.unique(np.asarray(pair, dtype=object), return_inverse=True)  # (V,)
-    n_units = int(unit.max(initial=-1) + 1)
-    table = np.zeros((n_units, 3))
-    np.add.at(table, (unit[used], label[used]), 1.0)
-    agree_with = table[unit, label] - 1.0  # (V,) co-voters with my label
-    others = table[unit].sum(axis=1) - 1.0  # (V,) co-voters
-    agree_sum = np.bincount(ann[used], agree_with[used], n_ann)
-    others_sum = np.bincount(ann[used], others[used], n_ann)
-
-    gold_arr = np.asarray(gold if gold is not None else [None] * n_votes, dtype=object)
-    graded = (gold_arr != None) & (choice_arr != "skip")  # noqa: E711  (V,)
-    n_gold = np.bincount(ann[graded], minlength=n_ann)  # (A,)
-    gold_hits = np.bincount(ann[graded], choice_arr[graded] == gold_arr[graded], n_ann)
-    latency = (
-        np.full(n_votes, np.nan)
-        if latency_ms is None
-        else np.array([np.nan if x is None else float(x) for x in latency_ms])
-    )  # (V,)
-    timed = np.isfinite(latency)
-    by_ann = np.lexsort((latency[timed], ann[timed]))  # timed votes grouped by annotator
-    n_timed = np.bincount(ann[timed], minlength=n_ann)  # (A,)
-    latency_groups = np.split(latency[timed][by_ann], np.cumsum(n_timed)[:-1])
-    n_left = np.bincount(ann, is_left, n_ann).astype(int)  # (A,)
-    n_right = np.bincount(ann, is_right, n_ann).astype(int)
-    n_used = np.bincount(ann, used, n_ann).astype(int)
-    n_all = np.bincount(ann, minlength=n_ann)
-
-    results = []
-    for a in np.argsort(first_seen):
-        n_decisive = int(n_left[a] + n_right[a])
-        left_rate = n_left[a] / n_decisive if n_decisive else math.nan
-        pvalue = position_bias_test(int(n_left[a]), int(n_right[a]))
-        gold_acc = gold_hits[a] / n_gold[a] if n_gold[a] else math.nan
-        median_latency = float(np.median(latency_groups[a])) if n_timed[a] else math.nan
-        agree = agree_sum[a] / others_sum[a] if others_sum[a] > 0 else math.nan
-
-        flags = []
-        if pvalue < th.position_bias_pvalue and abs(left_rate - 0.5) >= th.position_bias_min_effect:
-            flags.append("position_bias")
-        if n_used[a] >= th.min_votes_for_skill and skill[a] < th.min_skill:
-            flags.append("low_skill")
-            if abs(habit[a] - 0.5) < th.random_max_habit:
-                flags.append("random")
-        if n_gold[a] >= th.min_gold_votes and gold_acc < th.min_gold_accuracy:
-            flags.append("low_gold_accuracy")
-        if n_timed[a] >= th.min_timed_votes and median_latency < th.min_median_latency_ms:
-            flags.append("too_fast")
-        results.append(
-            AnnotatorQuality(
-                annotator=annotators[a],
-                n_votes=int(n_all[a]),
-                n_decisive=n_decisive,
-                left_rate=float(left_rate),
-                position_bias_pvalue=pvalue,
-                skill=float(skill[a]),
-                left_habit=float(habit[a]),
-                agreement=float(agree),
-                gold_accuracy=float(gold_acc),
-                n_gold=int(n_gold[a]),
-                median_latency_ms=median_latency,
-                flags=tuple(flags),
-            )
-        )
-    return results

@@ -8,8 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from worker.battles import BattleFormatError, load_battles, parse_battles, parse_battles_text
-from worker.bradley_terry import OUTCOME_A, OUTCOME_B, OUTCOME_TIE
+from app.ratings.battles import (
+    BattleFormatError,
+    load_battles,
+    parse_battles,
+    parse_battles_text,
+)
+from app.ratings.bradley_terry import OUTCOME_A, OUTCOME_B, OUTCOME_TIE
 
 FASTCHAT = [
     {

@@ -17,27 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.bradley_terry import (
-    OUTCOME_A,
-    OUTCOME_B,
-    OUTCOME_TIE,
-    PairCounts,
-    aggregate_comparisons,
-)
+from app.ratings.bradley_terry import PairCounts, aggregate_comparisons
+from app.votes.vocabulary import Choice
 
-WINNER_VALUES: dict[str, int] = {
-    "model_a": OUTCOME_A,
-    "model_b": OUTCOME_B,
-    "tie": OUTCOME_TIE,
-    "tie (bothbad)": OUTCOME_TIE,
-}
 SKIP = -1
+# Both tables come from the vote vocabulary: FastChat's `winner` and prefloop's `choice`.
+WINNER_VALUES: dict[str, int] = {
+    c.fastchat_winner: int(c.outcome)
+    for c in Choice
+    if c.fastchat_winner is not None and c.outcome is not None
+}
 CHOICE_VALUES: dict[str, int] = {
-    "left": OUTCOME_A,
-    "right": OUTCOME_B,
-    "tie": OUTCOME_TIE,
-    "both_bad": OUTCOME_TIE,
-    "skip": SKIP,
+    c.value: SKIP if c.outcome is None else int(c.outcome) for c in Choice
 }
 
 
