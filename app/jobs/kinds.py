@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -16,14 +16,32 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What the workers' random generators accept (numpy's seeds are 32-bit).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# The selftest's whole run: a diagnostic, not a way to hold a worker.
+SELFTEST_MAX_SECONDS = 60.0
+
+
+def distinct_ids(value: list[int] | None) -> list[int] | None:
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError("must not repeat an id")
+    return value
+
+
 class SelftestParams(JobParams):
     """A diagnostic: proves that a worker picks jobs up, reports progress and writes media."""
 
     steps: int = Field(default=3, ge=1, le=1000)
-    sleep: float = Field(default=0.2, ge=0, le=600, description="seconds per step")
+    sleep: float = Field(default=0.2, ge=0, le=10, description="seconds per step")
     queue: Literal["gpu", "cpu"] = "cpu"
     # For testing the failure paths: raise a transient error on every attempt.
     fail: bool = False
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SelftestParams:
+        if self.steps * self.sleep > SELFTEST_MAX_SECONDS:
+            raise ValueError(f"steps × sleep must be at most {SELFTEST_MAX_SECONDS:g} seconds")
+        return self
 
 
 class GenerateParams(JobParams):
@@ -35,10 +53,12 @@ class GenerateParams(JobParams):
     split: Literal["train", "val", "test", "all"] = "train"
     # Seeds used for every prompt (default 0..images_per_prompt-1): the same seeds across
     # models give paired comparisons (common random numbers).
-    seeds: list[int] | None = Field(default=None, max_length=64)
+    seeds: list[Seed] | None = Field(default=None, max_length=64)
     prompt_ids: list[int] | None = Field(default=None, max_length=100_000)
     make_pairs: bool = True
     batch_size: int | None = Field(default=None, ge=1, le=256)
+
+    _distinct = field_validator("model_ids", "seeds", "prompt_ids")(distinct_ids)
 
 
 class FitRatingsParams(JobParams):
@@ -46,8 +66,9 @@ class FitRatingsParams(JobParams):
 
     ties: Literal["half", "davidson"] = "half"
     bootstrap: int = Field(default=1000, ge=0, le=20_000)
-    prior: float = Field(default=0.01, gt=0, le=100)
-    seed: int = 0
+    # Below about 1e-6 the fit's regulariser underflows and the worker's optimiser fails.
+    prior: float = Field(default=0.01, ge=1e-6, le=100)
+    seed: Seed = 0
 
 
 # A check that needs the database (ids belong to the project...): returns error dicts.
@@ -146,6 +167,8 @@ class ScoreImagesParams(JobParams):
     split: Literal["train", "val", "test", "all"] = "all"
     batch_size: int = Field(default=64, ge=1, le=1024)
 
+    _distinct = field_validator("model_ids")(distinct_ids)
+
 
 def check_train_reward(
     session: Session, project_id: int | None, params: dict[str, Any]
@@ -211,7 +234,7 @@ class TrainDPOParams(JobParams):
     checkpoint_every: int = Field(default=50, ge=1)
     # A soft time limit: checkpoint and re-queue after this long; the next attempt resumes.
     time_limit_minutes: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    seed: Seed = 0
     name: str | None = Field(default=None, max_length=200)
     # After success: evaluate child vs parent and enter the child into the arena.
     closed_loop: bool = True
@@ -223,8 +246,10 @@ class EvaluateParams(JobParams):
 
     model_ids: list[int] = Field(min_length=2, max_length=2, description="[parent, child]")
     split: Literal["train", "val", "test", "all"] = "test"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, max_length=64)
+    seeds: list[Seed] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, max_length=64)
     reward_model_id: int | None = None
+
+    _distinct = field_validator("model_ids", "seeds")(distinct_ids)
 
 
 def check_train_dpo(
