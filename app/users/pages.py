@@ -99,6 +99,7 @@ def logout(request: Request, session: SessionDep, auth: OptionalAuth) -> Respons
     token = request.cookies.get(SESSION_COOKIE)
     if token and auth is not None:
         service.end_session(session, token)
+        record(session, actor=auth.user, action="logout", target=f"user:{auth.user.id}")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
