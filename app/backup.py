@@ -321,6 +321,9 @@ def backup_command(out: Path, data_dir: Path | None) -> None:
         manifest = backup(out.expanduser().resolve())
     except BackupError as exc:
         raise click.ClickException(str(exc)) from None
+    from app.audit.service import record_cli
+
+    record_cli("backup.create", target=str(out), details={"counts": manifest["counts"]})
     counts = manifest["counts"]
     click.echo(
         f"backed up {counts['votes']} votes, {counts['images']} images and "
@@ -343,6 +346,12 @@ def restore_command(source: Path, force: bool, data_dir: Path | None) -> None:
     except BackupError as exc:
         raise click.ClickException(str(exc)) from None
     counts = summary["counts"]
+    try:
+        from app.audit.service import record_cli
+
+        record_cli("backup.restore", target=str(source), details={"counts": counts})
+    except Exception as exc:  # noqa: BLE001 - a backup older than this schema has no such row yet
+        click.echo(f"(not audited: {type(exc).__name__}; run `prefloop migrate`)", err=True)
     click.echo(
         f"restored {counts['votes']} votes, {counts['images']} images and "
         f"{summary['media_files']} media files (schema {summary['alembic_revision']}); "

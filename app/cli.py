@@ -237,7 +237,7 @@ def user_token(email: str, name: str) -> None:
         found = _named_user(session, email)
         row, token = service.create_token(session, found, name)
         record(session, actor=None, action="token.create", target=f"user:{row.user_id}",
-               details={"token_id": row.id, "name": row.name}, address="cli")  # fmt: skip
+               details={"credential_id": row.id, "name": row.name}, address="cli")  # fmt: skip
     click.echo(token)
 
 

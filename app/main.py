@@ -20,6 +20,7 @@ from app.core.config import get_settings
 from app.core.db import get_engine, pool_capacity
 from app.core.deps import LoginRequired
 from app.core.errors import DomainError, http_status
+from app.core.guard import RequestGuard, parse_proxies
 from app.core.health import LATENCY, REQUESTS
 from app.core.health import router as health_router
 from app.core.web import ROOT
@@ -80,6 +81,11 @@ def create_app() -> FastAPI:
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
+    app.add_middleware(
+        RequestGuard,
+        max_body=settings.max_upload_bytes,
+        proxies=parse_proxies(settings.trusted_proxies),
+    )
     # Requests working on the database at once, per process (see app.core.db.request_slot).
     app.state.db_slots = asyncio.Semaphore(pool_capacity(get_engine()))
 
@@ -117,9 +123,11 @@ def create_app() -> FastAPI:
         )
 
     @app.exception_handler(DataError)
+    @app.exception_handler(OverflowError)
     async def _out_of_range(request: Request, exc: Exception) -> Response:
-        # A value the database cannot hold (an id past 2**31 - 1...) is the request's fault;
-        # answering 503 would have clients retry it forever.
+        # A value the database cannot hold (an id past 2**31 - 1 on Postgres, past 2**63 - 1
+        # on SQLite, where the driver raises OverflowError) is the request's fault; answering
+        # 503 would have clients retry it forever.
         log.warning("web.data_error path=%s error=%s", request.url.path, type(exc).__name__)
         return JSONResponse(
             {"detail": "a value in the request is out of the range this server stores"},

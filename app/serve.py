@@ -105,6 +105,8 @@ class Supervisor:
             "--log-level",
             settings.log_level.lower(),
             "--no-access-log",
+            # The app reads X-Forwarded-For itself, from PREFLOOP_TRUSTED_PROXIES only.
+            "--no-proxy-headers",
         ]
         if self.web_workers > 1:
             web += ["--workers", str(self.web_workers)]

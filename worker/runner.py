@@ -53,6 +53,12 @@ class TransientJobError(Exception):
     """A failure worth another attempt (a lost connection, a soft time limit after a checkpoint)."""
 
 
+class TimeLimitReached(TransientJobError):
+    """The job stopped at its soft time limit after saving progress: it goes back to the queue
+    without using up an attempt (attempts are for failures). Raised only when the run moved
+    forward, so a job that cannot progress still runs out of attempts."""
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -228,6 +234,8 @@ def execute(job_id: int, name: str | None = None) -> str:
         outcome = ("succeeded", {"result": result, "progress": 1.0, "error": None})
     except JobCancelled:
         outcome = ("cancelled", {})
+    except TimeLimitReached as exc:
+        outcome = ("requeue", {"error": f"{type(exc).__name__}: {exc}"})
     except TransientJobError as exc:
         outcome = ("retry", {"error": f"{type(exc).__name__}: {exc}"})
     except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
@@ -241,7 +249,15 @@ def execute(job_id: int, name: str | None = None) -> str:
         job = session.get(Job, job_id)
         if job is None or job.worker != name or job.status != "running":
             return "lost"
-        if status == "retry":
+        if status == "requeue":
+            # Give back the attempt the claim counted.
+            job.attempts = max(0, job.attempts - 1)
+            status = "retry"
+            job.status = "queued"
+            job.worker = None
+            job.error = values["error"]
+            enqueue_after_commit(session, job)
+        elif status == "retry":
             if job.attempts < job.max_attempts:
                 job.status = "queued"
                 job.worker = None

@@ -48,16 +48,30 @@ def record(
 
 
 def recent(
-    session: Session, *, limit: int = 200, action: str | None = None
+    session: Session,
+    *,
+    limit: int = 200,
+    offset: int = 0,
+    action: str | None = None,
+    project_id: int | None = None,
+    actor: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Newest first, filtered by action, project and actor (email, or "system")."""
     stmt = (
         select(AuditEvent, User.email)
         .outerjoin(User, User.id == AuditEvent.actor_id)
         .order_by(AuditEvent.created_at.desc(), AuditEvent.id.desc())
         .limit(limit)
+        .offset(offset)
     )
     if action:
         stmt = stmt.where(AuditEvent.action == action)
+    if project_id is not None:
+        stmt = stmt.where(AuditEvent.project_id == project_id)
+    if actor == "system":
+        stmt = stmt.where(AuditEvent.actor_id.is_(None))
+    elif actor:
+        stmt = stmt.where(User.email == actor.strip().lower())
     return [
         {
             "id": event.id,
@@ -65,7 +79,35 @@ def recent(
             "actor": email,
             "action": event.action,
             "target": event.target,
+            "project_id": event.project_id,
+            "address": event.address,
             "details": event.details,
         }
         for event, email in session.execute(stmt)
     ]
+
+
+def actions(session: Session) -> list[str]:
+    return list(session.scalars(select(AuditEvent.action).distinct().order_by(AuditEvent.action)))
+
+
+def record_cli(
+    action: str,
+    *,
+    target: str = "",
+    project_id: int | None = None,
+    details: dict[str, Any] | None = None,
+) -> None:
+    """An audit row for an operator's command-line action, in its own transaction."""
+    from app.core.db import session_scope
+
+    with session_scope() as session:
+        record(
+            session,
+            actor=None,
+            action=action,
+            target=target,
+            project_id=project_id,
+            details=details,
+            address="cli",
+        )

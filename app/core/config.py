@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     session_days: int = Field(default=14, ge=1)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     login_attempts_per_minute: int = Field(default=10, ge=1)
+    # Reverse proxies whose X-Forwarded-For is believed (comma-separated addresses or CIDR
+    # networks). Unset: none, and the client address is the connection's peer.
+    trusted_proxies: str = ""
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -70,6 +73,16 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        import ipaddress
+
+        for part in value.split(","):
+            if part.strip():
+                ipaddress.ip_network(part.strip(), strict=False)  # ValueError names it
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -46,12 +46,14 @@ async def _csrf_ok(request: Request, user_session: UserSession) -> bool:
     return sent is not None and tokens_equal(sent, user_session.csrf_token)
 
 
-def _origin_ok(request: Request) -> bool:
+def same_origin(request: Request) -> bool:
+    """No Origin (not a browser, or an old one) or this very host; "null" and others fail."""
     origin = request.headers.get("origin")
     if origin is None or origin == "null":
         return origin is None
     host = request.headers.get("host", "")
     return origin.split("://", 1)[-1] == host
+
 
 
 async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
@@ -72,7 +74,7 @@ async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
     user_session.user.token_project_id = None  # type: ignore[attr-defined]
     # Cookie-authenticated writes need the synchronizer token and a same-origin request.
     if request.method not in SAFE_METHODS and (
-        not _origin_ok(request) or not await _csrf_ok(request, user_session)
+        not same_origin(request) or not await _csrf_ok(request, user_session)
     ):
         raise HTTPException(403, "CSRF check failed: missing or wrong CSRF token")
     request.state.user_session = user_session

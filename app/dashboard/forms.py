@@ -66,7 +66,8 @@ def _kind(key: str, annotation: Any) -> tuple[Kind, list[tuple[str, str]]]:
         return "checkbox", []
     if origin is Literal:
         return "select", [(str(v), str(v)) for v in get_args(inner)]
-    if origin in (list, tuple, Sequence) and all(a in (int, float, str) for a in get_args(inner)):
+    items = [get_args(a)[0] if get_origin(a) is Annotated else a for a in get_args(inner)]
+    if origin in (list, tuple, Sequence) and all(a in (int, float, str) for a in items):
         return ("models" if key == "model_ids" else "list"), []
     if inner in (int, float):
         return ("model" if key in ("model_id", "parent_id") else "number"), []

@@ -35,6 +35,7 @@ def _settings_or_exit() -> None:
 def export_command(project_id: int, fmt: str, out: Path) -> None:
     """Export a project's votes to a file (written atomically, with a progress bar)."""
     _settings_or_exit()
+    from app.audit.service import record
     from app.core.db import session_scope
     from app.projects.models import Project
 
@@ -52,6 +53,8 @@ def export_command(project_id: int, fmt: str, out: Path) -> None:
                     fh.write(chunk)
         except OSError as exc:
             raise click.ClickException(f"cannot write {out}: {exc}") from None
+        record(session, actor=None, action="project.export", target=f"project:{project_id}",
+               project_id=project_id, details={"format": fmt}, address="cli")  # fmt: skip
     click.echo(f"exported {total} votes of project {project_id} as {fmt} to {out}")
 
 
@@ -74,6 +77,7 @@ def import_command(project_id: int, fmt: str, n_bootstrap: int, file: Path) -> N
     Importing the same Pick-a-Pic file again adds nothing either.
     """
     _settings_or_exit()
+    from app.audit.service import record
     from app.core.db import session_scope
     from app.core.storage import get_media_store
     from app.exports import importers
@@ -97,6 +101,9 @@ def import_command(project_id: int, fmt: str, n_bootstrap: int, file: Path) -> N
                 result = importers.import_fastchat(
                     session, project=project, data=file.read_bytes(), n_bootstrap=n_bootstrap
                 )
+            record(session, actor=None, action="project.import", target=f"project:{project_id}",
+                   project_id=project_id, details={"format": fmt, "file": file.name},
+                   address="cli")  # fmt: skip
     except ImportFormatError as exc:
         for error in exc.errors:
             click.echo(f"Error: {file}: {error}", err=True)

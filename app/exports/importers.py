@@ -48,6 +48,7 @@ from app.images.service import store_image
 from app.pairs.models import Pair
 from app.projects import service as projects
 from app.projects.models import Project, Prompt
+from app.projects.schemas import PROMPT_TEXT_MAX
 from app.ratings.battles import BattleFormatError, parse_battles_text
 from app.ratings.bradley_terry import DEFAULT_PRIOR
 from app.ratings.leaderboard import leaderboard
@@ -177,6 +178,10 @@ def _row_meta(row: dict[str, Any]) -> _RowMeta:
     caption = _as_text(row["caption"], "caption").strip()
     if not caption:
         raise ValueError("caption is blank")
+    if len(caption) > PROMPT_TEXT_MAX:
+        raise ValueError(f"caption is longer than {PROMPT_TEXT_MAX} characters")
+    if "\x00" in caption:
+        raise ValueError("caption contains NUL characters")
     uids = []
     for column in ("image_0_uid", "image_1_uid"):
         uid = _as_text(row[column], column, allow_int=True).strip()

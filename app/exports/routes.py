@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
+from app.audit.service import record
 from app.core.config import get_settings
 from app.core.db import SessionDep, session_scope
 from app.core.deps import CurrentUser, get_project_for
@@ -69,6 +70,8 @@ def upload_prompts(
         )
     except uploads.PromptFileError as exc:
         raise HTTPException(422, {"errors": exc.errors}) from None
+    record(session, actor=user, action="prompts.add", target=f"project:{project.id}",
+           project_id=project.id, details={"created": created, "source": "file"})  # fmt: skip
     return {"created": created}
 
 
@@ -94,6 +97,8 @@ def export_votes(
     every vote with its provenance (CSV cells escaped against formula injection).
     """
     get_project_for(session, user, project_id, lead=True)
+    record(session, actor=user, action="project.export", target=f"project:{project_id}",
+           project_id=project_id, details={"format": format})  # fmt: skip
     filename = service.export_filename(project_id, format)
     return StreamingResponse(
         _stream(sessions, project_id, format),
@@ -117,8 +122,11 @@ def import_votes(
         if format == "pickapic":
             summary = importers.import_pickapic(
                 session, project=project, source=handle, store=get_media_store()
-            )
-            return summary.as_dict()
-        return importers.import_fastchat(session, project=project, data=handle.read())
+            ).as_dict()
+        else:
+            summary = importers.import_fastchat(session, project=project, data=handle.read())
     except importers.ImportFormatError as exc:
         raise HTTPException(422, {"errors": exc.errors}) from None
+    record(session, actor=user, action="project.import", target=f"project:{project.id}",
+           project_id=project.id, details={"format": format})  # fmt: skip
+    return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.audit.service import record
 from app.core.db import SessionDep
 from app.core.deps import CurrentUser, get_project_for
 from app.generators import service
@@ -17,7 +18,10 @@ def register_model(
     project_id: int, body: ModelCreate, session: SessionDep, user: CurrentUser
 ) -> ModelPublic:
     project = get_project_for(session, user, project_id, lead=True)
-    return service.to_public(service.register_model(session, project=project, data=body))
+    model = service.register_model(session, project=project, data=body)
+    record(session, actor=user, action="model.create", target=f"model:{model.id}",
+           project_id=project.id, details={"name": model.name})  # fmt: skip
+    return service.to_public(model)
 
 
 @router.get("/projects/{project_id}/models", response_model=list[ModelPublic])

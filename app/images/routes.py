@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse, Response
 from sqlalchemy import select
 
 from app.core.db import SessionDep
@@ -18,8 +19,22 @@ from app.projects.models import Prompt
 router = APIRouter(prefix="/api/v1", tags=["images"])
 
 
+class BlindFileResponse(FileResponse):
+    """A file response that says nothing of when the file was written.
+
+    Starlette's default Last-Modified and mtime-based ETag would tell a new model's images
+    (written after its parent's) from the parent's, and votes would no longer be blind; the
+    content hash is the only validator given.
+    """
+
+    def set_stat_headers(self, stat_result: os.stat_result) -> None:
+        self.headers.setdefault("content-length", str(stat_result.st_size))
+
+
 @router.get("/images/{image_id}", response_class=FileResponse)
-def image_bytes(image_id: str, session: SessionDep, user: CurrentUser) -> FileResponse:
+def image_bytes(
+    image_id: str, request: Request, session: SessionDep, user: CurrentUser
+) -> Response:
     # Ids are short hex strings; anything else (NUL bytes, traversal, overlong) is unknown.
     plausible = len(image_id) <= 32 and image_id.isascii() and image_id.isalnum()
     image = session.get(Image, image_id) if plausible else None
@@ -33,9 +48,10 @@ def image_bytes(image_id: str, session: SessionDep, user: CurrentUser) -> FileRe
     if not path.exists():
         raise HTTPException(404, "image file missing")
     # Content-addressed, so the bytes behind an id never change.
-    return FileResponse(
-        path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"}
-    )
+    headers = {"Cache-Control": "private, max-age=86400", "ETag": f'"{image.sha256}"'}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return BlindFileResponse(path, media_type="image/png", headers=headers)
 
 
 @router.get("/projects/{project_id}/images")

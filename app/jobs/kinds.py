@@ -11,9 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -22,14 +22,32 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# What the workers' random generators accept (numpy's seeds are 32-bit).
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# The selftest's whole run: a diagnostic, not a way to hold a worker.
+SELFTEST_MAX_SECONDS = 60.0
+
+
+def distinct_ids(value: list[int] | None) -> list[int] | None:
+    if value is not None and len(set(value)) != len(value):
+        raise ValueError("must not repeat an id")
+    return value
+
+
 class SelftestParams(JobParams):
     """A diagnostic: proves that a worker picks jobs up, reports progress and writes media."""
 
     steps: int = Field(default=3, ge=1, le=1000)
-    sleep: float = Field(default=0.2, ge=0, le=600, description="seconds per step")
+    sleep: float = Field(default=0.2, ge=0, le=10, description="seconds per step")
     queue: Literal["gpu", "cpu"] = "cpu"
     # For testing the failure paths: raise a transient error on every attempt.
     fail: bool = False
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SelftestParams:
+        if self.steps * self.sleep > SELFTEST_MAX_SECONDS:
+            raise ValueError(f"steps × sleep must be at most {SELFTEST_MAX_SECONDS:g} seconds")
+        return self
 
 
 class GenerateParams(JobParams):
@@ -41,10 +59,12 @@ class GenerateParams(JobParams):
     split: Literal["train", "val", "test", "all"] = "train"
     # Seeds used for every prompt; by default each prompt gets its own (worker.seeds, training
     # range). Either way every model gets the same seeds: paired comparisons.
-    seeds: list[int] | None = Field(default=None, max_length=64)
+    seeds: list[Seed] | None = Field(default=None, max_length=64)
     prompt_ids: list[int] | None = Field(default=None, max_length=100_000)
     make_pairs: bool = True
     batch_size: int | None = Field(default=None, ge=1, le=256)
+
+    _distinct = field_validator("model_ids", "seeds", "prompt_ids")(distinct_ids)
 
 
 class FitRatingsParams(JobParams):
@@ -52,8 +72,9 @@ class FitRatingsParams(JobParams):
 
     ties: Literal["half", "davidson"] = "half"
     bootstrap: int = Field(default=1000, ge=0, le=20_000)
-    prior: float = Field(default=0.01, gt=0, le=100)
-    seed: int = 0
+    # Below about 1e-6 the fit's regulariser underflows and the worker's optimiser fails.
+    prior: float = Field(default=0.01, ge=1e-6, le=100)
+    seed: Seed = 0
 
 
 P = TypeVar("P", bound=JobParams)
@@ -173,6 +194,8 @@ class ScoreImagesParams(JobParams):
     split: Literal["train", "val", "test", "all"] = "all"
     batch_size: int = Field(default=64, ge=1, le=1024)
 
+    _distinct = field_validator("model_ids")(distinct_ids)
+
 
 def check_train_reward(
     session: Session, project_id: int | None, params: TrainRewardParams
@@ -251,7 +274,7 @@ class DPOTrainingParams(JobParams):
     # softplus starts at ln 2 ≈ 0.69; a mean loss this high means the policy ranks pairs far
     # worse than the reference, which in practice is a blown-up run (noise images).
     explode_loss: float = Field(default=50.0, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
     @property
     def soft_labels(self) -> bool:
@@ -277,9 +300,11 @@ class EvaluateParams(JobParams):
     split: Literal["train", "val", "test", "all"] = "test"
     # By default each prompt gets its own evaluation seeds (worker.seeds, a range no training
     # image uses); `seeds` applies the same ones to every prompt instead.
-    seeds: list[int] | None = Field(default=None, min_length=1, max_length=64)
+    seeds: list[Seed] | None = Field(default=None, min_length=1, max_length=64)
     images_per_prompt: int = Field(default=4, ge=1, le=64)
     reward_model_id: int | None = None
+
+    _distinct = field_validator("model_ids", "seeds")(distinct_ids)
 
 
 def check_train_dpo(

@@ -10,6 +10,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.audit.service import record
 from app.core import plots
 from app.core.config import get_settings
 from app.core.db import SessionDep
@@ -159,6 +160,8 @@ def launch_job(
         return _form_page(
             request, session, project, kind, values=params, errors=errors, status_code=422
         )
+    record(session, actor=user, action="job.launch", target=f"job:{job.id}",
+           project_id=project.id, details={"kind": job.kind})  # fmt: skip
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
@@ -198,6 +201,8 @@ def cancel_job(job_id: int, request: Request, session: SessionDep, user: PageUse
         service.request_cancel(session, job)
     except DomainError as exc:
         return _after_action(request, session, job, exc)
+    record(session, actor=user, action="job.cancel", target=f"job:{job.id}",
+           project_id=job.project_id)  # fmt: skip
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
@@ -208,4 +213,6 @@ def retry_job(job_id: int, request: Request, session: SessionDep, user: PageUser
         service.retry_job(session, job)
     except DomainError as exc:
         return _after_action(request, session, job, exc)
+    record(session, actor=user, action="job.retry", target=f"job:{job.id}",
+           project_id=job.project_id)  # fmt: skip
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)

@@ -37,7 +37,8 @@ def _create(session: Session, body: JobCreate, project_id: int | None, user: Use
         actor=user,
         action="job.launch",
         target=f"job:{job.id}",
-        details={"kind": job.kind, "project_id": project_id},
+        project_id=project_id,
+        details={"kind": job.kind},
     )
     return JobCreated(id=job.id, status=job.status)
 
@@ -77,7 +78,8 @@ def get_job(job_id: int, session: SessionDep, user: CurrentUser) -> dict[str, An
 def cancel_job(job_id: int, session: SessionDep, user: CurrentUser) -> JSONResponse:
     job = job_for(session, user, job_id)
     service.request_cancel(session, job)
-    record(session, actor=user, action="job.cancel", target=f"job:{job.id}")
+    record(session, actor=user, action="job.cancel", target=f"job:{job.id}",
+           project_id=job.project_id)  # fmt: skip
     return JSONResponse({"id": job.id, "status": job.status}, status_code=202)
 
 
@@ -85,5 +87,6 @@ def cancel_job(job_id: int, session: SessionDep, user: CurrentUser) -> JSONRespo
 def retry_job(job_id: int, session: SessionDep, user: CurrentUser) -> JobCreated:
     job = job_for(session, user, job_id)
     service.retry_job(session, job)
-    record(session, actor=user, action="job.retry", target=f"job:{job.id}")
+    record(session, actor=user, action="job.retry", target=f"job:{job.id}",
+           project_id=job.project_id)  # fmt: skip
     return JobCreated(id=job.id, status=job.status)

@@ -62,6 +62,12 @@ def create_job(
     spec = KINDS[kind]
     if spec.needs_project and project_id is None:
         raise JobParamsError([{"loc": ["project_id"], "msg": f"{kind} jobs need a project"}])
+    if not spec.needs_project and project_id is not None:
+        # System jobs (the selftest diagnostic) are the admins' (POST /api/v1/jobs), not a
+        # project's: a lead must not be able to occupy the workers with them.
+        raise JobParamsError(
+            [{"loc": ["kind"], "msg": f"{kind} is a system job, not a project job (admins only)"}]
+        )
     if spec.check is not None:
         errors = spec.check(session, project_id, valid)
         if errors:

@@ -96,6 +96,8 @@ def create_project(
     if problems:
         return _new_project_page(request, values, problems, 422)
     project = service.create_project(session, data=data, creator=user)
+    record(session, actor=user, action="project.create", target=f"project:{project.id}",
+           project_id=project.id)  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/prompts", status_code=303)
 
 
@@ -173,6 +175,8 @@ def upload_prompts(
         )
     except uploads.PromptFileError as exc:
         return _prompts_page(request, session, project, upload_errors=exc.errors, status_code=422)
+    record(session, actor=user, action="prompts.add", target=f"project:{project.id}",
+           project_id=project.id, details={"created": created, "source": "file"})  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/prompts?created={created}", status_code=303)
 
 
@@ -254,6 +258,8 @@ def register_model(
         return _models_page(
             request, session, project, values=values, errors=errors, status_code=http_status(exc)
         )
+    record(session, actor=user, action="model.create", target=f"model:{model.id}",
+           project_id=project.id, details={"name": model.name})  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/models?added={model.id}", status_code=303)
 
 
@@ -302,6 +308,8 @@ def save_settings(
         return _settings_page(request, project, raw, problems, status_code=422)
     project.settings = dump_settings(clean)
     session.flush()
+    record(session, actor=user, action="project.settings", target=f"project:{project.id}",
+           project_id=project.id)  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/settings?saved=1", status_code=303)
 
 

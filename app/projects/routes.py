@@ -38,7 +38,13 @@ def _public(project: Any) -> ProjectPublic:
 @router.post("/projects", status_code=201, response_model=ProjectPublic)
 def create_project(body: ProjectCreate, session: SessionDep, user: LeadUser) -> ProjectPublic:
     project = service.create_project(session, data=body, creator=user)
-    record(session, actor=user, action="project.create", target=f"project:{project.id}")
+    record(
+        session,
+        actor=user,
+        action="project.create",
+        target=f"project:{project.id}",
+        project_id=project.id,
+    )
     return _public(project)
 
 
@@ -59,7 +65,10 @@ def add_prompts(
     project_id: int, body: PromptsCreate, session: SessionDep, user: CurrentUser
 ) -> dict[str, int]:
     project = get_project_for(session, user, project_id, lead=True)
-    return {"created": service.add_prompts(session, project=project, prompts=body.prompts)}
+    created = service.add_prompts(session, project=project, prompts=body.prompts)
+    record(session, actor=user, action="prompts.add", target=f"project:{project.id}",
+           project_id=project.id, details={"created": created})  # fmt: skip
+    return {"created": created}
 
 
 @router.post("/projects/{project_id}/annotators", status_code=201)

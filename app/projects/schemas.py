@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -48,12 +48,21 @@ class ProjectPublic(BaseModel):
     settings: ProjectSettings
 
 
+# Limits on a prompt wherever it comes from (API, files, imported datasets): a caption of
+# megabytes would be carried into every page, export and training batch that shows it.
+PROMPT_TEXT_MAX = 2000
+TAG_MAX = 100
+TAGS_MAX = 50
+
+
 class PromptIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    text: str = Field(min_length=1, max_length=2000)
+    text: str = Field(min_length=1, max_length=PROMPT_TEXT_MAX)
     split: Literal["train", "val", "test"] = "train"
-    tags: list[str] = Field(default_factory=list, max_length=50)
+    tags: list[Annotated[str, Field(max_length=TAG_MAX)]] = Field(
+        default_factory=list, max_length=TAGS_MAX
+    )
 
     @field_validator("text")
     @classmethod
@@ -61,6 +70,15 @@ class PromptIn(BaseModel):
         value = value.strip()
         if not value:
             raise ValueError("must not be blank")
+        if "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
+
+    @field_validator("tags")
+    @classmethod
+    def _no_nul(cls, value: list[str]) -> list[str]:
+        if any("\x00" in tag for tag in value):
+            raise ValueError("must not contain NUL characters")
         return value
 
 

@@ -61,7 +61,7 @@ def create_token(
         actor=user,
         action="token.create",
         target=f"user:{user.id}",
-        details={"token_id": row.id, "name": row.name},
+        details={"credential_id": row.id, "name": row.name},
     )
     return _tokens_page(request, session, user, created=secret, status_code=201)
 
@@ -76,7 +76,7 @@ def revoke_token(token_id: int, session: SessionDep, user: PageUser) -> Response
         actor=user,
         action="token.revoke",
         target=f"user:{user.id}",
-        details={"token_id": row.id},
+        details={"credential_id": row.id},
     )
     return RedirectResponse("/me/tokens", status_code=303)
 

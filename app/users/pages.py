@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
+from app.audit.service import record
 from app.core.config import get_settings
 from app.core.db import SessionDep, utcnow
-from app.core.deps import SESSION_COOKIE, OptionalAuth
+from app.core.deps import SESSION_COOKIE, OptionalAuth, same_origin
 from app.core.web import render
 from app.users import service
 from app.users.models import User
@@ -42,12 +43,18 @@ def login(
     next: str = Form(default="/"),
 ) -> Response:
     settings = get_settings()
-    client = request.client.host if request.client else "?"
-    keys = (f"email:{email.strip().lower()}", f"ip:{client}")
-    if any(
-        service.recent_failed_logins(session, key) >= settings.login_attempts_per_minute
-        for key in keys
-    ):
+    if not same_origin(request):
+        # Login CSRF: another site must not sign a browser into an account of its choosing.
+        raise HTTPException(403, "cross-site login refused")
+    client = getattr(request.state, "client_address", None) or (
+        request.client.host if request.client else "?"
+    )
+    keys = [f"email:{email.strip().lower()}", f"ip:{client}"]
+    try:
+        claimed = service.claim_login_attempt(
+            session, keys, limit=settings.login_attempts_per_minute
+        )
+    except service.TooManyAttempts:
         return render(
             request,
             "pages/login.html",
@@ -56,14 +63,15 @@ def login(
         )
     user = service.authenticate(session, email, password)
     if user is None:
-        for key in keys:
-            service.record_failed_login(session, key)
+        record(session, actor=None, action="login.failed", target=f"email:{email[:180]}")
         return render(
             request,
             "pages/login.html",
             {"next": _safe_next(next), "error": "Wrong email or password."},
             status_code=400,
         )
+    service.forget_login_attempt(session, claimed)
+    record(session, actor=user, action="login.success", target=f"user:{user.id}")
     return log_in(request, session, user, RedirectResponse(_safe_next(next), status_code=303))
 
 
@@ -91,6 +99,7 @@ def logout(request: Request, session: SessionDep, auth: OptionalAuth) -> Respons
     token = request.cookies.get(SESSION_COOKIE)
     if token and auth is not None:
         service.end_session(session, token)
+        record(session, actor=auth.user, action="logout", target=f"user:{auth.user.id}")
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response

@@ -76,7 +76,7 @@ def _create(session: Any, owner: User, name: str, actor: User) -> TokenCreated:
         actor=actor,
         action="token.create",
         target=f"user:{owner.id}",
-        details={"token_id": row.id, "name": row.name},
+        details={"credential_id": row.id, "name": row.name},
     )
     return TokenCreated(**token_public(row), token=secret)
 
@@ -101,7 +101,7 @@ def revoke_my_token(token_id: int, session: SessionDep, user: OwnerUser) -> Resp
         actor=user,
         action="token.revoke",
         target=f"user:{user.id}",
-        details={"token_id": row.id},
+        details={"credential_id": row.id},
     )
     return Response(status_code=204)
 
@@ -175,14 +175,19 @@ def update_account(session: Any, admin: User, target: User, body: UserUpdate) ->
         raise HTTPException(409, "admins cannot deactivate or demote themselves")
     if body.role is not None and body.role not in ROLES:
         raise HTTPException(422, f"unknown role {body.role!r}; expected one of {', '.join(ROLES)}")
+    changes: dict[str, Any] = {}
     if body.role is not None and body.role != target.role:
         service.set_account_role(session, target, body.role)
-        record(session, actor=admin, action="user.role", target=f"user:{target.id}",
-               details={"role": body.role})  # fmt: skip
+        changes["role"] = body.role
     if body.is_active is not None and body.is_active != target.is_active:
         service.set_account_active(session, target, body.is_active)
+        changes["is_active"] = body.is_active
+    # One row per admin action, also when it changed nothing (that was still asked for).
+    if set(changes) == {"is_active"}:
         action = "user.activate" if body.is_active else "user.deactivate"
-        record(session, actor=admin, action=action, target=f"user:{target.id}")
+    else:
+        action = "user.role" if set(changes) == {"role"} else "user.update"
+    record(session, actor=admin, action=action, target=f"user:{target.id}", details=changes)
 
 
 @router.get("/users")

@@ -216,9 +216,35 @@ def end_session(session: Session, token: str) -> None:
     session.execute(delete(UserSession).where(UserSession.token_hash == security.hash_token(token)))
 
 
-def record_failed_login(session: Session, key: str) -> None:
-    session.add(LoginAttempt(key=key[:400]))
+def claim_login_attempt(session: Session, keys: list[str], *, limit: int) -> list[LoginAttempt]:
+    """Count this attempt against every key first, then check the limit: atomically, so that
+    parallel guesses cannot all pass the check before any of them is counted.
+
+    On Postgres a transaction-scoped advisory lock per key serialises the claims; on SQLite
+    the insert takes the database's write lock until commit. Returns the rows to forget
+    (forget_login_attempt) if the login succeeds; raises TooManyAttempts past the limit.
+    """
+    keys = sorted({key[:400] for key in keys})
+    if session.get_bind().dialect.name == "postgresql":
+        for key in keys:
+            session.execute(select(func.pg_advisory_xact_lock(func.hashtext("login:" + key))))
+    rows = [LoginAttempt(key=key) for key in keys]
+    session.add_all(rows)
     session.flush()
+    if any(recent_failed_logins(session, key) > limit for key in keys):
+        raise TooManyAttempts("too many failed attempts; wait a minute")
+    return rows
+
+
+def forget_login_attempt(session: Session, rows: list[LoginAttempt]) -> None:
+    """A successful login does not count as a failed one."""
+    for row in rows:
+        session.delete(row)
+    session.flush()
+
+
+class TooManyAttempts(UserError):
+    """The login throttle refused the attempt."""
 
 
 def recent_failed_logins(session: Session, key: str, *, seconds: int = 60) -> int:

@@ -59,7 +59,7 @@ def test_lead_sets_up_a_project(client, make_user, db, sent_jobs) -> None:  # ty
     )
     assert annotator.status_code == 201 and annotator.json()["token"].startswith("pfl_")
     job = client.post(
-        f"/api/v1/projects/{pid}/jobs", json={"kind": "selftest", "params": {}}, headers=h
+        f"/api/v1/projects/{pid}/jobs", json={"kind": "fit_ratings", "params": {}}, headers=h
     )
     assert job.status_code == 202 and job.json()["status"] == "queued"
     job_id = job.json()["id"]
@@ -88,10 +88,10 @@ def test_invalid_input_gets_422_naming_the_field(client, make_user) -> None:  # 
     assert job.status_code == 422 and "unknown job kind" in str(job.json()["detail"])
     job = client.post(
         f"/api/v1/projects/{pid}/jobs",
-        json={"kind": "selftest", "params": {"steps": -1}},
+        json={"kind": "fit_ratings", "params": {"bootstrap": -1}},
         headers=h,
     )
-    assert job.status_code == 422 and "steps" in str(job.json()["detail"])
+    assert job.status_code == 422 and "bootstrap" in str(job.json()["detail"])
     model = client.post(
         f"/api/v1/projects/{pid}/models",
         json={"name": "m", "base": "toy", "params": {"scheduler": "warp"}},
@@ -127,7 +127,9 @@ def test_role_checks(client, make_user) -> None:  # type: ignore[no-untyped-def]
     )
     # A lead of another project: 403.
     other = client.post(
-        f"/api/v1/projects/{pid}/jobs", json={"kind": "selftest"}, headers=bearer(other_lead_token)
+        f"/api/v1/projects/{pid}/jobs",
+        json={"kind": "fit_ratings"},
+        headers=bearer(other_lead_token),
     )
     assert other.status_code == 403
     # System jobs are for admins.

@@ -13,7 +13,9 @@ def test_actions_are_audited_and_visible_to_admins(client, make_user) -> None:  
     client.post(
         f"/api/v1/projects/{pid}/annotators", json={"email": "ann-audit@example.com"}, headers=h
     )
-    job = client.post(f"/api/v1/projects/{pid}/jobs", json={"kind": "selftest"}, headers=h).json()
+    job = client.post(
+        f"/api/v1/projects/{pid}/jobs", json={"kind": "fit_ratings"}, headers=h
+    ).json()
     client.post(f"/api/v1/jobs/{job['id']}/cancel", headers=h)
     client.post(f"/api/v1/jobs/{job['id']}/retry", headers=h)
 

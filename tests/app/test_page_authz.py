@@ -38,6 +38,11 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/projects/{project_id}/annotators"): {"data": {"email": "invitee@example.com"}},
     ("POST", "/projects/{project_id}/annotators/{user_id}/active"): {"data": {"active": "true"}},
     ("POST", "/projects/{project_id}/annotators/{user_id}/invite"): {},
+    ("POST", "/projects/{project_id}/members"): {
+        "data": {"email": "member@example.com", "role": "annotator"}
+    },
+    ("POST", "/projects/{project_id}/members/{user_id}/active"): {"data": {"active": "true"}},
+    ("POST", "/projects/{project_id}/members/{user_id}/role"): {"data": {"role": "annotator"}},
     ("POST", "/projects/{project_id}/jobs/new"): {"data": {"kind": "fit_ratings"}},
     ("POST", "/projects/{project_id}/models"): {"data": {"name": "authz-model", "base": "toy"}},
     ("POST", "/projects/{project_id}/prompts"): {

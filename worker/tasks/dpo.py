@@ -21,7 +21,7 @@ from app.projects.models import Project, Prompt
 from app.projects.service import project_settings
 from app.ratings.models import RewardModel
 from app.ratings.snapshots import create_snapshot, snapshot_for_job, snapshot_pairs
-from worker.runner import JobCancelled, ProjectJobContext, TransientJobError
+from worker.runner import JobCancelled, ProjectJobContext, TimeLimitReached, TransientJobError
 
 
 def _training_pairs(
@@ -109,8 +109,9 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
     ctx.log(f"snapshot {snapshot_id}: {len(data)} pairs; tie policy {tie_policy}")
 
     existing = list_checkpoints(ckpt_dir)
+    resumed_from = 0
     if existing:
-        resumed_at = int(existing[-1].name.split("-")[-1])
+        resumed_at = resumed_from = int(existing[-1].name.split("-")[-1])
         ctx.truncate_metrics(resumed_at)
         ctx.log(f"resuming from checkpoint at step {resumed_at}")
 
@@ -137,9 +138,10 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
     if result.stopped_early:
         if ctx.cancel_requested:
             raise JobCancelled()
-        raise TransientJobError(
-            f"soft time limit reached at step {result.step}; the next attempt resumes there"
-        )
+        message = f"soft time limit reached at step {result.step}; the next run resumes there"
+        if result.step > resumed_from:
+            raise TimeLimitReached(message)
+        raise TransientJobError(message)
 
     out_dir = save_result(pipe, params, work / ("adapter" if params.lora_rank > 0 else "model"))
     del pipe
