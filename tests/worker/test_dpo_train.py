@@ -189,6 +189,7 @@ class _Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_reproduces_an_uninterrupted_run(pipe_dirs, cached, tmp_path):
     # 5 pairs, 2 per step: steps cross epoch boundaries; empty prompts exercise the noise RNG
     config = _config(steps=4, checkpoint_every=2, warmup_steps=1, empty_prompt_prob=0.5)

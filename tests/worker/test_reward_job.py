@@ -186,6 +186,7 @@ def _fresh_size_pairs(n_prompts: int, exclude: set[str]) -> rm.PreferenceDataset
     return rm.PreferenceDataset(records)
 
 
+@pytest.mark.slow
 def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]) -> None:
     pid = toy_project["project_id"]
     job = _run(pid, "train_reward", {"steps": 200, "batch_size": 32, "seed": 0})

@@ -302,6 +302,7 @@ def small_toy_dataset() -> PreferenceDataset:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_noise_free_size_preference_reaches_90_percent_held_out():
     # Prompts leave the size open, so each pair shows a random size class on each side.
     mention = {"size": 0.0}
@@ -320,6 +321,7 @@ def test_noise_free_size_preference_reaches_90_percent_held_out():
     assert result.tie_threshold > 0.0  # same-size pairs are ties, so ties must be predicted
 
 
+@pytest.mark.slow
 def test_noisy_colour_preference_is_learned_well_above_chance():
     mention = {"shape": 1.0, "colour": 1.0, "size": 0.0}
     rng = np.random.default_rng(0)

@@ -138,6 +138,7 @@ def test_same_seed_same_image(toy_pipe: StableDiffusionPipeline) -> None:
     assert not np.array_equal(a, c)
 
 
+@pytest.mark.slow
 def test_shipped_model_draws_what_is_prompted(toy_pipe: StableDiffusionPipeline) -> None:
     report = evaluate_alignment(toy_pipe, n=200, seed=0)
     print("toy:", report.summary())
@@ -145,6 +146,7 @@ def test_shipped_model_draws_what_is_prompted(toy_pipe: StableDiffusionPipeline)
     assert report.accuracy["shape"] >= 0.70
 
 
+@pytest.mark.slow
 def test_toy_v0_is_a_weaker_contestant(toy_pipe: StableDiffusionPipeline) -> None:
     weak = load_pipeline(TOY_MODELS["toy-v0"])
     strong_report = evaluate_alignment(toy_pipe, n=64, seed=1)
@@ -159,6 +161,7 @@ def test_toy_v0_is_a_weaker_contestant(toy_pipe: StableDiffusionPipeline) -> Non
 # --- CLI -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_train_smoke(tmp_path: Path) -> None:
     out, early = tmp_path / "toy", tmp_path / "toy-early"
     args = ["train", "--out", str(out), "--minutes", "2", "--seed", "1", "--threads", "1"]
@@ -189,6 +192,7 @@ def test_cli_evaluate(tmp_path: Path) -> None:
     assert missing.exit_code != 0
 
 
+@pytest.mark.slow
 def test_training_is_reproducible_for_a_seed(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 

@@ -25,6 +25,7 @@ def _accuracy(scenes: list[world.Scene], size: int, degrade_seed: int | None) ->
     return {a: h / len(scenes) for a, h in hits.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [32, 64])
 def test_render_extract_round_trip(size: int) -> None:
     acc = _accuracy(_random_scenes(400, seed=size), size, degrade_seed=None)
