@@ -10,8 +10,8 @@ v-prediction comes from the pipeline's scheduler config.
   ``ckpt_dir/step-XXXXXX`` (written to a temporary directory, then renamed), resumes exactly from
   the latest checkpoint, raises :class:`TrainingDiverged` on NaN/inf or exploding loss, and
   checkpoints then returns early when ``should_stop()`` says so (cancel, soft time limit).
-- :func:`save_result` writes the output: a diffusers-format LoRA (``pipe.load_lora_weights``) or
-  a full UNet (``save_pretrained``).
+- :func:`save_result` writes the output: a LoRA adapter (:mod:`worker.lora`, loaded back with
+  ``pipe.load_lora_weights``) or a full UNet (``save_pretrained``).
 
 Mixed precision is plain ``torch.autocast`` (+ ``GradScaler`` for fp16) rather than
 ``accelerate.Accelerator``: the Accelerator's process-wide state refuses a second
@@ -56,8 +56,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from worker.dpo import DPOOutput, add_noise, diffusion_target, dpo_loss, per_sample_error, sft_loss
+from worker.lora import LORA_TARGETS, LoraTargets, add_lora
+from worker.lora import save_lora as _save_lora
 
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 CHECKPOINT_PREFIX = "step-"
 _CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 # Config fields that may change between a run and its resumption without changing the maths.
@@ -89,10 +90,11 @@ class DPOConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_steps: int = 0  # linear warm-up, then constant (the paper: 500)
     max_grad_norm: float = 1.0  # clip the global norm; 0 disables clipping (still reported)
-    # 0 trains the full UNet and keeps a frozen copy as the reference; > 0 trains a LoRA on the
-    # attention projections and obtains the reference by disabling the adapter. lora_alpha is
-    # fixed to the rank (scale 1) so the saved adapter loads unchanged in plain diffusers.
+    # 0 trains the full UNet and keeps a frozen copy as the reference; > 0 trains a LoRA on
+    # `lora_targets` (worker.lora) and obtains the reference by disabling the adapter.
+    # lora_alpha is fixed to the rank (scale 1) so the saved adapter loads unchanged in diffusers.
     lora_rank: int = 8
+    lora_targets: LoraTargets = "attention+conv"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     # Share of pairs whose prompt is replaced by the empty prompt (the paper: 0.2), which keeps
@@ -117,6 +119,8 @@ class DPOConfig:
             raise ValueError(f"unknown beta_convention {self.beta_convention!r}")
         if min(self.steps, self.batch_size, self.grad_accum, self.checkpoint_every) < 1:
             raise ValueError("steps, batch_size, grad_accum and checkpoint_every must be ≥ 1")
+        if self.lora_targets not in LORA_TARGETS:
+            raise ValueError(f"unknown lora_targets {self.lora_targets!r}")
         if self.lora_rank < 0 or self.keep_last < 1:
             raise ValueError("lora_rank must be ≥ 0 and keep_last ≥ 1")
 
@@ -459,21 +463,12 @@ class DPOTrainer:
             raise ValueError("the UNet already carries an adapter; load a fresh pipeline")
         unet.requires_grad_(False)
         if self.is_lora:
-            from peft import LoraConfig
-
             # The frozen base may live in low precision; the LoRA weights stay fp32.
             unet.to(device=self.device)
             if self.autocast_dtype != torch.float32:
                 unet.to(dtype=self.autocast_dtype)
             torch.manual_seed(cfg.seed)  # LoRA A init; B starts at zero, so θ = ref at step 0
-            unet.add_adapter(
-                LoraConfig(
-                    r=cfg.lora_rank,
-                    lora_alpha=cfg.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=LORA_TARGET_MODULES,
-                )
-            )
+            add_lora(unet, cfg.lora_targets, cfg.lora_rank)
             for param in unet.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()
@@ -806,21 +801,8 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 
 def save_lora(unet: nn.Module, out_dir: Path, *, sdxl: bool | None = None) -> Path:
-    """Write the UNet's LoRA in diffusers format, loadable with ``pipe.load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    out_dir = Path(out_dir)
-    sdxl = _is_sdxl(unet) if sdxl is None else sdxl
-    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    lora_state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state.items()}
-    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state, safe_serialization=True)
-    _replace_dir(tmp, out_dir)
-    return out_dir
+    """Write the UNet's LoRA so that ``pipe.load_lora_weights`` restores it (:mod:`worker.lora`)."""
+    return _save_lora(unet, out_dir, sdxl=sdxl)
 
 
 def save_unet(unet: nn.Module, out_dir: Path) -> Path:

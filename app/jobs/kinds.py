@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from worker.lora import LoraTargets
+
 
 class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -200,6 +202,7 @@ class TrainDPOParams(JobParams):
     steps: int = Field(default=200, ge=1, le=100_000)
     learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
     lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
+    lora_targets: LoraTargets = "attention+conv"  # layers the LoRA adapts (worker.lora)
     batch_size: int = Field(default=8, ge=1, le=1024)
     grad_accum: int = Field(default=1, ge=1, le=1024)
     warmup_steps: int = Field(default=0, ge=0)

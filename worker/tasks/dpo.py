@@ -37,6 +37,7 @@ def dpo_config(params: dict[str, Any]) -> Any:
         warmup_steps=params["warmup_steps"],
         max_grad_norm=params["max_grad_norm"],
         lora_rank=params["lora_rank"],
+        lora_targets=params["lora_targets"],
         mixed_precision=params["mixed_precision"],
         gradient_checkpointing=params["gradient_checkpointing"],
         empty_prompt_prob=params["empty_prompt_prob"],
