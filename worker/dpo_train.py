@@ -100,8 +100,9 @@ class DPOConfig:
     # Share of pairs whose prompt is replaced by the empty prompt (the paper: 0.2), which keeps
     # the unconditional branch used by classifier-free guidance in training.
     empty_prompt_prob: float = 0.0
-    # True: a pair's label p = P(w ≻ l) (0.5 for a tie) trains as a soft label. False: ties are
-    # dropped, as in the original code, and every other pair counts as a hard win.
+    # Every pair trains on its label p = P(w ≻ l), the share of its votes (worker.dpo.dpo_loss):
+    # a 2-to-1 majority pulls half as hard as a unanimous pair. True keeps exact ties (p = 0.5);
+    # False drops them, as the original code does with Pick-a-Pic ties.
     tie_soft_labels: bool = True
     checkpoint_every: int = 100
     keep_last: int = 2  # checkpoints kept on disk (the newest ones)
@@ -556,7 +557,7 @@ class DPOTrainer:
         model_err_w, model_err_l = model_err.chunk(2)  # (B,), (B,)
         with torch.no_grad(), self._reference() as ref_model:
             ref_err_w, ref_err_l = self._errors(ref_model, inputs).chunk(2)  # (B,) each
-        labels = batch.labels if cfg.tie_soft_labels else None
+        labels = batch.labels  # (B,) ties are already filtered out under tie_soft_labels=False
         kind = "sigmoid" if cfg.loss_kind == "sft" else cfg.loss_kind
         out = dpo_loss(
             model_err_w, model_err_l, ref_err_w, ref_err_l, cfg.beta,
