@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -55,7 +56,15 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from worker.dpo import DPOOutput, add_noise, diffusion_target, dpo_loss, per_sample_error, sft_loss
+from worker.dpo import (
+    DPOOutput,
+    add_noise,
+    diffusion_target,
+    dpo_loss,
+    effective_beta,
+    per_sample_error,
+    sft_loss,
+)
 from worker.lora import LORA_TARGETS, LoraTargets, add_lora
 from worker.lora import save_lora as _save_lora
 
@@ -230,6 +239,20 @@ class StepMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ValMetrics:
+    """Held-out pairs at one step: does the policy rank unseen pairs like the votes do?"""
+
+    step: int
+    val_implicit_acc: float  # label-weighted share of pairs ranked like the votes (½ = chance)
+    val_reward_margin: float  # mean implicit reward margin β_eff·(Δref − Δθ), 0 at step 0
+    val_loss: float
+    val_pairs: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if k != "step"}
+
+
 @dataclass
 class TrainResult:
     """How a call to :func:`train` ended."""
@@ -238,6 +261,7 @@ class TrainResult:
     stopped_early: bool  # should_stop() ended the run before config.steps
     checkpoint: Path | None  # the newest checkpoint on disk
     history: list[StepMetrics] = field(default_factory=list)  # steps run by this call
+    validation: list[ValMetrics] = field(default_factory=list)  # held-out checks of this call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +376,22 @@ def encode_pairs(
         time_ids_w=_time_ids([p.winner for p in pairs], res) if sdxl else None,
         time_ids_l=_time_ids([p.loser for p in pairs], res) if sdxl else None,
     )
+
+
+def held_out_prompts(prompts: Sequence[str], share: float) -> set[str]:
+    """A stable ``share`` of the distinct ``prompts``, chosen by a hash of each prompt's text.
+
+    For validation when a snapshot has no val-split prompts: by prompt, so no held-out pair
+    shares a prompt with a training pair, and by hash, so a retry holds out the same ones.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"share must be in [0, 1), got {share}")
+
+    def unit(prompt: str) -> float:  # uniform in [0, 1)
+        digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    return {p for p in dict.fromkeys(prompts) if unit(p) < share}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -515,11 +555,19 @@ class DPOTrainer:
             ).sample  # (2B, C, h, w)
         return per_sample_error(pred, inputs["target"])
 
-    def _inputs(self, batch: PairBatch) -> dict[str, Any]:
-        """Shared noise/timestep for each pair; winners and losers stacked along the batch."""
+    def _inputs(
+        self, batch: PairBatch, draws: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Shared noise/timestep for each pair; winners and losers stacked along the batch.
+
+        ``draws`` = (noise (B, C, h, w), timesteps (B,)) replaces the training generator's.
+        """
         bsz = batch.latents_w.shape[0]
-        noise = torch.randn(batch.latents_w.shape, generator=self.noise_gen)  # (B, C, h, w)
-        timesteps = torch.randint(0, self.num_timesteps, (bsz,), generator=self.noise_gen)  # (B,)
+        if draws is None:
+            noise = torch.randn(batch.latents_w.shape, generator=self.noise_gen)  # (B, C, h, w)
+            timesteps = torch.randint(0, self.num_timesteps, (bsz,), generator=self.noise_gen)
+        else:
+            noise, timesteps = draws
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         embeds, pooled = batch.prompt_embeds, batch.pooled_embeds  # (B, L, D), (B, Dp)
         if self.config.empty_prompt_prob > 0:
@@ -549,10 +597,12 @@ class DPOTrainer:
             }
         return inputs
 
-    def compute(self, batch: PairBatch) -> tuple[Tensor, DPOOutput]:
+    def compute(
+        self, batch: PairBatch, draws: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, DPOOutput]:
         """The training loss of one micro-batch and its DPO diagnostics."""
         cfg = self.config
-        inputs = self._inputs(batch)
+        inputs = self._inputs(batch, draws)
         model_err = self._errors(self.model, inputs)  # (2B,)
         model_err_w, model_err_l = model_err.chunk(2)  # (B,), (B,)
         with torch.no_grad(), self._reference() as ref_model:
@@ -565,6 +615,45 @@ class DPOTrainer:
         )  # fmt: skip
         loss = sft_loss(model_err_w) if cfg.loss_kind == "sft" else out.loss
         return loss, out
+
+    @torch.no_grad()
+    def validate(self, data: CachedPairs, step: int, batch_size: int = 16) -> ValMetrics:
+        """Implicit accuracy, reward margin and loss over every pair of ``data``.
+
+        Each pair's noise and timestep are a function of its index only, so successive checks
+        (and any batch size) see the same draws and their differences are the model's; the
+        training generator is left untouched (exact resume). Prompts are never dropped here.
+        """
+        saved_prob = self.config.empty_prompt_prob
+        self.config.empty_prompt_prob = 0.0
+        beta_eff = effective_beta(self.config.beta, self.config.beta_convention)
+        sums = torch.zeros(3, dtype=torch.float64)  # acc, margin, loss (sums over pairs)
+        shape = tuple(data.latents_w.shape[1:])  # (C, h, w)
+
+        def draw(i: int) -> tuple[Tensor, Tensor]:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7_919 * (i + 1))
+            t = torch.randint(0, self.num_timesteps, (1,), generator=gen)
+            return torch.randn((1, *shape), generator=gen), t  # (1, C, h, w), (1,)
+
+        try:
+            for start in range(0, len(data), batch_size):
+                rows = range(start, min(start + batch_size, len(data)))
+                noises, steps = zip(*(draw(i) for i in rows), strict=True)
+                draws = (torch.cat(noises), torch.cat(steps))  # (B, C, h, w), (B,)
+                _, out = self.compute(data.batch(rows, self.device), draws)
+                n = out.losses.shape[0]
+                margin = beta_eff * out.logits  # (B,)
+                sums += torch.stack(
+                    [
+                        out.implicit_acc.double().cpu() * n,
+                        margin.sum().double().cpu(),
+                        out.losses.sum().double().cpu(),
+                    ]
+                )
+        finally:
+            self.config.empty_prompt_prob = saved_prob
+        means = sums / len(data)
+        return ValMetrics(step, float(means[0]), float(means[1]), float(means[2]), len(data))
 
     def _all_mean(self, values: Tensor) -> Tensor:
         if self.num_processes > 1:
@@ -748,13 +837,20 @@ def train(
     on_metrics: Callable[[StepMetrics], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     device: torch.device | str | None = None,
+    val_data: CachedPairs | None = None,
+    val_every: int = 25,
+    on_validation: Callable[[ValMetrics], None] | None = None,
 ) -> TrainResult:
     """Train ``pipe.unet`` with Diffusion-DPO, resuming from the newest checkpoint if any.
 
     ``on_metrics`` receives each step's metrics (progress = step / config.steps);
     ``should_stop`` is polled after every step, and a True answer checkpoints and returns.
+    With ``val_data`` (pairs on held-out prompts), every ``val_every`` steps and at the last
+    step :meth:`DPOTrainer.validate` runs and ``on_validation`` receives its figures.
     ``pipe.unet`` is modified in place (LoRA adapter added, or weights updated).
     """
+    if val_every < 1:
+        raise ValueError("val_every must be ≥ 1")
     ckpt_dir = Path(ckpt_dir)
     trainer = DPOTrainer(pipe, config, device=device)
     sampler = PairSampler(
@@ -764,6 +860,7 @@ def train(
     step = trainer.load_checkpoint(existing[-1], sampler) if existing else 0
     last = existing[-1] if existing else None
     history: list[StepMetrics] = []
+    validation: list[ValMetrics] = []
 
     def checkpoint() -> Path:
         path = trainer.save_checkpoint(ckpt_dir, step, sampler)
@@ -784,11 +881,19 @@ def train(
             last = checkpoint()
         if on_metrics is not None:
             on_metrics(metrics)
+        if (
+            val_data is not None
+            and len(val_data)
+            and (step % val_every == 0 or step == config.steps)
+        ):
+            validation.append(trainer.validate(val_data, step))
+            if on_validation is not None:
+                on_validation(validation[-1])
         if step < config.steps and should_stop is not None and should_stop():
             if last is None or last.name != f"{CHECKPOINT_PREFIX}{step:06d}":
                 last = checkpoint()
-            return TrainResult(step=step, stopped_early=True, checkpoint=last, history=history)
-    return TrainResult(step=step, stopped_early=False, checkpoint=last, history=history)
+            return TrainResult(step, True, last, history, validation)
+    return TrainResult(step, False, last, history, validation)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,10 +22,12 @@ from worker.dpo_train import (
     PreferencePair,
     StepMetrics,
     TrainingDiverged,
+    ValMetrics,
     _usable_pairs,
     encode_images,
     encode_pairs,
     encode_prompts,
+    held_out_prompts,
     list_checkpoints,
     save_result,
     train,
@@ -413,6 +415,53 @@ def test_tie_soft_label_reaches_the_loss(pipe_dirs, cached):
     softplus = torch.nn.functional.softplus
     assert torch.allclose(soft.losses, 0.5 * softplus(z) + 0.5 * softplus(-z), rtol=1e-5)
     assert soft.implicit_acc.item() == 0.5
+
+
+def test_validation_logs_held_out_figures_without_changing_training(pipe_dirs, cached, tmp_path):
+    config = _config(steps=4, checkpoint_every=4)
+    plain = train(_load(pipe_dirs), cached["sd"], config, tmp_path / "a")
+    seen: list[ValMetrics] = []
+    checked = train(
+        _load(pipe_dirs), cached["sd"], config, tmp_path / "b",
+        val_data=cached["sd"], val_every=3, on_validation=seen.append,
+    )  # fmt: skip
+    # validation draws its own noise: the training run is bit-identical with or without it
+    assert [m.loss for m in checked.history] == [m.loss for m in plain.history]
+    assert [v.step for v in checked.validation] == [3, 4] and seen == checked.validation
+    last = checked.validation[-1]
+    assert last.val_pairs == 5 and 0.0 <= last.val_implicit_acc <= 1.0
+    assert set(last.as_dict()) == {"val_implicit_acc", "val_reward_margin", "val_loss", "val_pairs"}
+
+
+def test_validate_is_repeatable_and_neutral_at_the_reference(pipe_dirs, cached):
+    trainer = DPOTrainer(_load(pipe_dirs), _config(), device="cpu")
+    noise_state = trainer.noise_gen.get_state()
+    at_ref = trainer.validate(cached["sd"], step=0, batch_size=2)
+    assert torch.equal(trainer.noise_gen.get_state(), noise_state)
+    # θ = ref (B = 0): no margin, every pair a tie of the two models, loss ln 2
+    assert at_ref.val_reward_margin == 0.0 and at_ref.val_implicit_acc == 0.5
+    assert at_ref.val_loss == pytest.approx(LN2)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in trainer.trainable:
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+    first = trainer.validate(cached["sd"], step=1, batch_size=2)
+    again = trainer.validate(cached["sd"], step=1, batch_size=5)
+    assert first.val_reward_margin != 0.0
+    # β/2 = 2500 magnifies batch-size-dependent float rounding of the errors
+    assert first.val_reward_margin == pytest.approx(again.val_reward_margin, rel=1e-3)
+    assert first.val_implicit_acc == pytest.approx(again.val_implicit_acc)
+
+
+def test_held_out_prompts_are_a_stable_share_by_prompt():
+    prompts = [f"prompt {i}" for i in range(2000)]
+    held = held_out_prompts(prompts + prompts[:50], 0.1)
+    assert held == held_out_prompts(list(reversed(prompts)), 0.1)  # order and repeats ignored
+    assert 150 <= len(held) <= 250
+    assert held_out_prompts(prompts, 0.0) == set()
+    with pytest.raises(ValueError, match="share"):
+        held_out_prompts(prompts, 1.0)
 
 
 def test_majority_label_stays_soft_when_ties_are_dropped(pipe_dirs, cached):
