@@ -194,13 +194,13 @@ class TrainDPOParams(JobParams):
     """Diffusion-DPO on the project's votes, producing a child of `model_id`."""
 
     model_id: int
-    # Paper convention, softplus((β/2)(Δθ − Δref)). 5000 is the paper's SD 1.5 value; the toy
-    # model's errors are larger per pixel, so its useful β is smaller (see benchmarks).
-    beta: float = Field(default=5000.0, gt=0)
+    # Defaults: the swept recipe (worker.dpo_train.RECIPE, README "The default DPO recipe").
+    # Paper convention, softplus((β/2)(Δθ − Δref)); the paper's SD 1.5 value is 5000.
+    beta: float = Field(default=2000.0, gt=0)
     beta_convention: Literal["paper", "diffusers"] = "paper"
     loss: Literal["sigmoid", "hinge", "ipo", "sft"] = "sigmoid"
-    steps: int = Field(default=200, ge=1, le=100_000)
-    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
+    steps: int = Field(default=300, ge=1, le=100_000)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
     lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
     lora_targets: LoraTargets = "attention+conv"  # layers the LoRA adapts (worker.lora)
     batch_size: int = Field(default=8, ge=1, le=1024)

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from worker.dpo_train import (
+    RECIPE,
     CachedPairs,
     DPOConfig,
     DPOTrainer,
@@ -541,3 +542,26 @@ def test_two_process_data_parallel_run(pipe_dirs, cached, tmp_path):
     assert (checkpoint / "rng-rank1.safetensors").is_file()
     state = (checkpoint / "trainer_state.json").read_text()
     assert '"position": 3' in state  # 2 steps × 2 micro-batches × 1 pair × 2 processes = 8 of 5
+
+
+# --- the default recipe ------------------------------------------------------------------------
+
+
+def _recipe_item(key: str, value: object) -> str:
+    return f"`{key}={value:g}`" if isinstance(value, float) else f"`{key}={value}`"
+
+
+def test_defaults_are_the_documented_recipe():
+    from app.jobs.kinds import TrainDPOParams
+    from worker.tasks.dpo import dpo_config
+
+    job_defaults = TrainDPOParams(model_id=1).model_dump()
+    assert {k: job_defaults[k] for k in RECIPE} == RECIPE
+    assert {k: getattr(DPOConfig(), k) for k in RECIPE} == RECIPE
+    # what the job actually trains with when only model_id is given
+    config = dpo_config(job_defaults | {"tie_policy": "drop"})
+    assert {k: getattr(config, k) for k in RECIPE} == RECIPE
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### The default DPO recipe", 1)[1].split("\n#", 1)[0]
+    for key, value in RECIPE.items():
+        assert _recipe_item(key, value) in section, key
