@@ -10,8 +10,8 @@ v-prediction comes from the pipeline's scheduler config.
   ``ckpt_dir/step-XXXXXX`` (written to a temporary directory, then renamed), resumes exactly from
   the latest checkpoint, raises :class:`TrainingDiverged` on NaN/inf or exploding loss, and
   checkpoints then returns early when ``should_stop()`` says so (cancel, soft time limit).
-- :func:`save_result` writes the output: a diffusers-format LoRA (``pipe.load_lora_weights``) or
-  the whole pipeline with the fine-tuned UNet (``save_pretrained``).
+- :func:`save_result` writes the output: a LoRA adapter (:mod:`worker.lora`, loaded back with
+  ``pipe.load_lora_weights``) or a full UNet (``save_pretrained``).
 
 Mixed precision is plain ``torch.autocast`` (+ ``GradScaler`` for fp16) rather than
 ``accelerate.Accelerator``: the Accelerator's process-wide state refuses a second
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -56,10 +57,21 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from app.core.storage import atomic_dir, replace_dir
-from app.jobs.kinds import DPOTrainingParams
-from worker.dpo import DPOOutput, add_noise, diffusion_target, dpo_loss, per_sample_error, sft_loss
+from app.jobs.kinds import DPO_RECIPE, DPOTrainingParams
+from worker.dpo import (
+    DPOOutput,
+    add_noise,
+    diffusion_target,
+    dpo_loss,
+    effective_beta,
+    per_sample_error,
+    sft_loss,
+)
+from worker.lora import add_lora
+from worker.lora import save_lora as _save_lora
 
-LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+RECIPE = DPO_RECIPE  # the default recipe, defined with the job's params
+
 CHECKPOINT_PREFIX = "step-"
 _CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 # Config fields that may change between a run and its resumption without changing the maths.
@@ -175,6 +187,20 @@ class StepMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ValMetrics:
+    """Held-out pairs at one step: does the policy rank unseen pairs like the votes do?"""
+
+    step: int
+    val_implicit_acc: float  # label-weighted share of pairs ranked like the votes (½ = chance)
+    val_reward_margin: float  # mean implicit reward margin β_eff·(Δref − Δθ), 0 at step 0
+    val_loss: float
+    val_pairs: int
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in asdict(self).items() if k != "step"}
+
+
 @dataclass
 class TrainResult:
     """How a call to :func:`train` ended."""
@@ -183,6 +209,7 @@ class TrainResult:
     stopped_early: bool  # should_stop() ended the run before config.steps
     checkpoint: Path | None  # the newest checkpoint on disk
     history: list[StepMetrics] = field(default_factory=list)  # steps run by this call
+    validation: list[ValMetrics] = field(default_factory=list)  # held-out checks of this call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,6 +326,22 @@ def encode_pairs(
     )
 
 
+def held_out_prompts(prompts: Sequence[str], share: float) -> set[str]:
+    """A stable ``share`` of the distinct ``prompts``, chosen by a hash of each prompt's text.
+
+    For validation when a snapshot has no val-split prompts: by prompt, so no held-out pair
+    shares a prompt with a training pair, and by hash, so a retry holds out the same ones.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"share must be in [0, 1), got {share}")
+
+    def unit(prompt: str) -> float:  # uniform in [0, 1)
+        digest = hashlib.sha256(prompt.encode("utf-8")).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    return {p for p in dict.fromkeys(prompts) if unit(p) < share}
+
+
 # ---------------------------------------------------------------------------------------------
 # Data order
 
@@ -409,21 +452,12 @@ class DPOTrainer:
             raise ValueError("the UNet already carries an adapter; load a fresh pipeline")
         unet.requires_grad_(False)
         if self.is_lora:
-            from peft import LoraConfig
-
             # The frozen base may live in low precision; the LoRA weights stay fp32.
             unet.to(device=self.device)
             if self.autocast_dtype != torch.float32:
                 unet.to(dtype=self.autocast_dtype)
             torch.manual_seed(cfg.seed)  # LoRA A init; B starts at zero, so θ = ref at step 0
-            unet.add_adapter(
-                LoraConfig(
-                    r=cfg.lora_rank,
-                    lora_alpha=cfg.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=LORA_TARGET_MODULES,
-                )
-            )
+            add_lora(unet, cfg.lora_targets, cfg.lora_rank)
             for param in unet.parameters():
                 if param.requires_grad:
                     param.data = param.data.float()
@@ -469,11 +503,19 @@ class DPOTrainer:
             ).sample  # (2B, C, h, w)
         return per_sample_error(pred, inputs["target"])
 
-    def _inputs(self, batch: PairBatch) -> dict[str, Any]:
-        """Shared noise/timestep for each pair; winners and losers stacked along the batch."""
+    def _inputs(
+        self, batch: PairBatch, draws: tuple[Tensor, Tensor] | None = None
+    ) -> dict[str, Any]:
+        """Shared noise/timestep for each pair; winners and losers stacked along the batch.
+
+        ``draws`` = (noise (B, C, h, w), timesteps (B,)) replaces the training generator's.
+        """
         bsz = batch.latents_w.shape[0]
-        noise = torch.randn(batch.latents_w.shape, generator=self.noise_gen)  # (B, C, h, w)
-        timesteps = torch.randint(0, self.num_timesteps, (bsz,), generator=self.noise_gen)  # (B,)
+        if draws is None:
+            noise = torch.randn(batch.latents_w.shape, generator=self.noise_gen)  # (B, C, h, w)
+            timesteps = torch.randint(0, self.num_timesteps, (bsz,), generator=self.noise_gen)
+        else:
+            noise, timesteps = draws
         noise, timesteps = noise.to(self.device), timesteps.to(self.device)
         embeds, pooled = batch.prompt_embeds, batch.pooled_embeds  # (B, L, D), (B, Dp)
         if self.config.empty_prompt_prob > 0:
@@ -503,15 +545,19 @@ class DPOTrainer:
             }
         return inputs
 
-    def compute(self, batch: PairBatch) -> tuple[Tensor, DPOOutput]:
+    def compute(
+        self, batch: PairBatch, draws: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, DPOOutput]:
         """The training loss of one micro-batch and its DPO diagnostics."""
         cfg = self.config
-        inputs = self._inputs(batch)
+        inputs = self._inputs(batch, draws)
         model_err = self._errors(self.model, inputs)  # (2B,)
         model_err_w, model_err_l = model_err.chunk(2)  # (B,), (B,)
         with torch.no_grad(), self._reference() as ref_model:
             ref_err_w, ref_err_l = self._errors(ref_model, inputs).chunk(2)  # (B,) each
-        labels = batch.labels if cfg.soft_labels else None
+        # (B,) a majority's share of votes is a soft label; exact ties are filtered out earlier
+        # unless soft_labels (worker.dpo.dpo_loss)
+        labels = batch.labels
         kind = "sigmoid" if cfg.loss == "sft" else cfg.loss
         out = dpo_loss(
             model_err_w, model_err_l, ref_err_w, ref_err_l, cfg.beta,
@@ -519,6 +565,45 @@ class DPOTrainer:
         )  # fmt: skip
         loss = sft_loss(model_err_w) if cfg.loss == "sft" else out.loss
         return loss, out
+
+    @torch.no_grad()
+    def validate(self, data: CachedPairs, step: int, batch_size: int = 16) -> ValMetrics:
+        """Implicit accuracy, reward margin and loss over every pair of ``data``.
+
+        Each pair's noise and timestep are a function of its index only, so successive checks
+        (and any batch size) see the same draws and their differences are the model's; the
+        training generator is left untouched (exact resume). Prompts are never dropped here.
+        """
+        saved_prob = self.config.empty_prompt_prob
+        self.config.empty_prompt_prob = 0.0
+        beta_eff = effective_beta(self.config.beta, self.config.beta_convention)
+        sums = torch.zeros(3, dtype=torch.float64)  # acc, margin, loss (sums over pairs)
+        shape = tuple(data.latents_w.shape[1:])  # (C, h, w)
+
+        def draw(i: int) -> tuple[Tensor, Tensor]:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + 7_919 * (i + 1))
+            t = torch.randint(0, self.num_timesteps, (1,), generator=gen)
+            return torch.randn((1, *shape), generator=gen), t  # (1, C, h, w), (1,)
+
+        try:
+            for start in range(0, len(data), batch_size):
+                rows = range(start, min(start + batch_size, len(data)))
+                noises, steps = zip(*(draw(i) for i in rows), strict=True)
+                draws = (torch.cat(noises), torch.cat(steps))  # (B, C, h, w), (B,)
+                _, out = self.compute(data.batch(rows, self.device), draws)
+                n = out.losses.shape[0]
+                margin = beta_eff * out.logits  # (B,)
+                sums += torch.stack(
+                    [
+                        out.implicit_acc.double().cpu() * n,
+                        margin.sum().double().cpu(),
+                        out.losses.sum().double().cpu(),
+                    ]
+                )
+        finally:
+            self.config.empty_prompt_prob = saved_prob
+        means = sums / len(data)
+        return ValMetrics(step, float(means[0]), float(means[1]), float(means[2]), len(data))
 
     def _all_mean(self, values: Tensor) -> Tensor:
         if self.num_processes > 1:
@@ -709,13 +794,20 @@ def train(
     on_metrics: Callable[[StepMetrics], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     device: torch.device | str | None = None,
+    val_data: CachedPairs | None = None,
+    val_every: int = 25,
+    on_validation: Callable[[ValMetrics], None] | None = None,
 ) -> TrainResult:
     """Train ``pipe.unet`` with Diffusion-DPO, resuming from the newest checkpoint if any.
 
     ``on_metrics`` receives each step's metrics (progress = step / config.steps);
     ``should_stop`` is polled after every step, and a True answer checkpoints and returns.
+    With ``val_data`` (pairs on held-out prompts), every ``val_every`` steps and at the last
+    step :meth:`DPOTrainer.validate` runs and ``on_validation`` receives its figures.
     ``pipe.unet`` is modified in place (LoRA adapter added, or weights updated).
     """
+    if val_every < 1:
+        raise ValueError("val_every must be ≥ 1")
     ckpt_dir = Path(ckpt_dir)
     trainer = DPOTrainer(pipe, config, device=device)
     sampler = PairSampler(
@@ -725,6 +817,7 @@ def train(
     step = trainer.load_checkpoint(existing[-1], sampler) if existing else 0
     last = existing[-1] if existing else None
     history: list[StepMetrics] = []
+    validation: list[ValMetrics] = []
 
     def checkpoint() -> Path:
         path = trainer.save_checkpoint(ckpt_dir, step, sampler)
@@ -745,11 +838,19 @@ def train(
             last = checkpoint()
         if on_metrics is not None:
             on_metrics(metrics)
+        if (
+            val_data is not None
+            and len(val_data)
+            and (step % val_every == 0 or step == config.steps)
+        ):
+            validation.append(trainer.validate(val_data, step))
+            if on_validation is not None:
+                on_validation(validation[-1])
         if step < config.steps and should_stop is not None and should_stop():
             if last is None or last.name != f"{CHECKPOINT_PREFIX}{step:06d}":
                 last = checkpoint()
-            return TrainResult(step=step, stopped_early=True, checkpoint=last, history=history)
-    return TrainResult(step=step, stopped_early=False, checkpoint=last, history=history)
+            return TrainResult(step, True, last, history, validation)
+    return TrainResult(step, False, last, history, validation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -757,18 +858,8 @@ def train(
 
 
 def save_lora(unet: nn.Module, out_dir: Path, *, sdxl: bool | None = None) -> Path:
-    """Write the UNet's LoRA in diffusers format, loadable with ``pipe.load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    out_dir = Path(out_dir)
-    sdxl = _is_sdxl(unet) if sdxl is None else sdxl
-    lora_state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    lora_state = {k: v.detach().float().cpu().contiguous() for k, v in lora_state.items()}
-    pipeline_cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-    with atomic_dir(out_dir) as tmp:
-        pipeline_cls.save_lora_weights(tmp, unet_lora_layers=lora_state, safe_serialization=True)
+    """Write the UNet's LoRA so that ``pipe.load_lora_weights`` restores it (:mod:`worker.lora`)."""
+    return _save_lora(unet, out_dir, sdxl=sdxl)
     return out_dir
 
 

@@ -324,8 +324,10 @@ def load_pipeline(spec: GeneratorSpec, device: torch.device | str | None = None)
 
     if spec.adapter:
         _refuse_unconfined(spec.adapter)
+        from worker.lora import load_lora
+
         try:
-            pipe.load_lora_weights(spec.adapter, local_files_only=local_only)
+            load_lora(pipe, spec.adapter, local_files_only=local_only)
         except Exception as exc:
             raise ModelLoadError(
                 spec.base, f"cannot load adapter {spec.adapter!r}: {_short(exc)}"

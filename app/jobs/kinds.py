@@ -234,6 +234,23 @@ def check_score_images(
     return errors
 
 
+# Layers a LoRA adapts (worker.lora resolves them per UNet class): attention projections only,
+# or the convolutions too, or every linear/conv layer of the UNet.
+LoraTargets = Literal["attention", "attention+conv", "all"]
+
+# The default Diffusion-DPO recipe: what `train_dpo` runs when a lead gives only `model_id`.
+# DPOTrainingParams defaults to it and the README states it (a test checks both); the sweep that
+# chose it is benchmarks/dpo_recipe.py on the toy model (figures in the README).
+DPO_RECIPE: dict[str, Any] = {
+    "lora_targets": "attention+conv",
+    "lora_rank": 8,
+    "beta": 2000.0,
+    "learning_rate": 1e-3,
+    "steps": 300,
+    "batch_size": 8,
+}
+
+
 class DPOTrainingParams(JobParams):
     """The hyper-parameters of one Diffusion-DPO run: what `worker.dpo_train` reads."""
 
@@ -243,21 +260,27 @@ class DPOTrainingParams(JobParams):
     # lr 1e-4, 8 pairs per step, right- vs wrong-colour pairs, 120 steps): held-out implicit
     # accuracy 0.965 with the winners' denoising error unchanged. β = 50 or 500 learn the ranking
     # as fast but make the winners worse too: too weak a pull towards the reference.
-    beta: float = Field(default=5000.0, gt=0)
+    beta: float = Field(default=DPO_RECIPE["beta"], gt=0)
     beta_convention: Literal["paper", "diffusers"] = "paper"
     # "sigmoid" is Diffusion-DPO; "hinge" and "ipo" are the variants; "sft" trains the plain
     # denoising loss on winners only (the paper's baseline) while still logging the DPO margins.
     loss: Literal["sigmoid", "hinge", "ipo", "sft"] = "sigmoid"
-    steps: int = Field(default=200, ge=1, le=100_000, description="optimizer steps")
+    steps: int = Field(default=DPO_RECIPE["steps"], ge=1, le=100_000, description="optimizer steps")
     # The paper uses 1e-8 × effective batch for the full UNet; LoRA tolerates larger rates (the
-    # diffusers example sweeps 1e-5 … 5e-4). On the toy model 1e-4 suits LoRA; 1e-3 gives loss
-    # spikes and worse winners.
-    learning_rate: float = Field(default=1e-4, gt=0, le=1.0)
+    # diffusers example sweeps 1e-5 … 5e-4). On the toy model 1e-4 suits LoRA for colour; moving
+    # shapes needs more (DPO_RECIPE).
+    learning_rate: float = Field(default=DPO_RECIPE["learning_rate"], gt=0, le=1.0)
     weight_decay: float = Field(default=1e-2, ge=0, le=1.0, description="AdamW")
-    # 0 trains the full UNet against a frozen copy; > 0 trains a LoRA on the attention
-    # projections (alpha = rank, so the saved adapter loads unchanged in plain diffusers).
-    lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
-    batch_size: int = Field(default=8, ge=1, le=1024, description="pairs per micro-batch")
+    # 0 trains the full UNet against a frozen copy; > 0 trains a LoRA on `lora_targets`
+    # (alpha = rank, so the saved adapter loads unchanged in plain diffusers). Attention alone
+    # cannot move a shape on the toy UNet (its attention has no position signal).
+    lora_rank: int = Field(
+        default=DPO_RECIPE["lora_rank"], ge=0, le=256, description="0 = full fine-tuning"
+    )
+    lora_targets: LoraTargets = DPO_RECIPE["lora_targets"]
+    batch_size: int = Field(
+        default=DPO_RECIPE["batch_size"], ge=1, le=1024, description="pairs per micro-batch"
+    )
     grad_accum: int = Field(default=1, ge=1, le=1024, description="micro-batches per step")
     warmup_steps: int = Field(default=0, ge=0, description="linear warm-up, then constant")
     max_grad_norm: float = Field(default=1.0, ge=0, description="0: no clipping")

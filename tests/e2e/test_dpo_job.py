@@ -121,6 +121,11 @@ def test_killed_dpo_job_resumes_and_its_adapter_loads(voted: tuple[Stack, int, i
         "grad_norm",
         "lr",
     } <= set(job["metrics"])
+    # The project has no val prompts: a stable tenth of the train prompts is held out and
+    # checked at every checkpoint, across the resumption too.
+    assert [int(s) for s, _ in job["metrics"]["val_implicit_acc"]] == list(range(5, 31, 5))
+    assert {"val_reward_margin", "val_loss"} <= set(job["metrics"])
+    assert job["result"]["val_pairs"] >= 1
 
     child_id = job["result"]["model_id"]
     models = {m["id"]: m for m in stack.get(f"/api/v1/projects/{pid}/models").json()}

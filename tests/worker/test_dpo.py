@@ -150,3 +150,15 @@ def test_targets_match_the_diffusers_scheduler():
     v = diffusion_target(ac, x0, noise, t, "v_prediction")
     assert torch.allclose(v, scheduler.get_velocity(x0, noise, t), atol=1e-6)
     assert torch.allclose(add_noise(ac, x0, noise, t), scheduler.add_noise(x0, noise, t), atol=1e-6)
+
+
+def test_two_to_one_majority_is_a_soft_label_by_hand():
+    # winner error 0.1 → loser 0.3 under the policy, both 0.2 under the reference; β = 10
+    # (paper convention, β/2 = 5): z = 5 · ((0.1 − 0.3) − 0) = −1
+    errs = [torch.tensor([0.1]), torch.tensor([0.3]), torch.tensor([0.2]), torch.tensor([0.2])]
+    out = dpo_loss(*errs, beta=10.0, label=torch.tensor([2 / 3]))
+    # 2/3 · softplus(−1) + 1/3 · softplus(1) = 2/3 · 0.3132617 + 1/3 · 1.3132617
+    assert out.loss.item() == pytest.approx(0.6465950, abs=1e-6)
+    assert out.implicit_acc.item() == pytest.approx(2 / 3)  # agrees with 2 of 3 votes
+    hard = dpo_loss(*errs, beta=10.0)
+    assert hard.loss.item() == pytest.approx(0.3132617, abs=1e-6)

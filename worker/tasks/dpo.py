@@ -23,14 +23,21 @@ from app.ratings.models import RewardModel
 from app.ratings.snapshots import create_snapshot, snapshot_for_job, snapshot_pairs
 from worker.runner import JobCancelled, ProjectJobContext, TimeLimitReached, TransientJobError
 
+# Share of train-split prompts held out for validation when the project has no val prompts.
+VAL_SHARE = 0.1
+
 
 def _training_pairs(
     ctx: ProjectJobContext[TrainDPOParams], tie_policy: str
-) -> tuple[int, list[Any]]:
-    """The job's snapshot (made on the first attempt) and its train-split pairs as images."""
+) -> tuple[int, list[Any], list[Any]]:
+    """The job's snapshot (made on the first attempt) and its training and validation pairs.
+
+    Validation pairs are the val-split prompts' pairs, or, without any, those of a stable tenth
+    of the train-split prompts (held out of training). Test prompts stay out of both.
+    """
     from PIL import Image as PILImage
 
-    from worker.dpo_train import PreferencePair
+    from worker.dpo_train import PreferencePair, held_out_prompts
 
     with ctx.session() as session:
         snapshot = snapshot_for_job(session, ctx.job_id) or create_snapshot(
@@ -40,20 +47,28 @@ def _training_pairs(
     with ctx.session() as session:
         # Held-out prompts (val/test) stay out of training: evaluation uses them.
         rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split="train")  # type: ignore[arg-type]
+        val_rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split="val")  # type: ignore[arg-type]
+    if not val_rows:
+        held = held_out_prompts([row.prompt for row in rows], VAL_SHARE)
+        if len(held) < len({row.prompt for row in rows}):  # never hold out every prompt
+            val_rows = [row for row in rows if row.prompt in held]
+            rows = [row for row in rows if row.prompt not in held]
 
     def load(key: str) -> Any:
         return PILImage.open(io.BytesIO(ctx.store.read(key))).convert("RGB")
 
-    pairs = [
-        PreferencePair(
-            prompt=row.prompt,
-            winner=load(row.winner_storage_key),
-            loser=load(row.loser_storage_key),
-            label=row.p,
-        )
-        for row in rows
-    ]
-    return snapshot_id, pairs
+    def pairs(of: list[Any]) -> list[Any]:
+        return [
+            PreferencePair(
+                prompt=row.prompt,
+                winner=load(row.winner_storage_key),
+                loser=load(row.loser_storage_key),
+                label=row.p,
+            )
+            for row in of
+        ]
+
+    return snapshot_id, pairs(rows), pairs(val_rows)
 
 
 def _load_parent(parent: ModelVersion) -> Any:
@@ -90,23 +105,32 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
     params = ctx.params.model_copy(update={"tie_policy": tie_policy})
     work = Path(ctx.work_dir())
     cache_path = work / "pairs-cache.pt"
+    val_cache_path = work / "val-pairs-cache.pt"
     ckpt_dir = work / "checkpoints"
 
     ctx.progress(0.01, "loading the parent model")
     pipe = _load_parent(parent)
-    snapshot_id, pairs = _training_pairs(ctx, tie_policy)
+    snapshot_id, pairs, val_pairs = _training_pairs(ctx, tie_policy)
     if cache_path.exists():
         data = CachedPairs.load(cache_path)
+        val_data = CachedPairs.load(val_cache_path) if val_cache_path.exists() else None
     else:
         if not pairs:
             raise ValueError(
                 f"snapshot {snapshot_id} has no training pairs on train-split prompts "
                 f"(tie policy {tie_policy!r})"
             )
-        ctx.progress(0.02, f"encoding {len(pairs)} pairs once")
+        ctx.progress(0.02, f"encoding {len(pairs) + len(val_pairs)} pairs once")
+        val_data = encode_pairs(pipe, val_pairs) if val_pairs else None
+        if val_data is not None:
+            val_data.save(val_cache_path)
         data = encode_pairs(pipe, pairs)
-        data.save(cache_path)
-    ctx.log(f"snapshot {snapshot_id}: {len(data)} pairs; tie policy {tie_policy}")
+        data.save(cache_path)  # last: its presence means both caches are complete
+    ctx.log(
+        f"snapshot {snapshot_id}: {len(data)} training pairs, "
+        f"{len(val_data) if val_data is not None else 0} held-out validation pairs; "
+        f"tie policy {tie_policy}"
+    )
 
     existing = list_checkpoints(ckpt_dir)
     resumed_from = 0
@@ -129,8 +153,14 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         ctx.metrics(metrics.step, metrics.as_dict())
         ctx.progress(0.05 + 0.9 * metrics.step / params.steps, f"step {metrics.step}")
 
+    def on_validation(metrics: Any) -> None:
+        ctx.metrics(metrics.step, metrics.as_dict())
+
     try:
-        result = train(pipe, data, params, ckpt_dir, on_metrics=on_metrics, should_stop=should_stop)
+        result = train(
+            pipe, data, params, ckpt_dir, on_metrics=on_metrics, should_stop=should_stop,
+            val_data=val_data, val_every=params.checkpoint_every, on_validation=on_validation,
+        )  # fmt: skip
     except TrainingDiverged as exc:
         kept = list_checkpoints(ckpt_dir)
         note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
@@ -179,6 +209,7 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         "steps": result.step,
         "final_loss": last.loss if last else None,
         "implicit_acc": last.implicit_acc if last else None,
+        **(result.validation[-1].as_dict() if result.validation else {}),
         "output": str(out_dir),
         **follow_ups,
     }
