@@ -20,7 +20,7 @@ shape closer to the cell the prompt names wins; trained and judged on prompts na
         --point targets=attention+conv,lr=1e-3,beta=2000,steps=300,rank=8 --out /tmp/sweep.jsonl
 
 Each point appends one JSON line to ``--out``; ``--table`` prints the lines collected so far.
-The measured sweep and the recipe it chose are in the README and ``app/jobs/kinds.py`` (``DPO_RECIPE``).
+The measured sweep and the recipe it chose: the README and ``app.jobs.kinds.DPO_RECIPE``.
 """
 
 from __future__ import annotations
