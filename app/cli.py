@@ -86,6 +86,30 @@ def migrate(data_dir: Path | None) -> None:
 
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
+def bootstrap(data_dir: Path | None) -> None:
+    """Migrate, then create the first admin if there is none (safe to run on every start).
+
+    The admin is PREFLOOP_ADMIN_EMAIL with PREFLOOP_ADMIN_PASSWORD when both are set; otherwise
+    admin@prefloop.local with a random password printed here, once.
+    """
+    _use_data_dir(data_dir)
+    from app.bootstrap import BootstrapError, ensure_admin
+    from app.core.migrate import upgrade_head
+
+    settings = get_settings()
+    if settings.is_sqlite:
+        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_head()
+    click.echo("database is up to date")
+    try:
+        admin = ensure_admin(settings)
+    except BootstrapError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(admin.announcement() if admin else "an admin exists; no account created")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(

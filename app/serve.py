@@ -20,15 +20,12 @@ import time
 from collections.abc import Callable
 
 import click
-from sqlalchemy import func, select
 
+from app.bootstrap import BootstrapError, ensure_admin
 from app.core.config import get_settings
-from app.core.db import session_scope
 from app.core.migrate import upgrade_head
 
 log = logging.getLogger("prefloop.serve")
-
-ADMIN_EMAIL = "admin@prefloop.local"
 
 
 def port_problem(host: str, port: int) -> str | None:
@@ -43,20 +40,6 @@ def port_problem(host: str, port: int) -> str | None:
                 return f"port {port} on {host} is already in use; pick another with --port"
             return f"cannot listen on {host}:{port}: {exc.strerror}"
     return None
-
-
-def ensure_admin() -> tuple[str, str] | None:
-    """On first run, create an admin with a random password; returns (email, password) once."""
-    from app.core.security import new_password
-    from app.users import service
-    from app.users.models import User
-
-    with session_scope() as session:
-        if session.scalar(select(func.count()).select_from(User)):
-            return None
-        password = new_password()
-        service.create_user(session, email=ADMIN_EMAIL, role="admin", password=password)
-        return ADMIN_EMAIL, password
 
 
 class Supervisor:
@@ -143,7 +126,11 @@ class Supervisor:
             self.echo(f"error: {problem}")
             return 2
         self._prepare()
-        admin = ensure_admin()
+        try:
+            admin = ensure_admin()
+        except BootstrapError as exc:
+            self.echo(f"error: {exc}")
+            return 2
         demo_lines: list[str] = []
         if self.demo:
             from app.demo import create_demo
@@ -162,7 +149,7 @@ class Supervisor:
         url = f"http://{self.host}:{self.port}/"
         self.echo(f"prefloop is starting at {url}")
         if admin:
-            self.echo(f"first run: admin login {admin[0]} / password {admin[1]} (shown only once)")
+            self.echo(admin.announcement())
         for line in demo_lines:
             self.echo(line)
         code = 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import shlex
 import warnings
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def test_service_command_is_a_real_command(name: str) -> None:
     program, args = argv[0], argv[1:]
     if program == "prefloop":
         command = _parse(prefloop_cli, "prefloop", args)
-        assert command.name in {"migrate", "worker", "serve"}
+        assert command.name in {"bootstrap", "migrate", "worker", "serve"}
     elif program == "uvicorn":
         uvicorn_cli = importlib.import_module("uvicorn.main").main
         ctx = uvicorn_cli.make_context("uvicorn", list(args))
@@ -93,3 +94,36 @@ def test_dockerfile_copies_what_the_commands_need() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     for path in ("app", "worker", "migrations", "templates", "static", "pyproject.toml"):
         assert f"COPY {path}" in dockerfile
+
+
+def test_prestart_bootstraps_the_first_admin_from_the_env_file() -> None:
+    prestart = SERVICES["prestart"]
+    assert _parse(prefloop_cli, "prefloop", prestart["command"][1:]).name == "bootstrap"
+    env = prestart["environment"]
+    assert {"PREFLOOP_ADMIN_EMAIL", "PREFLOOP_ADMIN_PASSWORD"} <= set(env)
+    # The rest of the wiring is the shared one.
+    assert env["PREFLOOP_DATABASE_URL"] == COMPOSE["x-prefloop"]["environment"][
+        "PREFLOOP_DATABASE_URL"
+    ]
+    for name in SERVICES:
+        if name not in ("postgres", "redis"):
+            assert {"path": ".env", "required": False} in SERVICES[name]["env_file"], name
+
+
+def test_env_example_names_only_real_settings() -> None:
+    fields = {f"PREFLOOP_{name.upper()}" for name in Settings.model_fields}
+    lines = (REPO / ".env.example").read_text().splitlines()
+    names = {line.split("=", 1)[0] for line in lines if line and not line.startswith("#")}
+    assert {"PREFLOOP_SECRET_KEY", "PREFLOOP_ADMIN_EMAIL", "PREFLOOP_ADMIN_PASSWORD"} <= names
+    assert names <= fields | {"FLOWER_USER", "FLOWER_PASSWORD"}, names - fields
+    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def test_readme_user_commands_run_in_the_web_service() -> None:
+    readme = (REPO / "README.md").read_text()
+    lines = [line for line in readme.splitlines() if line.startswith("docker compose exec web ")]
+    assert any(" user add " in line for line in lines), "README shows no `user add` in compose"
+    for line in lines:
+        argv = shlex.split(line.split("#", 1)[0])[4:]
+        assert argv[0] == "prefloop", line
+        assert _parse(prefloop_cli, "prefloop", argv[1:]).name in {"add", "list", "token"}
