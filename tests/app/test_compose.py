@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import re
 import shlex
 import warnings
 from pathlib import Path
@@ -53,7 +54,7 @@ def test_service_command_is_a_real_command(name: str) -> None:
     program, args = argv[0], argv[1:]
     if program == "prefloop":
         command = _parse(prefloop_cli, "prefloop", args)
-        assert command.name in {"bootstrap", "migrate", "worker", "serve"}
+        assert command.name in {"backup", "bootstrap", "migrate", "worker", "serve"}
     elif program == "uvicorn":
         uvicorn_cli = importlib.import_module("uvicorn.main").main
         ctx = uvicorn_cli.make_context("uvicorn", list(args))
@@ -127,3 +128,28 @@ def test_readme_user_commands_run_in_the_web_service() -> None:
         argv = shlex.split(line.split("#", 1)[0])[4:]
         assert argv[0] == "prefloop", line
         assert _parse(prefloop_cli, "prefloop", argv[1:]).name in {"add", "list", "token"}
+
+
+def _dockerfile_arg(name: str) -> str:
+    match = re.search(rf"^ARG {name}=(\S+)$", (REPO / "Dockerfile").read_text(), re.MULTILINE)
+    assert match, f"Dockerfile has no ARG {name}"
+    return match.group(1)
+
+
+def test_image_has_pg_dump_of_the_compose_servers_major_version() -> None:
+    server_major = SERVICES["postgres"]["image"].split(":")[1].split(".")[0]
+    assert _dockerfile_arg("PG_MAJOR") == server_major
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert '"postgresql-client-${PG_MAJOR}"' in dockerfile
+    # Debian's own client is older than the compose server; the PostgreSQL apt repo has it.
+    assert "apt.postgresql.org" in dockerfile
+
+
+def test_backup_service_is_opt_in_and_keeps_backups_in_a_volume() -> None:
+    backup = SERVICES["backup"]
+    assert backup["profiles"] == ["backup"]  # not started by a plain `docker compose up`
+    assert "backups:/backups" in backup["volumes"] and "media:/data" in backup["volumes"]
+    assert "backups" in COMPOSE["volumes"]
+    command = _parse(prefloop_cli, "prefloop", backup["command"][1:])
+    assert command.name == "backup"
+    assert backup["command"][-2:] == ["--under", "/backups"]
