@@ -21,7 +21,7 @@ from app.core.db import get_engine, pool_capacity
 from app.core.deps import LoginRequired
 from app.core.health import LATENCY, REQUESTS
 from app.core.health import router as health_router
-from app.core.web import ROOT
+from app.core.resources import shared_dir
 
 log = logging.getLogger("prefloop.web")
 
@@ -76,7 +76,7 @@ def create_app() -> FastAPI:
         pages_router,
     ):
         app.include_router(router)
-    app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
+    app.mount("/static", StaticFiles(directory=str(shared_dir("static"))), name="static")
     # Requests working on the database at once, per process (see app.core.db.request_slot).
     app.state.db_slots = asyncio.Semaphore(pool_capacity(get_engine()))
 

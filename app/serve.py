@@ -9,6 +9,7 @@ is stopped too and the command exits non-zero.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import logging
 import os
 import signal
@@ -122,6 +123,11 @@ class Supervisor:
 
     def run(self) -> int:
         problem = port_problem(self.host, self.port)
+        if self.start_worker and importlib.util.find_spec("torch") is None:
+            problem = (
+                "the worker needs torch, which is not installed: pip install 'prefloop[worker]' "
+                "(or start the web alone with --no-worker)"
+            )
         if problem:
             self.echo(f"error: {problem}")
             return 2
