@@ -148,7 +148,8 @@ def serve(
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
 @click.option("--loglevel", default=None, help="Log level (default: PREFLOOP_LOG_LEVEL).")
-def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
+@click.option("--events", is_flag=True, help="Send task events (what Flower shows).")
+def worker(queues: str, data_dir: Path | None, loglevel: str | None, events: bool) -> None:
     """Run a Celery worker: one job at a time in this process (start more for more)."""
     _use_data_dir(data_dir)
     names = [q.strip() for q in queues.split(",") if q.strip()]
@@ -172,6 +173,7 @@ def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
             f"prefloop-{'-'.join(names)}-{os.getpid()}@%h",
             "--without-gossip",
             "--without-mingle",
+            *(["--task-events"] if events else []),
         ]
     )
 

@@ -116,7 +116,8 @@ def test_env_example_names_only_real_settings() -> None:
     lines = (REPO / ".env.example").read_text().splitlines()
     names = {line.split("=", 1)[0] for line in lines if line and not line.startswith("#")}
     assert {"PREFLOOP_SECRET_KEY", "PREFLOOP_ADMIN_EMAIL", "PREFLOOP_ADMIN_PASSWORD"} <= names
-    assert names <= fields | {"FLOWER_USER", "FLOWER_PASSWORD"}, names - fields
+    # FLOWER_BASIC_AUTH is Flower's own setting (it reads FLOWER_* variables).
+    assert names <= fields | {"FLOWER_BASIC_AUTH"}, names - fields
     assert ".env" in (REPO / ".gitignore").read_text().splitlines()
 
 
@@ -153,3 +154,75 @@ def test_backup_service_is_opt_in_and_keeps_backups_in_a_volume() -> None:
     command = _parse(prefloop_cli, "prefloop", backup["command"][1:])
     assert command.name == "backup"
     assert backup["command"][-2:] == ["--under", "/backups"]
+
+
+def _stages() -> dict[str, str]:
+    """Dockerfile stage name -> its text."""
+    text = (REPO / "Dockerfile").read_text()
+    parts = re.split(r"^FROM ", text, flags=re.MULTILINE)[1:]
+    return {part.split("\n", 1)[0].split(" AS ")[1].strip(): part for part in parts}
+
+
+def test_web_image_is_slim_and_workers_get_torch() -> None:
+    stages = _stages()
+    assert {"web", "worker", "build"} <= set(stages)
+    assert list(stages)[-1] == "worker"  # the default target has everything
+    chain = ["base", "web-deps", "web"]
+    assert all(name in stages for name in chain)
+    for name in chain:
+        assert "torch" not in stages[name].replace("no torch", ""), name
+        assert "worker >" not in stages[name], name
+    assert "torch" in stages["worker-deps"] and "prefloop-requirements.py worker" in (
+        stages["worker-deps"]
+    )
+    for name, service in SERVICES.items():
+        if name in ("postgres", "redis"):
+            continue
+        target = service["build"]["target"]
+        assert target == ("worker" if name.startswith("worker-") else "web"), name
+    assert GPU["services"]["worker-gpu"]["build"]["target"] == "worker"
+
+
+def test_dependencies_are_installed_before_the_code_is_copied() -> None:
+    stages = _stages()
+    for name in ("web-deps", "worker-deps"):
+        copies = re.findall(r"^COPY (.+)$", stages[name], flags=re.MULTILINE)
+        assert all(c.split()[0] in {"pyproject.toml", "constraints.txt"} for c in copies), copies
+    for name in ("web", "worker"):
+        text = stages[name]
+        # The code arrives as the built wheel, installed without touching dependencies.
+        assert "COPY --from=build /wheels" in text and "pip install --no-deps" in text
+        assert "-e " not in text
+
+
+def test_dockerignore_keeps_history_data_and_secrets_out() -> None:
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".git", ".venv", "prefloop-data", "artifacts", ".env", "**/__pycache__"} <= ignored
+
+
+def test_model_volumes() -> None:
+    hf_home = re.search(r"HF_HOME=(\S+)", (REPO / "Dockerfile").read_text())
+    assert hf_home and hf_home.group(1) == "/cache/huggingface"
+    for name in ("worker-gpu", "worker-cpu"):
+        volumes = SERVICES[name]["volumes"]
+        assert f"hub-cache:{hf_home.group(1)}" in volumes and "models:/data/models" in volumes
+    # The web checks registered model paths, so it sees the same model root.
+    assert "models:/data/models" in SERVICES["web"]["volumes"]
+    assert SERVICES["web"]["environment"]["PREFLOOP_DATA_DIR"] == "/data"
+    assert {"hub-cache", "models"} <= set(COMPOSE["volumes"])
+
+
+def test_flower_needs_a_password_and_sees_task_events() -> None:
+    import flower.options  # noqa: F401 - defines Flower's options
+    from tornado.options import options
+
+    command = SERVICES["flower"]["command"]
+    [auth] = [arg for arg in command if arg.startswith("--basic-auth=")]
+    assert auth == "--basic-auth=${FLOWER_BASIC_AUTH:?set FLOWER_BASIC_AUTH=user:password in .env}"
+    # As compose interpolates it, Flower's own parser reads a login.
+    options.parse_command_line(["flower", "--basic-auth=ops:pw", "--port=5555"], final=False)
+    assert options.basic_auth == ["ops:pw"]
+    for name in ("worker-gpu", "worker-cpu"):
+        args = SERVICES[name]["command"][1:]
+        command = _parse(prefloop_cli, "prefloop", args)
+        assert command.name == "worker" and "--events" in args
