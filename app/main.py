@@ -47,9 +47,13 @@ def create_app() -> FastAPI:
         title="prefloop",
         version=__version__,
         description="Human-preference alignment loop for text-to-image diffusion models.",
+        # Served by app.core.apidocs from vendored files, under the CSP.
+        docs_url=None,
+        redoc_url=None,
     )
 
     from app.audit.routes import router as audit_router
+    from app.core.apidocs import router as apidocs_router
     from app.exports.routes import router as exports_router
     from app.generators.routes import router as models_router
     from app.images.routes import router as images_router
@@ -63,6 +67,7 @@ def create_app() -> FastAPI:
 
     for router in (
         health_router,
+        apidocs_router,
         projects_router,
         models_router,
         jobs_router,
