@@ -149,7 +149,10 @@ def serve(
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
 @click.option("--loglevel", default=None, help="Log level (default: PREFLOOP_LOG_LEVEL).")
 @click.option("--events", is_flag=True, help="Send task events (what Flower shows).")
-def worker(queues: str, data_dir: Path | None, loglevel: str | None, events: bool) -> None:
+@click.option("--quiet", is_flag=True, help="No start-up banner.")
+def worker(
+    queues: str, data_dir: Path | None, loglevel: str | None, events: bool, quiet: bool
+) -> None:
     """Run a Celery worker: one job at a time in this process (start more for more)."""
     _use_data_dir(data_dir)
     names = [q.strip() for q in queues.split(",") if q.strip()]
@@ -162,6 +165,7 @@ def worker(queues: str, data_dir: Path | None, loglevel: str | None, events: boo
     _limit_torch_threads(settings.torch_threads)
     celery_app.worker_main(
         [
+            *(["--quiet"] if quiet else []),
             "worker",
             "--queues",
             ",".join(names),
