@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
@@ -36,6 +38,26 @@ def _wants_html(request: Request) -> bool:
     return not request.url.path.startswith("/api/") and "text/html" in request.headers.get(
         "accept", ""
     )
+
+
+def _signed_in(request: Request) -> SimpleNamespace | None:
+    """A snapshot of the browser's login (user email and role, CSRF token), or None."""
+    from app.core.db import get_sessionmaker
+    from app.core.deps import SESSION_COOKIE
+    from app.users.service import session_for_token
+
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    try:
+        with get_sessionmaker()() as session:
+            row = session_for_token(session, cookie)
+            if row is None:
+                return None
+            user = SimpleNamespace(email=row.user.email, role=row.user.role)
+            return SimpleNamespace(user=user, csrf_token=row.csrf_token)
+    except Exception:  # noqa: BLE001 - an error page must render even with the database down
+        return None
 
 
 def create_app() -> FastAPI:
@@ -133,7 +155,9 @@ def create_app() -> FastAPI:
         if exc.status_code in (401, 403, 404) and _wants_html(request):
             from app.core.web import render
 
-            request.state.user_session = None  # detached by the rollback: render signed out
+            # The request's own login was detached by the rollback: look it up afresh, so the page
+            # says who is signed in (and offers to log out) instead of looking signed out.
+            request.state.user_session = await run_in_threadpool(_signed_in, request)
             return render(
                 request,
                 "pages/error.html",
