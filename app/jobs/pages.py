@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from app.core import plots
 from app.core.config import get_settings
-from app.core.db import SessionDep
+from app.core.db import SessionDep, utcnow
 from app.core.deps import PageUser, get_project_for
 from app.core.web import is_htmx, render
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
@@ -161,9 +161,47 @@ def launch_job(
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
-def _job_context(job: Job, *, error: str | None = None) -> dict[str, Any]:
+def eta_seconds(progress: float, elapsed_seconds: float) -> float | None:
+    """Seconds left at the rate measured so far, elapsed · (1 − p) / p; None before progress."""
+    if not 0 < progress < 1 or elapsed_seconds <= 0:
+        return None
+    return elapsed_seconds * (1 - progress) / progress
+
+
+def eta_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s left"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"about {minutes} min left"
+    return f"about {minutes // 60} h {minutes % 60:02d} min left"
+
+
+def _related(session: Session, job: Job) -> list[tuple[str, str]]:
+    """(label, href) for what a job made or started: the DPO child model, follow-up jobs."""
+    result = job.result or {}
+    links: list[tuple[str, str]] = []
+    if job.kind == "train_dpo" and job.project_id is not None:
+        for key, label in (("model_id", "Trained model"), ("parent_id", "Parent model")):
+            model = session.get(ModelVersion, result.get(key) or 0)
+            if model is not None:
+                href = f"/projects/{job.project_id}/models#model-{model.id}"
+                links.append((f"{label}: {model.name}", href))
+    for key, value in result.items():
+        if key.endswith("_job_id") and isinstance(value, int):
+            what = key.removesuffix("_job_id").replace("_", " ")
+            links.append((f"{what.capitalize()} job {value}", f"/jobs/{value}"))
+    return links
+
+
+def _job_context(session: Session, job: Job, *, error: str | None = None) -> dict[str, Any]:
     metrics = job.metrics or {}
     panels = plots.group_metric_series(metrics)
+    eta = None
+    if job.status == "running" and job.started_at is not None:
+        elapsed = (utcnow() - job.started_at).total_seconds()
+        seconds = eta_seconds(job.progress, elapsed)
+        eta = eta_text(seconds) if seconds is not None else None
     return {
         "job": job,
         "finished": job.status in TERMINAL,
@@ -172,6 +210,8 @@ def _job_context(job: Job, *, error: str | None = None) -> dict[str, Any]:
         "log_lines": list(job.log or [])[-LOG_LINES:],
         "metrics_svg": plots.small_multiples(panels, columns=2) if panels else None,
         "action_error": error,
+        "eta": eta,
+        "related": _related(session, job),
     }
 
 
@@ -180,12 +220,12 @@ def job_page(job_id: int, request: Request, session: SessionDep, user: PageUser)
     job = job_for(session, user, job_id)
     project = session.get(Project, job.project_id) if job.project_id is not None else None
     template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
-    return render(request, template, {"project": project, **_job_context(job)})
+    return render(request, template, {"project": project, **_job_context(session, job)})
 
 
 def _after_action(request: Request, session: Session, job: Job, exc: HTTPException) -> Response:
     project = session.get(Project, job.project_id) if job.project_id is not None else None
-    ctx = {"project": project, **_job_context(job, error=str(exc.detail))}
+    ctx = {"project": project, **_job_context(session, job, error=str(exc.detail))}
     template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
     return render(request, template, ctx, status_code=exc.status_code)
 
