@@ -61,7 +61,7 @@ def test_rate_through_the_main_cli(tmp_path) -> None:  # type: ignore[no-untyped
     bad = tmp_path / "bad.json"
     bad.write_text('[{"model_a": "a", "model_b": "b", "winner": "nobody"}]')
     failed = CliRunner().invoke(main, ["rate", str(bad)])
-    assert failed.exit_code == 2 and "record 0" in failed.output
+    assert failed.exit_code == 2 and "record 1" in failed.output
 
 
 def test_version_prints_versions() -> None:
