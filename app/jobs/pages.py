@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core import plots
@@ -40,23 +40,42 @@ def _describe(kind: JobKind) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-def _jobs(session: Session, project_id: int) -> list[tuple[Job, str | None]]:
-    rows = session.execute(
+# The rating refreshes queued by the platform itself (no one launched them): many, and routine.
+AUTOMATIC = Job.created_by_id.is_(None) & (Job.kind == "fit_ratings")
+
+
+def _jobs(
+    session: Session, project_id: int, *, automatic: bool
+) -> tuple[list[tuple[Job, str | None]], int]:
+    """The latest jobs (the automatic refreshes only if asked) and how many refreshes are hidden."""
+    query = (
         select(Job, User.email)
         .outerjoin(User, User.id == Job.created_by_id)
         .where(Job.project_id == project_id)
-        .order_by(Job.id.desc())
-        .limit(LIST_LIMIT)
     )
-    return [(job, email) for job, email in rows]
+    hidden = 0
+    if not automatic:
+        query = query.where(~AUTOMATIC)
+        hidden = (
+            session.scalar(
+                select(func.count()).select_from(Job).where(Job.project_id == project_id, AUTOMATIC)
+            )
+            or 0
+        )
+    rows = session.execute(query.order_by(Job.id.desc()).limit(LIST_LIMIT))
+    return [(job, email) for job, email in rows], hidden
 
 
 @router.get("/projects/{project_id}/jobs", response_class=HTMLResponse)
 def jobs_page(
-    project_id: int, request: Request, session: SessionDep, user: PageUser
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    automatic: bool = False,
 ) -> HTMLResponse:
     project = get_project_for(session, user, project_id, lead=True)
-    jobs = _jobs(session, project.id)
+    jobs, hidden = _jobs(session, project.id, automatic=automatic)
     ctx = {
         "project": project,
         "tab": "jobs",
@@ -64,6 +83,8 @@ def jobs_page(
         "active": any(job.status not in TERMINAL for job, _ in jobs),
         "kinds": [(k.name, _describe(k)) for k in project_kinds()],
         "limit": LIST_LIMIT,
+        "show_automatic": automatic,
+        "hidden_automatic": hidden,
     }
     template = "partials/dash_jobs_table.html" if is_htmx(request) else "pages/jobs.html"
     return render(request, template, ctx)

@@ -79,3 +79,26 @@ def test_dpo_job_links_to_its_model_and_follow_up_jobs(
     assert f'<a href="/jobs/{follow[0].id}">Evaluate job {follow[0].id}</a>' in html
     assert f'<a href="/jobs/{follow[1].id}">Arena job {follow[1].id}</a>' in html
     assert f'id="model-{child.id}"' in client.get(models).text
+
+
+def test_automatic_rating_refreshes_are_hidden_until_asked(
+    client: Any, db: Session, make_user: Any, sent_jobs: list[tuple[int, str]]
+) -> None:
+    client, lead, _csrf = _lead_client(client, make_user)
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    mine = Job(project_id=project.id, kind="fit_ratings", queue="cpu", params={},
+               created_by_id=lead.id, status="succeeded")  # fmt: skip
+    auto = [Job(project_id=project.id, kind="fit_ratings", queue="cpu", params={},
+                status="succeeded") for _ in range(3)]  # fmt: skip
+    follow_up = Job(project_id=project.id, kind="generate", queue="gpu", params={})
+    db.add_all([mine, *auto, follow_up])
+    db.commit()
+    url = f"/projects/{project.id}/jobs"
+    listed = client.get(url).text
+    assert f'data-job="{mine.id}"' in listed and f'data-job="{follow_up.id}"' in listed
+    assert not any(f'data-job="{job.id}"' in listed for job in auto)
+    assert "3 automatic rating refreshes hidden" in listed and f"{url}?automatic=1" in listed
+    everything = client.get(url, params={"automatic": "1"})
+    assert all(f'data-job="{job.id}"' in everything.text for job in [mine, *auto, follow_up])
+    # Polling keeps the choice.
+    assert f'hx-get="{url}?automatic=1"' in everything.text
