@@ -215,6 +215,63 @@ def _related(session: Session, job: Job) -> list[tuple[str, str]]:
     return links
 
 
+# Result keys naming a model version or a user, shown with the name or email beside them.
+MODEL_KEYS = frozenset({"model_id", "parent_id", "model_version_id"})
+MODEL_LIST_KEYS = frozenset({"model_ids"})
+USER_KEYS = frozenset({"annotator_id", "user_id", "created_by_id"})
+
+
+def readable_result(session: Session, result: Any) -> Any:
+    """The result with a `…_name` beside every model id and an `…_email` beside every user id."""
+    model_ids: set[int] = set()
+    user_ids: set[int] = set()
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in MODEL_KEYS and isinstance(value, int):
+                    model_ids.add(value)
+                elif key in MODEL_LIST_KEYS and isinstance(value, list):
+                    model_ids.update(v for v in value if isinstance(v, int))
+                elif key in USER_KEYS and isinstance(value, int):
+                    user_ids.add(value)
+                collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(result)
+    names: dict[int, str] = {}
+    emails: dict[int, str] = {}
+    if model_ids:
+        rows = session.execute(
+            select(ModelVersion.id, ModelVersion.name).where(ModelVersion.id.in_(model_ids))
+        )
+        names = {model_id: name for model_id, name in rows}
+    if user_ids:
+        rows = session.execute(select(User.id, User.email).where(User.id.in_(user_ids)))
+        emails = {user_id: email for user_id, email in rows}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out[key] = rewrite(value)
+            stem = key.removesuffix("_id").removesuffix("_ids")
+            if key in MODEL_KEYS and value in names:
+                out[f"{stem}_name"] = names[value]
+            elif key in MODEL_LIST_KEYS and isinstance(value, list):
+                out[f"{stem}_names"] = [names.get(v, f"#{v}") for v in value]
+            elif key in USER_KEYS and value in emails:
+                out[f"{stem}_email"] = emails[value]
+        return out
+
+    return rewrite(result)
+
+
 def _job_context(session: Session, job: Job, *, error: str | None = None) -> dict[str, Any]:
     metrics = job.metrics or {}
     panels = plots.group_metric_series(metrics)
@@ -233,6 +290,7 @@ def _job_context(session: Session, job: Job, *, error: str | None = None) -> dic
         "action_error": error,
         "eta": eta,
         "related": _related(session, job),
+        "result": readable_result(session, job.result) if job.result else None,
     }
 
 

@@ -102,3 +102,41 @@ def test_automatic_rating_refreshes_are_hidden_until_asked(
     assert all(f'data-job="{job.id}"' in everything.text for job in [mine, *auto, follow_up])
     # Polling keeps the choice.
     assert f'hx-get="{url}?automatic=1"' in everything.text
+
+
+def test_results_show_names_and_emails_beside_ids(
+    client: Any, db: Session, make_user: Any, sent_jobs: list[tuple[int, str]]
+) -> None:
+    from app.jobs.pages import readable_result
+
+    client, lead, _csrf = _lead_client(client, make_user)
+    annotator, _ = make_user("annotator", email="ann-result@example.org")
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    a = ModelVersion(project_id=project.id, name="model-a", base="toy", params={})
+    b = ModelVersion(project_id=project.id, name="model-b", base="toy", params={})
+    db.add_all([a, b])
+    db.flush()
+    result = {
+        "fit_id": 3,
+        "leaderboard": [{"model_id": a.id, "rank": 1}, {"model_id": b.id, "rank": 2}],
+        "annotators": [{"annotator_id": annotator.id, "votes": 5}],
+        "model_ids": [a.id, b.id, 999_999],
+    }
+    assert readable_result(db, result) == {
+        "fit_id": 3,
+        "leaderboard": [
+            {"model_id": a.id, "model_name": "model-a", "rank": 1},
+            {"model_id": b.id, "model_name": "model-b", "rank": 2},
+        ],
+        "annotators": [
+            {"annotator_id": annotator.id, "annotator_email": "ann-result@example.org", "votes": 5}
+        ],
+        "model_ids": [a.id, b.id, 999_999],
+        "model_names": ["model-a", "model-b", "#999999"],
+    }
+    job = Job(project_id=project.id, kind="fit_ratings", queue="cpu", params={},
+              status="succeeded", result=result)  # fmt: skip
+    db.add(job)
+    db.commit()
+    html = client.get(f"/jobs/{job.id}").text
+    assert "model-a" in html and "ann-result@example.org" in html
