@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -52,6 +53,36 @@ def _libpq_url(settings: Settings) -> str:
     """The database URL as pg_dump and psycopg take it (no SQLAlchemy driver suffix)."""
     url = settings.sqlalchemy_url
     return "postgresql://" + url.split("://", 1)[1]
+
+
+def client_major(program: str) -> int:
+    """The major version of a PostgreSQL client tool on PATH (`pg_dump`, `pg_restore`)."""
+    try:
+        result = subprocess.run(
+            [program, "--version"], capture_output=True, text=True, check=False, timeout=30
+        )
+    except FileNotFoundError:
+        raise BackupError(
+            f"{program} is not installed (not on PATH); install the PostgreSQL client tools of "
+            "the server's major version (Debian: postgresql-client-<major>)"
+        ) from None
+    # "pg_dump (PostgreSQL) 16.4 (Debian 16.4-1.pgdg120+1)"
+    match = re.search(r"\)\s*(\d+)", result.stdout)
+    if result.returncode != 0 or match is None:
+        raise BackupError(f"cannot tell the version of {program}: {result.stdout.strip()!r}")
+    return int(match.group(1))
+
+
+def check_client_version(program: str, server_major: int) -> None:
+    """pg_dump and pg_restore refuse servers newer than themselves: say so before starting."""
+    major = client_major(program)
+    if major < server_major:
+        raise BackupError(
+            f"{program} {major} cannot work with this PostgreSQL {server_major} server; install "
+            f"the client tools of version {server_major} or newer (Debian: "
+            f"postgresql-client-{server_major}; the prefloop image ships the version that "
+            "docker-compose.yml runs)"
+        )
 
 
 def _sqlite_path(settings: Settings) -> Path:
@@ -93,6 +124,7 @@ def _dump_postgres(settings: Settings, out: Path) -> tuple[dict[str, int], str |
 
     url = _libpq_url(settings)
     with psycopg.connect(url) as conn:
+        check_client_version("pg_dump", conn.info.server_version // 10000)
         # One snapshot for the counts and the dump: the manifest describes the dump exactly.
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
@@ -207,6 +239,8 @@ def _restore_postgres(settings: Settings, source: Path, replace: bool) -> dict[s
     import psycopg
 
     url = _libpq_url(settings)
+    with psycopg.connect(url) as conn:
+        check_client_version("pg_restore", conn.info.server_version // 10000)
     command = ["pg_restore", "--no-owner", "--no-privileges", "--exit-on-error"]
     command += ["--single-transaction", f"--dbname={url}"]
     if replace:
@@ -308,14 +342,22 @@ def restore(
 
 
 @click.command("backup")
+@click.option("--out", type=click.Path(path_type=Path), help="New or empty backup folder.")
 @click.option(
-    "--out", required=True, type=click.Path(path_type=Path), help="New or empty backup folder."
+    "--under",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write into a new folder named after the current UTC time under this one.",
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
-def backup_command(out: Path, data_dir: Path | None) -> None:
+def backup_command(out: Path | None, under: Path | None, data_dir: Path | None) -> None:
     """Back up the database, the media files and a manifest into a folder (safe while running)."""
     from app.cli import _use_data_dir
 
+    if (out is None) == (under is None):
+        raise click.UsageError("give exactly one of --out DIR and --under DIR")
+    if under is not None:
+        out = under / dt.datetime.now(dt.UTC).strftime("prefloop-%Y%m%dT%H%M%SZ")
+    assert out is not None
     _use_data_dir(data_dir)
     try:
         manifest = backup(out.expanduser().resolve())

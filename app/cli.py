@@ -92,6 +92,30 @@ def migrate(data_dir: Path | None) -> None:
 
 @main.command()
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
+def bootstrap(data_dir: Path | None) -> None:
+    """Migrate, then create the first admin if there is none (safe to run on every start).
+
+    The admin is PREFLOOP_ADMIN_EMAIL with PREFLOOP_ADMIN_PASSWORD when both are set; otherwise
+    admin@prefloop.local with a random password printed here, once.
+    """
+    _use_data_dir(data_dir)
+    from app.bootstrap import BootstrapError, ensure_admin
+    from app.core.migrate import upgrade_head
+
+    settings = get_settings()
+    if settings.is_sqlite:
+        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_head()
+    click.echo("database is up to date")
+    try:
+        admin = ensure_admin(settings)
+    except BootstrapError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(admin.announcement() if admin else "an admin exists; no account created")
+
+
+@main.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option(
@@ -130,7 +154,11 @@ def serve(
 )
 @click.option("--data-dir", type=click.Path(path_type=Path), help="Embedded data directory.")
 @click.option("--loglevel", default=None, help="Log level (default: PREFLOOP_LOG_LEVEL).")
-def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
+@click.option("--events", is_flag=True, help="Send task events (what Flower shows).")
+@click.option("--quiet", is_flag=True, help="No start-up banner.")
+def worker(
+    queues: str, data_dir: Path | None, loglevel: str | None, events: bool, quiet: bool
+) -> None:
     """Run a Celery worker: one job at a time in this process (start more for more)."""
     _use_data_dir(data_dir)
     names = [q.strip() for q in queues.split(",") if q.strip()]
@@ -143,6 +171,7 @@ def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
     _limit_torch_threads(settings.torch_threads)
     celery_app.worker_main(
         [
+            *(["--quiet"] if quiet else []),
             "worker",
             "--queues",
             ",".join(names),
@@ -154,6 +183,7 @@ def worker(queues: str, data_dir: Path | None, loglevel: str | None) -> None:
             f"prefloop-{'-'.join(names)}-{os.getpid()}@%h",
             "--without-gossip",
             "--without-mingle",
+            *(["--task-events"] if events else []),
         ]
     )
 

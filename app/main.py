@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -13,6 +14,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import __version__
@@ -23,7 +25,7 @@ from app.core.errors import DomainError, http_status
 from app.core.guard import RequestGuard, parse_proxies
 from app.core.health import LATENCY, REQUESTS
 from app.core.health import router as health_router
-from app.core.web import ROOT
+from app.core.resources import shared_dir
 
 log = logging.getLogger("prefloop.web")
 
@@ -40,6 +42,26 @@ def _wants_html(request: Request) -> bool:
     )
 
 
+def _signed_in(request: Request) -> SimpleNamespace | None:
+    """A snapshot of the browser's login (user email and role, CSRF token), or None."""
+    from app.core.db import get_sessionmaker
+    from app.core.deps import SESSION_COOKIE
+    from app.users.service import session_for_token
+
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if not cookie:
+        return None
+    try:
+        with get_sessionmaker()() as session:
+            row = session_for_token(session, cookie)
+            if row is None:
+                return None
+            user = SimpleNamespace(email=row.user.email, role=row.user.role)
+            return SimpleNamespace(user=user, csrf_token=row.csrf_token)
+    except Exception:  # noqa: BLE001 - an error page must render even with the database down
+        return None
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     logging.basicConfig(
@@ -49,9 +71,13 @@ def create_app() -> FastAPI:
         title="prefloop",
         version=__version__,
         description="Human-preference alignment loop for text-to-image diffusion models.",
+        # Served by app.core.apidocs from vendored files, under the CSP.
+        docs_url=None,
+        redoc_url=None,
     )
 
     from app.audit.routes import router as audit_router
+    from app.core.apidocs import router as apidocs_router
     from app.exports.routes import router as exports_router
     from app.generators.routes import router as models_router
     from app.images.routes import router as images_router
@@ -66,6 +92,7 @@ def create_app() -> FastAPI:
 
     for router in (
         health_router,
+        apidocs_router,
         projects_router,
         models_router,
         jobs_router,
@@ -80,7 +107,7 @@ def create_app() -> FastAPI:
         pages_router,
     ):
         app.include_router(router)
-    app.mount("/static", StaticFiles(directory=str(ROOT / "static")), name="static")
+    app.mount("/static", StaticFiles(directory=str(shared_dir("static"))), name="static")
     app.add_middleware(
         RequestGuard,
         max_body=settings.max_upload_bytes,
@@ -144,7 +171,9 @@ def create_app() -> FastAPI:
         if exc.status_code in (401, 403, 404) and _wants_html(request):
             from app.core.web import render
 
-            request.state.user_session = None  # detached by the rollback: render signed out
+            # The request's own login was detached by the rollback: look it up afresh, so the page
+            # says who is signed in (and offers to log out) instead of looking signed out.
+            request.state.user_session = await run_in_threadpool(_signed_in, request)
             return render(
                 request,
                 "pages/error.html",

@@ -76,14 +76,25 @@ def rate_command(
       {"model_a", "model_b", "winner": "model_a|model_b|tie|tie (bothbad)"}
       {"model_a", "model_b", "choice": "left|right|tie|both_bad|skip"}
 
+    prefloop's own JSONL export (`prefloop export --format jsonl`) is read as it is; same-model
+    pairs in it are skipped and counted.
+
     Output: JSON [{"model", "rating", "ci_low", "ci_high", "rank"}], ratings on the Elo-like
-    scale 400·s/ln 10 + 1000. Bad input exits with status 2 and names the record.
+    scale 400·s/ln 10 + 1000. Bad input exits with status 2 and names every bad record
+    (numbered from 1).
     """
     try:
         battles = load_battles(battles_file)
     except BattleFormatError as error:
-        click.echo(f"Error: {battles_file}: {error}", err=True)
+        for problem in error.problems:
+            click.echo(f"Error: {battles_file}: {problem}", err=True)
         raise SystemExit(2) from None
+    if battles.n_same_model:
+        click.echo(
+            f"Note: skipped {battles.n_same_model} same-model pairs (a model against itself "
+            "says nothing about the ranking)",
+            err=True,
+        )
 
     counts = battles.counts()
 

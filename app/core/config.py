@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Secrets people paste from examples; refused outside the embedded local mode.
@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     public_base_url: str = "http://127.0.0.1:8000"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The first admin, created by `prefloop bootstrap`/`serve` when no admin exists yet. Unset:
+    # admin@prefloop.local with a random password printed once.
+    admin_email: str | None = None
+    admin_password: SecretStr | None = None
 
     # Jobs: a running job whose heartbeat is older than this is presumed dead and re-queued.
     job_heartbeat_seconds: float = Field(default=5.0, gt=0)
@@ -69,7 +73,9 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("database_url", "broker_url", "secret_key", mode="before")
+    @field_validator(
+        "database_url", "broker_url", "secret_key", "admin_email", "admin_password", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from sqlalchemy import func, select, text
@@ -43,10 +43,29 @@ def _broker_ok() -> tuple[bool, str]:
         return False, f"unreachable: {type(exc).__name__}"
 
 
+def worker_problem(age_seconds: float | None, stale_seconds: float) -> str | None:
+    """Why jobs would not run, judged by the freshest worker heartbeat; None when one is recent."""
+    if age_seconds is None:
+        return "no worker has reported in yet; jobs wait in the queue"
+    if age_seconds > stale_seconds:
+        return (
+            f"no worker heartbeat for {age_seconds:.0f} s (more than PREFLOOP_JOB_STALE_SECONDS="
+            f"{stale_seconds:g}); jobs wait in the queue"
+        )
+    return None
+
+
 @router.get("/healthz")
-def healthz() -> JSONResponse:
+def healthz(
+    strict: bool = Query(
+        False, description="Also answer 503 when the platform is degraded (no live worker)."
+    ),
+) -> JSONResponse:
+    """`ok`; `degraded` (still 200: the web and voting work, jobs do not run) with a `reason`;
+    or `unavailable` (503: the database or the broker is down)."""
     body: dict[str, Any] = {}
     status = 200
+    reason: str | None = None
     try:
         with get_sessionmaker()() as session:
             session.execute(text("SELECT 1"))
@@ -54,10 +73,12 @@ def healthz() -> JSONResponse:
         body["database"] = "ok"
         if last is not None and last.tzinfo is None:
             last = last.replace(tzinfo=dt.UTC)
+        age = (utcnow() - last).total_seconds() if last else None
         body["worker"] = {
             "last_heartbeat": last.isoformat() if last else None,
-            "age_seconds": round((utcnow() - last).total_seconds(), 1) if last else None,
+            "age_seconds": round(age, 1) if age is not None else None,
         }
+        reason = worker_problem(age, get_settings().job_stale_seconds)
     except Exception as exc:  # noqa: BLE001
         body["database"] = f"unavailable: {type(exc).__name__}"
         status = 503
@@ -65,7 +86,15 @@ def healthz() -> JSONResponse:
     body["broker"] = "ok" if broker_ok else broker
     if not broker_ok:
         status = 503
-    body["status"] = "ok" if status == 200 else "unavailable"
+    if status == 503:
+        body["status"] = "unavailable"
+    elif reason is not None:
+        body["status"] = "degraded"
+        body["reason"] = reason
+        if strict:
+            status = 503
+    else:
+        body["status"] = "ok"
     headers = {"Retry-After": "5"} if status == 503 else None
     return JSONResponse(body, status_code=status, headers=headers)
 

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from alembic import command
 from alembic.config import Config
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+from app.core.resources import shared_dir
 
 
 def alembic_config(url: str | None = None) -> Config:
     cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("script_location", str(shared_dir("migrations")))
     if url:
         # ConfigParser interpolation would choke on '%' in passwords.
         cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))

@@ -53,28 +53,61 @@ def format_number(value: float) -> str:
     return f"{value:.3f}".rstrip("0")
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 2.5, 5 × 10^k steps) covering [low, high]."""
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Labels for ticks that read back as the ticks themselves (so no two read the same)."""
+
+    def exact(labels: list[str]) -> bool:
+        try:
+            return all(
+                abs(float(label) - t) <= 1e-9 * max(1.0, abs(t))
+                for label, t in zip(labels, ticks, strict=True)
+            )
+        except ValueError:
+            return False
+
+    labels = [format_number(t) for t in ticks]
+    if exact(labels):
+        return labels
+    for decimals in range(0, 11):
+        fixed = [f"{t:.{decimals}f}" for t in ticks]
+        if exact(fixed):
+            return fixed
+    return labels
+
+
+def nice_ticks(low: float, high: float, count: int = 5, *, integer: bool = False) -> list[float]:
+    """Round tick values (1, 2, 2.5, 5 × 10^k steps) covering [low, high].
+
+    integer: whole-number steps only (steps, counts), never 2.5 × 10^k below 10.
+    """
     if not (_finite(low) and _finite(high)):
         return [0.0, 1.0]
     if high < low:
         low, high = high, low
     if high == low:
         pad = abs(low) * 0.1 or 1.0
+        if integer:
+            pad = max(1.0, math.ceil(pad))
         low, high = low - pad, high + pad
     raw = (high - low) / max(count - 1, 1)
     exponent = math.floor(math.log10(raw))
     step = 10.0**exponent
     for factor in (1.0, 2.0, 2.5, 5.0, 10.0):
-        if factor * 10.0**exponent >= raw:
-            step = factor * 10.0**exponent
+        candidate = factor * 10.0**exponent
+        if integer and (candidate < 1 or candidate != math.floor(candidate)):
+            continue
+        if candidate >= raw:
+            step = candidate
             break
+    if integer:
+        step = max(1.0, step)
     start = math.floor(low / step) * step
     ticks = []
     value = start
-    while value < high + step * 0.5:
+    # Up to the first tick at or past high: the ticks cover the whole range.
+    while len(ticks) < 1000:
         ticks.append(round(value, 10))
-        if value >= high:
+        if value >= high - step * 1e-9:
             break
         value += step
     return ticks
@@ -149,29 +182,31 @@ def line_chart(
         return _empty(width, height, title, "line-chart", "no data yet")
     xs = [x for pts in clean.values() for x, _ in pts]
     ys = [y for pts in clean.values() for _, y in pts]
-    x_ticks = sorted(x_ticks) if x_ticks else nice_ticks(min(xs), max(xs), 6)
-    y_ticks = nice_ticks(min(ys), max(ys), 5)
+    whole_xs = all(x == math.floor(x) for x in xs)
+    x_ticks = sorted(x_ticks) if x_ticks else nice_ticks(min(xs), max(xs), 6, integer=whole_xs)
+    y_ticks = nice_ticks(min(ys), max(ys), 5, integer=all(y == math.floor(y) for y in ys))
     left, right, top = 52, 24, 26 if title else 10
     legend_rows = 1 if len(clean) > 1 else 0
     bottom = 34 + (14 if x_label else 0) + 16 * legend_rows
     # Explicit ticks may not reach the data's ends: the axis spans both.
     x_domain = (min(x_ticks[0], min(xs)), max(x_ticks[-1], max(xs)))
     sx = linear_scale(x_domain, (left, width - right))
-    sy = linear_scale((y_ticks[0], y_ticks[-1]), (height - bottom, top))
+    # The axes span the ticks and the data alike: no line leaves its axes.
+    sy = linear_scale((min(y_ticks[0], min(ys)), max(y_ticks[-1], max(ys))), (height - bottom, top))
     parts = _open(width, height, title, "line-chart")
     if title:
         parts.append(f'<text class="title" x="{left}" y="16">{escape(title)}</text>')
     parts.extend(_axes(left, width - right, top, height - bottom))
-    for tick in y_ticks:
+    for tick, tick_label in zip(y_ticks, tick_labels(y_ticks), strict=True):
         y = _fmt(sy(tick))
         parts.append(
             f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y}" y2="{y}"/>'
             f'<text class="tick" x="{left - 4}" y="{y}" text-anchor="end" '
-            f'dominant-baseline="middle">{escape(format_number(tick))}</text>'
+            f'dominant-baseline="middle">{escape(tick_label)}</text>'
         )
-    for tick in x_ticks:
+    for tick, tick_label in zip(x_ticks, tick_labels(x_ticks), strict=True):
         x = _fmt(sx(tick))
-        label = x_format(tick) if x_format else format_number(tick)
+        label = x_format(tick) if x_format else tick_label
         parts.append(
             f'<text class="tick" x="{x}" y="{height - bottom + 14}" '
             f'text-anchor="middle">{escape(label)}</text>'
@@ -339,18 +374,25 @@ def small_multiples(
     return "".join(parts)
 
 
+# Metric names that are the x axis itself (every panel is plotted against the step).
+X_AXIS_NAMES = frozenset({"step", "global_step"})
+
+
 def group_metric_series(
     metrics: Mapping[str, Sequence[Sequence[object]]],
 ) -> dict[str, dict[str, Sequence[Sequence[object]]]]:
     """Panels for a job's metric time series: winner/loser pairs (`x_w`, `x_l`) share a panel.
 
-    Everything else gets a panel of its own, so whatever a job reports is plotted.
+    Everything else gets a panel of its own, so whatever a job reports is plotted, except the
+    step itself (X_AXIS_NAMES).
     """
     panels: dict[str, dict[str, Sequence[Sequence[object]]]] = {}
     for name in sorted(metrics):
         points = metrics[name]
         if not isinstance(points, Sequence) or isinstance(points, str):
             continue
+        if name in X_AXIS_NAMES:
+            continue  # the step reported as a metric: "step against step" says nothing
         stem, suffix = (name[:-2], name[-2:]) if name.endswith(("_w", "_l")) else (name, "")
         partner = stem + ("_l" if suffix == "_w" else "_w")
         if suffix and partner in metrics:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-ROOT = Path(__file__).resolve().parents[2]
-templates = Jinja2Templates(directory=str(ROOT / "templates"))
+from app.core.resources import shared_dir
+
+templates = Jinja2Templates(directory=str(shared_dir("templates")))
 templates.env.globals["json"] = json.dumps
 
 

@@ -565,7 +565,7 @@ def import_fastchat(
     try:
         battles = parse_battles_text(text)
     except BattleFormatError as exc:
-        raise ImportFormatError([str(exc)]) from None
+        raise ImportFormatError(exc.problems[:MAX_ERRORS]) from None
     errors = []
     for name in battles.models:
         problem = _unstorable(name)

@@ -7,13 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.core import plots
 from app.core.config import get_settings
-from app.core.db import SessionDep
+from app.core.db import SessionDep, utcnow
 from app.core.deps import PageUser, get_project_for
 from app.core.errors import DomainError, http_status
 from app.core.web import is_htmx, render
@@ -42,23 +42,42 @@ def _describe(kind: JobKind) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
-def _jobs(session: Session, project_id: int) -> list[tuple[Job, str | None]]:
-    rows = session.execute(
+# The rating refreshes queued by the platform itself (no one launched them): many, and routine.
+AUTOMATIC = Job.created_by_id.is_(None) & (Job.kind == "fit_ratings")
+
+
+def _jobs(
+    session: Session, project_id: int, *, automatic: bool
+) -> tuple[list[tuple[Job, str | None]], int]:
+    """The latest jobs (the automatic refreshes only if asked) and how many refreshes are hidden."""
+    query = (
         select(Job, User.email)
         .outerjoin(User, User.id == Job.created_by_id)
         .where(Job.project_id == project_id)
-        .order_by(Job.id.desc())
-        .limit(LIST_LIMIT)
     )
-    return [(job, email) for job, email in rows]
+    hidden = 0
+    if not automatic:
+        query = query.where(~AUTOMATIC)
+        hidden = (
+            session.scalar(
+                select(func.count()).select_from(Job).where(Job.project_id == project_id, AUTOMATIC)
+            )
+            or 0
+        )
+    rows = session.execute(query.order_by(Job.id.desc()).limit(LIST_LIMIT))
+    return [(job, email) for job, email in rows], hidden
 
 
 @router.get("/projects/{project_id}/jobs", response_class=HTMLResponse)
 def jobs_page(
-    project_id: int, request: Request, session: SessionDep, user: PageUser
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    automatic: bool = False,
 ) -> HTMLResponse:
     project = get_project_for(session, user, project_id, lead=True)
-    jobs = _jobs(session, project.id)
+    jobs, hidden = _jobs(session, project.id, automatic=automatic)
     ctx = {
         "project": project,
         "tab": "jobs",
@@ -66,6 +85,8 @@ def jobs_page(
         "active": any(job.status not in TERMINAL for job, _ in jobs),
         "kinds": [(k.name, _describe(k)) for k in project_kinds()],
         "limit": LIST_LIMIT,
+        "show_automatic": automatic,
+        "hidden_automatic": hidden,
     }
     template = "partials/dash_jobs_table.html" if is_htmx(request) else "pages/jobs.html"
     return render(request, template, ctx)
@@ -165,9 +186,104 @@ def launch_job(
     return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
-def _job_context(job: Job, *, error: str | None = None) -> dict[str, Any]:
+def eta_seconds(progress: float, elapsed_seconds: float) -> float | None:
+    """Seconds left at the rate measured so far, elapsed · (1 − p) / p; None before progress."""
+    if not 0 < progress < 1 or elapsed_seconds <= 0:
+        return None
+    return elapsed_seconds * (1 - progress) / progress
+
+
+def eta_text(seconds: float) -> str:
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s left"
+    minutes = round(seconds / 60)
+    if minutes < 90:
+        return f"about {minutes} min left"
+    return f"about {minutes // 60} h {minutes % 60:02d} min left"
+
+
+def _related(session: Session, job: Job) -> list[tuple[str, str]]:
+    """(label, href) for what a job made or started: the DPO child model, follow-up jobs."""
+    result = job.result or {}
+    links: list[tuple[str, str]] = []
+    if job.kind == "train_dpo" and job.project_id is not None:
+        for key, label in (("model_id", "Trained model"), ("parent_id", "Parent model")):
+            model = session.get(ModelVersion, result.get(key) or 0)
+            if model is not None:
+                href = f"/projects/{job.project_id}/models#model-{model.id}"
+                links.append((f"{label}: {model.name}", href))
+    for key, value in result.items():
+        if key.endswith("_job_id") and isinstance(value, int):
+            what = key.removesuffix("_job_id").replace("_", " ")
+            links.append((f"{what.capitalize()} job {value}", f"/jobs/{value}"))
+    return links
+
+
+# Result keys naming a model version or a user, shown with the name or email beside them.
+MODEL_KEYS = frozenset({"model_id", "parent_id", "model_version_id"})
+MODEL_LIST_KEYS = frozenset({"model_ids"})
+USER_KEYS = frozenset({"annotator_id", "user_id", "created_by_id"})
+
+
+def readable_result(session: Session, result: Any) -> Any:
+    """The result with a `…_name` beside every model id and an `…_email` beside every user id."""
+    model_ids: set[int] = set()
+    user_ids: set[int] = set()
+
+    def collect(node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in MODEL_KEYS and isinstance(value, int):
+                    model_ids.add(value)
+                elif key in MODEL_LIST_KEYS and isinstance(value, list):
+                    model_ids.update(v for v in value if isinstance(v, int))
+                elif key in USER_KEYS and isinstance(value, int):
+                    user_ids.add(value)
+                collect(value)
+        elif isinstance(node, list):
+            for item in node:
+                collect(item)
+
+    collect(result)
+    names: dict[int, str] = {}
+    emails: dict[int, str] = {}
+    if model_ids:
+        rows = session.execute(
+            select(ModelVersion.id, ModelVersion.name).where(ModelVersion.id.in_(model_ids))
+        )
+        names = {model_id: name for model_id, name in rows}
+    if user_ids:
+        rows = session.execute(select(User.id, User.email).where(User.id.in_(user_ids)))
+        emails = {user_id: email for user_id, email in rows}
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, list):
+            return [rewrite(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out[key] = rewrite(value)
+            stem = key.removesuffix("_id").removesuffix("_ids")
+            if key in MODEL_KEYS and value in names:
+                out[f"{stem}_name"] = names[value]
+            elif key in MODEL_LIST_KEYS and isinstance(value, list):
+                out[f"{stem}_names"] = [names.get(v, f"#{v}") for v in value]
+            elif key in USER_KEYS and value in emails:
+                out[f"{stem}_email"] = emails[value]
+        return out
+
+    return rewrite(result)
+
+
+def _job_context(session: Session, job: Job, *, error: str | None = None) -> dict[str, Any]:
     metrics = job.metrics or {}
     panels = plots.group_metric_series(metrics)
+    eta = None
+    if job.status == "running" and job.started_at is not None:
+        elapsed = (utcnow() - job.started_at).total_seconds()
+        seconds = eta_seconds(job.progress, elapsed)
+        eta = eta_text(seconds) if seconds is not None else None
     return {
         "job": job,
         "finished": job.status in TERMINAL,
@@ -176,6 +292,9 @@ def _job_context(job: Job, *, error: str | None = None) -> dict[str, Any]:
         "log_lines": list(job.log or [])[-LOG_LINES:],
         "metrics_svg": plots.small_multiples(panels, columns=2) if panels else None,
         "action_error": error,
+        "eta": eta,
+        "related": _related(session, job),
+        "result": readable_result(session, job.result) if job.result else None,
     }
 
 
@@ -184,12 +303,12 @@ def job_page(job_id: int, request: Request, session: SessionDep, user: PageUser)
     job = job_for(session, user, job_id)
     project = session.get(Project, job.project_id) if job.project_id is not None else None
     template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
-    return render(request, template, {"project": project, **_job_context(job)})
+    return render(request, template, {"project": project, **_job_context(session, job)})
 
 
 def _after_action(request: Request, session: Session, job: Job, exc: DomainError) -> Response:
     project = session.get(Project, job.project_id) if job.project_id is not None else None
-    ctx = {"project": project, **_job_context(job, error=exc.detail)}
+    ctx = {"project": project, **_job_context(session, job, error=str(exc.detail))}
     template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
     return render(request, template, ctx, status_code=http_status(exc))
 

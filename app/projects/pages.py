@@ -3,7 +3,7 @@ annotators (invite links, deactivation). Forms post here and errors come back in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -23,11 +23,14 @@ from app.generators import service as generators
 from app.generators.schemas import GenerationParams, ModelCreate
 from app.projects import service, uploads
 from app.projects.models import Membership, Project, Prompt
-from app.projects.schemas import ProjectCreate, ProjectSettings
+from app.projects.schemas import ProjectCreate, ProjectSettings, PromptIn
 from app.projects.settings import dump_settings
 from app.users import service as users
 from app.users.invites import invite_path, make_invite_token
 from app.users.models import User
+
+# The splits a prompt can be in, as PromptIn defines them.
+PROMPT_SPLITS: tuple[str, ...] = get_args(PromptIn.model_fields["split"].annotation)
 
 router = APIRouter(include_in_schema=False)
 
@@ -111,6 +114,8 @@ def _prompts_page(
     *,
     upload_errors: list[str] | None = None,
     created: int | None = None,
+    pasted: str = "",
+    pasted_split: str = "train",
     status_code: int = 200,
 ) -> HTMLResponse:
     counts = dict(
@@ -135,6 +140,9 @@ def _prompts_page(
         "recent": recent,
         "upload_errors": upload_errors,
         "created": created,
+        "pasted": pasted,
+        "pasted_split": pasted_split,
+        "splits": PROMPT_SPLITS,
         "max_bytes": get_settings().max_upload_bytes,
     }
     return render(request, "pages/project_prompts.html", ctx, status_code=status_code)
@@ -154,12 +162,20 @@ def upload_prompts(
     request: Request,
     session: SessionDep,
     user: PageUser,
-    file: UploadFile = File(),
+    file: UploadFile | None = File(default=None),
     format: str = Form(default=""),
+    pasted: str = Form(default=""),
+    split: str = Form(default="train"),
 ) -> Response:
-    """The same all-or-nothing import as the JSON upload endpoint, with errors shown inline."""
+    """The same all-or-nothing import as the JSON upload endpoint, with errors shown inline:
+    a file, or prompts pasted one per line (all into the chosen split)."""
     project = get_project_for(session, user, project_id, lead=True)
     limit = get_settings().max_upload_bytes
+    if pasted.strip():
+        return _paste_prompts(request, session, project, pasted, split, limit)
+    if file is None or not file.filename:
+        errors = ["choose a file to upload, or paste prompts one per line"]
+        return _prompts_page(request, session, project, upload_errors=errors, status_code=422)
     data = file.file.read(limit + 1)
     if len(data) > limit:
         errors = [f"the file is over the upload limit of {limit} bytes"]
@@ -177,6 +193,30 @@ def upload_prompts(
         return _prompts_page(request, session, project, upload_errors=exc.errors, status_code=422)
     record(session, actor=user, action="prompts.add", target=f"project:{project.id}",
            project_id=project.id, details={"created": created, "source": "file"})  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}/prompts?created={created}", status_code=303)
+
+
+def _paste_prompts(
+    request: Request, session: Session, project: Project, pasted: str, split: str, limit: int
+) -> Response:
+    def refused(errors: list[str], status_code: int = 422) -> HTMLResponse:
+        # What was pasted stays in the box to be corrected.
+        return _prompts_page(
+            request, session, project, upload_errors=errors, pasted=pasted,
+            pasted_split=split, status_code=status_code,
+        )  # fmt: skip
+
+    if split not in PROMPT_SPLITS:
+        return refused([f"unknown split {split!r}; expected one of {', '.join(PROMPT_SPLITS)}"])
+    data = pasted.encode("utf-8")
+    if len(data) > limit:
+        return refused([f"the pasted text is over the upload limit of {limit} bytes"], 413)
+    try:
+        prompts = uploads.parse_prompt_file(data, file_format="text")
+    except uploads.PromptFileError as exc:
+        return refused(exc.errors)
+    prompts = [prompt.model_copy(update={"split": split}) for prompt in prompts]
+    created = service.add_prompts(session, project=project, prompts=prompts)
     return RedirectResponse(f"/projects/{project.id}/prompts?created={created}", status_code=303)
 
 

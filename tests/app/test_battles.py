@@ -70,18 +70,18 @@ def test_json_lines_and_files(tmp_path: Path) -> None:
     [
         ([], "no battle records"),
         ({"model_a": "a"}, "expected a JSON list"),
-        ([FASTCHAT[0], "x"], "record 1: expected an object, got str"),
-        ([FASTCHAT[0], {"model_b": "b", "winner": "tie"}], "record 1: missing field 'model_a'"),
-        ([{"model_a": "a", "model_b": 3, "winner": "tie"}], "record 0: 'model_b' must be"),
-        ([{"model_a": "a", "model_b": "a", "winner": "tie"}], "record 0: model_a and model_b"),
-        ([{"model_a": "a", "model_b": "b"}], "record 0: missing field 'winner'"),
+        ([FASTCHAT[0], "x"], "record 2: expected an object, got str"),
+        ([FASTCHAT[0], {"model_b": "b", "winner": "tie"}], "record 2: missing field 'model_a'"),
+        ([{"model_a": "a", "model_b": 3, "winner": "tie"}], "record 1: 'model_b' must be"),
+        ([{"model_a": "a", "model_b": "a", "winner": "tie"}], "(0 skips, 1 same-model pairs)"),
+        ([{"model_a": "a", "model_b": "b"}], "record 1: missing field 'winner'"),
         (
             [FASTCHAT[0]] * 17 + [{"model_a": "a", "model_b": "b", "winner": "foo"}],
-            "record 17: unknown winner 'foo'; expected one of 'model_a', 'model_b', 'tie'",
+            "record 18: unknown winner 'foo'; expected one of 'model_a', 'model_b', 'tie'",
         ),
-        ([{"model_a": "a", "model_b": "b", "choice": "left!"}], "record 0: unknown choice"),
-        ([{"model_a": "a", "model_b": "b", "winner": None}], "record 0: unknown winner None"),
-        ([{"model_a": "a", "model_b": "b", "choice": "skip"}], "all are skips"),
+        ([{"model_a": "a", "model_b": "b", "choice": "left!"}], "record 1: unknown choice"),
+        ([{"model_a": "a", "model_b": "b", "winner": None}], "record 1: unknown winner None"),
+        ([{"model_a": "a", "model_b": "b", "choice": "skip"}], "(1 skips, 0 same-model pairs)"),
     ],
 )
 def test_bad_records_name_the_record(records: object, message: str) -> None:
@@ -97,7 +97,7 @@ def test_bad_records_name_the_record(records: object, message: str) -> None:
         ("", "empty input"),
         ("   \n", "empty input"),
         ("[{", "not valid JSON"),
-        ('{"model_a": "a", "model_b": "b", "winner": "tie"}\n{oops}', "record 1: not valid JSON"),
+        ('{"model_a": "a", "model_b": "b", "winner": "tie"}\n{oops}', "line 2: not valid JSON"),
         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ],
 )
@@ -113,3 +113,24 @@ def test_unreadable_file(tmp_path: Path) -> None:
     binary.write_bytes(b"\xff\xfe\x00garbage")
     with pytest.raises(BattleFormatError, match="cannot read the file"):
         load_battles(binary)
+
+
+def test_every_bad_record_is_named_and_same_model_pairs_are_counted() -> None:
+    records = [
+        {"model_a": "a", "model_b": "b", "choice": "left"},
+        {"model_a": "a", "model_b": "a", "choice": "left"},
+        {"model_a": "a", "model_b": "b", "choice": "sideways"},
+        {"model_a": "b", "model_b": "b", "winner": "tie"},
+        7,
+        {"model_a": "b", "model_b": "a", "choice": "skip"},
+    ]
+    with pytest.raises(BattleFormatError) as error:
+        parse_battles(records)
+    assert error.value.problems == [
+        "record 3: unknown choice 'sideways'; expected one of 'left', 'right', 'tie', "
+        "'both_bad', 'skip'",
+        "record 5: expected an object, got int",
+    ]
+    battles = parse_battles([r for r in records if r not in (records[2], 7)])
+    assert battles.n_same_model == 2 and battles.n_skipped == 1
+    assert battles.models == ["a", "b"] and battles.outcome.tolist() == [OUTCOME_A]

@@ -61,9 +61,26 @@ def test_rate_through_the_main_cli(tmp_path) -> None:  # type: ignore[no-untyped
     bad = tmp_path / "bad.json"
     bad.write_text('[{"model_a": "a", "model_b": "b", "winner": "nobody"}]')
     failed = CliRunner().invoke(main, ["rate", str(bad)])
-    assert failed.exit_code == 2 and "record 0" in failed.output
+    assert failed.exit_code == 2 and "record 1" in failed.output
 
 
 def test_version_prints_versions() -> None:
     result = CliRunner().invoke(main, ["version"])
     assert result.exit_code == 0 and "prefloop 0.1.0" in result.output and "torch" in result.output
+
+
+def test_worker_events_flag_reaches_celery(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from celery.bin.worker import worker as celery_worker
+
+    import app.cli as cli
+    from worker.celery_app import celery_app
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(celery_app, "worker_main", seen.append)
+    monkeypatch.setattr(cli, "_limit_torch_threads", lambda threads: None)
+    for flags, expected in (([], False), (["--events"], True)):
+        result = CliRunner().invoke(main, ["worker", "--queues", "cpu", *flags])
+        assert result.exit_code == 0, result.output
+        argv = seen.pop()
+        ctx = celery_worker.make_context("worker", argv[1:], resilient_parsing=True)
+        assert bool(ctx.params["task_events"]) is expected

@@ -738,7 +738,7 @@ def test_http_import_pickapic_and_fastchat(client, db, make_user) -> None:  # ty
         headers=bearer(token),
     )
     assert refused.status_code == 422
-    assert refused.json()["detail"]["errors"][0].startswith("record 3: unknown winner 'nobody'")
+    assert refused.json()["detail"]["errors"][0].startswith("record 4: unknown winner 'nobody'")
 
 
 def test_upload_size_limit_is_413(client, db, make_user, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -1001,7 +1001,7 @@ def test_cli_export_then_import_round_trip(pg_url: str, tmp_path: Path) -> None:
         refused = runner.invoke(
             main, ["import", "--project", str(target_id), "--format", "fastchat", str(battles)]
         )
-        assert refused.exit_code == 2 and "record 0" in refused.output
+        assert refused.exit_code == 2 and "1 same-model pairs" in refused.output
         with session_scope() as session:
             assert _project_counts(session, target_id) == before
         fastchat_ok = tmp_path / "ok.json"

@@ -180,3 +180,43 @@ def test_line_chart_explicit_ticks_and_labels() -> None:
     (line,) = root.findall("svg:polyline", NS)
     xs = [float(p.split(",")[0]) for p in line.get("points", "").split()]
     assert min(xs) >= axis_x and max(xs) <= 400
+
+
+def test_tick_labels_never_repeat() -> None:
+    from app.core.plots import tick_labels
+
+    ticks = nice_ticks(100, 101)  # steps of 0.25 around 100: "100" five times if rounded
+    assert ticks == [100, 100.25, 100.5, 100.75, 101]
+    assert tick_labels(ticks) == ["100.00", "100.25", "100.50", "100.75", "101.00"]
+    assert tick_labels([0, 0.5, 1]) == ["0", "0.5", "1"]  # already exact: unchanged
+    assert tick_labels([0, 0.0005, 0.001]) == ["0", "0.0005", "0.001"]
+
+
+def test_integer_ticks_for_steps_and_counts() -> None:
+    assert nice_ticks(1, 3, 6) == [1, 1.5, 2, 2.5, 3]
+    assert nice_ticks(1, 3, 6, integer=True) == [1, 2, 3]
+    assert nice_ticks(0, 25, 5, integer=True) == [0, 10, 20, 30]
+    assert nice_ticks(4, 4, integer=True) == [3, 4, 5]
+    svg = line_chart({"loss": [[1, 0.5], [2, 0.4], [3, 0.45]]})
+    x_labels = [t.text for t in parse(svg).iter(f"{{{NS['svg']}}}text") if t.get("y") == "220"]
+    assert x_labels == ["1", "2", "3"]
+
+
+def test_lines_stay_inside_their_axes() -> None:
+    series = {"a": [[k, (-1) ** k * k * k * 1.37] for k in range(1, 40)], "b": [[3, 1e-3]]}
+    root = parse(line_chart(series, width=400, height=200))
+    axes = [line for line in root.iter(f"{{{NS['svg']}}}line") if line.get("class") == "axis"]
+    x0 = min(float(a.get("x1")) for a in axes)
+    x1 = max(float(a.get("x2")) for a in axes)
+    y0 = min(float(a.get("y1")) for a in axes)
+    y1 = max(float(a.get("y2")) for a in axes)
+    polyline = root.find("svg:polyline", NS)
+    assert polyline is not None
+    for pair in polyline.get("points", "").split():
+        x, y = (float(v) for v in pair.split(","))
+        assert x0 <= x <= x1 and y0 <= y <= y1, (x, y)
+
+
+def test_the_step_is_not_plotted_against_itself() -> None:
+    panels = group_metric_series({"step": [[1, 1], [2, 2]], "loss": [[1, 0.7], [2, 0.6]]})
+    assert set(panels) == {"loss"}

@@ -273,3 +273,42 @@ def test_property_random_bytes_never_500(client, db, lead_project, data, fmt) ->
         errors = response.json()["detail"]["errors"]
         whole_file = ("not UTF-8 text", "the file has no prompts", "line 1: missing column text")
         assert errors and all(e.startswith(("line ", *whole_file)) for e in errors), errors
+
+
+def test_prompts_pasted_one_per_line_into_a_split(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import select
+
+    from app.projects.models import Prompt
+    from app.projects.schemas import ProjectCreate
+    from app.projects.service import create_project
+    from tests.support import login
+
+    lead, _ = make_user("lead", password="lead-password-1")
+    csrf = login(client, lead.email, "lead-password-1")
+    project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
+    db.commit()
+    url = f"/projects/{project.id}/prompts"
+    page = client.get(url)
+    assert 'id="prompt-paste"' in page.text and '<textarea id="pasted" name="pasted"' in page.text
+
+    def stored() -> list[tuple[str, str]]:
+        rows = db.scalars(select(Prompt).where(Prompt.project_id == project.id).order_by(Prompt.id))
+        return [(p.text, p.split) for p in rows]
+
+    too_long = "x" * 5000
+    bad = client.post(url, data={"csrf_token": csrf, "pasted": f"a red cube\n{too_long}\n",
+                                 "split": "test"})  # fmt: skip
+    assert bad.status_code == 422 and "Nothing was imported" in bad.text
+    assert "line 2:" in bad.text
+    assert "a red cube" in bad.text.split('id="pasted"')[1]  # kept in the box
+    assert '<option value="test" selected>' in bad.text
+    wrong_split = client.post(url, data={"csrf_token": csrf, "pasted": "a", "split": "dev"})
+    assert wrong_split.status_code == 422 and "unknown split &#39;dev&#39;" in wrong_split.text
+    nothing = client.post(url, data={"csrf_token": csrf, "pasted": "  \n"})
+    assert nothing.status_code == 422 and "choose a file to upload, or paste" in nothing.text
+    assert stored() == []
+
+    ok = client.post(url, data={"csrf_token": csrf, "pasted": "a red cube\n\n  a blue ball  \n",
+                                "split": "test"}, follow_redirects=False)  # fmt: skip
+    assert ok.status_code == 303 and ok.headers["location"].endswith("created=2")
+    assert stored() == [("a red cube", "test"), ("a blue ball", "test")]

@@ -328,10 +328,16 @@ def test_web_killed_after_commit_retry_gets_the_original_vote(tmp_path: Path) ->
         }
         with pytest.raises(httpx.TransportError):
             annotator.post(path, json=body)
-        # The web process is gone and `serve` with it: start the web again, same database.
-        assert stack.serve.proc.wait(timeout=30) == 1
+        # The web process is gone; `serve` stays up and starts it again (same database).
+        wait_for(
+            lambda: "serve: web exited with code 70" in stack.serve.output(), 30, what="web exit"
+        )
+        wait_for(lambda: "serve: web restarted" in stack.serve.output(), 30, what="web restart")
+        assert stack.serve.proc.poll() is None
         stored = vote_ids(stack.db_url)
         assert len(stored) == 1, "the vote was committed before the crash"
+        # The retry goes to a web with the switch off (with it on, the replay's commit would
+        # end the process again).
         stack.serve.stop()
         stack.env["PREFLOOP_FAULT_INJECTION"] = "0"
         stack.serve = Proc(

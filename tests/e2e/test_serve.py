@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,6 +86,62 @@ def test_embedded_serve_end_to_end(tmp_path: Path) -> None:
     assert code == 0, serve.output()
     assert "prefloop stopped" in serve.output()
     assert not [pid for pid in children if _alive(pid)], "children left running"
+
+
+def _child(serve: Proc, marker: str) -> int:
+    """The pid of serve's child whose command line contains marker."""
+    for pid in serve.children():
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        if marker in cmdline:
+            return pid
+    raise AssertionError(f"no child running {marker!r}: {serve.children()}")
+
+
+def _last_lines(output: str, n: int) -> list[str]:
+    return [line for line in output.splitlines() if line.strip()][-n:]
+
+
+@pytest.mark.slow
+def test_serve_prints_the_login_last_and_restarts_dead_children(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    serve = Proc(
+        ["serve", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+        base_env(**FAST_JOBS),
+        tmp_path / "serve.log",
+    )
+    try:
+        email, password = _admin_password(serve)
+        # The login comes once the web answers and the worker has reported in: nothing after it.
+        assert _healthy(base)
+        time.sleep(2)
+        url_line, login_line = _last_lines(serve.output(), 2)
+        assert url_line == f"prefloop is running at {base}/"
+        assert login_line.startswith(f"first run: admin login {email} / password {password}")
+        assert " -------------- " not in serve.output()  # no Celery banner
+
+        worker = _child(serve, "app.cli worker")
+        os.kill(worker, signal.SIGKILL)
+        wait_for(lambda: "serve: worker restarted" in serve.output(), 30, what="worker restart")
+        assert re.search(
+            r"serve: worker exited with code -9 after \d+ s; restarting in 1 s \(voting stays up",
+            serve.output(),
+        ), serve.output()
+        # Voting (the web) never went away; the new worker reports in and health is ok again.
+        assert httpx.get(f"{base}/login", timeout=5).status_code == 200
+        assert _child(serve, "app.cli worker") != worker
+        wait_for(lambda: _healthy(base), 60, what="the restarted worker to report in")
+
+        web = _child(serve, "uvicorn")
+        os.kill(web, signal.SIGKILL)
+        wait_for(lambda: "serve: web restarted" in serve.output(), 30, what="web restart")
+        wait_for(lambda: httpx.get(f"{base}/login", timeout=2).status_code == 200, 60, what="web")
+        assert _child(serve, "uvicorn") != web
+        with httpx.Client(base_url=base, timeout=10) as client:
+            login(client, email, password)
+    finally:
+        code = serve.stop()
+    assert code == 0, serve.output()
 
 
 @pytest.mark.slow

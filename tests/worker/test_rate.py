@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import worker.rate as rate_module
-from app.ratings.battles import parse_battles
+from app.ratings.battles import MAX_PROBLEMS, parse_battles
 from app.ratings.bradley_terry import fit_bradley_terry
 from app.ratings.leaderboard import leaderboard
 from app.ratings.scale import elo_scale
@@ -125,10 +125,11 @@ def test_disconnected_battles_warn_on_stderr(tmp_path: Path) -> None:
     ("content", "fragment"),
     [
         ("not json at all", "not valid JSON"),
-        ('{"model_a": "x"}', "expected a JSON list"),
+        ('{"model_a": "x"}', "record 1: missing field 'model_b'"),
+        ("5", "expected a JSON list"),
         ("[]", "no battle records"),
-        ('[{"model_a": "x", "model_b": "y", "winner": "foo"}]', "record 0: unknown winner 'foo'"),
-        ('[{"model_a": "x", "model_b": "y", "winner": "tie"}, 5]', "record 1: expected an object"),
+        ('[{"model_a": "x", "model_b": "y", "winner": "foo"}]', "record 1: unknown winner 'foo'"),
+        ('[{"model_a": "x", "model_b": "y", "winner": "tie"}, 5]', "record 2: expected an object"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path: Path, content: str, fragment: str) -> None:
@@ -195,7 +196,10 @@ def check_outcome(result: Result) -> None:
         )
     else:
         assert isinstance(result.exception, SystemExit)
-        assert len(result.stderr.strip().splitlines()) == 1
+        # One line per bad record (at most MAX_PROBLEMS and a count of the rest).
+        lines = result.stderr.strip().splitlines()
+        assert 1 <= len(lines) <= MAX_PROBLEMS + 1
+        assert all(line.startswith("Error: ") for line in lines), lines
 
 
 @settings(
@@ -226,3 +230,41 @@ def test_garbage_input_never_crashes(tmp_path: Path, payload: object) -> None:
     else:
         path.write_text(json.dumps(payload), encoding="utf-8")
     check_outcome(run(str(path), "--bootstrap", "10"))
+
+
+def test_reads_prefloops_jsonl_export_skipping_same_model_pairs(tmp_path: Path) -> None:
+    # Lines as app.exports.service.vote_record writes them (other fields trimmed).
+    def line(a: str, b: str, choice: str) -> str:
+        return json.dumps(
+            {"vote_id": 1, "pair_purpose": "arena", "is_gold": False, "model_a": a,
+             "model_b": b, "choice": choice, "left": {"model": a}, "right": {"model": b}}
+        )  # fmt: skip
+
+    lines = [line("m1", "m2", "left")] * 6 + [line("m1", "m2", "right")] * 2
+    lines += [line("m1", "m1", "tie"), line("m2", "m2", "left"), line("m1", "m2", "skip")]
+    path = tmp_path / "votes.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "r.json"
+    result = run(str(path), "--bootstrap", "0", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "skipped 2 same-model pairs" in result.stderr
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["m1", "m2"]
+    # 6 wins to 2 with the default prior: m1 ahead.
+    assert rows[0]["rating"] > rows[1]["rating"]
+
+
+def test_every_bad_jsonl_record_is_named_by_its_line(tmp_path: Path) -> None:
+    good = json.dumps({"model_a": "a", "model_b": "b", "choice": "left"})
+    path = tmp_path / "votes.jsonl"
+    path.write_text(
+        "\n".join([good, '{"model_a": "a", "model_b": "b", "choice": "up"}', good, "",
+                   "{not json", good, '{"model_a": "a", "choice": "left"}'])  # fmt: skip
+    )
+    result = run(str(path))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3, result.stderr
+    assert "line 2: unknown choice 'up'" in lines[0]
+    assert "line 5: not valid JSON" in lines[1]
+    assert "line 7: missing field 'model_b'" in lines[2]

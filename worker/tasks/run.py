@@ -72,7 +72,8 @@ def _start_reporting(sender: Any = None, **_: Any) -> None:
     queues = ",".join(sorted(q.name for q in sender.app.amqp.queues.consume_from.values()))
     thread = threading.Thread(
         target=_report_in,
-        args=(runner.worker_name(), queues, _stop_reporting, 10.0),
+        # As often as a running job reports in: /healthz judges both by PREFLOOP_JOB_STALE_SECONDS.
+        args=(runner.worker_name(), queues, _stop_reporting, get_settings().job_heartbeat_seconds),
         daemon=True,
     )
     thread.start()
