@@ -245,8 +245,10 @@ CLI_CREDENTIALS = {
     "user token": "a token for the named account",
     "user password": "a one-time set-password link for the named account",
 }
+# `bootstrap` prints a password only for the first admin it creates itself, while no admin exists
+# (the operator's own first login): never a credential of an existing account.
 CLI_NO_CREDENTIALS = {
-    "backup", "export", "import", "migrate", "rate", "restore", "serve", "toy", "user",
+    "backup", "bootstrap", "export", "import", "migrate", "rate", "restore", "serve", "toy", "user",
     "user deactivate", "user list", "version", "worker",
 }  # fmt: skip
 
