@@ -190,6 +190,7 @@ def _as_candidate(pair: Pair) -> service.Candidate:
     )
 
 
+@pytest.mark.slow
 def test_random_floor_is_honoured_in_proportion(db: Session, make_user: Any) -> None:
     arena = build_arena(db, make_user, random_floor=0.3)
     candidates = [_as_candidate(p) for p in arena.pairs.values()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import select
 
 from app.jobs.models import Job
@@ -181,6 +182,7 @@ def test_login_logout_and_cookie_flags(client, make_user) -> None:  # type: igno
     assert client.get("/", follow_redirects=False).status_code == 303
 
 
+@pytest.mark.slow
 def test_login_is_rate_limited(client, make_user) -> None:  # type: ignore[no-untyped-def]
     make_user("lead", email="target@example.com", password="the-real-password")
     statuses = [

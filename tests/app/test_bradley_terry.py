@@ -426,6 +426,7 @@ def test_annotator_quality_rejects_unknown_choice() -> None:
         annotator_quality(["a"], ["p"], ["x"], ["y"], ["maybe"])
 
 
+@pytest.mark.slow
 def test_the_web_side_imports_neither_the_worker_nor_torch() -> None:
     # The rating maths, the importer and the whole web app are app-owned: no worker module
     # (and so no torch) is loaded by importing them.

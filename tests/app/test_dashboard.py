@@ -487,6 +487,7 @@ def test_settings_page_saves_valid_settings_only(client: Any, db: Session, make_
     assert "Saved." in client.get(ok.headers["location"]).text
 
 
+@pytest.mark.slow
 def test_invite_link_sets_a_password_once_and_deactivation_is_per_project(
     client: Any, db: Session, make_user: Any
 ) -> None:

@@ -476,6 +476,7 @@ def _peak_export_bytes(session: Session, project_id: int) -> tuple[int, int]:
     return peak, size
 
 
+@pytest.mark.slow
 def test_pickapic_export_memory_does_not_grow_with_votes(db) -> None:  # type: ignore[no-untyped-def]
     small = _bulk_project(db, 400)
     large = _bulk_project(db, 3000)
@@ -840,6 +841,7 @@ def import_target(db, make_user) -> tuple[int, str]:  # type: ignore[no-untyped-
     return project.id, token
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -915,6 +917,7 @@ _record = st.one_of(
 )
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

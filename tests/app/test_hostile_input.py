@@ -241,6 +241,7 @@ def test_a_good_pickapic_file_still_imports_and_stores_each_image_once(
     assert len(media_files() - files) == 7
 
 
+@pytest.mark.slow
 @settings(
     max_examples=25,
     deadline=None,

@@ -215,6 +215,7 @@ def prompt_files(draw: st.DrawFn) -> tuple[str, bytes, list[int] | None]:
     return fmt, data, None if valid else []
 
 
+@pytest.mark.slow
 @settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
@@ -245,6 +246,7 @@ def test_property_structured_files(client, db, lead_project, case) -> None:  # t
         assert errors == [f"the file has no prompts (read as {fmt})"]
 
 
+@pytest.mark.slow
 @settings(
     max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )

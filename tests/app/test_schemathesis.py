@@ -63,6 +63,7 @@ def world(app: Any, db: Session, make_user: Any) -> World:
     return build_world(db, make_user)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ROLES)
 @pytest.mark.parametrize("operation", OPERATIONS)
 def test_generated_requests_never_fail_on_the_server(

@@ -91,6 +91,7 @@ def test_logout_ends_the_session_for_every_copy_of_the_cookie(client: Any, make_
     assert client.get("/api/v1/projects").status_code == 401
 
 
+@pytest.mark.slow
 def test_password_change_ends_every_session(client: Any, db: Session, make_user: Any) -> None:
     user, token = make_user("lead", email="change@example.com", password=PASSWORD)
     login(client, "change@example.com", PASSWORD)
@@ -112,6 +113,7 @@ def test_password_change_ends_every_session(client: Any, db: Session, make_user:
     assert client.get("/api/v1/projects", headers=bearer(token)).status_code == 200
 
 
+@pytest.mark.slow
 def test_login_spraying_many_accounts_from_one_address_is_throttled(
     client: Any, make_user: Any
 ) -> None:
