@@ -508,7 +508,7 @@ class RLTrainer:
     def transition_terms(
         self, traj: Trajectories, rows: Tensor, columns: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """New log-probs, KL to the parent and old log-probs of transitions (rows[i], columns[i])."""
+        """New log-probs, KL to the parent and old log-probs of transitions (rows, columns)."""
         x_t = traj.latents[rows, columns].to(self.device)  # (b, C, h, w)
         x_prev = traj.latents[rows, columns + 1].to(self.device)  # (b, C, h, w)
         t = self.timesteps[columns].to(self.device)  # (b,)
