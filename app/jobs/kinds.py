@@ -279,3 +279,104 @@ def check_evaluate(
 
 register_kind(JobKind("train_dpo", TrainDPOParams, queue="gpu", check=check_train_dpo))
 register_kind(JobKind("evaluate", EvaluateParams, queue="gpu", check=check_evaluate))
+
+
+class TrainRLParams(JobParams):
+    """Online RL (GRPO / DDPO) from the project's reward model, anchored to `model_id` by a KL.
+
+    The defaults are `worker.rl_train.RLConfig`'s (a test keeps them equal).
+    """
+
+    model_id: int
+    reward_model_id: int | None = Field(default=None, description="default: the latest")
+    # A second, independently trained reward model watching for reward hacking on held-out
+    # prompts; default: the newest other reward model of the project (none: fidelity only).
+    guard_reward_model_id: int | None = None
+    # Training reward = reward_weight · reward model + fidelity_weight · prompt fidelity (toy).
+    reward_weight: float = Field(default=1.0, ge=0)
+    fidelity_weight: float = Field(default=0.0, ge=0)
+    steps: int = Field(default=60, ge=1, le=100_000)
+    prompts_per_step: int = Field(default=8, ge=1, le=1024)
+    group_size: int = Field(default=8, ge=1, le=256)
+    sample_steps: int = Field(default=10, ge=1, le=1000)
+    eta: float = Field(default=1.0, gt=0, le=1)
+    guidance_scale: float | None = Field(default=None, ge=0, description="default: the model's")
+    train_timesteps: int = Field(default=4, ge=1, le=1000)
+    ppo_epochs: int = Field(default=1, ge=1, le=100)
+    minibatches: int = Field(default=2, ge=1, le=1024)
+    clip_range: float = Field(default=1e-3, gt=0, le=1)
+    adv_clip_max: float = Field(default=5.0, gt=0)
+    advantage: Literal["group", "prompt"] = "group"
+    kl_coef: float = Field(default=0.01, ge=0)
+    learning_rate: float = Field(default=3e-4, gt=0, le=1.0)
+    lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
+    lora_targets: Literal["attention", "attention+conv", "all"] = "attention+conv"
+    eval_every: int = Field(default=10, ge=1)
+    probe_prompts: int = Field(default=16, ge=1, le=1024)
+    max_fidelity_drop: float = Field(default=0.05, ge=0, le=1)
+    max_reward_divergence: float = Field(default=1.5, gt=0)
+    checkpoint_every: int = Field(default=10, ge=1)
+    time_limit_minutes: float | None = Field(default=None, gt=0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    name: str | None = Field(default=None, max_length=200)
+    closed_loop: bool = True
+    arena_images_per_prompt: int = Field(default=2, ge=1, le=16)
+
+
+def check_train_rl(
+    session: Session, project_id: int | None, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    from app.generators.models import ModelVersion
+    from app.pairs.active import latest_reward_model
+    from app.projects.models import Prompt
+    from app.ratings.models import RewardModel
+
+    errors = check_model_ids(session, project_id, params)
+    model = session.get(ModelVersion, params["model_id"])
+    if model is not None and model.adapter and params["lora_rank"] > 0:
+        errors.append(
+            {
+                "loc": ["params", "lora_rank"],
+                "msg": f"model {model.id} already has an adapter; train it with lora_rank 0 "
+                "(full fine-tuning) to build on it",
+            }
+        )
+    for key in ("reward_model_id", "guard_reward_model_id"):
+        wanted = params.get(key)
+        row = session.get(RewardModel, wanted) if wanted is not None else None
+        if wanted is not None and (row is None or row.project_id != project_id):
+            errors.append({"loc": ["params", key], "msg": "not a reward model of this project"})
+    if (
+        params.get("reward_model_id") is None
+        and params["reward_weight"] > 0
+        and latest_reward_model(session, project_id) is None  # type: ignore[arg-type]
+    ):
+        errors.append(
+            {"loc": ["params"], "msg": "the project has no reward model yet; run train_reward"}
+        )
+    if params["reward_weight"] == 0 and params["fidelity_weight"] == 0:
+        errors.append({"loc": ["params", "reward_weight"], "msg": "every scorer weight is 0"})
+    if params["train_timesteps"] > params["sample_steps"]:
+        errors.append(
+            {"loc": ["params", "train_timesteps"], "msg": "must not exceed sample_steps"}
+        )
+    if params["advantage"] == "group" and params["group_size"] < 2:
+        errors.append({"loc": ["params", "group_size"], "msg": "group advantages need ≥ 2"})
+    if (params["prompts_per_step"] * params["group_size"]) % params["minibatches"]:
+        errors.append(
+            {
+                "loc": ["params", "minibatches"],
+                "msg": "must divide prompts_per_step × group_size",
+            }
+        )
+    has_train_prompt = session.scalar(
+        select(Prompt.id)
+        .where(Prompt.project_id == project_id, Prompt.split == "train")
+        .limit(1)
+    )
+    if has_train_prompt is None:
+        errors.append({"loc": ["params"], "msg": "the project has no train-split prompts"})
+    return errors
+
+
+register_kind(JobKind("train_rl", TrainRLParams, queue="gpu", check=check_train_rl))

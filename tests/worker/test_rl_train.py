@@ -217,3 +217,22 @@ def test_tiny_pipelines_sample_rescore_and_update(tmp_path: Path, kind: str) -> 
     assert float(kl.abs().max()) == 0.0
     metrics = trainer.update(traj, trainer.advantages(traj), step=1)
     assert metrics.grad_norm > 0 and metrics.kl >= 0
+
+
+def test_job_params_defaults_are_the_trainer_defaults() -> None:
+    from dataclasses import fields
+
+    from app.jobs.kinds import TrainRLParams
+
+    defaults = RLConfig()
+    params = TrainRLParams(model_id=1)
+    shared = [
+        f.name
+        for f in fields(RLConfig)
+        if f.name in TrainRLParams.model_fields and f.name != "guidance_scale"
+    ]
+    assert len(shared) >= 18
+    for name in shared:
+        assert getattr(params, name) == getattr(defaults, name), name
+    # Guidance follows the model's own sampling setting unless a job sets it.
+    assert params.guidance_scale is None
