@@ -146,6 +146,7 @@ class RLLoopConfig:
     guidance_scale: float = 4.0
     reward_steps: int = 600
     reward: str = "learned"  # or "oracle"
+    rl_minutes: float | None = None  # stop RL after this long and judge what it reached
     rl: dict[str, Any] = field(default_factory=dict)  # RLConfig overrides
     seed: int = 0
 
@@ -362,7 +363,10 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
 
             def __call__(self, prompts: Sequence[str], batch: torch.Tensor) -> torch.Tensor:
                 arrays = to_uint8(batch)
-                return torch.tensor([score(p, a) for p, a in zip(prompts, arrays, strict=True)])
+                # A lost shape scores NO_FOREGROUND (−1e9) for votes; as a reward that one
+                # value would swamp its group's std, so it is floored below every real score.
+                values = [max(score(p, a), -2.0) for p, a in zip(prompts, arrays, strict=True)]
+                return torch.tensor(values)
 
         reward_scorer: Any = Oracle()
     else:
@@ -389,8 +393,10 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
         log(f"[{name}] probe step {p.step}: reward {p.reward:.3f} guard {p.guard:.3f} "
             f"fidelity {p.fidelity:.3f}" + (f" STOP {p.stop_reason}" if p.stop_reason else ""))
 
+    deadline = time.monotonic() + 60 * config.rl_minutes if config.rl_minutes else math.inf
     result = train(rl_pipe, train_prompts, reward_scorer, rl_config, work / f"ckpt-{name}",
-                   probe=probe, on_metrics=on_metrics, on_probe=on_probe)  # fmt: skip
+                   probe=probe, on_metrics=on_metrics, on_probe=on_probe,
+                   should_stop=lambda: time.monotonic() > deadline)  # fmt: skip
     adapter = save_lora(rl_pipe.unet, work / f"adapter-{name}")
     del rl_pipe
     timer.lap("train_rl")
@@ -458,7 +464,8 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'preference':<18} {'reward':<7} {'votes':>5} {'win@tol [95% CI]':>22} {'n':>4} "
+        f"{'preference':<18} {'reward':<7} {'lr':>6} {'votes':>5} {'win@tol [95% CI]':>22} "
+        f"{'n':>4} "
         f"{'Δscore':>8} {'fid':>11} {'pos share':>11} {'RM acc':>11} {'steps':>5} "
         f"{'cpu min':>7} {'wall':>6}  goals"
     )
@@ -466,7 +473,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         w = r["win"]
         lines.append(
-            f"{r['preference']:<18} {r['reward_source']:<7} {r['votes']:>5} "
+            f"{r['preference']:<18} {r['reward_source']:<7} "
+            f"{r['rl_config']['learning_rate']:>6.0e} {r['votes']:>5} "
             f"{w['win_rate']:>7.1%} [{w['ci_low']:>5.1%}, {w['ci_high']:>6.1%}] {w['n']:>4} "
             f"{r['mean_score_change']:>+8.4f} "
             f"{r['fidelity_parent']:.3f}>{r['fidelity_child']:.3f} "
@@ -479,41 +487,58 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def reward_kl_curve(r: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """At each probe: the mean KL of the steps since the last probe, and the held-out probe
+    reward's gain over step 0 in units of the first training batch's reward spread."""
+    h, probes = r["history"], r["probes"]
+    if not h or not probes:
+        return np.zeros(0), np.zeros(0)
+    spread = max(h[0]["reward_std"], 1e-6)
+    kl_by_step = {p["step"]: p["kl"] for p in h}
+    xs, ys, previous = [], [], 0
+    for probe in probes:
+        window = [kl_by_step[s] for s in range(previous + 1, probe["step"] + 1) if s in kl_by_step]
+        xs.append(float(np.mean(window)) if window else 0.0)
+        ys.append((probe["reward"] - probes[0]["reward"]) / spread)
+        previous = probe["step"]
+    return np.array(xs), np.array(ys)
+
+
 def plot_reward_vs_kl(results: list[dict[str, Any]], path: Path) -> None:
-    """Per run: the training reward's gain over step 1 against the cumulative mean KL (PNG)."""
+    """Reward vs KL per run (:func:`reward_kl_curve`), one line each, as a PNG."""
     from PIL import Image, ImageDraw
 
-    width, height, margin = 900, 600, 70
+    width, height, margin = 1000, 640, 70
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-               (140, 86, 75), (227, 119, 194), (127, 127, 127)]  # fmt: skip
+               (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+               (0, 0, 0), (255, 0, 255)]  # fmt: skip
     curves = []
     for r in results:
-        h = r["history"]
-        if not h:
-            continue
-        spread = max(h[0]["reward_std"], 1e-6)
-        kl = np.cumsum([p["kl"] for p in h]) / np.arange(1, len(h) + 1)
-        gain = [(p["reward_mean"] - h[0]["reward_mean"]) / spread for p in h]
-        curves.append((f"{r['preference']} ({r['reward_source']})", kl, np.array(gain)))
+        kl, gain = reward_kl_curve(r)
+        if kl.size:
+            lr = r["rl_config"]["learning_rate"]
+            curves.append((f"{r['preference']} ({r['reward_source']}, lr {lr:g})", kl, gain))
     if not curves:
         return
     x_max = max(float(c[1].max()) for c in curves) or 1.0
-    y_min = min(float(c[2].min()) for c in curves)
-    y_max = max(float(c[2].max()) for c in curves)
-    y_min, y_max = min(y_min, 0.0), max(y_max, y_min + 1e-6)
+    y_min = min(0.0, min(float(c[2].min()) for c in curves))
+    y_max = max(y_min + 1e-6, max(float(c[2].max()) for c in curves))
 
     def to_px(x: float, y: float) -> tuple[float, float]:
-        px = margin + (width - 2 * margin) * x / x_max
+        px = margin + (width - 2 * margin - 260) * x / x_max
         py = height - margin - (height - 2 * margin) * (y - y_min) / (y_max - y_min)
         return px, py
 
     draw.line([to_px(0, y_min), to_px(x_max, y_min)], fill="black")
     draw.line([to_px(0, y_min), to_px(0, y_max)], fill="black")
-    draw.text((width // 2 - 120, height - margin + 25), "mean KL to the parent per transition",
+    draw.line([to_px(0, 0), to_px(x_max, 0)], fill=(200, 200, 200))
+    draw.text((margin + 150, height - margin + 25),
+              "mean KL(policy || parent) per transition since the previous probe",
               fill="black")  # fmt: skip
-    draw.text((8, margin - 40), "training reward gain (step-1 sd)", fill="black")
+    draw.text((8, margin - 45), "held-out probe reward gain over step 0 (training-reward sd)",
+              fill="black")  # fmt: skip
     for frac in (0.0, 0.5, 1.0):
         x, y = to_px(frac * x_max, y_min)
         draw.text((x - 15, y + 5), f"{frac * x_max:.1e}", fill="black")
@@ -525,7 +550,9 @@ def plot_reward_vs_kl(results: list[dict[str, Any]], path: Path) -> None:
         points = [to_px(float(a), float(b)) for a, b in zip(kl, gain, strict=True)]
         if len(points) > 1:
             draw.line(points, fill=colour, width=2)
-        draw.text((width - margin - 200, margin + 15 * i), label, fill=colour)
+        for x, y in points:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((width - margin - 240, margin + 16 * i), label, fill=colour)
     img.save(path)
 
 
@@ -540,10 +567,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--prompts-per-step", type=int, default=None)
     parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--rl", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other RLConfig field, e.g. --rl minibatches=4")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rl-minutes", type=float, default=None, help="cap on the RL phase")
     parser.add_argument("--quick", action="store_true", help="a reduced run for two CPU cores")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="only print the table (and plot) of earlier --out files")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -561,13 +593,25 @@ def configs_from_args(args: argparse.Namespace) -> list[RLLoopConfig]:
                            ("group_size", args.group_size)):  # fmt: skip
             if value is not None:
                 rl[key] = value
+        for item in args.rl:
+            key, _, text = item.partition("=")
+            rl[key] = json.loads(text) if text[:1] in "0123456789-.[{tf" else text
         votes = args.votes if args.votes is not None else base.votes
-        configs.append(replace(base, reward=args.reward, seed=args.seed, votes=votes, rl=rl))
+        configs.append(replace(base, reward=args.reward, seed=args.seed, votes=votes, rl=rl,
+                               rl_minutes=args.rl_minutes))  # fmt: skip
     return configs
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        merged = [r for path in args.merge if path.exists() for r in json.loads(path.read_text())]
+        print(format_table(merged))
+        if args.out is not None:
+            args.out.write_text(json.dumps(merged, indent=2))
+        if args.plot is not None:
+            plot_reward_vs_kl(merged, args.plot)
+        return 0
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"{os.cpu_count()} CPUs, {device}, load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -71,12 +71,15 @@ class RLConfig:
     # (Flow-GRPO's denoising reduction; DDPO trains all T).
     train_timesteps: int = 4
     ppo_epochs: int = 1  # passes over each sampled batch
-    minibatches: int = 2  # optimizer steps per pass (the first is exactly on-policy)
+    # Optimizer steps per pass (the first is exactly on-policy). 4 rather than 2 and lr 1e-3
+    # rather than DDPO's 3e-4: on the toy "brighter" 98.5 % vs 89.0 % after the same 60–80
+    # steps (benchmarks/rl_loop.py).
+    minibatches: int = 4
     clip_range: float = 1e-3  # PPO ε on the per-dimension ratio
     adv_clip_max: float = 5.0  # advantages clipped to ±this (DDPO)
     advantage: Literal["group", "prompt"] = "group"  # GRPO groups or DDPO per-prompt baseline
     kl_coef: float = 0.01  # weight of KL(π_θ ‖ π_parent) per transition
-    learning_rate: float = 3e-4  # DDPO / Flow-GRPO use 3e-4 with LoRA
+    learning_rate: float = 1e-3  # DDPO / Flow-GRPO use 3e-4 with LoRA on SD-size models
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     lora_rank: int = 8  # 0: full fine-tuning with a frozen copy as the reference

@@ -303,12 +303,12 @@ class TrainRLParams(JobParams):
     guidance_scale: float | None = Field(default=None, ge=0, description="default: the model's")
     train_timesteps: int = Field(default=4, ge=1, le=1000)
     ppo_epochs: int = Field(default=1, ge=1, le=100)
-    minibatches: int = Field(default=2, ge=1, le=1024)
+    minibatches: int = Field(default=4, ge=1, le=1024)
     clip_range: float = Field(default=1e-3, gt=0, le=1)
     adv_clip_max: float = Field(default=5.0, gt=0)
     advantage: Literal["group", "prompt"] = "group"
     kl_coef: float = Field(default=0.01, ge=0)
-    learning_rate: float = Field(default=3e-4, gt=0, le=1.0)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
     lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
     lora_targets: Literal["attention", "attention+conv", "all"] = "attention+conv"
     eval_every: int = Field(default=10, ge=1)
