@@ -29,6 +29,23 @@ reaches when the reward sees what the annotator sees).
 This runs the platform's worker code in one process (no web server, database or queue), so it
 also runs on a machine with an accelerator and nothing else; the job path itself is tested in
 tests/e2e/test_rl_job.py.
+
+Measured on one H200 (full size: 1 800 votes, 10 % flipped, 120 train prompts × 6 images,
+80 held-out test prompts × 3 held-out seeds; ten runs sharing the GPU, each RL phase capped at
+4 minutes ≈ 60–80 steps of 8 prompts × 8 images; win-rate at tolerance, prompt-clustered 95 %):
+- "brighter": 98.5 % [96.9, 99.8] with lr 1e-3 and 4 minibatches (89.0 % [84.8, 93.1] with
+  DDPO's 3e-4 and 2), fidelity 0.982 → 0.982; reward-model test accuracy 0.92.
+- "darker": 100 % [100, 100] (lr 3e-4), fidelity 0.982 → 0.978; reward model 0.95.
+- "larger": 57.5 % [53.8, 61.3] (lr 1e-3), 63.7 % [59.0, 68.5] (3e-3, fidelity −3.3 points)
+  although its reward model orders test pairs right 91 % of the time: 80 steps move the size
+  too little. "centered": 55.6 % (3e-3, stopped by the fidelity guard).
+- "left" and prompted position: the learned reward models are blind to position (test accuracy
+  0.45–0.50, issue 12's global pooling), so RL on them cannot move position: 50.0 % and
+  48.5–49.0 %, named-cell share 0.09 → 0.07. With the preference itself as the reward
+  (oracle) "left" reaches 68.5 % [65.6, 71.5] at lr 3e-3 in 79 steps; prompted position
+  50.6 %, share 0.09 → 0.10 — binding position words to layout needs more than 80 steps.
+- "lighter": 35.4 % — its reward model is wrong (test accuracy 0.57–0.61) and the guard,
+  trained on the same votes, is wrong the same way: RL follows the reward the votes gave.
 """
 
 from __future__ import annotations

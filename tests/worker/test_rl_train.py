@@ -161,20 +161,21 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 def test_rl_raises_the_reward_and_the_guard_stops_a_hacked_run(tmp_path: Path) -> None:
     reward = BrightnessScorer()
     cfg = _tiny_config(
-        steps=12, prompts_per_step=2, group_size=4, learning_rate=3e-3, kl_coef=0.0,
+        steps=8, prompts_per_step=2, group_size=4, learning_rate=3e-3, kl_coef=0.0,
         eval_every=4, checkpoint_every=4, max_reward_divergence=1e9, max_fidelity_drop=1.0,
     )  # fmt: skip
-    probe = ProbeSet(prompts=PROMPTS, fidelity=ToyFidelityScorer())
+    probe = ProbeSet(prompts=PROMPTS, fidelity=ToyFidelityScorer(), images_per_prompt=1)
     honest = train(_toy(), PROMPTS, reward, cfg, tmp_path / "honest", probe=probe, device="cpu")
-    assert honest.guard_stop is None and honest.step == 12
+    assert honest.guard_stop is None and honest.step == 8
     assert honest.probes[-1].reward > honest.probes[0].reward
     assert {"reward_mean", "reward_std", "kl", "clip_fraction", "advantage_std"} <= set(
         honest.history[0].as_dict()
     )
 
-    # The same run watched by a guard that disagrees: stopped at the first probe that moved.
-    strict = RLConfig(**{**cfg.__dict__, "max_reward_divergence": 0.3})
-    guarded = ProbeSet(prompts=PROMPTS, guard=NegatedScorer(reward))
+    # The same run watched by a guard that disagrees: stopped at the first probe that moved
+    # (the guard's gain mirrors the reward's, so the divergence is twice the reward's gain).
+    strict = RLConfig(**{**cfg.__dict__, "max_reward_divergence": 0.05})
+    guarded = ProbeSet(prompts=PROMPTS, guard=NegatedScorer(reward), images_per_prompt=1)
     pipe = _toy()
     hacked = train(pipe, PROMPTS, reward, strict, tmp_path / "hacked", probe=guarded, device="cpu")
     assert hacked.guard_stop is not None and "diverged" in hacked.guard_stop
