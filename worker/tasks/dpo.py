@@ -216,7 +216,7 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
 
 
 def _close_the_loop(
-    session: Any, ctx: ProjectJobContext[TrainDPOParams], parent: ModelVersion, child: ModelVersion
+    session: Any, ctx: ProjectJobContext[Any], parent: ModelVersion, child: ModelVersion
 ) -> dict[str, Any]:
     """Queue the evaluation (if a reward model exists) and the child's entry into the arena."""
     has_prompts = session.scalar(

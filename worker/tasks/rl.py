@@ -1,0 +1,210 @@
+"""`train_rl`: online GRPO / DDPO fine-tuning from the project's reward model → a child version.
+
+Orchestration only; the maths is `worker.rl`, the loop `worker.rl_train`. Training prompts are
+the project's train split; the reward-hacking guard's probe prompts are held out (val, then
+test). A retry (worker lost, soft time limit) resumes from the newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.core.storage import atomic_dir
+from app.generators.models import ModelVersion
+from app.jobs.kinds import TrainRLParams
+from app.pairs.active import latest_reward_model
+from app.projects.models import Prompt
+from app.ratings.models import RewardModel
+from worker.runner import JobCancelled, ProjectJobContext, TimeLimitReached, TransientJobError
+from worker.tasks.dpo import _close_the_loop, _load_parent
+
+
+def _reward_models(
+    session: Any, project_id: int, params: TrainRLParams
+) -> tuple[RewardModel | None, RewardModel | None]:
+    """The training reward model and the guard (another reward model of the project, if any)."""
+    primary = (
+        session.get(RewardModel, params.reward_model_id)
+        if params.reward_model_id is not None
+        else latest_reward_model(session, project_id)
+    )
+    if params.guard_reward_model_id is not None:
+        return primary, session.get(RewardModel, params.guard_reward_model_id)
+    others = select(RewardModel).where(RewardModel.project_id == project_id)
+    if primary is not None:
+        others = others.where(RewardModel.id != primary.id)
+    guard = session.scalar(others.order_by(RewardModel.version.desc()).limit(1))
+    return primary, guard
+
+
+def _prompts(session: Any, project_id: int, probe_count: int) -> tuple[list[str], list[str], str]:
+    """Train prompts, probe prompts and where the probe prompts come from."""
+    rows = session.execute(
+        select(Prompt.text, Prompt.split).where(Prompt.project_id == project_id).order_by(Prompt.id)
+    ).all()
+    train = [text for text, split in rows if split == "train"]
+    for split in ("val", "test"):
+        held_out = [text for text, s in rows if s == split]
+        if held_out:
+            return train, held_out[:probe_count], split
+    return train, train[:probe_count], "train (no held-out prompts)"
+
+
+def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
+    import torch
+
+    from worker.dpo_train import save_lora
+    from worker.rl_train import (
+        ProbeSet,
+        RewardModelScorer,
+        ToyFidelityScorer,
+        TrainingDiverged,
+        WeightedSum,
+        list_checkpoints,
+        train,
+    )
+    from worker.tasks.generate import spec_for
+    from worker.tasks.reward import load_cached
+    from worker.toy import resolve_toy
+
+    params = ctx.params
+    project_id = ctx.project_id
+    with ctx.session() as session:
+        parent = session.get(ModelVersion, params.model_id)
+        if parent is None:
+            raise ValueError("the model of this job no longer exists")
+        primary_row, guard_row = _reward_models(session, project_id, params)
+        primary = load_cached(ctx.store, primary_row) if primary_row is not None else None
+        guard = load_cached(ctx.store, guard_row) if guard_row is not None else None
+        train_prompts, probe_prompts, probe_source = _prompts(
+            session, project_id, params.probe_prompts
+        )
+        spec = spec_for(parent)
+        is_toy = resolve_toy(parent.base) is not None
+    if not train_prompts:
+        raise ValueError("the project has no train-split prompts")
+    guidance = params.guidance_scale if params.guidance_scale is not None else spec.guidance_scale
+    # The trainer reads the job's params themselves, with the guidance resolved.
+    config = params.model_copy(update={"guidance_scale": guidance})
+    parts = []
+    if primary is not None and params.reward_weight > 0:
+        parts.append((RewardModelScorer(primary, "reward"), params.reward_weight))
+    fidelity = ToyFidelityScorer() if is_toy else None
+    if params.fidelity_weight > 0:
+        if fidelity is None:
+            raise ValueError("fidelity_weight needs a toy model (no fidelity scorer for others)")
+        parts.append((fidelity, params.fidelity_weight))
+    reward = WeightedSum(parts)
+    probe = ProbeSet(
+        prompts=probe_prompts,
+        guard=RewardModelScorer(guard, "guard") if guard is not None else None,
+        fidelity=fidelity,
+        seed=params.seed + 12_345,
+    )
+    ctx.log(
+        f"reward {reward.name} (reward model {primary_row and primary_row.id}); guard reward "
+        f"model {guard_row and guard_row.id}; fidelity {'toy world' if fidelity else 'none'}; "
+        f"{len(train_prompts)} train prompts, {len(probe_prompts)} probe prompts from "
+        f"{probe_source}"
+    )
+
+    work = Path(ctx.work_dir())
+    ckpt_dir = work / "checkpoints"
+    ctx.progress(0.01, "loading the parent model")
+    pipe = _load_parent(parent)
+    existing = list_checkpoints(ckpt_dir)
+    resumed_from = 0
+    if existing:
+        resumed_at = resumed_from = int(existing[-1].name.split("-")[-1])
+        ctx.truncate_metrics(resumed_at)
+        ctx.log(f"resuming from checkpoint at step {resumed_at}")
+
+    deadline = (
+        time.monotonic() + 60 * params.time_limit_minutes if params.time_limit_minutes else None
+    )
+
+    def should_stop() -> bool:
+        timed_out = deadline is not None and time.monotonic() > deadline
+        return ctx.cancel_requested or timed_out
+
+    def on_metrics(metrics: Any) -> None:
+        ctx.metrics(metrics.step, metrics.as_dict())
+        ctx.progress(0.03 + 0.9 * metrics.step / config.steps, f"step {metrics.step}")
+
+    def on_probe(probe_metrics: Any) -> None:
+        ctx.metrics(probe_metrics.step, probe_metrics.as_dict())
+        if probe_metrics.stop_reason:
+            ctx.log(f"guard at step {probe_metrics.step}: {probe_metrics.stop_reason}")
+
+    try:
+        result = train(
+            pipe, train_prompts, reward, config, ckpt_dir,
+            probe=probe, on_metrics=on_metrics, on_probe=on_probe, should_stop=should_stop,
+        )  # fmt: skip
+    except TrainingDiverged as exc:
+        kept = list_checkpoints(ckpt_dir)
+        note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
+        raise RuntimeError(f"{exc}{note}") from None
+    if result.stopped_early:
+        if ctx.cancel_requested:
+            raise JobCancelled()
+        message = f"soft time limit reached at step {result.step}; the next run resumes there"
+        if result.step > resumed_from:
+            raise TimeLimitReached(message)  # progress was made: not a failed attempt
+        raise TransientJobError(message)
+    if result.guard_stop:
+        ctx.log(f"stopped early by the reward-hacking guard: {result.guard_stop}")
+
+    out_dir = work / ("adapter" if config.lora_rank > 0 else "model")
+    if config.lora_rank > 0:
+        save_lora(pipe.unet, out_dir)
+    else:
+        with atomic_dir(out_dir) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+    del pipe
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    last = result.history[-1] if result.history else None
+    probes = [p for p in result.probes]
+    with ctx.session() as session:
+        parent = session.get(ModelVersion, params.model_id)
+        assert parent is not None
+        child = session.scalar(
+            select(ModelVersion).where(ModelVersion.produced_by_job_id == ctx.job_id)
+        )
+        if child is None:
+            child = ModelVersion(
+                project_id=parent.project_id,
+                name=params.name or f"{parent.name}+rl{ctx.job_id}",
+                base=parent.base if config.lora_rank > 0 else str(out_dir),
+                adapter=str(out_dir) if config.lora_rank > 0 else None,
+                params=dict(parent.params),
+                parent_id=parent.id,
+                produced_by_job_id=ctx.job_id,
+                status="arena",
+                evaluation={},
+            )
+            session.add(child)
+            session.flush()
+        child_id = child.id
+        follow_ups = _close_the_loop(session, ctx, parent, child) if params.closed_loop else {}
+    return {
+        "model_id": child_id,
+        "parent_id": params.model_id,
+        "reward_model_id": primary_row.id if primary_row is not None else None,
+        "guard_reward_model_id": guard_row.id if guard_row is not None else None,
+        "steps": result.step,
+        "stopped_by_guard": result.guard_stop is not None,
+        "guard_stop": result.guard_stop,
+        "final_reward_mean": last.reward_mean if last else None,
+        "final_kl": last.kl if last else None,
+        "probe_source": probe_source,
+        "probe_first": probes[0].as_dict() if probes else None,
+        "probe_last": probes[-1].as_dict() if probes else None,
+        "output": str(out_dir),
+        **follow_ups,
+    }
