@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic
 from app.projects.models import Project
+from app.ratings.models import RewardModel
 
 
 def register_model(session: Session, *, project: Project, data: ModelCreate) -> ModelVersion:
@@ -23,12 +24,20 @@ def register_model(session: Session, *, project: Project, data: ModelCreate) -> 
         parent = session.get(ModelVersion, data.parent_id)
         if parent is None or parent.project_id != project.id:
             raise HTTPException(422, f"parent_id {data.parent_id} is not a model of this project")
+    if data.params.reward_model_id is not None:
+        reward = session.get(RewardModel, data.params.reward_model_id)
+        if reward is None or reward.project_id != project.id:
+            raise HTTPException(
+                422,
+                f"params.reward_model_id {data.params.reward_model_id} is not a reward model "
+                "of this project",
+            )
     model = ModelVersion(
         project_id=project.id,
         name=data.name,
         base=data.base.strip(),
         adapter=data.adapter,
-        params=data.params.model_dump(),
+        params=data.params.stored(),
         parent_id=data.parent_id,
         status="arena",
         evaluation={},

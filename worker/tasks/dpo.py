@@ -7,7 +7,7 @@ resumes from the newest checkpoint, so its metrics continue from that step.
 
 from __future__ import annotations
 
-import io
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,11 @@ from app.generators.models import ModelVersion
 from app.jobs.service import create_job
 from app.projects.models import Project, Prompt
 from app.projects.service import project_settings
-from app.ratings.models import RewardModel
-from app.ratings.snapshots import create_snapshot, snapshot_for_job, snapshot_pairs
+from app.ratings.models import RewardModel, Snapshot
+from worker.generation import sampling_free_params
+from worker.pairs_source import collect_pairs, job_snapshot, record_sources
 from worker.runner import JobCancelled, JobContext, TransientJobError, handler
+from worker.tasks.generate import spec_for
 
 
 def dpo_config(params: dict[str, Any]) -> Any:
@@ -46,41 +48,21 @@ def dpo_config(params: dict[str, Any]) -> Any:
     )
 
 
-def _training_pairs(ctx: JobContext, tie_policy: str) -> tuple[int, list[Any]]:
-    """The job's snapshot (made on the first attempt) and its train-split pairs as images."""
-    from PIL import Image as PILImage
-
-    from worker.dpo_train import PreferencePair
-
-    with ctx.session() as session:
-        snapshot = snapshot_for_job(session, ctx.job_id) or create_snapshot(
-            session,
-            project_id=ctx.project_id,
-            job_id=ctx.job_id,  # type: ignore[arg-type]
+def _no_pairs_reason(snapshot_id: int, params: dict[str, Any], sources: dict[str, Any]) -> str:
+    if "reward" in sources and not sources.get("votes", {}).get("pairs"):
+        reward = sources["reward"]
+        return (
+            f"no reward-labelled pair reached P(best ≻ worst) ≥ {reward['threshold']} "
+            f"({reward['pairs_considered']} considered); lower reward_threshold or add votes"
         )
-        snapshot_id = snapshot.id
-    with ctx.session() as session:
-        # Held-out prompts (val/test) stay out of training: evaluation uses them.
-        rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split="train")  # type: ignore[arg-type]
-
-    def load(key: str) -> Any:
-        return PILImage.open(io.BytesIO(ctx.store.read(key))).convert("RGB")
-
-    pairs = [
-        PreferencePair(
-            prompt=row.prompt,
-            winner=load(row.winner_storage_key),
-            loser=load(row.loser_storage_key),
-            label=row.p,
-        )
-        for row in rows
-    ]
-    return snapshot_id, pairs
+    return (
+        f"snapshot {snapshot_id} has no training pairs on train-split prompts "
+        f"(tie policy {params['tie_policy']!r})"
+    )
 
 
 def _load_parent(parent: ModelVersion) -> Any:
     from worker.generation import load_pipeline
-    from worker.tasks.generate import spec_for
 
     # A private copy: training changes the UNet in place, the generation cache must not see it.
     pipe = load_pipeline(spec_for(parent))
@@ -117,19 +99,23 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
 
     ctx.progress(0.01, "loading the parent model")
     pipe = _load_parent(parent)
-    snapshot_id, pairs = _training_pairs(ctx, params["tie_policy"])
+    snapshot_id = job_snapshot(ctx)
     if cache_path.exists():
         data = CachedPairs.load(cache_path)
     else:
-        if not pairs:
-            raise ValueError(
-                f"snapshot {snapshot_id} has no training pairs on train-split prompts "
-                f"(tie policy {params['tie_policy']!r})"
-            )
-        ctx.progress(0.02, f"encoding {len(pairs)} pairs once")
-        data = encode_pairs(pipe, pairs)
+        pair_set = collect_pairs(
+            ctx, pipe, spec_for(parent), params, snapshot_id=snapshot_id, seed=params["seed"]
+        )
+        if not pair_set.pairs:
+            raise ValueError(_no_pairs_reason(snapshot_id, params, pair_set.sources))
+        record_sources(ctx, snapshot_id, pair_set.sources)
+        ctx.progress(0.05, f"encoding {len(pair_set.pairs)} pairs once")
+        data = encode_pairs(pipe, pair_set.pairs)
         data.save(cache_path)
-    ctx.log(f"snapshot {snapshot_id}: {len(data)} pairs; tie policy {params['tie_policy']}")
+    with ctx.session() as session:
+        snapshot = session.get(Snapshot, snapshot_id)
+        sources = dict((snapshot.params or {}).get("sources", {})) if snapshot else {}
+    ctx.log(f"snapshot {snapshot_id}: {len(data)} pairs ({json.dumps(sources, sort_keys=True)})")
 
     existing = list_checkpoints(ckpt_dir)
     if existing:
@@ -166,10 +152,16 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
             f"soft time limit reached at step {result.step}; the next attempt resumes there"
         )
 
-    out_dir = work / ("adapter" if config.lora_rank > 0 else "model")
-    if config.lora_rank > 0:
+    # A LoRA trained on a parent that already carries one (a later round of train_loop) cannot be
+    # a second adapter of the base: it is merged, and the child is a whole pipeline directory.
+    as_adapter = config.lora_rank > 0 and not parent.adapter
+    out_dir = work / ("adapter" if as_adapter else "model")
+    if as_adapter:
         save_result(pipe, config, out_dir)
     else:
+        if config.lora_rank > 0:
+            pipe.unet.fuse_lora()
+            pipe.unet.unload_lora()
         # A fully fine-tuned UNet becomes a whole pipeline directory the generator can load.
         tmp = out_dir.with_name(".tmp-model")
         pipe.save_pretrained(tmp, safe_serialization=True)
@@ -192,9 +184,11 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
             child = ModelVersion(
                 project_id=parent.project_id,
                 name=params.get("name") or f"{parent.name}+dpo{ctx.job_id}",
-                base=parent.base if config.lora_rank > 0 else str(out_dir),
-                adapter=str(out_dir) if config.lora_rank > 0 else None,
-                params=dict(parent.params),
+                base=parent.base if as_adapter else str(out_dir),
+                adapter=str(out_dir) if as_adapter else None,
+                # The child is the trained weights with plain sampling: a parent's best-of
+                # policy is not inherited.
+                params=sampling_free_params(parent.params),
                 parent_id=parent.id,
                 produced_by_job_id=ctx.job_id,
                 snapshot_id=snapshot_id,
@@ -214,6 +208,7 @@ def train_dpo(ctx: JobContext) -> dict[str, Any]:
         "final_loss": last.loss if last else None,
         "implicit_acc": last.implicit_acc if last else None,
         "output": str(out_dir),
+        "sources": sources,
         **follow_ups,
     }
 
