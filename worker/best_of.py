@@ -62,7 +62,7 @@ def iter_best_of(
         if complete == 0:
             return
         prompts = [prompt for prompt, _ in expanded[: complete * n]]
-        arrays = [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in images[: complete * n]]
+        arrays = [np.array(img.convert("RGB"), dtype=np.uint8) for img in images[: complete * n]]
         values = np.asarray(score(prompts, arrays), dtype=np.float64).reshape(complete, n)
         for r, best in enumerate(best_candidates(values)):
             prompt, seed = requests[r]

@@ -149,7 +149,7 @@ def reward_pairs(
         flat_prompts = [p for p in chunk for _ in range(n)]
         flat_seeds = [s for p in chunk for s in candidate_seeds(p, config.seed, n)]
         images = generate(flat_prompts, flat_seeds)
-        arrays = [np.asarray(img.convert("RGB"), dtype=np.uint8) for img in images]
+        arrays = [np.array(img.convert("RGB"), dtype=np.uint8) for img in images]
         values = np.asarray(score(flat_prompts, arrays), dtype=np.float64).reshape(len(chunk), n)
         considered += len(chunk) * min(config.pairs_per_prompt, n // 2)
         for pair in margin_pairs(

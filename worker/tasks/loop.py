@@ -241,7 +241,7 @@ def heldout_samples(
     texts, images = [], []
     for text, _seed, image in iter_generate(spec, items, batch_size=batch_size_for(spec, None)):
         texts.append(text)
-        images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        images.append(np.array(image.convert("RGB"), dtype=np.uint8))
     return texts, images
 
 
