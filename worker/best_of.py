@@ -2,7 +2,8 @@
 
 A requested image (prompt, seed) has candidates with seeds `candidate_seeds(seed, N)`: the first
 is the seed itself, so a best-of-N model shares its first candidate with the plain model at the
-same seed (paired comparisons stay paired), and the others come from a salted hash of the seed.
+same seed (paired comparisons stay paired); the others come from a salted hash of the seed, above
+the range of stored images' seeds. Only the kept image is stored, under the requested seed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from worker.pairs_source import UNSTORED_SEED_BASE, UNSTORED_SEED_SPAN
 
 BEST_OF_SEED_SALT = "prefloop/best-of"
 
@@ -26,7 +29,7 @@ def candidate_seeds(seed: int, n: int) -> list[int]:
         digest = hashlib.blake2b(
             f"{BEST_OF_SEED_SALT}\x1f{seed}\x1f{k}".encode(), digest_size=8
         ).digest()
-        seeds.append(int.from_bytes(digest, "big") >> 1)  # [0, 2**63)
+        seeds.append(UNSTORED_SEED_BASE + int.from_bytes(digest, "big") % UNSTORED_SEED_SPAN)
     return seeds
 
 

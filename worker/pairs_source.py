@@ -12,9 +12,9 @@ so "which pairs did this model see" has one answer:
   online preference optimisation: the threshold, not a soft label, carries the uncertainty;
 - ``votes+reward``: both sets, concatenated.
 
-Candidate seeds are drawn per (prompt, job seed, index) from a salted hash, so they coincide neither
-with the seeds of stored (voted) images nor with evaluation seeds, and every prompt gets fresh
-starting noise.
+Candidate seeds are drawn per (prompt, job seed, index) from a salted hash above the range of
+stored images' seeds, so they coincide neither with the seeds of voted images nor with evaluation
+seeds, and every prompt gets fresh starting noise.
 
 The pure parts (`candidate_seeds`, `margin_pairs`) are tested against hand-computed values; the
 rest is orchestration (loading, generating, scoring).
@@ -38,6 +38,11 @@ DataSource = Literal["votes", "reward", "votes+reward"]
 DATA_SOURCES: tuple[str, ...] = ("votes", "reward", "votes+reward")
 # Salt of the candidate-seed hash: no other seed in the project comes from this stream.
 CANDIDATE_SEED_SALT = "prefloop/reward-candidates"
+# Seeds of images that are never stored lie above the images' 32-bit seed column, so none
+# coincides with a stored (voted on, or evaluation) image's seed; all stay below a torch
+# generator's 2**63.
+UNSTORED_SEED_BASE = 2**31
+UNSTORED_SEED_SPAN = 2**63 - 2**31
 
 # score_fn(prompts, images (H, W, 3) uint8) -> (N,) rewards
 ScoreFn = Callable[[Sequence[str], Sequence[np.ndarray]], np.ndarray]
@@ -58,7 +63,7 @@ def candidate_seeds(prompt: str, seed: int, n: int) -> list[int]:
         digest = hashlib.blake2b(
             f"{CANDIDATE_SEED_SALT}\x1f{seed}\x1f{k}\x1f{prompt}".encode(), digest_size=8
         ).digest()
-        seeds.append(int.from_bytes(digest, "big") >> 1)
+        seeds.append(UNSTORED_SEED_BASE + int.from_bytes(digest, "big") % UNSTORED_SEED_SPAN)
     return seeds
 
 

@@ -64,7 +64,8 @@ def test_margin_pairs_rows_ties_and_odd_counts() -> None:
 def test_candidate_seeds_are_fresh_per_prompt_and_seed_and_reproducible() -> None:
     a = candidate_seeds("a red circle", 0, 8)
     assert a == candidate_seeds("a red circle", 0, 8)
-    assert len(set(a)) == 8 and all(0 <= s < 2**63 for s in a)
+    # Above every stored image's (32-bit) seed, below a torch generator's limit.
+    assert len(set(a)) == 8 and all(2**31 <= s < 2**63 for s in a)
     assert not set(a) & set(candidate_seeds("a blue square", 0, 8))
     assert not set(a) & set(candidate_seeds("a red circle", 1, 8))
     # None of the small seeds that generate jobs use by default.
@@ -128,6 +129,7 @@ def test_best_candidates_first_maximum_per_row() -> None:
 def test_best_of_seeds_start_with_the_requested_seed() -> None:
     seeds = best_of_seeds(5, 4)
     assert seeds[0] == 5 and len(set(seeds)) == 4 and seeds == best_of_seeds(5, 4)
+    assert all(2**31 <= s < 2**63 for s in seeds[1:])
     assert best_of_seeds(5, 1) == [5]
     assert not set(seeds[1:]) & set(best_of_seeds(6, 4))
 
