@@ -307,7 +307,7 @@ def annotate(
                     png = client.get(pair[side]["url"])
                     if png.status_code != 200:
                         raise RuntimeError(f"image {image_id}: {png.status_code}")
-                    scores[image_id] = preference.score(decode_png(png.content))
+                    scores[image_id] = preference.score(decode_png(png.content), pair["prompt"])
                     stats.images_fetched += 1
                 side_scores.append(scores[image_id])
             honest = vote_from_scores(side_scores[0], side_scores[1], rng)
@@ -421,9 +421,13 @@ def judge(
     prompts = [parent[k][0] for k in keys]
     parent_images = [parent[k][1] for k in keys]
     child_images = [child[k][1] for k in keys]
-    parent_scores = np.array([preference.score(im) for im in parent_images])  # (N,)
-    child_scores = np.array([preference.score(im) for im in child_images])  # (N,)
-    win = win_rate_interval(paired_outcomes(child_scores, parent_scores))
+    parent_scores = np.array(
+        [preference.score(im, p) for im, p in zip(parent_images, prompts, strict=True)]
+    )  # (N,)
+    child_scores = np.array(
+        [preference.score(im, p) for im, p in zip(child_images, prompts, strict=True)]
+    )  # (N,)
+    win = win_rate_interval(paired_outcomes(child_scores, parent_scores, preference.tolerance))
     return Judgement(
         win=win.as_dict(),
         fidelity_parent=prompt_fidelity(prompts, parent_images).as_dict(),

@@ -15,8 +15,8 @@ import pytest
 from benchmarks.alignment_loop import LoopConfig, judge, quick_config, run_loop, split_prompts
 from tests.support import Stack
 from worker.toy.preferences import (
+    IMAGE_PREFERENCES,
     NO_FOREGROUND,
-    PREFERENCES,
     get_preference,
     prompt_fidelity,
     vote_from_scores,
@@ -49,12 +49,15 @@ def test_each_preference_orders_scenes_that_differ_in_its_attribute() -> None:
         "darker": (_scene(background="black"), _scene(background="white")),
         "lighter": (_scene(shade="light"), _scene(shade="dark")),
     }
-    assert set(pairs) == set(PREFERENCES)
+    assert set(pairs) == set(IMAGE_PREFERENCES)
     for name, (better, worse) in pairs.items():
         pref = get_preference(name)
-        assert pref.score(better) > pref.score(worse), name
+        # Image-only preferences read no prompt: any prompt gives the same scores.
+        for prompt in ("", "a small blue circle at the top right"):
+            assert pref.score(better, prompt) > pref.score(worse, prompt) + pref.tolerance, name
         assert pref.choose(better, worse, np.random.default_rng(0)) == "left", name
         assert pref.choose(worse, better, np.random.default_rng(0)) == "right", name
+        assert pref.flip(better, worse, "a red square"), name
 
 
 def test_an_empty_image_loses_wherever_the_shape_is_read() -> None:
@@ -62,8 +65,8 @@ def test_an_empty_image_loses_wherever_the_shape_is_read() -> None:
     small = _scene(size="small", horizontal="right")
     for name in ("larger", "left", "centered", "lighter"):
         pref = get_preference(name)
-        assert pref.score(empty) < pref.score(small), name
-    assert get_preference("left").score(empty) == NO_FOREGROUND
+        assert pref.score(empty, "") < pref.score(small, ""), name
+    assert get_preference("left").score(empty, "") == NO_FOREGROUND
 
 
 def test_flip_noise_reverses_decisive_votes_at_its_rate() -> None:

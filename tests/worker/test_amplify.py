@@ -205,8 +205,10 @@ def test_stop_reason() -> None:
 
 
 def test_eval_seeds_are_disjoint_from_training_streams() -> None:
+    from worker.seeds import prompt_seeds, seed_domain
+
     seeds = eval_seeds(12, 4)
     assert seeds == eval_seeds(12, 4) and len(set(seeds)) == 4
-    assert not set(seeds) & set(eval_seeds(13, 4))
-    assert not set(seeds) & set(range(1000))
+    assert all(seed_domain(s) == "eval" for s in seeds)
+    assert not set(seeds) & set(prompt_seeds(12, 64, "train"))
     assert not set(seeds) & set(candidate_seeds("x", 0, 64))

@@ -20,7 +20,6 @@ the round it was in.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -42,8 +41,6 @@ from app.votes.models import Vote
 from worker import runner
 from worker.runner import JobContext, handler
 
-EVAL_SEED_SALT = "prefloop/loop-eval"
-
 
 def dpo_fields(params: dict[str, Any]) -> dict[str, Any]:
     """The loop's params that a round's train_dpo job takes (all but the loop's own)."""
@@ -53,14 +50,10 @@ def dpo_fields(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def eval_seeds(prompt_id: int, n: int) -> list[int]:
-    """Held-out seeds of one prompt: a hash stream no generated or candidate image uses."""
-    out = []
-    for k in range(n):
-        digest = hashlib.blake2b(
-            f"{EVAL_SEED_SALT}\x1f{prompt_id}\x1f{k}".encode(), digest_size=8
-        ).digest()
-        out.append(int.from_bytes(digest, "big") >> 1)
-    return out
+    """Held-out seeds of one prompt: the evaluation domain, which no training image uses."""
+    from worker.seeds import prompt_seeds
+
+    return prompt_seeds(prompt_id, n, "eval")
 
 
 @dataclass(frozen=True)
