@@ -212,3 +212,29 @@ def test_eval_seeds_are_disjoint_from_training_streams() -> None:
     assert all(seed_domain(s) == "eval" for s in seeds)
     assert not set(seeds) & set(prompt_seeds(12, 64, "train"))
     assert not set(seeds) & set(candidate_seeds("x", 0, 64))
+
+
+# --- the lead's path: train_loop's defaults ----------------------------------------------------
+
+
+def test_train_loop_defaults_are_the_documented_recipe() -> None:
+    from app.jobs.kinds import TrainDPOParams, TrainLoopParams
+    from worker.tasks.loop import dpo_fields
+
+    loop = TrainLoopParams(model_id=1)
+    # README "Amplifying votes": 3 rounds of votes + reward-labelled pairs, best vs worst of 8,
+    # P ≥ 0.75; stop on no held-out reward gain or a fidelity drop above 2 points.
+    assert (loop.rounds, loop.data, loop.retrain_reward) == (3, "votes+reward", True)
+    assert (loop.reward_candidates, loop.reward_pairs_per_prompt) == (8, 1)
+    assert (loop.reward_threshold, loop.min_reward_gain, loop.max_fidelity_drop) == (
+        0.75,
+        0.0,
+        0.02,
+    )
+    # Every DPO setting of a round is train_dpo's own default (one recipe, defined once).
+    dpo = TrainDPOParams(model_id=1).model_dump()
+    rounds = dpo_fields(loop.model_dump())
+    assert set(rounds) == set(dpo)
+    assert {k: v for k, v in rounds.items() if k != "data"} == {
+        k: v for k, v in dpo.items() if k != "data"
+    }
