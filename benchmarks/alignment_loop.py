@@ -629,7 +629,7 @@ def dpo_votes_reward(
 
 
 # Validation prompts the iterative loop's stopping rule looks at (never the reported test prompts).
-VAL_PROMPTS = 20
+VAL_PROMPTS = 40
 
 
 def add_val_prompts(stack: Stack, project: Project, config: LoopConfig) -> int:

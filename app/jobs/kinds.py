@@ -337,7 +337,8 @@ class TrainLoopParams(TrainDPOParams):
     min_reward_gain: float = 0.0
     # ...or when prompt fidelity (toy models) fell more than this below the first model's.
     max_fidelity_drop: float = Field(default=0.02, ge=0, le=1)
-    eval_images_per_prompt: int = Field(default=2, ge=1, le=16)
+    # Held-out samples per prompt: enough that one image more or less is not a fidelity "drop".
+    eval_images_per_prompt: int = Field(default=4, ge=1, le=16)
 
 
 def check_train_loop(
