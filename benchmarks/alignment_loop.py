@@ -30,8 +30,11 @@ Measured per preference and method (`worker.evaluation`):
   every axis the prompt names (and over prompts naming both axes), parent vs child.
 
 Methods: `dpo_votes` (train_dpo on the votes with the job's defaults — the lead's path — unless
-`--steps`/`--beta`/... override them). `dpo_votes_reward`, `iterative_x3`, `best_of_4` and `rl`
-are hooks in METHODS: a function returning the child model version fills the same table.
+`--steps`/`--beta`/... override them); `dpo_votes_reward` (train_dpo `data: votes+reward`: the
+votes plus on-policy best-vs-worst pairs the reward model labels); `iterative_x3` (train_loop,
+3 rounds, stopping on validation prompts added for it; the last accepted child is judged);
+`best_of_4` (no training: the parent sampling best of 4 by the reward model; its cost is at test
+time). `rl` is a hook in METHODS: a function returning the child model version fills the table.
 
 Printed: one table per method and the goals (for every preference a method reaching ≥ 80 %
 win-rate at tolerance from ≤ 2 000 votes and ≤ 30 CPU minutes with fidelity drop ≤ 2 points;
@@ -610,13 +613,107 @@ def dpo_votes(
     return MethodRun(dpo["model_id"], {k: dpo.get(k) for k in keys})
 
 
+def dpo_votes_reward(
+    stack: Stack, project: Project, config: LoopConfig, reward: dict[str, Any], timer: PhaseTimer
+) -> MethodRun:
+    """DPO on the votes plus on-policy pairs the reward model labels (best vs worst of 8)."""
+    params = {
+        **dpo_params(config, project.model_id),
+        "data": "votes+reward",
+        "reward_model_id": reward["reward_model_id"],
+    }
+    with timer.phase("method:train_dpo"):
+        dpo = run_job(stack, project.id, "train_dpo", params, timeout=7200)
+    keys = ("model_id", "pairs", "steps", "final_loss", "implicit_acc", "sources")
+    return MethodRun(dpo["model_id"], {k: dpo.get(k) for k in keys})
+
+
+# Validation prompts the iterative loop's stopping rule looks at (never the reported test prompts).
+VAL_PROMPTS = 40
+
+
+def add_val_prompts(stack: Stack, project: Project, config: LoopConfig) -> int:
+    """Validation prompts for the loop's stopping rule, disjoint from train and test prompts."""
+    taken = set(project.train_prompts) | set(project.test_prompts)
+    mention = get_preference(config.preference).mention or None
+    fresh = list(
+        dict.fromkeys(sample_prompts(8 * VAL_PROMPTS, seed=config.seed + 20_000, mention=mention))
+    )
+    val = [p for p in fresh if p not in taken][:VAL_PROMPTS]
+    _checked(
+        stack.post(
+            f"/api/v1/projects/{project.id}/prompts",
+            {"prompts": [{"text": t, "split": "val"} for t in val]},
+        ),
+        201,
+    )
+    return len(val)
+
+
+def iterative_x3(
+    stack: Stack, project: Project, config: LoopConfig, reward: dict[str, Any], timer: PhaseTimer
+) -> MethodRun:
+    """train_loop, 3 rounds: on-policy relabelling, the previous child as reference."""
+    with timer.phase("setup:val_prompts"):
+        n_val = add_val_prompts(stack, project, config)
+    params = {
+        **dpo_params(config, project.model_id),
+        "rounds": 3,
+        "reward_model_id": reward["reward_model_id"],
+    }
+    with timer.phase("method:train_loop"):
+        loop = run_job(stack, project.id, "train_loop", params, timeout=4 * 7200)
+    rounds = loop["rounds"]
+    # The lead's pick: the last child that improved held-out reward; if round 1 already failed
+    # the rule, its child is judged all the same (the table must not judge the parent).
+    child = loop["best_model_id"]
+    if child == project.model_id:
+        child = rounds[0]["model_id"]
+    info = {
+        "rounds": len(rounds),
+        "stopped": loop["stopped"],
+        "val_prompts": n_val,
+        "judged_model_id": child,
+        "per_round": [
+            {k: r.get(k) for k in ("round", "model_id", "pairs", "reward_gain", "fidelity_child")}
+            for r in rounds
+        ],
+    }
+    return MethodRun(child, info)
+
+
+def best_of_4(
+    stack: Stack, project: Project, config: LoopConfig, reward: dict[str, Any], timer: PhaseTimer
+) -> MethodRun:
+    """No training: the parent's weights, sampling best of 4 by the reward model."""
+    with timer.phase("method:register"):
+        policy = _checked(
+            stack.post(
+                f"/api/v1/projects/{project.id}/models",
+                {
+                    "name": "toy+best-of-4",
+                    "base": "toy",
+                    "params": {
+                        **config.model_params,
+                        "best_of": 4,
+                        "reward_model_id": reward["reward_model_id"],
+                    },
+                    "parent_id": project.model_id,
+                },
+            ),
+            201,
+        )
+    # Its cost is at test time (4 samples per image, in the evaluate phase), not in training.
+    return MethodRun(policy["id"], {"best_of": 4, "reward_model_id": reward["reward_model_id"]})
+
+
 # The table's methods; None marks a method whose child-making is not written yet (the battery
 # reports it as not run).
 METHODS: dict[str, MethodFn | None] = {
     "dpo_votes": dpo_votes,
-    "dpo_votes_reward": None,
-    "iterative_x3": None,
-    "best_of_4": None,
+    "dpo_votes_reward": dpo_votes_reward,
+    "iterative_x3": iterative_x3,
+    "best_of_4": best_of_4,
     "rl": None,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

@@ -19,6 +19,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -80,6 +81,42 @@ def _check_scheduler_name(name: str) -> None:
         raise ValueError(f"unknown scheduler {name!r}; valid schedulers: {valid}")
 
 
+# A model version's sampling policy: keys of its params that choose among samples rather than
+# change one (best-of-N with a reward model). They are not part of the GeneratorSpec.
+SAMPLING_POLICY_KEYS: tuple[str, ...] = ("best_of", "reward_model_id")
+
+
+def sampling_free_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """A model version's params without its sampling policy."""
+    return {k: v for k, v in params.items() if k not in SAMPLING_POLICY_KEYS}
+
+
+@dataclass(frozen=True)
+class SamplingPolicy:
+    """Best-of-N: draw `best_of` candidates per requested image, the reward model keeps one.
+
+    `reward_model_id` None means the project's latest reward model at generation time.
+    """
+
+    best_of: int = 1
+    reward_model_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.best_of < 1:
+            raise ValueError(f"best_of must be at least 1, got {self.best_of}")
+
+    @property
+    def active(self) -> bool:
+        return self.best_of > 1
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> SamplingPolicy:
+        params = params or {}
+        return cls(
+            best_of=int(params.get("best_of") or 1), reward_model_id=params.get("reward_model_id")
+        )
+
+
 class GeneratorSpec(GenerationParams):
     """Everything that determines a model's images, apart from the prompt and the seed.
 
@@ -103,8 +140,8 @@ class GeneratorSpec(GenerationParams):
         cls, base: str, adapter: str | None = None, params: Mapping[str, Any] | None = None
     ) -> GeneratorSpec:
         """Build a spec from a model version's `params` JSON; unknown keys are an error."""
-        params = dict(params or {})
-        allowed = set(GenerationParams.model_fields)
+        params = sampling_free_params(params or {})
+        allowed = set(GenerationParams.model_fields) - set(SAMPLING_POLICY_KEYS)
         unknown = sorted(set(params) - allowed)
         if unknown:
             raise ValueError(

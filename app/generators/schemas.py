@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Every sampler the worker can build (worker.generation maps each to its diffusers class);
 # "default" keeps the scheduler the model ships with.
@@ -34,6 +34,24 @@ class GenerationParams(BaseModel):
     height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
     width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
     dtype: DType = "auto"
+    # Sampling policy: best-of-N, the project's reward model `reward_model_id` keeps the best of
+    # `best_of` samples per image (so "parent + best-of-4" can compete in the arena).
+    best_of: int = Field(default=1, ge=1, le=64)
+    reward_model_id: int | None = None
+
+    @model_validator(mode="after")
+    def _policy(self) -> GenerationParams:
+        if self.best_of > 1 and self.reward_model_id is None:
+            raise ValueError("best_of above 1 needs the reward_model_id that chooses")
+        return self
+
+    def stored(self) -> dict[str, object]:
+        """The params a model version keeps; no sampling-policy keys when sampling is plain."""
+        params = self.model_dump()
+        if self.best_of == 1 and self.reward_model_id is None:
+            params.pop("best_of")
+            params.pop("reward_model_id")
+        return params
 
 
 class ModelCreate(BaseModel):

@@ -10,6 +10,7 @@ from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic
 from app.generators.sources import SourceError, resolve_sources
 from app.projects.models import Project
+from app.ratings.models import RewardModel
 
 
 class ModelNameTaken(Conflict):
@@ -32,6 +33,13 @@ def register_model(session: Session, *, project: Project, data: ModelCreate) -> 
         parent = session.get(ModelVersion, data.parent_id)
         if parent is None or parent.project_id != project.id:
             raise UnknownParent(f"parent_id {data.parent_id} is not a model of this project")
+    if data.params.reward_model_id is not None:
+        reward = session.get(RewardModel, data.params.reward_model_id)
+        if reward is None or reward.project_id != project.id:
+            raise Invalid(
+                f"params.reward_model_id {data.params.reward_model_id} is not a reward model "
+                "of this project"
+            )
     try:
         base, adapter = resolve_sources(
             session, project_id=project.id, base=data.base, adapter=data.adapter
@@ -43,7 +51,7 @@ def register_model(session: Session, *, project: Project, data: ModelCreate) -> 
         name=data.name,
         base=base,
         adapter=adapter,
-        params=data.params.model_dump(),
+        params=data.params.stored(),
         parent_id=data.parent_id,
         status="arena",
         evaluation={},

@@ -22,8 +22,8 @@ class JobParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-# What the workers' random generators accept (numpy's seeds are 32-bit).
-Seed = Annotated[int, Field(ge=0, lt=2**32)]
+# A seed as images store it (images.seed is a signed 32-bit column; worker.seeds draws below it).
+Seed = Annotated[int, Field(ge=0, lt=2**31)]
 # The selftest's whole run: a diagnostic, not a way to hold a worker.
 SELFTEST_MAX_SECONDS = 60.0
 
@@ -63,6 +63,10 @@ class GenerateParams(JobParams):
     prompt_ids: list[int] | None = Field(default=None, max_length=100_000)
     make_pairs: bool = True
     batch_size: int | None = Field(default=None, ge=1, le=256)
+    # Best-of-N for this job (None: each model's own sampling policy): N candidates per image,
+    # the reward model (default: the latest) keeps the best.
+    best_of: int | None = Field(default=None, ge=1, le=64)
+    reward_model_id: int | None = None
 
     _distinct = field_validator("model_ids", "seeds", "prompt_ids")(distinct_ids)
 
@@ -107,9 +111,8 @@ def check_generate(
     seeds = params.seeds
     if seeds is not None and len(seeds) != params.images_per_prompt:
         errors.append({"loc": ["params", "seeds"], "msg": "needs exactly images_per_prompt seeds"})
-    # images.seed is a 32-bit column.
-    if seeds is not None and any(not 0 <= s < 2**31 for s in seeds):
-        errors.append({"loc": ["params", "seeds"], "msg": "seeds must be in [0, 2**31)"})
+    if (params.best_of or 1) > 1 or params.reward_model_id is not None:
+        errors.extend(check_reward_model(session, project_id, params.reward_model_id))
     return errors
 
 
@@ -118,6 +121,28 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 # Learning rates when none is named: from-scratch convnets like 1e-3; PickScore fine-tunes CLIP
 # at 1e-6.
 DEFAULT_REWARD_LR = {"toyconv": 1e-3, "clip": 1e-6}
+
+
+def check_reward_model(
+    session: Session, project_id: int | None, reward_model_id: int | None
+) -> list[dict[str, Any]]:
+    """The named reward model belongs to the project, or (none named) the project has one."""
+    from app.pairs.active import latest_reward_model
+    from app.ratings.models import RewardModel
+
+    if reward_model_id is None:
+        if latest_reward_model(session, project_id) is None:  # type: ignore[arg-type]
+            return [
+                {
+                    "loc": ["params", "reward_model_id"],
+                    "msg": "the project has no reward model yet; run train_reward first",
+                }
+            ]
+        return []
+    row = session.get(RewardModel, reward_model_id)
+    if row is None or row.project_id != project_id:
+        return [{"loc": ["params", "reward_model_id"], "msg": "not a reward model of this project"}]
+    return []
 
 
 class RewardTrainingParams(JobParams):
@@ -304,7 +329,19 @@ class DPOTrainingParams(JobParams):
         return self.tie_policy != "drop"
 
 
-class TrainDPOParams(DPOTrainingParams):
+class PairDataParams(JobParams):
+    """Which pairs a method trains on (`worker.pairs_source`): votes, reward-labelled, or both."""
+
+    data: Literal["votes", "reward", "votes+reward"] = "votes"
+    # The labeller of on-policy pairs; default: the project's latest reward model.
+    reward_model_id: int | None = None
+    reward_candidates: int = Field(default=8, ge=2, le=64, description="samples per train prompt")
+    reward_pairs_per_prompt: int = Field(default=1, ge=1, le=32)
+    # Keep a best-vs-worst pair only when the reward model's P(best ≻ worst) reaches this.
+    reward_threshold: float = Field(default=0.75, ge=0.5, lt=1.0)
+
+
+class TrainDPOParams(DPOTrainingParams, PairDataParams):
     """Diffusion-DPO on the project's votes, producing a child of `model_id`."""
 
     model_id: int
@@ -333,23 +370,17 @@ class EvaluateParams(JobParams):
 def check_train_dpo(
     session: Session, project_id: int | None, params: TrainDPOParams
 ) -> list[dict[str, Any]]:
-    from app.generators.models import ModelVersion
     from app.ratings.snapshots import usable_vote_counts
 
     errors = check_model_ids(session, project_id, [params.model_id])
     if errors:
         return errors
-    model = session.get(ModelVersion, params.model_id)
-    if model is not None and model.adapter and params.lora_rank > 0:
-        errors.append(
-            {
-                "loc": ["params", "lora_rank"],
-                "msg": f"model {model.id} already has an adapter; train it with lora_rank 0 "
-                "(full fine-tuning) to build on it",
-            }
-        )
+    # A LoRA on a model that already has an adapter is merged into a whole-pipeline child.
+    data = params.data
+    if data != "votes":
+        errors.extend(check_reward_model(session, project_id, params.reward_model_id))
     decisive, _ = usable_vote_counts(session, project_id)  # type: ignore[arg-type]
-    if decisive == 0:
+    if decisive == 0 and data != "reward":
         errors.append({"loc": ["params"], "msg": "the project has no votes to train on yet"})
     return errors
 
@@ -584,5 +615,63 @@ register_kind(
         queue="gpu",
         handler="worker.tasks.rl:train_rl",
         check=check_train_rl,
+    )
+)
+
+
+class TrainLoopParams(TrainDPOParams):
+    """Iterative DPO: rounds of (relabel, DPO with the previous child as reference, evaluate).
+
+    Each round's DPO takes every `TrainDPOParams` field from here; its child is a model version
+    that enters the arena (`closed_loop`).
+    """
+
+    data: Literal["votes", "reward", "votes+reward"] = "votes+reward"
+    rounds: int = Field(default=3, ge=1, le=20)
+    # Before a round: retrain the reward model when votes arrived since the latest one was made.
+    retrain_reward: bool = True
+    # None: "toyconv" for toy models, "clip" otherwise.
+    reward_backbone: str | None = Field(default=None, min_length=1, max_length=500)
+    # Stop when the child's held-out mean reward beats its reference's by no more than this...
+    min_reward_gain: float = 0.0
+    # ...or when prompt fidelity (toy models) fell more than this below the first model's.
+    max_fidelity_drop: float = Field(default=0.02, ge=0, le=1)
+    # Held-out samples per prompt: enough that one image more or less is not a fidelity "drop".
+    eval_images_per_prompt: int = Field(default=4, ge=1, le=16)
+
+
+def check_train_loop(
+    session: Session, project_id: int | None, params: TrainLoopParams
+) -> list[dict[str, Any]]:
+    from app.ratings.snapshots import usable_vote_counts
+
+    errors = check_model_ids(session, project_id, [params.model_id])
+    if errors:
+        return errors
+    if params.reward_model_id is not None:
+        errors.extend(check_reward_model(session, project_id, params.reward_model_id))
+    decisive, prompts = usable_vote_counts(session, project_id)  # type: ignore[arg-type]
+    if decisive == 0:
+        errors.append({"loc": ["params"], "msg": "the project has no votes to train on yet"})
+    elif not params.retrain_reward:
+        errors.extend(check_reward_model(session, project_id, params.reward_model_id))
+    elif prompts < 2 and check_reward_model(session, project_id, None):
+        errors.append(
+            {
+                "loc": ["params"],
+                "msg": "the first reward model needs votes on at least two prompts "
+                f"(found {prompts})",
+            }
+        )
+    return errors
+
+
+register_kind(
+    JobKind(
+        "train_loop",
+        TrainLoopParams,
+        queue="gpu",
+        handler="worker.tasks.loop:train_loop",
+        check=check_train_loop,
     )
 )

@@ -179,10 +179,10 @@ def test_job_params_the_worker_would_reject_are_422(
     h = bearer(token)
     bad = [
         ("generate", {"model_ids": [model.id], "images_per_prompt": 1, "seeds": [-1]}, "seeds"),
-        ("generate", {"model_ids": [model.id], "images_per_prompt": 1, "seeds": [2**32]}, "seeds"),
+        ("generate", {"model_ids": [model.id], "images_per_prompt": 1, "seeds": [2**31]}, "seeds"),
         ("generate", {"model_ids": [model.id, model.id]}, "model_ids"),
         ("fit_ratings", {"prior": 1e-300}, "prior"),
-        ("fit_ratings", {"seed": 2**32}, "seed"),
+        ("fit_ratings", {"seed": 2**31}, "seed"),
         ("evaluate", {"model_ids": [model.id, model.id]}, "model_ids"),
         ("train_dpo", {"model_id": model.id, "seed": -5}, "seed"),
     ]
@@ -190,7 +190,7 @@ def test_job_params_the_worker_would_reject_are_422(
         answer = client.post(url, json={"kind": kind, "params": params}, headers=h)
         assert answer.status_code == 422, (kind, params, answer.text)
         assert field in str(answer.json()["detail"]), (kind, answer.text)
-    ok = {"model_ids": [model.id], "images_per_prompt": 1, "seeds": [2**32 - 1]}
+    ok = {"model_ids": [model.id], "images_per_prompt": 1, "seeds": [2**31 - 1]}
     assert client.post(url, json={"kind": "generate", "params": ok}, headers=h).status_code == 202
 
 

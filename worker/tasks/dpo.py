@@ -8,72 +8,80 @@ resumes from the newest checkpoint, so its metrics continue from that step.
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
+from app.core.storage import atomic_dir
 from app.generators.models import ModelVersion
 from app.jobs.kinds import TrainDPOParams
 from app.jobs.service import create_job
 from app.projects.models import Project, Prompt
 from app.projects.service import project_settings
-from app.ratings.models import RewardModel
-from app.ratings.snapshots import create_snapshot, snapshot_for_job, snapshot_pairs
+from app.ratings.models import RewardModel, Snapshot
+from app.ratings.snapshots import snapshot_pairs
+from worker.generation import sampling_free_params
+from worker.pairs_source import collect_pairs, job_snapshot, record_sources
 from worker.runner import JobCancelled, ProjectJobContext, TimeLimitReached, TransientJobError
+from worker.tasks.generate import spec_for
 
 # Share of train-split prompts held out for validation when the project has no val prompts.
 VAL_SHARE = 0.1
 
 
-def _training_pairs(
-    ctx: ProjectJobContext[TrainDPOParams], tie_policy: str
-) -> tuple[int, list[Any], list[Any]]:
-    """The job's snapshot (made on the first attempt) and its training and validation pairs.
+def _validation_split(
+    ctx: ProjectJobContext[TrainDPOParams], snapshot_id: int, tie_policy: str, pairs: list[Any]
+) -> tuple[list[Any], list[Any]]:
+    """The training pairs and the held-out validation pairs.
 
-    Validation pairs are the val-split prompts' pairs, or, without any, those of a stable tenth
-    of the train-split prompts (held out of training). Test prompts stay out of both.
+    Validation pairs are the val-split prompts' human pairs, or, without any, those of a stable
+    tenth of the training pairs' prompts (held out of training). Test prompts stay out of both.
     """
     from PIL import Image as PILImage
 
     from worker.dpo_train import PreferencePair, held_out_prompts
 
     with ctx.session() as session:
-        snapshot = snapshot_for_job(session, ctx.job_id) or create_snapshot(
-            session, project_id=ctx.project_id, job_id=ctx.job_id
-        )
-        snapshot_id = snapshot.id
-    with ctx.session() as session:
-        # Held-out prompts (val/test) stay out of training: evaluation uses them.
-        rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split="train")  # type: ignore[arg-type]
         val_rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split="val")  # type: ignore[arg-type]
-    if not val_rows:
-        held = held_out_prompts([row.prompt for row in rows], VAL_SHARE)
-        if len(held) < len({row.prompt for row in rows}):  # never hold out every prompt
-            val_rows = [row for row in rows if row.prompt in held]
-            rows = [row for row in rows if row.prompt not in held]
 
     def load(key: str) -> Any:
         return PILImage.open(io.BytesIO(ctx.store.read(key))).convert("RGB")
 
-    def pairs(of: list[Any]) -> list[Any]:
-        return [
-            PreferencePair(
-                prompt=row.prompt,
-                winner=load(row.winner_storage_key),
-                loser=load(row.loser_storage_key),
-                label=row.p,
-            )
-            for row in of
-        ]
+    val = [
+        PreferencePair(
+            prompt=row.prompt,
+            winner=load(row.winner_storage_key),
+            loser=load(row.loser_storage_key),
+            label=row.p,
+        )
+        for row in val_rows
+    ]
+    if not val:
+        held = held_out_prompts([p.prompt for p in pairs], VAL_SHARE)
+        if len(held) < len({p.prompt for p in pairs}):  # never hold out every prompt
+            val = [p for p in pairs if p.prompt in held]
+            pairs = [p for p in pairs if p.prompt not in held]
+    return pairs, val
 
-    return snapshot_id, pairs(rows), pairs(val_rows)
+
+def _no_pairs_reason(snapshot_id: int, params: TrainDPOParams, sources: dict[str, Any]) -> str:
+    if "reward" in sources and not sources.get("votes", {}).get("pairs"):
+        reward = sources["reward"]
+        return (
+            f"no reward-labelled pair reached P(best ≻ worst) ≥ {reward['threshold']} "
+            f"({reward['pairs_considered']} considered); lower reward_threshold or add votes"
+        )
+    return (
+        f"snapshot {snapshot_id} has no training pairs on train-split prompts "
+        f"(tie policy {params.tie_policy!r})"
+    )
 
 
 def _load_parent(parent: ModelVersion) -> Any:
     from worker.generation import load_pipeline
-    from worker.tasks.generate import spec_for
 
     # A private copy: training changes the UNet in place, the generation cache must not see it.
     pipe = load_pipeline(spec_for(parent))
@@ -110,26 +118,31 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
 
     ctx.progress(0.01, "loading the parent model")
     pipe = _load_parent(parent)
-    snapshot_id, pairs, val_pairs = _training_pairs(ctx, tie_policy)
+    snapshot_id = job_snapshot(ctx)
     if cache_path.exists():
         data = CachedPairs.load(cache_path)
         val_data = CachedPairs.load(val_cache_path) if val_cache_path.exists() else None
     else:
-        if not pairs:
-            raise ValueError(
-                f"snapshot {snapshot_id} has no training pairs on train-split prompts "
-                f"(tie policy {tie_policy!r})"
-            )
-        ctx.progress(0.02, f"encoding {len(pairs) + len(val_pairs)} pairs once")
+        pair_set = collect_pairs(
+            ctx, pipe, spec_for(parent), params, snapshot_id=snapshot_id, seed=params.seed
+        )
+        if not pair_set.pairs:
+            raise ValueError(_no_pairs_reason(snapshot_id, params, pair_set.sources))
+        record_sources(ctx, snapshot_id, pair_set.sources)
+        pairs, val_pairs = _validation_split(ctx, snapshot_id, tie_policy, pair_set.pairs)
+        ctx.progress(0.05, f"encoding {len(pairs) + len(val_pairs)} pairs once")
         val_data = encode_pairs(pipe, val_pairs) if val_pairs else None
         if val_data is not None:
             val_data.save(val_cache_path)
         data = encode_pairs(pipe, pairs)
         data.save(cache_path)  # last: its presence means both caches are complete
+    with ctx.session() as session:
+        snapshot = session.get(Snapshot, snapshot_id)
+        sources = dict((snapshot.params or {}).get("sources", {})) if snapshot else {}
     ctx.log(
         f"snapshot {snapshot_id}: {len(data)} training pairs, "
         f"{len(val_data) if val_data is not None else 0} held-out validation pairs; "
-        f"tie policy {tie_policy}"
+        f"tie policy {tie_policy} ({json.dumps(sources, sort_keys=True)})"
     )
 
     existing = list_checkpoints(ckpt_dir)
@@ -173,7 +186,19 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
             raise TimeLimitReached(message)
         raise TransientJobError(message)
 
-    out_dir = save_result(pipe, params, work / ("adapter" if params.lora_rank > 0 else "model"))
+    # A LoRA trained on a parent that already carries one (a later round of train_loop) cannot be
+    # a second adapter of the base: it is merged, and the child is a whole pipeline directory.
+    as_adapter = params.lora_rank > 0 and not parent.adapter
+    out_dir = work / ("adapter" if as_adapter else "model")
+    if as_adapter:
+        save_result(pipe, params, out_dir)
+    else:
+        if params.lora_rank > 0:
+            pipe.unet.fuse_lora()
+            pipe.unet.unload_lora()
+        # A fully fine-tuned UNet becomes a whole pipeline directory the generator can load.
+        with atomic_dir(out_dir) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
@@ -188,9 +213,11 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
             child = ModelVersion(
                 project_id=parent.project_id,
                 name=params.name or f"{parent.name}+dpo{ctx.job_id}",
-                base=parent.base if params.lora_rank > 0 else str(out_dir),
-                adapter=str(out_dir) if params.lora_rank > 0 else None,
-                params=dict(parent.params),
+                base=parent.base if as_adapter else str(out_dir),
+                adapter=str(out_dir) if as_adapter else None,
+                # The child is the trained weights with plain sampling: a parent's best-of
+                # policy is not inherited.
+                params=sampling_free_params(parent.params),
                 parent_id=parent.id,
                 produced_by_job_id=ctx.job_id,
                 snapshot_id=snapshot_id,
@@ -211,6 +238,7 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         "implicit_acc": last.implicit_acc if last else None,
         **(result.validation[-1].as_dict() if result.validation else {}),
         "output": str(out_dir),
+        "sources": sources,
         **follow_ups,
     }
 

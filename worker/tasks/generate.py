@@ -71,11 +71,17 @@ def _existing(
 
 
 def _store(
-    ctx: ProjectJobContext[Any], model: ModelVersion, prompt_id: int, seed: int, image: Any
+    ctx: ProjectJobContext[Any],
+    model: ModelVersion,
+    prompt_id: int,
+    seed: int,
+    image: Any,
+    best_of: dict[str, Any] | None = None,
 ) -> bool:
     from worker.generation import png_bytes, provenance
 
     spec = spec_for(model)
+    extra = {"best_of": best_of} if best_of else {}
     try:
         with ctx.session() as session:
             store_image(
@@ -86,7 +92,12 @@ def _store(
                 png=png_bytes(image),
                 model_version_id=model.id,
                 seed=seed,
-                provenance={**provenance(spec, seed), "model_version": model.id, "job": ctx.job_id},
+                provenance={
+                    **provenance(spec, seed),
+                    "model_version": model.id,
+                    "job": ctx.job_id,
+                    **extra,
+                },
             )
         return True
     except IntegrityError:
@@ -136,15 +147,19 @@ def generate_images(
         items = [(text_of[pid], seed) for pid, seed in todo]
         ids = iter(todo)
         spec = spec_for(model)
-        for _prompt, seed, image in iter_generate(
-            spec,
-            items,
-            batch_size=batch_size_for(spec, batch_size),
-            should_cancel=lambda: ctx.cancel_requested,
-        ):
+
+        def sample(todo_items: Any, spec: Any = spec) -> Any:
+            return iter_generate(
+                spec,
+                todo_items,
+                batch_size=batch_size_for(spec, batch_size),
+                should_cancel=lambda: ctx.cancel_requested,
+            )
+
+        for _prompt, seed, image, choice in sample_with_policy(ctx, model, sample, items):
             prompt_id, expected_seed = next(ids)
             assert seed == expected_seed
-            created += _store(ctx, model, prompt_id, seed, image)
+            created += _store(ctx, model, prompt_id, seed, image, choice)
             finished += 1
             # Throttled: a progress write per image would cost more than a small image.
             if time.monotonic() - last_report > 0.5 or finished == total:
@@ -152,6 +167,34 @@ def generate_images(
                 fraction = low + (high - low) * finished / max(total, 1)
                 ctx.progress(fraction, f"{finished} of {total} images")
     return created, skipped
+
+
+def sample_with_policy(
+    ctx: ProjectJobContext[Any], model: ModelVersion, sample: Any, items: list[tuple[str, int]]
+) -> Any:
+    """(prompt, seed, image, best-of choice or None) under the job's or the model's policy."""
+    from worker.best_of import iter_best_of
+    from worker.generation import SamplingPolicy
+
+    job_policy = getattr(ctx.params, "best_of", None)
+    source = (
+        {"best_of": job_policy, "reward_model_id": ctx.params.reward_model_id}
+        if job_policy
+        else model.params
+    )
+    policy = SamplingPolicy.from_params(source)
+    if not policy.active:
+        return ((prompt, seed, image, None) for prompt, seed, image in sample(items))
+    from worker.pairs_source import reward_model_row, reward_scorer
+
+    row = reward_model_row(ctx, policy.reward_model_id)
+    ctx.log(f"model {model.name}: best of {policy.best_of} by reward model {row.id}")
+    return (
+        (prompt, seed, image, {**choice, "reward_model_id": row.id})
+        for prompt, seed, image, choice in iter_best_of(
+            sample, reward_scorer(ctx, row), items, policy.best_of
+        )
+    )
 
 
 def load_models(ctx: ProjectJobContext[Any], model_ids: list[int]) -> list[ModelVersion]:
