@@ -165,7 +165,7 @@ class LoopState:
 # --- rounds -------------------------------------------------------------------------------------
 
 
-def usable_votes(ctx: ProjectJobContext[Any]) -> int:
+def _usable_votes(ctx: ProjectJobContext[Any]) -> int:
     """Votes a snapshot taken now would freeze."""
     with ctx.session() as session:
         return int(
@@ -198,11 +198,11 @@ def _reward_for_round(
                 else None
             )
             seen = snapshot.vote_count if snapshot is not None else -1
-        if candidate is not None and (not params.retrain_reward or seen >= usable_votes(ctx)):
+        if candidate is not None and (not params.retrain_reward or seen >= _usable_votes(ctx)):
             return int(candidate.id)
     backbone = params.reward_backbone or ("toyconv" if _is_toy(root.base) else "clip")
     job_id = state.job(ctx, key, "train_reward", {"backbone": backbone, "seed": params.seed})
-    ctx.log(f"round {r}: training reward model (job {job_id}) on {usable_votes(ctx)} votes")
+    ctx.log(f"round {r}: training reward model (job {job_id}) on {_usable_votes(ctx)} votes")
     return int(run_subjob(ctx, job_id)["reward_model_id"])
 
 
