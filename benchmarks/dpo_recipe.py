@@ -43,6 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from app.jobs.kinds import DPO_RECIPE  # noqa: E402
 from worker.evaluation import paired_outcomes  # noqa: E402
 from worker.toy.preferences import NO_FOREGROUND, get_preference, prompt_fidelity  # noqa: E402
 from worker.toy.world import (  # noqa: E402
@@ -136,12 +137,13 @@ class Point:
     """One sweep point: the recipe plus the data budget."""
 
     preference: str
-    targets: str = "attention+conv"
-    lr: float = 1e-3
-    beta: float = 2000.0
-    steps: int = 300
-    rank: int = 8
-    batch: int = 8
+    # The defaults are the job's default recipe: a point with no overrides is what a lead gets.
+    targets: str = DPO_RECIPE["lora_targets"]
+    lr: float = DPO_RECIPE["learning_rate"]
+    beta: float = DPO_RECIPE["beta"]
+    steps: int = DPO_RECIPE["steps"]
+    rank: int = DPO_RECIPE["lora_rank"]
+    batch: int = DPO_RECIPE["batch_size"]
     prompts: int = 120
     images: int = 5
     flip_noise: float = 0.1
