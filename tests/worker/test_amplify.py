@@ -232,8 +232,8 @@ def test_train_loop_defaults_are_the_documented_recipe() -> None:
         0.02,
     )
     # Every DPO setting of a round is train_dpo's own default (one recipe, defined once).
-    dpo = TrainDPOParams(model_id=1).model_dump()
-    rounds = dpo_fields(loop.model_dump())
+    dpo = TrainDPOParams(model_id=1).model_dump(mode="json")
+    rounds = dpo_fields(loop)
     assert set(rounds) == set(dpo)
     assert {k: v for k, v in rounds.items() if k != "data"} == {
         k: v for k, v in dpo.items() if k != "data"

@@ -67,6 +67,7 @@ def _tiny_config(**overrides: object) -> RLConfig:
         "lora_rank": 4,
         "learning_rate": 1e-3,
         "checkpoint_every": 1,
+        "guidance_scale": 4.0,  # the toy model's sampling guidance
     }
     base.update(overrides)
     return RLConfig(**base)  # type: ignore[arg-type]
