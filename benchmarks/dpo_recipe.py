@@ -93,7 +93,7 @@ def in_named_cell(image: np.ndarray, prompt: str) -> bool:
 def score(preference: str, image: np.ndarray, prompt: str) -> float:
     if preference == "prompted_position":
         return prompted_position_score(image, prompt)
-    return get_preference(preference).score(image)
+    return get_preference(preference).score(image, prompt)
 
 
 def image_seed(prompt: str, index: int, salt: str = "train") -> int:

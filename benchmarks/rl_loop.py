@@ -135,7 +135,7 @@ def scorer_for(preference: str) -> Score:
     if preference == "prompted_position":
         return score_prompted_position
     pref = PREFERENCES[preference]
-    return lambda prompt, image: pref.score(image)
+    return lambda prompt, image: pref.score(image, prompt)
 
 
 def position_share(prompts: Sequence[str], images: Sequence[np.ndarray]) -> float:

@@ -150,7 +150,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 def test_rl_raises_the_reward_and_the_guard_stops_a_hacked_run(tmp_path: Path) -> None:
     reward = BrightnessScorer()
     cfg = _tiny_config(
-        steps=8, prompts_per_step=2, group_size=4, learning_rate=3e-3, kl_coef=0.0,
+        steps=8, prompts_per_step=2, group_size=4, learning_rate=1e-3, kl_coef=0.0,
         eval_every=4, checkpoint_every=4, max_reward_divergence=1e9, max_fidelity_drop=1.0,
     )  # fmt: skip
     probe = ProbeSet(prompts=PROMPTS, fidelity=ToyFidelityScorer(), images_per_prompt=1)
