@@ -55,7 +55,12 @@ def worker_problem(age_seconds: float | None, stale_seconds: float) -> str | Non
     return None
 
 
-@router.get("/healthz")
+@router.get(
+    "/healthz",
+    responses={
+        503: {"description": "Unavailable (database or broker down), or degraded under strict"}
+    },
+)
 def healthz(
     strict: bool = Query(
         False, description="Also answer 503 when the platform is degraded (no live worker)."

@@ -100,6 +100,12 @@ def test_generated_requests_never_fail_on_the_server(
         kwargs.pop("allow_redirects", None)
         kwargs["headers"] = {**(kwargs.get("headers") or {}), **headers}
         response = client.request(follow_redirects=False, **kwargs)
+        if path == "/healthz" and response.status_code == 503:
+            # Its documented answer under ?strict=1 while no worker reports in (none runs here).
+            assert response.json()["status"] == "degraded" and case.query.get("strict"), (
+                response.text
+            )
+            return
         assert response.status_code < 500, (
             f"{response.status_code} {case.as_curl_command()}\n{response.text[:1000]}"
         )

@@ -67,13 +67,17 @@ def _report_in(name: str, queues: str, stop: threading.Event, interval: float) -
 _stop_reporting = threading.Event()
 
 
+def _report_interval() -> float:
+    return min(10.0, get_settings().job_stale_seconds / 3)
+
+
 @worker_ready.connect
 def _start_reporting(sender: Any = None, **_: Any) -> None:
     queues = ",".join(sorted(q.name for q in sender.app.amqp.queues.consume_from.values()))
     thread = threading.Thread(
         target=_report_in,
-        # As often as a running job reports in: /healthz judges both by PREFLOOP_JOB_STALE_SECONDS.
-        args=(runner.worker_name(), queues, _stop_reporting, get_settings().job_heartbeat_seconds),
+        # Several times within PREFLOOP_JOB_STALE_SECONDS, by which /healthz judges workers.
+        args=(runner.worker_name(), queues, _stop_reporting, _report_interval()),
         daemon=True,
     )
     thread.start()
