@@ -46,6 +46,9 @@ Measured on one H200 (full size: 1 800 votes, 10 % flipped, 120 train prompts ×
   50.6 %, share 0.09 → 0.10 — binding position words to layout needs more than 80 steps.
 - "lighter": 35.4 % — its reward model is wrong (test accuracy 0.57–0.61) and the guard,
   trained on the same votes, is wrong the same way: RL follows the reward the votes gave.
+On the 2 shared CPU cores (`--quick --rl-minutes 10`, load average 15): 12 RL steps of 4 × 8
+images, "brighter" 48.3 % [41.7, 55.0] at tolerance (mean score +0.026), 2.4 CPU minutes in
+20.5 wall minutes: the process got an eighth of a core, and 12 steps do not reach the goal.
 """
 
 from __future__ import annotations

@@ -231,7 +231,6 @@ class Trajectories:
     prompts: list[str]  # B
     latents: Tensor  # (B, T + 1, C, h, w) x_T … x_0
     log_probs: Tensor  # (B, T) log p_old(x_{s} | x_t)
-    timestep_index: Tensor  # (T,) long: positions in the schedule
     images: Tensor  # (B, 3, H, W) in [0, 1]
     rewards: Tensor  # (B,)
 
@@ -430,7 +429,6 @@ class RLTrainer:
             prompts=repeated,
             latents=latents,
             log_probs=log_probs,
-            timestep_index=torch.arange(len(self.timesteps)),
             images=images,
             rewards=rewards,
         )

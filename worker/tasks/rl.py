@@ -169,7 +169,7 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     last = result.history[-1] if result.history else None
-    probes = [p for p in result.probes]
+    probes = result.probes
     with ctx.session() as session:
         parent = session.get(ModelVersion, params.model_id)
         assert parent is not None
