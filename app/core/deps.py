@@ -55,7 +55,6 @@ def same_origin(request: Request) -> bool:
     return origin.split("://", 1)[-1] == host
 
 
-
 async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
     # Async only for the CSRF form read; the database lookups run in the threadpool, since one
     # blocking the event loop while the pool is exhausted stalls every request of the process.

@@ -98,12 +98,19 @@ def test_cancelled_generate_job_stops_between_batches(stack: Stack) -> None:
 def test_unknown_model_path_fails_with_a_clear_error_and_no_retry(
     stack: Stack, tmp_path: Path
 ) -> None:
-    missing = tmp_path / "no-such-model"
-    pid, mid = _project(stack, 2, str(missing), "missing")
+    # A path outside the model roots is refused at registration; a hub id is only tried by the
+    # worker (offline here), which fails once, naming it.
+    refused = stack.post(
+        f"/api/v1/projects/{_project(stack, 1, 'toy', 'roots')[0]}/models",
+        {"name": "outside", "base": str(tmp_path / "no-such-model")},
+    )
+    assert refused.status_code == 422 and "not an allowed model source" in refused.text
+    missing = "prefloop-test/no-such-model"
+    pid, mid = _project(stack, 2, missing, "missing")
     job = wait_job(stack.client, _generate(stack, pid, mid), {}, 60)  # type: ignore[arg-type]
     assert job["status"] == "failed"
     assert job["attempts"] == 1
-    assert "cannot load model" in job["error"] and str(missing) in job["error"]
+    assert "cannot load model" in job["error"] and missing in job["error"]
 
 
 def test_generate_params_are_checked_at_creation(client, make_user) -> None:  # type: ignore[no-untyped-def]
