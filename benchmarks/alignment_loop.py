@@ -1,32 +1,47 @@
-"""Do votes improve the model? The whole alignment loop on the toy world, end to end.
+"""Do votes move the model, for every kind of preference? The alignment loop, end to end, measured
+honestly.
 
-For each simulated preference (a function of the pixels, `worker.toy.preferences`):
+For each simulated preference of `worker.toy.preferences` (every one in PREFERENCES: the global
+image preferences and the prompt-conditional ones, whose prompts all name their attribute):
 1. start the distributed platform (`tests.support.Stack`: `serve --no-worker` + a worker on a
    fresh Postgres database and Redis) and create a project through the HTTP API: train prompts
    from the toy grammar, held-out test prompts, the shipped toy model;
-2. `generate` several seeds per train prompt, so the project has train pairs within the model;
+2. `generate` several images per train prompt (each prompt its own seeds, `worker.seeds`);
 3. simulated annotators vote THROUGH THE HTTP API (`pairs/next`, the two image URLs, `votes`),
-   by the preference, each decisive vote reversed with probability `--flip-noise`;
-4. `train_reward` (toyconv) and `train_dpo` (LoRA on toy) on those votes;
-5. `evaluate` parent vs child on held-out prompts AND held-out seeds (the platform generates the
-   images and judges them with the reward model); the script then downloads those images and
-   judges them with the simulated preference itself: the child-vs-parent win-rate with a 95 %
-   Wilson interval, and prompt fidelity (colour + shape match rate) before and after.
+   by the preference on (image, prompt), each decisive vote reversed with `--flip-noise`;
+4. `train_reward` (toyconv) on those votes;
+5. for each METHOD (below) make a child of the parent, `evaluate` parent vs child on held-out
+   prompts with per-prompt evaluation seeds (a range no training image uses), download the
+   images and judge them with the preference itself.
 
-Printed: a table per preference and the goals (≥ 80 % win-rate from ≤ 2 000 votes for at least
-two preferences, fidelity drop ≤ 2 points, whole loop ≤ 20 minutes). Written: JSON (`--out`).
+Measured per preference and method (`worker.evaluation`):
+- win-rate at the preference's just-noticeable tolerance (`Preference.tolerance`): a difference
+  within it is a tie counted HALF; 95 % interval by a prompt-clustered bootstrap (prompts
+  resampled, all their seeds kept);
+- mean score change (child − parent, over pairs where both images show a foreground) and the
+  class-flip rate (share of pairs whose attribute class — size class, cell, background... —
+  differs between child and parent);
+- the oracle best-of-4 ceiling: the same win-rate for the preference's own pick of the best of
+  4 parent samples against one parent sample (the parent's evaluation images);
+- fidelity (colour + shape match rate) before and after; reward-model accuracy (test split when
+  the job reports one, else validation, marked v); votes used; CPU minutes of the method
+  (reward model + child training, every process of the platform, /proc accounting);
+- for prompted_position: the share of held-out images whose shape sits in the named cell on
+  every axis the prompt names (and over prompts naming both axes), parent vs child.
 
-    .venv/bin/python benchmarks/alignment_loop.py --preference larger --preference brighter
-    .venv/bin/python benchmarks/alignment_loop.py --preference all --out /tmp/loop.json
+Methods: `dpo_votes` (train_dpo on the votes with the job's defaults — the lead's path — unless
+`--steps`/`--beta`/... override them). `dpo_votes_reward`, `iterative_x3`, `best_of_4` and `rl`
+are hooks in METHODS: a function returning the child model version fills the same table.
+
+Printed: one table per method and the goals (for every preference a method reaching ≥ 80 %
+win-rate at tolerance from ≤ 2 000 votes and ≤ 30 CPU minutes with fidelity drop ≤ 2 points;
+prompted position ≥ 0.6 of held-out images in the named cell). `--json` writes every figure.
+
+    .venv/bin/python benchmarks/alignment_loop.py --preference all --json /tmp/loop.json
+    .venv/bin/python benchmarks/alignment_loop.py --preference brighter --method dpo_votes
     .venv/bin/python benchmarks/alignment_loop.py --quick          # a smoke run, minutes
 
 Needs the test services (Postgres and Redis, as for `tests/e2e`).
-
-Measured with the defaults (1 200 votes, 10 % flip noise, DPO β 2000, lr 1e-4, rank 8, batch 8,
-150 steps; 80 held-out prompts × 3 held-out seeds), 2 shared CPU cores: brighter 94.2 %
-[90.4, 96.5], darker 98.3 % [95.8, 99.4], larger 60.8 % [54.5, 66.8]; colour+shape fidelity
-98.2 % before, 98.0 / 98.2 / 98.2 % after; 2.8–4.3 min per loop on a quiet machine, 17.7 min at
-load average 5–8.
 """
 
 from __future__ import annotations
@@ -34,7 +49,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -54,45 +71,49 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tests.support import Stack, bearer, wait_job  # noqa: E402
-from worker.evaluation import paired_outcomes, win_rate_interval  # noqa: E402
+from worker.evaluation import compare, oracle_best_of_n, share  # noqa: E402
+from worker.seeds import seed_domain  # noqa: E402
 from worker.toy.preferences import (  # noqa: E402
+    NO_FOREGROUND,
     PREFERENCES,
     Preference,
     get_preference,
+    in_named_cell,
     prompt_fidelity,
     vote_from_scores,
 )
-from worker.toy.world import sample_prompts  # noqa: E402
+from worker.toy.world import parse_prompt, sample_prompts  # noqa: E402
 
 GOAL_WIN_RATE = 0.80
 GOAL_MAX_VOTES = 2000
 GOAL_FIDELITY_DROP = 0.02
-GOAL_MINUTES = 20.0
+GOAL_CPU_MINUTES = 30.0
+GOAL_CELL_SHARE = 0.6
+ORACLE_N = 4  # the oracle ceiling picks the best of this many parent samples
 
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """One run of the loop for one preference."""
+    """One run of the loop for one preference, and the methods to compare on it."""
 
     preference: str
+    methods: tuple[str, ...] = ("dpo_votes",)
     votes: int = 2000  # at most this many votes are cast (fewer if the pairs run out)
     flip_noise: float = 0.1  # chance that a decisive vote is reversed
     annotators: int = 2  # simulated annotators voting at the same time
     train_prompts: int = 120
-    images_per_prompt: int = 5  # seeds 0..n-1 per train prompt
+    images_per_prompt: int = 5  # per-prompt training seeds
     train_pairs_per_prompt: int = 10  # pairs within the model per prompt (≤ n(n-1)/2)
     test_prompts: int = 80
-    eval_seeds: tuple[int, ...] = (1000, 1001, 1002)  # never used for training images
+    # Per-prompt evaluation seeds; at least ORACLE_N + 1 so the oracle ceiling can be measured.
+    eval_images_per_prompt: int = 5
     # Sampling of the toy model (the toy evaluator's defaults: DDIM, 10 steps, guidance 4).
     model_params: dict[str, Any] = field(
         default_factory=lambda: {"scheduler": "ddim", "steps": 10, "guidance_scale": 4.0}
     )
-    dpo_steps: int = 150
-    beta: float = 2000.0
-    learning_rate: float = 1e-4
-    lora_rank: int = 8
-    batch_size: int = 8
-    reward_steps: int = 600
+    # train_dpo params beyond model_id; empty: the job's defaults (what a lead gets).
+    dpo: dict[str, Any] = field(default_factory=dict)
+    reward_steps: int | None = None  # None: the train_reward job's default
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -101,6 +122,11 @@ class LoopConfig:
             raise ValueError(f"votes must be in [1, {GOAL_MAX_VOTES}], got {self.votes}")
         if not 0.0 <= self.flip_noise <= 1.0:
             raise ValueError("flip_noise must be in [0, 1]")
+        unknown = [m for m in self.methods if m not in METHOD_NAMES]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; known: {', '.join(METHOD_NAMES)}")
+        if self.eval_images_per_prompt < 2:
+            raise ValueError("eval_images_per_prompt must be ≥ 2")
 
 
 def quick_config(preference: str, **overrides: Any) -> LoopConfig:
@@ -111,9 +137,8 @@ def quick_config(preference: str, **overrides: Any) -> LoopConfig:
         "images_per_prompt": 4,
         "train_pairs_per_prompt": 6,
         "test_prompts": 30,
-        "eval_seeds": (1000, 1001),
-        "dpo_steps": 60,
-        "learning_rate": 2e-4,
+        "eval_images_per_prompt": ORACLE_N + 1,
+        "dpo": {"steps": 60, "learning_rate": 2e-4, "beta": 2000.0},
         "reward_steps": 200,
         "annotators": 1,
     }
@@ -122,22 +147,59 @@ def quick_config(preference: str, **overrides: Any) -> LoopConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
+# Timing: wall seconds and CPU seconds of every process of the platform
+
+
+def _proc_cpu_seconds(pid: int) -> float:
+    """utime + stime + reaped children's cutime + cstime of a process, in seconds."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime..cstime are fields 14..17.
+    ticks = sum(int(x) for x in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
+    children = [int(x) for x in out.split()]
+    return children + [d for c in children for d in _descendants(c)]
+
+
+def platform_cpu_seconds(stack: Stack | None) -> float:
+    """CPU seconds so far of this process (the annotators, the judge) and the platform's."""
+    times = os.times()
+    total = times.user + times.system
+    if stack is not None:
+        roots = [p.pid for p in ([stack.serve] if stack.serve else []) + stack.workers]
+        for root in roots:
+            total += _proc_cpu_seconds(root) + sum(
+                _proc_cpu_seconds(child) for child in _descendants(root)
+            )
+    return total
 
 
 class PhaseTimer:
-    """Wall seconds per named phase, in the order they ran."""
+    """Wall and CPU seconds per named phase, in the order they ran."""
 
-    def __init__(self) -> None:
+    def __init__(self, stack: Stack | None = None) -> None:
+        self.stack = stack
         self.seconds: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), platform_cpu_seconds(self.stack)
         try:
             yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            used = platform_cpu_seconds(self.stack) - cpu
+            self.cpu_seconds[name] = self.cpu_seconds.get(name, 0.0) + used
 
     @property
     def total(self) -> float:
@@ -158,12 +220,19 @@ def _checked(response: httpx.Response, *expected: int) -> Any:
 
 
 def split_prompts(config: LoopConfig) -> tuple[list[str], list[str]]:
-    """Train and held-out test prompts from the grammar; no test prompt is a train prompt."""
-    train = list(dict.fromkeys(sample_prompts(config.train_prompts * 2, seed=config.seed)))
+    """Train and held-out test prompts from the grammar; no test prompt is a train prompt.
+
+    A prompt-conditional preference samples prompts that all name its attribute (its
+    `mention`): a prompt naming nothing for it gives only ties, no signal and no measurement.
+    """
+    mention = get_preference(config.preference).mention or None
+    train = list(
+        dict.fromkeys(sample_prompts(config.train_prompts * 2, seed=config.seed, mention=mention))
+    )
     train = train[: config.train_prompts]
     seen = set(train)
     test: list[str] = []
-    for text in sample_prompts(config.test_prompts * 4, seed=config.seed + 10_000):
+    for text in sample_prompts(config.test_prompts * 4, seed=config.seed + 10_000, mention=mention):
         if text not in seen:
             seen.add(text)
             test.append(text)
@@ -307,7 +376,7 @@ def annotate(
                     png = client.get(pair[side]["url"])
                     if png.status_code != 200:
                         raise RuntimeError(f"image {image_id}: {png.status_code}")
-                    scores[image_id] = preference.score(decode_png(png.content))
+                    scores[image_id] = preference.score(decode_png(png.content), pair["prompt"])
                     stats.images_fetched += 1
                 side_scores.append(scores[image_id])
             honest = vote_from_scores(side_scores[0], side_scores[1], rng)
@@ -368,16 +437,30 @@ def simulate_votes(
 # ---------------------------------------------------------------------------------------------
 # Judging with the preference itself
 
+Images = dict[tuple[int, int], tuple[str, np.ndarray]]  # (prompt id, seed) -> (prompt, image)
+IMAGE_LIST_LIMIT = 10_000  # the images listing's largest page
+
 
 @dataclass(frozen=True)
 class Judgement:
     """Child vs parent on the same held-out (prompt, seed) images, by the preference."""
 
-    win: dict[str, float | int]  # worker.evaluation.WinRate.as_dict()
+    comparison: dict[str, Any]  # worker.evaluation.Comparison.as_dict()
     fidelity_parent: dict[str, float | int]
     fidelity_child: dict[str, float | int]
     mean_score_parent: float
     mean_score_child: float
+    lost_foreground: int  # comparisons where the child has no shape and the parent had one
+    # Share of images in the prompt's named cell (None when no test prompt names a position),
+    # over every prompt naming a position, and over those naming both axes.
+    cell_share_parent: dict[str, Any] | None = None
+    cell_share_child: dict[str, Any] | None = None
+    cell_share_both_axes_parent: dict[str, Any] | None = None
+    cell_share_both_axes_child: dict[str, Any] | None = None
+
+    @property
+    def win(self) -> dict[str, Any]:
+        return self.comparison
 
     @property
     def fidelity_drop(self) -> float:
@@ -385,19 +468,20 @@ class Judgement:
         return float(self.fidelity_parent["both"]) - float(self.fidelity_child["both"])
 
 
-def fetch_images(
-    stack: Stack, project_id: int, model_id: int, seeds: tuple[int, ...]
-) -> dict[tuple[int, int], tuple[str, np.ndarray]]:
-    """(prompt id, seed) -> (prompt, image) of a model's test-split images with these seeds."""
+def fetch_images(stack: Stack, project_id: int, model_id: int) -> Images:
+    """A model's test-split images at evaluation seeds, by (prompt id, seed)."""
     listed = _checked(
         stack.get(
-            f"/api/v1/projects/{project_id}/images?model_id={model_id}&split=test&limit=10000"
+            f"/api/v1/projects/{project_id}/images?model_id={model_id}&split=test"
+            f"&limit={IMAGE_LIST_LIMIT}"
         ),
         200,
     )
-    out: dict[tuple[int, int], tuple[str, np.ndarray]] = {}
+    if len(listed) >= IMAGE_LIST_LIMIT:
+        raise RuntimeError(f"more than {IMAGE_LIST_LIMIT} test images: the listing is cut off")
+    out: Images = {}
     for row in listed:
-        if row["seed"] not in seeds:
+        if seed_domain(row["seed"]) != "eval":
             continue
         png = stack.get(row["url"])
         if png.status_code != 200:
@@ -406,12 +490,28 @@ def fetch_images(
     return out
 
 
-def judge(
-    preference: Preference,
-    parent: dict[tuple[int, int], tuple[str, np.ndarray]],
-    child: dict[tuple[int, int], tuple[str, np.ndarray]],
-) -> Judgement:
-    """Win-rate of child over parent (same prompt and seed) and fidelity of both."""
+def _cell_shares(
+    keys: list[tuple[int, int]], prompts: list[str], images: list[np.ndarray]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """In-named-cell share over prompts naming a position, and over those naming both axes."""
+    flags, clusters, both_flags, both_clusters = [], [], [], []
+    for (pid, _), prompt, image in zip(keys, prompts, images, strict=True):
+        inside = in_named_cell(image, prompt)
+        if inside is None:
+            continue
+        flags.append(inside)
+        clusters.append(pid)
+        spec = parse_prompt(prompt)
+        if spec.horizontal is not None and spec.vertical is not None:
+            both_flags.append(inside)
+            both_clusters.append(pid)
+    all_axes = share(flags, clusters).as_dict() if flags else None
+    both = share(both_flags, both_clusters).as_dict() if both_flags else None
+    return all_axes, both
+
+
+def judge(preference: Preference, parent: Images, child: Images) -> Judgement:
+    """Child vs parent (same prompt and seed) at the preference's tolerance, and fidelity."""
     keys = sorted(set(parent) & set(child))
     if not keys or len(keys) != len(parent) or len(keys) != len(child):
         raise RuntimeError(
@@ -421,49 +521,205 @@ def judge(
     prompts = [parent[k][0] for k in keys]
     parent_images = [parent[k][1] for k in keys]
     child_images = [child[k][1] for k in keys]
-    parent_scores = np.array([preference.score(im) for im in parent_images])  # (N,)
-    child_scores = np.array([preference.score(im) for im in child_images])  # (N,)
-    win = win_rate_interval(paired_outcomes(child_scores, parent_scores))
+    pairs = list(zip(prompts, parent_images, child_images, strict=True))
+    parent_scores = np.array([preference.score(im, p) for p, im, _ in pairs])  # (N,)
+    child_scores = np.array([preference.score(im, p) for p, _, im in pairs])  # (N,)
+    real = (parent_scores > NO_FOREGROUND) & (child_scores > NO_FOREGROUND)  # (N,)
+    comparison = compare(
+        child_scores,
+        parent_scores,
+        [pid for pid, _ in keys],
+        preference.tolerance,
+        valid=real,
+        parent_classes=[preference.klass(im, p) for p, im, _ in pairs],
+        child_classes=[preference.klass(im, p) for p, _, im in pairs],
+    )
+    cell_parent, both_parent = _cell_shares(keys, prompts, parent_images)
+    cell_child, both_child = _cell_shares(keys, prompts, child_images)
     return Judgement(
-        win=win.as_dict(),
+        comparison=comparison.as_dict(),
         fidelity_parent=prompt_fidelity(prompts, parent_images).as_dict(),
         fidelity_child=prompt_fidelity(prompts, child_images).as_dict(),
-        mean_score_parent=float(parent_scores.mean()),
-        mean_score_child=float(child_scores.mean()),
+        mean_score_parent=float(parent_scores[real].mean()) if real.any() else math.nan,
+        mean_score_child=float(child_scores[real].mean()) if real.any() else math.nan,
+        lost_foreground=int(
+            ((child_scores <= NO_FOREGROUND) & (parent_scores > NO_FOREGROUND)).sum()
+        ),
+        cell_share_parent=cell_parent,
+        cell_share_child=cell_child,
+        cell_share_both_axes_parent=both_parent,
+        cell_share_both_axes_child=both_child,
     )
 
 
+def oracle_ceiling(
+    preference: Preference, parent: Images, n: int = ORACLE_N
+) -> dict[str, Any] | None:
+    """Win-rate of the preference's own best-of-n pick among parent samples vs one sample.
+
+    Uses the parent's evaluation images (prompts with at least n + 1 of them); None otherwise.
+    """
+    by_prompt: dict[int, list[float]] = {}
+    for (pid, _seed), (prompt, image) in sorted(parent.items()):
+        by_prompt.setdefault(pid, []).append(preference.score(image, prompt))
+    rows = [scores for scores in by_prompt.values() if len(scores) >= n + 1]
+    if not rows:
+        return None
+    width = min(len(r) for r in rows)
+    scores = np.array([r[:width] for r in rows])  # (P, M)
+    return {"best_of": n, **oracle_best_of_n(scores, n, preference.tolerance).as_dict()}
+
+
 # ---------------------------------------------------------------------------------------------
-# The loop
+# Methods: each makes a child model version of the parent from the project's votes
+
+
+@dataclass
+class MethodRun:
+    """What a method produced: the child to judge and what it reports about itself."""
+
+    child_model_id: int
+    info: dict[str, Any]
+
+
+# (stack, project, config, reward job result, timer) -> the child; each method times its own
+# training phases under names starting with "method:" (they make its CPU minutes).
+MethodFn = Callable[[Stack, "Project", LoopConfig, dict[str, Any], PhaseTimer], MethodRun]
 
 
 def dpo_params(config: LoopConfig, model_id: int) -> dict[str, Any]:
+    """train_dpo params: only model_id (the job's defaults) plus the config's overrides."""
     return {
         "model_id": model_id,
-        "beta": config.beta,
-        "learning_rate": config.learning_rate,
-        "steps": config.dpo_steps,
-        "lora_rank": config.lora_rank,
-        "batch_size": config.batch_size,
-        "tie_policy": "drop",
-        "checkpoint_every": max(50, config.dpo_steps // 4),
+        **config.dpo,
         "seed": config.seed,
         # The evaluation below is launched explicitly, on held-out seeds; no arena images.
         "closed_loop": False,
     }
 
 
+def dpo_votes(
+    stack: Stack, project: Project, config: LoopConfig, reward: dict[str, Any], timer: PhaseTimer
+) -> MethodRun:
+    """Diffusion-DPO on the human (simulated) votes, with the job's defaults."""
+    with timer.phase("method:train_dpo"):
+        dpo = run_job(
+            stack, project.id, "train_dpo", dpo_params(config, project.model_id), timeout=7200
+        )
+    keys = ("model_id", "pairs", "steps", "final_loss", "implicit_acc")
+    return MethodRun(dpo["model_id"], {k: dpo.get(k) for k in keys})
+
+
+# The table's methods; None marks a method whose child-making is not written yet (the battery
+# reports it as not run).
+METHODS: dict[str, MethodFn | None] = {
+    "dpo_votes": dpo_votes,
+    "dpo_votes_reward": None,
+    "iterative_x3": None,
+    "best_of_4": None,
+    "rl": None,
+}
+METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def run_method(
+    stack: Stack,
+    project: Project,
+    config: LoopConfig,
+    method: str,
+    reward: dict[str, Any],
+    votes: VoteStats,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """One method on a voted project: its child, judged against the parent."""
+    make = METHODS[method]
+    tag = f"[{config.preference}/{method}]"
+    if make is None:
+        log(f"{tag} not run: no implementation in METHODS yet")
+        return {"method": method, "status": "not implemented"}
+    preference = get_preference(config.preference)
+    timer = PhaseTimer(stack)
+    run = make(stack, project, config, reward, timer)
+    log(f"{tag} child {run.child_model_id}: {run.info} ({timer.total:.0f} s)")
+    with timer.phase("evaluate"):
+        evaluation = run_job(
+            stack,
+            project.id,
+            "evaluate",
+            {
+                "model_ids": [project.model_id, run.child_model_id],
+                "split": "test",
+                "images_per_prompt": config.eval_images_per_prompt,
+                "reward_model_id": reward["reward_model_id"],
+            },
+            timeout=3600,
+        )
+    with timer.phase("judge"):
+        parent_images = fetch_images(stack, project.id, project.model_id)
+        child_images = fetch_images(stack, project.id, run.child_model_id)
+        judgement = judge(preference, parent_images, child_images)
+        oracle = oracle_ceiling(preference, parent_images)
+    c = judgement.comparison
+    method_cpu = sum(v for k, v in timer.cpu_seconds.items() if k.startswith("method:"))
+    log(
+        f"{tag} child wins {c['win_rate']:.1%} [{c['ci_low']:.1%}, {c['ci_high']:.1%}] at "
+        f"tolerance {c['tolerance']:.4g} ({c['ties']} of {c['n']} within it); class flips "
+        f"{c['class_flip_rate']:.1%}; fidelity {judgement.fidelity_parent['both']:.1%} -> "
+        f"{judgement.fidelity_child['both']:.1%}"
+    )
+    return {
+        "method": method,
+        "status": "ran",
+        "child_model_id": run.child_model_id,
+        "info": run.info,
+        "comparison": c,
+        "oracle_best_of_n": oracle,
+        "fidelity_parent": judgement.fidelity_parent,
+        "fidelity_child": judgement.fidelity_child,
+        "fidelity_drop": judgement.fidelity_drop,
+        "mean_score_parent": judgement.mean_score_parent,
+        "mean_score_child": judgement.mean_score_child,
+        "lost_foreground": judgement.lost_foreground,
+        "cell_share_parent": judgement.cell_share_parent,
+        "cell_share_child": judgement.cell_share_child,
+        "cell_share_both_axes_parent": judgement.cell_share_both_axes_parent,
+        "cell_share_both_axes_child": judgement.cell_share_both_axes_child,
+        "reward_model_win_rate": {
+            k: evaluation.get(k)
+            for k in ("win_rate", "ci_low", "ci_high", "cluster_ci_low", "cluster_ci_high", "n")
+        },
+        "votes_used": votes.votes,
+        "reward_accuracy": reward_accuracy(reward),
+        # The method's CPU: the reward model it relies on plus its own training.
+        "cpu_minutes": (method_cpu + reward["cpu_seconds"]) / 60,
+        "phase_seconds": dict(timer.seconds),
+        "phase_cpu_seconds": dict(timer.cpu_seconds),
+    }
+
+
+def reward_accuracy(reward: dict[str, Any]) -> dict[str, Any]:
+    """The reward model's held-out accuracy: the test split's when reported, else validation."""
+    if reward.get("test_accuracy") is not None:
+        return {"split": "test", "accuracy": reward["test_accuracy"]}
+    return {"split": "val", "accuracy": reward.get("val_accuracy")}
+
+
 def run_loop(
     stack: Stack, config: LoopConfig, log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """The whole loop for one preference on a running platform; returns the figures."""
+    """The whole loop for one preference on a running platform, every method; the figures."""
     preference = get_preference(config.preference)
-    timer = PhaseTimer()
+    timer = PhaseTimer(stack)
     load_before = os.getloadavg()
+    tag = f"[{config.preference}]"
     with timer.phase("setup"):
         project = create_project(stack, config, f"alignment-{config.preference}-{config.seed}")
     log(
-        f"[{config.preference}] project {project.id}: {len(project.train_prompts)} train, "
+        f"{tag} project {project.id}: {len(project.train_prompts)} train, "
         f"{len(project.test_prompts)} test prompts"
     )
     with timer.phase("generate"):
@@ -475,123 +731,109 @@ def run_loop(
             timeout=3600,
         )
     log(
-        f"[{config.preference}] generated {generated['images']} images, {generated['pairs']} pairs "
+        f"{tag} generated {generated['images']} images, {generated['pairs']} pairs "
         f"({timer.seconds['generate']:.0f} s)"
     )
     with timer.phase("vote"):
         votes = simulate_votes(stack, project, preference, config)
     log(
-        f"[{config.preference}] {votes.votes} votes ({votes.ties} ties, {votes.flipped} flipped) "
+        f"{tag} {votes.votes} votes ({votes.ties} ties, {votes.flipped} flipped) "
         f"in {timer.seconds['vote']:.0f} s"
     )
+    reward_params: dict[str, Any] = {"backbone": "toyconv", "seed": config.seed}
+    if config.reward_steps is not None:
+        reward_params["steps"] = config.reward_steps
     with timer.phase("train_reward"):
-        reward = run_job(
-            stack,
-            project.id,
-            "train_reward",
-            {"backbone": "toyconv", "steps": config.reward_steps, "seed": config.seed},
-            timeout=3600,
-        )
+        reward = run_job(stack, project.id, "train_reward", reward_params, timeout=3600)
+    reward["cpu_seconds"] = timer.cpu_seconds["train_reward"]
+    accuracy = reward_accuracy(reward)
     log(
-        f"[{config.preference}] reward model val accuracy {reward['val_accuracy']:.3f} "
+        f"{tag} reward model {accuracy['split']} accuracy {accuracy['accuracy']:.3f} "
         f"({timer.seconds['train_reward']:.0f} s)"
     )
-    with timer.phase("train_dpo"):
-        dpo = run_job(
-            stack, project.id, "train_dpo", dpo_params(config, project.model_id), timeout=3600
-        )
-    log(
-        f"[{config.preference}] DPO child {dpo['model_id']} on {dpo['pairs']} pairs: final loss "
-        f"{dpo['final_loss']:.3f}, implicit acc {dpo['implicit_acc']:.2f} "
-        f"({timer.seconds['train_dpo']:.0f} s)"
-    )
-    with timer.phase("evaluate"):
-        evaluation = run_job(
-            stack,
-            project.id,
-            "evaluate",
-            {
-                "model_ids": [project.model_id, dpo["model_id"]],
-                "split": "test",
-                "seeds": list(config.eval_seeds),
-                "reward_model_id": reward["reward_model_id"],
-            },
-            timeout=3600,
-        )
-    with timer.phase("judge"):
-        parent_images = fetch_images(stack, project.id, project.model_id, config.eval_seeds)
-        child_images = fetch_images(stack, project.id, dpo["model_id"], config.eval_seeds)
-        judgement = judge(preference, parent_images, child_images)
-    win = judgement.win
-    log(
-        f"[{config.preference}] child wins {win['win_rate']:.1%} "
-        f"[{win['ci_low']:.1%}, {win['ci_high']:.1%}] of {win['n']}; fidelity "
-        f"{judgement.fidelity_parent['both']:.1%} -> {judgement.fidelity_child['both']:.1%}"
-    )
+    methods = {
+        name: run_method(stack, project, config, name, reward, votes, log)
+        for name in config.methods
+    }
     return {
         "preference": config.preference,
         "description": preference.description,
-        "config": {**asdict(config), "eval_seeds": list(config.eval_seeds)},
+        "tolerance": preference.tolerance,
+        "config": asdict(config),
         "project_id": project.id,
         "votes": asdict(votes),
         "generated": generated,
         "reward": {
+            **accuracy,
             "val_accuracy": reward.get("val_accuracy"),
             "reward_model_id": reward.get("reward_model_id"),
+            "cpu_seconds": reward["cpu_seconds"],
             **{k: v for k, v in reward.items() if k in ("train_pairs", "val_pairs")},
         },
-        "dpo": {
-            k: dpo.get(k) for k in ("model_id", "pairs", "steps", "final_loss", "implicit_acc")
-        },
-        "win_rate": win,
-        "reward_model_win_rate": {
-            k: evaluation.get(k) for k in ("win_rate", "ci_low", "ci_high", "n")
-        },
-        "fidelity_parent": judgement.fidelity_parent,
-        "fidelity_child": judgement.fidelity_child,
-        "fidelity_drop": judgement.fidelity_drop,
-        "mean_score_parent": judgement.mean_score_parent,
-        "mean_score_child": judgement.mean_score_child,
+        "methods": methods,
         "phase_seconds": dict(timer.seconds),
-        "total_seconds": timer.total,
+        "phase_cpu_seconds": dict(timer.cpu_seconds),
+        "total_seconds": timer.total
+        + sum(sum(m.get("phase_seconds", {}).values()) for m in methods.values()),
         "load_average_before": list(load_before),
         "load_average_after": list(os.getloadavg()),
     }
 
 
-def goals(result: dict[str, Any]) -> dict[str, bool]:
-    """Which per-preference goals a run met."""
-    return {
-        "win_rate": result["win_rate"]["win_rate"] >= GOAL_WIN_RATE,
-        "votes": result["votes"]["votes"] <= GOAL_MAX_VOTES,
-        "fidelity": result["fidelity_drop"] <= GOAL_FIDELITY_DROP,
-        "minutes": result["total_seconds"] <= 60 * GOAL_MINUTES,
+def goals(result: dict[str, Any], method: str) -> dict[str, bool]:
+    """Which goals one method met on one preference."""
+    m = result["methods"][method]
+    met = {
+        "win_rate": m["comparison"]["win_rate"] >= GOAL_WIN_RATE,
+        "votes": m["votes_used"] <= GOAL_MAX_VOTES,
+        "fidelity": m["fidelity_drop"] <= GOAL_FIDELITY_DROP,
+        "cpu": m["cpu_minutes"] <= GOAL_CPU_MINUTES,
     }
+    if result["preference"] == "prompted_position":
+        both = m["cell_share_both_axes_child"] or m["cell_share_child"]
+        met["cell"] = both is not None and both["value"] >= GOAL_CELL_SHARE
+    return met
 
 
-def format_table(results: list[dict[str, Any]]) -> str:
-    """One row per preference: the loop's figures and whether each goal was met."""
+def _pct(x: float | None) -> str:
+    return "   –  " if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:6.1%}"
+
+
+def format_tables(results: list[dict[str, Any]]) -> str:
+    """One table per method, one row per preference."""
+    methods = list(dict.fromkeys(m for r in results for m in r["methods"]))
+    out: list[str] = []
     head = (
-        f"{'preference':<10} {'votes':>5} {'win-rate [95% CI]':>22} {'n':>4} {'RM judge':>8} "
-        f"{'fid before':>10} {'fid after':>9} {'RM acc':>6} "
-        f"{'gen':>5} {'vote':>5} {'rm':>5} {'dpo':>5} {'eval':>5} {'total':>6}  goals"
+        f"{'preference':<18} {'win@tol [95% cluster CI]':>25} {'ties':>5} {'Δscore':>9} "
+        f"{'flips':>6} {'oracle4':>7} {'fid before':>10} {'fid after':>9} {'RM acc':>7} "
+        f"{'votes':>5} {'CPU min':>7} {'cell p→c':>13}  goals"
     )
-    lines = [head, "-" * len(head)]
-    for r in results:
-        w, s = r["win_rate"], r["phase_seconds"]
-        met = goals(r)
-        lines.append(
-            f"{r['preference']:<10} {r['votes']['votes']:>5} "
-            f"{w['win_rate']:>7.1%} [{w['ci_low']:>5.1%}, {w['ci_high']:>6.1%}] {w['n']:>4} "
-            f"{r['reward_model_win_rate']['win_rate']:>8.1%} "
-            f"{r['fidelity_parent']['both']:>10.1%} {r['fidelity_child']['both']:>9.1%} "
-            f"{r['reward']['val_accuracy']:>6.3f} "
-            f"{s['generate']:>5.0f} {s['vote']:>5.0f} {s['train_reward']:>5.0f} "
-            f"{s['train_dpo']:>5.0f} {s['evaluate'] + s['judge']:>5.0f} "
-            f"{r['total_seconds'] / 60:>5.1f}m  "
-            + " ".join(f"{k}:{'ok' if v else 'MISS'}" for k, v in met.items())
-        )
-    return "\n".join(lines)
+    for method in methods:
+        out += [f"\n== {method} ==", head, "-" * len(head)]
+        for r in results:
+            m = r["methods"].get(method)
+            if m is None:
+                continue
+            if m["status"] != "ran":
+                out.append(f"{r['preference']:<18} {m['status']}")
+                continue
+            c, oracle, acc = m["comparison"], m["oracle_best_of_n"], m["reward_accuracy"]
+            cell = "–"
+            parent_cell = m["cell_share_both_axes_parent"] or m["cell_share_parent"]
+            child_cell = m["cell_share_both_axes_child"] or m["cell_share_child"]
+            if parent_cell and child_cell:
+                cell = f"{parent_cell['value']:.2f}→{child_cell['value']:.2f}"
+            acc_text = "–" if acc["accuracy"] is None else f"{acc['accuracy']:.3f}"
+            acc_text += "" if acc["split"] == "test" else "v"
+            out.append(
+                f"{r['preference']:<18} {c['win_rate']:>6.1%} [{c['ci_low']:>5.1%}, "
+                f"{c['ci_high']:>6.1%}] {c['ties']:>5} {c['score_change']:>+9.4f} "
+                f"{_pct(c['class_flip_rate'])} {_pct(oracle['value'] if oracle else None):>7} "
+                f"{m['fidelity_parent']['both']:>10.1%} {m['fidelity_child']['both']:>9.1%} "
+                f"{acc_text:>7} {m['votes_used']:>5} {m['cpu_minutes']:>7.1f} {cell:>13}  "
+                + " ".join(f"{k}:{'ok' if v else 'MISS'}" for k, v in goals(r, method).items())
+            )
+    return "\n".join(out)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -600,10 +842,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--preference",
         action="append",
         default=None,
-        help=f"one of {', '.join(PREFERENCES)} or 'all' (repeatable; default: brighter, darker)",
+        help=f"one of {', '.join(PREFERENCES)} or 'all' (repeatable; default: all)",
+    )
+    parser.add_argument(
+        "--method",
+        action="append",
+        default=None,
+        help=f"one of {', '.join(METHOD_NAMES)} (repeatable; default: dpo_votes)",
     )
     parser.add_argument("--votes", type=int, default=None, help=f"≤ {GOAL_MAX_VOTES}")
     parser.add_argument("--flip-noise", type=float, default=None)
+    parser.add_argument("--train-prompts", type=int, default=None)
+    parser.add_argument("--images-per-prompt", type=int, default=None)
+    parser.add_argument("--test-prompts", type=int, default=None)
+    parser.add_argument("--eval-images", type=int, default=None, help="evaluation seeds/prompt")
+    parser.add_argument("--reward-steps", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="DPO optimizer steps")
     parser.add_argument("--beta", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None)
@@ -611,20 +864,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=None, help="pairs per DPO step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a reduced loop (smoke run)")
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure as JSON")
     return parser.parse_args(argv)
 
 
 def configs_from_args(args: argparse.Namespace) -> list[LoopConfig]:
     names: list[str] = []
-    for name in args.preference or ["brighter", "darker"]:
+    for name in args.preference or ["all"]:
         names += list(PREFERENCES) if name == "all" else [name]
-    overrides = {
+    sizes = {
         key: value
         for key, value in (
             ("votes", args.votes),
             ("flip_noise", args.flip_noise),
-            ("dpo_steps", args.steps),
+            ("train_prompts", args.train_prompts),
+            ("images_per_prompt", args.images_per_prompt),
+            ("test_prompts", args.test_prompts),
+            ("eval_images_per_prompt", args.eval_images),
+            ("reward_steps", args.reward_steps),
+        )
+        if value is not None
+    }
+    dpo = {
+        key: value
+        for key, value in (
+            ("steps", args.steps),
             ("beta", args.beta),
             ("learning_rate", args.lr),
             ("lora_rank", args.rank),
@@ -632,10 +896,19 @@ def configs_from_args(args: argparse.Namespace) -> list[LoopConfig]:
         )
         if value is not None
     }
+    methods = tuple(dict.fromkeys(args.method or ["dpo_votes"]))
     configs = []
     for name in dict.fromkeys(names):
         config = quick_config(name) if args.quick else LoopConfig(preference=name)
-        configs.append(replace(config, seed=args.seed, **overrides))
+        configs.append(
+            replace(
+                config,
+                seed=args.seed,
+                methods=methods,
+                dpo={**config.dpo, **dpo},
+                **sizes,
+            )
+        )
     return configs
 
 
@@ -653,15 +926,16 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_loop(stack, config, log=lambda line: print(line, flush=True))
                 result["platform_startup_seconds"] = startup
                 results.append(result)
-                if args.out is not None:
-                    args.out.write_text(json.dumps(results, indent=2))
-    print()
-    print(format_table(results))
-    reached = [r["preference"] for r in results if all(goals(r).values())]
-    print(
-        f"\nall goals met by {len(reached)} of {len(results)} preferences"
-        f"{': ' + ', '.join(reached) if reached else ''} (target: at least two)"
-    )
+                if args.json is not None:
+                    args.json.write_text(json.dumps(results, indent=2, default=str))
+    print(format_tables(results))
+    for method in dict.fromkeys(m for c in configs for m in c.methods):
+        ran = [r for r in results if r["methods"][method]["status"] == "ran"]
+        reached = [r["preference"] for r in ran if all(goals(r, method).values())]
+        print(
+            f"{method}: every goal met for {len(reached)} of {len(ran)} preferences"
+            f"{': ' + ', '.join(reached) if reached else ''}"
+        )
     print(f"load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     return 0
 

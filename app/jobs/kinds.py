@@ -35,8 +35,8 @@ class GenerateParams(JobParams):
     images_per_prompt: int = Field(default=2, ge=1, le=64)
     # "all" generates for every prompt of the project.
     split: Literal["train", "val", "test", "all"] = "train"
-    # Seeds used for every prompt (default 0..images_per_prompt-1): the same seeds across
-    # models give paired comparisons (common random numbers).
+    # Seeds used for every prompt; by default each prompt gets its own (worker.seeds, training
+    # range). Either way every model gets the same seeds: paired comparisons.
     seeds: list[int] | None = Field(default=None, max_length=64)
     prompt_ids: list[int] | None = Field(default=None, max_length=100_000)
     make_pairs: bool = True
@@ -84,8 +84,9 @@ def check_generate(
     seeds = params.get("seeds")
     if seeds is not None and len(seeds) != params["images_per_prompt"]:
         errors.append({"loc": ["params", "seeds"], "msg": "needs exactly images_per_prompt seeds"})
-    if seeds is not None and any(not 0 <= s < 2**63 for s in seeds):
-        errors.append({"loc": ["params", "seeds"], "msg": "seeds must be in [0, 2**63)"})
+    # images.seed is a 32-bit column.
+    if seeds is not None and any(not 0 <= s < 2**31 for s in seeds):
+        errors.append({"loc": ["params", "seeds"], "msg": "seeds must be in [0, 2**31)"})
     return errors
 
 
@@ -226,7 +227,10 @@ class EvaluateParams(JobParams):
 
     model_ids: list[int] = Field(min_length=2, max_length=2, description="[parent, child]")
     split: Literal["train", "val", "test", "all"] = "test"
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3], min_length=1, max_length=64)
+    # By default each prompt gets its own evaluation seeds (worker.seeds, a range no training
+    # image uses); `seeds` applies the same ones to every prompt instead.
+    seeds: list[int] | None = Field(default=None, min_length=1, max_length=64)
+    images_per_prompt: int = Field(default=4, ge=1, le=64)
     reward_model_id: int | None = None
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.support import Stack, wait_for, wait_job
 from tests.tiny_pipelines import build_tiny_sd
+from worker.seeds import prompt_seeds
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,9 @@ def test_killed_generate_job_continues_without_duplicates(stack: Stack) -> None:
         job["result"]["skipped"] >= before
         and job["result"]["images"] == 40 - job["result"]["skipped"]
     )
-    assert {i["seed"] for i in images} == {0, 1}
+    # Each prompt its own two training seeds.
+    wanted = {(i["prompt_id"], s) for i in images for s in prompt_seeds(i["prompt_id"], 2)}
+    assert set(keys) == wanted
 
 
 @pytest.mark.slow

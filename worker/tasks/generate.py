@@ -3,11 +3,16 @@
 Each image is committed as soon as it exists, and an image already stored for the same
 (prompt, model version, seed) is skipped, so a retried job continues where the last attempt
 stopped instead of generating duplicates.
+
+Seeds are drawn per prompt (`worker.seeds`, the training domain) unless the job names `seeds`,
+which then apply to every prompt. Every model version gets the same seeds for a prompt, so
+images of different versions compare on common random numbers.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -18,6 +23,7 @@ from app.images.models import Image
 from app.images.service import store_image
 from app.projects.models import Project, Prompt
 from worker.runner import JobCancelled, JobContext, handler
+from worker.seeds import seeds_by_prompt
 
 
 def spec_for(model: ModelVersion) -> Any:
@@ -87,24 +93,31 @@ def generate_images(
     ctx: JobContext,
     models: list[ModelVersion],
     prompts: list[tuple[int, str]],
-    seeds: list[int],
+    seeds: Sequence[int] | Mapping[int, Sequence[int]],
     *,
     batch_size: int | None = None,
     progress: tuple[float, float] = (0.0, 1.0),
 ) -> tuple[int, int]:
     """Generate every missing (prompt, model, seed) image; returns (created, skipped).
 
-    Stops quietly between batches when the job is cancelled (the caller raises).
+    `seeds`: the same seeds for every prompt, or {prompt id: its seeds}. Stops quietly between
+    batches when the job is cancelled (the caller raises).
     """
     from worker.generation import iter_generate
 
     text_of = dict(prompts)
+    per_prompt = (
+        {pid: list(seeds[pid]) for pid in text_of}
+        if isinstance(seeds, Mapping)
+        else {pid: list(seeds) for pid in text_of}
+    )
+    wanted = [(pid, seed) for pid in text_of for seed in per_prompt[pid]]
     plan: list[tuple[ModelVersion, list[tuple[int, int]]]] = []
     skipped = 0
     for model in models:
         done = _existing(ctx, model.id, list(text_of))
-        todo = [(pid, seed) for pid in text_of for seed in seeds if (pid, seed) not in done]
-        skipped += len(text_of) * len(seeds) - len(todo)
+        todo = [key for key in wanted if key not in done]
+        skipped += len(wanted) - len(todo)
         plan.append((model, todo))
     total = sum(len(todo) for _, todo in plan)
     created = finished = 0
@@ -151,10 +164,12 @@ PAIR_ROUND_PROMPTS = 8
 @handler("generate")
 def generate(ctx: JobContext) -> dict[str, Any]:
     params = ctx.params
-    seeds = params.get("seeds") or list(range(params["images_per_prompt"]))
     prompts = _prompts(ctx)
     if not prompts:
         raise ValueError(f"no prompts in split {params['split']!r} of project {ctx.project_id}")
+    seeds = seeds_by_prompt(
+        [pid for pid, _ in prompts], params["images_per_prompt"], "train", params.get("seeds")
+    )
     models = load_models(ctx, params["model_ids"])
     make = params.get("make_pairs", True)
     # With pairs wanted, work prompt-major in rounds and pair each round as soon as it exists.
@@ -171,25 +186,22 @@ def generate(ctx: JobContext) -> dict[str, Any]:
         if ctx.cancel_requested:
             raise JobCancelled()
         if make:
-            pairs += _make_pairs(ctx, [m.id for m in models], [pid for pid, _ in chunk], seeds)
+            chunk_seeds = {pid: seeds[pid] for pid, _ in chunk}
+            pairs += _make_pairs(ctx, [m.id for m in models], chunk_seeds)
     ctx.progress(1.0, f"{created} new images, {pairs} new pairs")
     return {"images": created, "skipped": skipped, "pairs": pairs}
 
 
-def _make_pairs(
-    ctx: JobContext, model_ids: list[int], prompt_ids: list[int], seeds: list[int]
-) -> int:
+def _make_pairs(ctx: JobContext, model_ids: list[int], seeds: Mapping[int, list[int]]) -> int:
+    """Pairs for this job's images: {prompt id: the seeds generated for it}."""
     from app.pairs.service import make_pairs
 
     with ctx.session() as session:
         project = session.get(Project, ctx.project_id)
-        images = list(
-            session.scalars(
-                select(Image).where(
-                    Image.model_version_id.in_(model_ids),
-                    Image.prompt_id.in_(prompt_ids),
-                    Image.seed.in_(seeds),
-                )
+        candidates = session.scalars(
+            select(Image).where(
+                Image.model_version_id.in_(model_ids), Image.prompt_id.in_(list(seeds))
             )
         )
+        images = [img for img in candidates if img.seed in seeds[img.prompt_id]]
         return len(make_pairs(session, project=project, images=images))

@@ -5,39 +5,72 @@ with the higher score. They stand in for human taste in end-to-end runs of the a
 and the same score judges the result (child vs parent on held-out prompts and seeds), so
 "the model learned the preference" is measured without a learned judge.
 
-Every score is a plain function of an RGB uint8 image (H, W, 3). Images without a foreground
+Every preference scores an RGB uint8 image (H, W, 3) *and its prompt*: `Preference.score(image,
+prompt)`. The built-in global preferences (larger, left, brighter, ...) ignore the prompt; the
+prompt-conditional ones (prompted_position, prompted_size, prompted_colour) reward the image that
+follows what the prompt names, and give every image of a prompt that names nothing about their
+attribute the same score (a tie: the annotator has nothing to judge). Images without a foreground
 shape get the lowest score wherever the score reads the shape, so a preference never rewards
 dropping the object the prompt asks for.
+
+Each preference also carries what makes a difference *perceptible* (`tolerance`, in its score's
+units: differences within it are ties for measurement) and a coarse class of its attribute
+(`attribute_class`: size class, position cell, background class, ...) so a measurement can say
+how often a change is visible as a change of class (`flip`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
 from worker.toy.world import (
+    CELL_CENTRES,
+    HORIZONTAL,
+    PALETTE_HUES,
+    SIZE_AREA,
+    VERTICAL,
     _core_pixels,
     extract_area_fraction,
+    extract_background,
+    extract_box_centre,
     extract_centroid,
     extract_colour,
+    extract_hue,
+    extract_position,
+    extract_shade,
     extract_shape,
+    extract_size,
     foreground_mask,
+    hue_distance,
     parse_prompt,
+    position_cell,
 )
 
 Choice = Literal["left", "right", "tie"]
 # Below every real score: an image without a foreground loses to any image with one.
 NO_FOREGROUND = -1e9
+# The score of every image of a prompt that names nothing about a prompted preference's attribute.
+UNNAMED = 0.0
+
+ImageScore = Callable[[np.ndarray], float]  # image (H, W, 3) uint8 -> score
+PromptScore = Callable[[np.ndarray, str], float]  # (image, prompt) -> score
+AttributeClass = Callable[[np.ndarray, str], Hashable]  # (image, prompt) -> class of the attribute
+
+_SIDE = 32  # pixels per side of the toy world's images (tolerances are stated per pixel of it)
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
     """Rec. 601 luma of colours (..., 3) in 0–255."""
     rgb = rgb.astype(np.float64)
     return 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+
+
+# --- image-only scores -----------------------------------------------------------------------
 
 
 def score_larger(image: np.ndarray) -> float:
@@ -77,13 +110,178 @@ def score_lighter(image: np.ndarray) -> float:
     return float(_luminance(_core_pixels(image, mask)).mean()) / 255.0
 
 
+# --- prompt-conditional scores ---------------------------------------------------------------
+
+
+def named_cell_targets(prompt: str) -> dict[int, float]:
+    """{axis (0 = x, 1 = y): centre of the named cell along it} for the axes the prompt names."""
+    spec = parse_prompt(prompt)
+    targets: dict[int, float] = {}
+    if spec.horizontal is not None:
+        targets[0] = CELL_CENTRES[HORIZONTAL.index(spec.horizontal)]
+    if spec.vertical is not None:
+        targets[1] = CELL_CENTRES[VERTICAL.index(spec.vertical)]
+    return targets
+
+
+def score_prompted_position(image: np.ndarray, prompt: str) -> float:
+    """Minus the distance (fraction of the side) of the shape's box centre from the centre of the
+    cell the prompt names, on the axes it names: the shape sitting where the prompt says wins.
+
+    The box centre, not the centroid, because it is what `extract_position` (the cell, and so
+    `in_named_cell`) reads: the score's optimum lies inside the named cell for every shape.
+    """
+    targets = named_cell_targets(prompt)
+    if not targets:
+        return UNNAMED
+    centre = extract_box_centre(image)
+    if centre is None:
+        return NO_FOREGROUND
+    return -math.sqrt(sum((centre[axis] - t) ** 2 for axis, t in targets.items()))
+
+
+def in_named_cell(image: np.ndarray, prompt: str) -> bool | None:
+    """Whether the shape sits in the cell the prompt names on every axis it names.
+
+    None when the prompt names no position; False without a foreground. The grammar's "on the
+    left" names the horizontal axis only, "at the top left" both.
+    """
+    spec = parse_prompt(prompt)
+    if spec.horizontal is None and spec.vertical is None:
+        return None
+    cell = extract_position(image)
+    if cell is None:
+        return False
+    return (spec.horizontal is None or cell[0] == spec.horizontal) and (
+        spec.vertical is None or cell[1] == spec.vertical
+    )
+
+
+def score_prompted_size(image: np.ndarray, prompt: str) -> float:
+    """Minus |log(area / the named size class's area)|: the shape closest to the size named wins."""
+    named = parse_prompt(prompt).size
+    if named is None:
+        return UNNAMED
+    area = extract_area_fraction(image)
+    if area <= 0:
+        return NO_FOREGROUND
+    return -abs(math.log(area / SIZE_AREA[named]))
+
+
+def score_prompted_colour(image: np.ndarray, prompt: str) -> float:
+    """Minus the hue distance (degrees) of the shape from the colour named: truer colour wins."""
+    named = parse_prompt(prompt).colour
+    if named is None:
+        return UNNAMED
+    hue = extract_hue(image)
+    if hue is None:
+        return NO_FOREGROUND
+    return -hue_distance(hue, PALETTE_HUES[named])
+
+
+# --- attribute classes (for the class-flip rate) ---------------------------------------------
+
+
+def _size_class(image: np.ndarray, prompt: str) -> Hashable:
+    return extract_size(image)
+
+
+def _horizontal_class(image: np.ndarray, prompt: str) -> Hashable:
+    centre = extract_box_centre(image)
+    return None if centre is None else position_cell(centre[0], HORIZONTAL)
+
+
+def _cell_class(image: np.ndarray, prompt: str) -> Hashable:
+    return extract_position(image)
+
+
+def _background_class(image: np.ndarray, prompt: str) -> Hashable:
+    return extract_background(image)
+
+
+def _shade_class(image: np.ndarray, prompt: str) -> Hashable:
+    return extract_shade(image)
+
+
+def _named_cell_class(image: np.ndarray, prompt: str) -> Hashable:
+    """The cell on the axes the prompt names (None where it names none)."""
+    spec = parse_prompt(prompt)
+    if spec.horizontal is None and spec.vertical is None:
+        return None
+    cell = extract_position(image)
+    if cell is None:
+        return "no foreground"
+    return (
+        cell[0] if spec.horizontal is not None else None,
+        cell[1] if spec.vertical is not None else None,
+    )
+
+
+def _named_size_class(image: np.ndarray, prompt: str) -> Hashable:
+    return None if parse_prompt(prompt).size is None else extract_size(image)
+
+
+def _named_colour_class(image: np.ndarray, prompt: str) -> Hashable:
+    return None if parse_prompt(prompt).colour is None else extract_colour(image)
+
+
+# --- the preferences -------------------------------------------------------------------------
+
+# Just-noticeable differences, in each score's units. A difference within the tolerance is not
+# one an annotator (or a reader of the images) could see, so measurements count it as a tie.
+# - Brightness (global mean luma / 255): 2 grey levels. The mean runs over 1 024 pixels, so
+#   sampling noise on it is far below a level; 2 levels is near the smallest step of a uniform
+#   field people tell apart on a display.
+# - Shape lightness (mean luma of the shape's core, ≈ 20–90 pixels / 255): 4 grey levels, twice
+#   the global figure, because a small patch's mean carries more pixel noise and small patches
+#   are harder to compare.
+# - Position (fractions of the side): one pixel of the 32-pixel image; the mask is pixel-quantised,
+#   so anything smaller is not a visible move.
+# - Area (fraction of the 1 024-pixel image): 4 pixels, ≈ 9 % of the smallest shape (46 px), the
+#   Weber fraction for area, and above the 1–2 pixel jitter of the mask on blurred output.
+# - Log-area for prompted size: 0.05 (a 5 % area change), the same Weber reasoning on the ratio.
+# - Hue for prompted colour: 3 degrees, about the hue discrimination threshold for saturated
+#   colours and below the renderer's own colour jitter (±12 per channel, ≈ ±5°).
+GREY_LEVEL = 1.0 / 255.0
+PIXEL = 1.0 / _SIDE
+TOL_LUMA = 2 * GREY_LEVEL
+TOL_SHADE = 4 * GREY_LEVEL
+TOL_POSITION = PIXEL
+TOL_AREA = 4 * PIXEL * PIXEL
+TOL_LOG_AREA = 0.05
+TOL_HUE = 3.0
+
+
+def _image_only(fn: ImageScore) -> PromptScore:
+    def score(image: np.ndarray, prompt: str) -> float:
+        return fn(image)
+
+    score.__name__ = fn.__name__
+    score.__doc__ = fn.__doc__
+    return score
+
+
 @dataclass(frozen=True)
 class Preference:
-    """A simulated annotator's taste: the image with the higher `score` is preferred."""
+    """A simulated annotator's taste: of two images of one prompt, the higher `score` is preferred.
+
+    `tolerance`: the just-noticeable difference in score units (see above); `attribute_class`:
+    the visible class of the attribute the score reads; `prompted`: the score reads the prompt;
+    `mention`: prompt-attribute mention probabilities (`worker.toy.world.sample_spec`) that make
+    every sampled prompt name what a prompted preference judges.
+    """
 
     name: str
     description: str
-    score: Callable[[np.ndarray], float]
+    scorer: PromptScore  # (image (H, W, 3) uint8, prompt) -> score, higher is preferred
+    tolerance: float
+    attribute_class: AttributeClass
+    prompted: bool = False
+    mention: dict[str, float] = field(default_factory=dict)
+
+    def score(self, image: np.ndarray, prompt: str) -> float:
+        """The score of an image generated for `prompt`."""
+        return float(self.scorer(image, prompt))
 
     def choose(
         self,
@@ -92,9 +290,20 @@ class Preference:
         rng: np.random.Generator,
         flip_noise: float = 0.0,
         tie_tol: float = 0.0,
+        prompt: str = "",
     ) -> Choice:
-        """The vote on (left, right); a decisive vote is reversed with probability flip_noise."""
-        return vote_from_scores(self.score(left), self.score(right), rng, flip_noise, tie_tol)
+        """The vote on (left, right) of `prompt`; a decisive vote is reversed with flip_noise."""
+        return vote_from_scores(
+            self.score(left, prompt), self.score(right, prompt), rng, flip_noise, tie_tol
+        )
+
+    def klass(self, image: np.ndarray, prompt: str) -> Hashable:
+        """The visible class of the attribute (size class, cell, background, ...)."""
+        return self.attribute_class(image, prompt)
+
+    def flip(self, image_a: np.ndarray, image_b: np.ndarray, prompt: str) -> bool:
+        """Whether the attribute's class differs between two images of `prompt`."""
+        return self.klass(image_a, prompt) != self.klass(image_b, prompt)
 
 
 def vote_from_scores(
@@ -118,14 +327,76 @@ def vote_from_scores(
 PREFERENCES: dict[str, Preference] = {
     p.name: p
     for p in (
-        Preference("larger", "the larger shape wins", score_larger),
-        Preference("left", "the shape further left wins", score_left),
-        Preference("centered", "the shape closer to the centre wins", score_centered),
-        Preference("brighter", "the brighter image (mostly background) wins", score_brighter),
-        Preference("darker", "the darker image (mostly background) wins", score_darker),
-        Preference("lighter", "the lighter shade of the shape wins", score_lighter),
+        Preference(
+            "larger", "the larger shape wins", _image_only(score_larger), TOL_AREA, _size_class
+        ),
+        Preference(
+            "left",
+            "the shape further left wins",
+            _image_only(score_left),
+            TOL_POSITION,
+            _horizontal_class,
+        ),
+        Preference(
+            "centered",
+            "the shape closer to the centre wins",
+            _image_only(score_centered),
+            TOL_POSITION,
+            _cell_class,
+        ),
+        Preference(
+            "brighter",
+            "the brighter image (mostly background) wins",
+            _image_only(score_brighter),
+            TOL_LUMA,
+            _background_class,
+        ),
+        Preference(
+            "darker",
+            "the darker image (mostly background) wins",
+            _image_only(score_darker),
+            TOL_LUMA,
+            _background_class,
+        ),
+        Preference(
+            "lighter",
+            "the lighter shade of the shape wins",
+            _image_only(score_lighter),
+            TOL_SHADE,
+            _shade_class,
+        ),
+        Preference(
+            "prompted_position",
+            "the shape sitting in the cell the prompt names wins",
+            score_prompted_position,
+            TOL_POSITION,
+            _named_cell_class,
+            prompted=True,
+            mention={"position": 1.0},
+        ),
+        Preference(
+            "prompted_size",
+            "the shape closest to the size the prompt names wins",
+            score_prompted_size,
+            TOL_LOG_AREA,
+            _named_size_class,
+            prompted=True,
+            mention={"size": 1.0},
+        ),
+        Preference(
+            "prompted_colour",
+            "the shape closest in hue to the colour the prompt names wins",
+            score_prompted_colour,
+            TOL_HUE,
+            _named_colour_class,
+            prompted=True,
+            mention={"colour": 1.0},
+        ),
     )
 }
+# The preferences that ignore the prompt (a function of the pixels alone).
+IMAGE_PREFERENCES: tuple[str, ...] = tuple(n for n, p in PREFERENCES.items() if not p.prompted)
+PROMPTED_PREFERENCES: tuple[str, ...] = tuple(n for n, p in PREFERENCES.items() if p.prompted)
 
 
 def get_preference(name: str) -> Preference:
@@ -182,11 +453,16 @@ def prompt_fidelity(prompts: Sequence[str], images: Sequence[np.ndarray]) -> Fid
 
 
 __all__ = [
+    "IMAGE_PREFERENCES",
     "NO_FOREGROUND",
     "PREFERENCES",
+    "PROMPTED_PREFERENCES",
+    "UNNAMED",
     "Fidelity",
     "Preference",
     "get_preference",
+    "in_named_cell",
+    "named_cell_targets",
     "prompt_fidelity",
     "score_brighter",
     "score_centered",
@@ -194,5 +470,8 @@ __all__ = [
     "score_larger",
     "score_left",
     "score_lighter",
+    "score_prompted_colour",
+    "score_prompted_position",
+    "score_prompted_size",
     "vote_from_scores",
 ]

@@ -353,18 +353,32 @@ def _hue_degrees(rgb: np.ndarray) -> np.ndarray:
     return np.degrees(np.arctan2(beta, alpha)) % 360.0
 
 
-_PALETTE_HUES = {name: float(_hue_degrees(np.asarray(rgb, float))) for name, rgb in PALETTE.items()}
+PALETTE_HUES: dict[str, float] = {
+    name: float(_hue_degrees(np.asarray(rgb, float))) for name, rgb in PALETTE.items()
+}
 
 
-def extract_colour(image: np.ndarray) -> str | None:
-    """Palette colour nearest in hue to the foreground, or None without a foreground."""
+def hue_distance(a: float, b: float) -> float:
+    """Angular distance in degrees (0–180) between two hues."""
+    return abs((a - b + 180.0) % 360.0 - 180.0)
+
+
+def extract_hue(image: np.ndarray) -> float | None:
+    """Hue in degrees of the foreground's core, or None without a foreground."""
     mask = foreground_mask(image)
     if not mask.any():
         return None
     core = _core_pixels(image, mask)
     # Average in the opponent plane (a chroma-weighted circular mean), then take the hue.
-    hue = float(_hue_degrees(core.mean(axis=0)))
-    dist = {c: abs((hue - h + 180.0) % 360.0 - 180.0) for c, h in _PALETTE_HUES.items()}
+    return float(_hue_degrees(core.mean(axis=0)))
+
+
+def extract_colour(image: np.ndarray) -> str | None:
+    """Palette colour nearest in hue to the foreground, or None without a foreground."""
+    hue = extract_hue(image)
+    if hue is None:
+        return None
+    dist = {c: hue_distance(hue, h) for c, h in PALETTE_HUES.items()}
     return min(dist, key=dist.__getitem__)
 
 
@@ -413,21 +427,41 @@ def _box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)
 
 
-def extract_position(image: np.ndarray) -> tuple[str, str] | None:
-    """(horizontal, vertical) grid cell of the foreground's bounding-box centre."""
+# Half-width of the middle cell of the position grid (fraction of the side): large shapes sit
+# 0.16 from the centre, so the split lies halfway between that and the centre.
+POSITION_SPLIT = 0.08
+# Centre of each grid cell along its axis (fraction of the side): the middle of
+# [0, 0.5 − split], [0.5 − split, 0.5 + split] and [0.5 + split, 1].
+CELL_CENTRES: tuple[float, float, float] = (
+    (0.5 - POSITION_SPLIT) / 2,
+    0.5,
+    (1.5 + POSITION_SPLIT) / 2,
+)
+
+
+def extract_box_centre(image: np.ndarray) -> tuple[float, float] | None:
+    """Centre (x, y) of the foreground's bounding box, as fractions of width and height."""
     mask = foreground_mask(image)
     if not mask.any():
         return None
     x0, y0, x1, y1 = _box(mask)
     h, w = mask.shape
-    cx, cy = (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
-    # Large shapes sit 0.16 from the centre: split halfway between that and the centre.
-    split = 0.08
+    return (x0 + x1) / 2 / w, (y0 + y1) / 2 / h
 
-    def cell(c: float, names: tuple[str, ...]) -> str:
-        return names[0] if c < 0.5 - split else names[2] if c > 0.5 + split else names[1]
 
-    return cell(cx, HORIZONTAL), cell(cy, VERTICAL)
+def position_cell(c: float, names: tuple[str, ...]) -> str:
+    """The grid cell name (from HORIZONTAL or VERTICAL) of a coordinate along that axis."""
+    return (
+        names[0] if c < 0.5 - POSITION_SPLIT else names[2] if c > 0.5 + POSITION_SPLIT else names[1]
+    )
+
+
+def extract_position(image: np.ndarray) -> tuple[str, str] | None:
+    """(horizontal, vertical) grid cell of the foreground's bounding-box centre."""
+    centre = extract_box_centre(image)
+    if centre is None:
+        return None
+    return position_cell(centre[0], HORIZONTAL), position_cell(centre[1], VERTICAL)
 
 
 def foreground_alpha(image: np.ndarray) -> np.ndarray:
@@ -525,10 +559,13 @@ def degrade(
 __all__ = [
     "ATTRIBUTES",
     "BACKGROUNDS",
+    "CELL_CENTRES",
     "COLOURS",
     "DEFAULT_SIZE",
     "HORIZONTAL",
     "PALETTE",
+    "PALETTE_HUES",
+    "POSITION_SPLIT",
     "SHADES",
     "SHAPES",
     "SIZES",
@@ -540,15 +577,19 @@ __all__ = [
     "describe",
     "extract_area_fraction",
     "extract_background",
+    "extract_box_centre",
     "extract_centroid",
     "extract_colour",
+    "extract_hue",
     "extract_position",
     "extract_shade",
     "extract_shape",
     "extract_size",
     "foreground_mask",
     "format_prompt",
+    "hue_distance",
     "parse_prompt",
+    "position_cell",
     "prompt_alignment",
     "render",
     "render_batch",
