@@ -226,3 +226,14 @@ def test_flower_needs_a_password_and_sees_task_events() -> None:
         args = SERVICES[name]["command"][1:]
         command = _parse(prefloop_cli, "prefloop", args)
         assert command.name == "worker" and "--events" in args
+
+
+def test_web_does_not_believe_forwarded_headers_from_any_peer() -> None:
+    # uvicorn believes X-Forwarded-For from 127.0.0.1 by default; the app decides instead
+    # (PREFLOOP_TRUSTED_PROXIES), so the login throttle and the audit see the real client.
+    command = SERVICES["web"]["command"]
+    assert command[0] == "uvicorn" and "--no-proxy-headers" in command
+    from uvicorn.main import main as uvicorn_main
+
+    ctx = uvicorn_main.make_context("uvicorn", list(command[1:]))
+    assert ctx.params["proxy_headers"] is False
