@@ -34,7 +34,8 @@ Methods: `dpo_votes` (train_dpo on the votes with the job's defaults — the lea
 votes plus on-policy best-vs-worst pairs the reward model labels); `iterative_x3` (train_loop,
 3 rounds, stopping on validation prompts added for it; the last accepted child is judged);
 `best_of_4` (no training: the parent sampling best of 4 by the reward model; its cost is at test
-time). `rl` is a hook in METHODS: a function returning the child model version fills the table.
+time); `rl` (train_rl: GRPO from the reward model with a KL anchor to the parent, the job's
+defaults).
 
 Printed: one table per method and the goals (for every preference a method reaching ≥ 80 %
 win-rate at tolerance from ≤ 2 000 votes and ≤ 30 CPU minutes with fidelity drop ≤ 2 points;
@@ -707,14 +708,33 @@ def best_of_4(
     return MethodRun(policy["id"], {"best_of": 4, "reward_model_id": reward["reward_model_id"]})
 
 
-# The table's methods; None marks a method whose child-making is not written yet (the battery
-# reports it as not run).
+def rl(
+    stack: Stack, project: Project, config: LoopConfig, reward: dict[str, Any], timer: PhaseTimer
+) -> MethodRun:
+    """Online RL (`train_rl`: GRPO with a KL anchor to the parent) from the reward model, with the
+    job's defaults; the guard is the fidelity reader on held-out prompts (one reward model here).
+    """
+    params = {
+        "model_id": project.model_id,
+        "reward_model_id": reward["reward_model_id"],
+        "seed": config.seed,
+        # The evaluation below is launched explicitly, on held-out seeds; no arena images.
+        "closed_loop": False,
+    }
+    with timer.phase("method:train_rl"):
+        job = run_job(stack, project.id, "train_rl", params, timeout=4 * 7200)
+    keys = ("model_id", "steps", "stopped_by_guard", "guard_stop", "final_reward_mean", "final_kl")
+    return MethodRun(job["model_id"], {k: job.get(k) for k in keys})
+
+
+# The table's methods; None would mark a method whose child-making is not written yet (the
+# battery reports it as not run).
 METHODS: dict[str, MethodFn | None] = {
     "dpo_votes": dpo_votes,
     "dpo_votes_reward": dpo_votes_reward,
     "iterative_x3": iterative_x3,
     "best_of_4": best_of_4,
-    "rl": None,
+    "rl": rl,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
 
