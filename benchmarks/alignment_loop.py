@@ -55,7 +55,6 @@ naming both axes: 0.12 → 0.11); prompted_size 49.3 % [48.0, 50.7] 146, 0 %, 67
 prompted_colour 50.7 % [48.7, 52.3] 144, 0 %, 65.7 %. Fidelity moved by ≤ 1.1 points; reward-model
 validation accuracy 0.54–0.81; 1.0–1.4 CPU minutes per method (7–14 min wall under that load).
 No preference reaches 80 %; what the parent already holds (oracle best-of-4) is 66–79 %.
-(The same run at tolerance 0 would count most of those ties as wins or losses.)
 """
 
 from __future__ import annotations
