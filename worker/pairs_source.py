@@ -23,7 +23,6 @@ rest is orchestration (loading, generating, scoring).
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -191,25 +190,20 @@ def reward_pairs(
 
 
 def human_pairs(
-    ctx: ProjectJobContext[Any], snapshot_id: int, tie_policy: str
+    ctx: ProjectJobContext[Any], snapshot_id: int, tie_policy: str, split: str = "train"
 ) -> list[PreferencePair]:
-    """The snapshot's train-split pairs, as images (held-out prompts stay out of training)."""
-    from PIL import Image as PILImage
-
+    """The snapshot's pairs of one split, as images (held-out prompts stay out of training)."""
     from app.ratings.snapshots import snapshot_pairs
     from worker.dpo_train import PreferencePair
+    from worker.tasks.children import load_rgb
 
     with ctx.session() as session:
-        rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split="train")  # type: ignore[arg-type]
-
-    def load(key: str) -> Any:
-        return PILImage.open(io.BytesIO(ctx.store.read(key))).convert("RGB")
-
+        rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split=split)  # type: ignore[arg-type]
     return [
         PreferencePair(
             prompt=row.prompt,
-            winner=load(row.winner_storage_key),
-            loser=load(row.loser_storage_key),
+            winner=load_rgb(ctx, row.winner_storage_key),
+            loser=load_rgb(ctx, row.loser_storage_key),
             label=row.p,
         )
         for row in rows

@@ -7,25 +7,24 @@ resumes from the newest checkpoint, so its metrics continue from that step.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from app.core.storage import atomic_dir
 from app.generators.models import ModelVersion
 from app.jobs.kinds import TrainDPOParams
-from app.jobs.service import create_job
-from app.projects.models import Project, Prompt
+from app.projects.models import Project
 from app.projects.service import project_settings
-from app.ratings.models import RewardModel, Snapshot
-from app.ratings.snapshots import snapshot_pairs
-from worker.generation import sampling_free_params
-from worker.pairs_source import collect_pairs, job_snapshot, record_sources
-from worker.runner import JobCancelled, ProjectJobContext, TimeLimitReached, TransientJobError
+from app.ratings.models import Snapshot
+from worker.pairs_source import collect_pairs, human_pairs, job_snapshot, record_sources
+from worker.runner import ProjectJobContext
+from worker.tasks.children import (
+    load_parent,
+    register_child,
+    save_child_weights,
+    stop_early,
+)
 from worker.tasks.generate import spec_for
 
 # Share of train-split prompts held out for validation when the project has no val prompts.
@@ -40,25 +39,9 @@ def _validation_split(
     Validation pairs are the val-split prompts' human pairs, or, without any, those of a stable
     tenth of the training pairs' prompts (held out of training). Test prompts stay out of both.
     """
-    from PIL import Image as PILImage
+    from worker.dpo_train import held_out_prompts
 
-    from worker.dpo_train import PreferencePair, held_out_prompts
-
-    with ctx.session() as session:
-        val_rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split="val")  # type: ignore[arg-type]
-
-    def load(key: str) -> Any:
-        return PILImage.open(io.BytesIO(ctx.store.read(key))).convert("RGB")
-
-    val = [
-        PreferencePair(
-            prompt=row.prompt,
-            winner=load(row.winner_storage_key),
-            loser=load(row.loser_storage_key),
-            label=row.p,
-        )
-        for row in val_rows
-    ]
+    val = human_pairs(ctx, snapshot_id, tie_policy, split="val")
     if not val:
         held = held_out_prompts([p.prompt for p in pairs], VAL_SHARE)
         if len(held) < len({p.prompt for p in pairs}):  # never hold out every prompt
@@ -80,17 +63,6 @@ def _no_pairs_reason(snapshot_id: int, params: TrainDPOParams, sources: dict[str
     )
 
 
-def _load_parent(parent: ModelVersion) -> Any:
-    from worker.generation import load_pipeline
-
-    # A private copy: training changes the UNet in place, the generation cache must not see it.
-    pipe = load_pipeline(spec_for(parent))
-    if parent.adapter:
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    return pipe
-
-
 def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
     import torch
 
@@ -99,7 +71,6 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         TrainingDiverged,
         encode_pairs,
         list_checkpoints,
-        save_result,
         train,
     )
 
@@ -117,7 +88,7 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
     ckpt_dir = work / "checkpoints"
 
     ctx.progress(0.01, "loading the parent model")
-    pipe = _load_parent(parent)
+    pipe = load_parent(parent)
     snapshot_id = job_snapshot(ctx)
     if cache_path.exists():
         data = CachedPairs.load(cache_path)
@@ -179,55 +150,21 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
         raise RuntimeError(f"{exc}{note}") from None
     if result.stopped_early:
-        if ctx.cancel_requested:
-            raise JobCancelled()
-        message = f"soft time limit reached at step {result.step}; the next run resumes there"
-        if result.step > resumed_from:
-            raise TimeLimitReached(message)
-        raise TransientJobError(message)
-
-    # A LoRA trained on a parent that already carries one (a later round of train_loop) cannot be
-    # a second adapter of the base: it is merged, and the child is a whole pipeline directory.
-    as_adapter = params.lora_rank > 0 and not parent.adapter
-    out_dir = work / ("adapter" if as_adapter else "model")
-    if as_adapter:
-        save_result(pipe, params, out_dir)
-    else:
-        if params.lora_rank > 0:
-            pipe.unet.fuse_lora()
-            pipe.unet.unload_lora()
-        # A fully fine-tuned UNet becomes a whole pipeline directory the generator can load.
-        with atomic_dir(out_dir) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
+        stop_early(ctx, result.step, resumed_from)
+    out_dir, as_adapter = save_child_weights(pipe, parent, params.lora_rank, work)
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     last = result.history[-1] if result.history else None
-    with ctx.session() as session:
-        parent = session.get(ModelVersion, params.model_id)
-        assert parent is not None
-        child = session.scalar(
-            select(ModelVersion).where(ModelVersion.produced_by_job_id == ctx.job_id)
-        )
-        if child is None:
-            child = ModelVersion(
-                project_id=parent.project_id,
-                name=params.name or f"{parent.name}+dpo{ctx.job_id}",
-                base=parent.base if as_adapter else str(out_dir),
-                adapter=str(out_dir) if as_adapter else None,
-                # The child is the trained weights with plain sampling: a parent's best-of
-                # policy is not inherited.
-                params=sampling_free_params(parent.params),
-                parent_id=parent.id,
-                produced_by_job_id=ctx.job_id,
-                snapshot_id=snapshot_id,
-                status="arena",
-                evaluation={},
-            )
-            session.add(child)
-            session.flush()
-        child_id = child.id
-        follow_ups = _close_the_loop(session, ctx, parent, child) if params.closed_loop else {}
+    child_id, follow_ups = register_child(
+        ctx,
+        params.model_id,
+        out_dir,
+        as_adapter,
+        name=params.name or f"{parent.name}+dpo{ctx.job_id}",
+        snapshot_id=snapshot_id,
+        closed_loop=params.closed_loop,
+    )
     return {
         "model_id": child_id,
         "parent_id": params.model_id,
@@ -241,45 +178,3 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         "sources": sources,
         **follow_ups,
     }
-
-
-def _close_the_loop(
-    session: Any, ctx: ProjectJobContext[Any], parent: ModelVersion, child: ModelVersion
-) -> dict[str, Any]:
-    """Queue the evaluation (if a reward model exists) and the child's entry into the arena."""
-    has_prompts = session.scalar(
-        select(Prompt.id)
-        .where(Prompt.project_id == parent.project_id, Prompt.split == "test")
-        .limit(1)
-    )
-    has_reward_model = session.scalar(
-        select(RewardModel.id).where(RewardModel.project_id == parent.project_id).limit(1)
-    )
-    follow_ups: dict[str, Any] = {}
-    if has_reward_model:
-        evaluate = create_job(
-            session,
-            kind="evaluate",
-            params={"model_ids": [parent.id, child.id], "split": "test" if has_prompts else "all"},
-            project_id=parent.project_id,
-            created_by_id=None,
-            max_attempts=ctx.settings.job_max_attempts,
-        )
-        follow_ups["evaluate_job_id"] = evaluate.id
-    else:
-        ctx.log("no reward model yet: evaluation skipped (run train_reward, then evaluate)")
-    arena = create_job(
-        session,
-        kind="generate",
-        params={
-            "model_ids": [parent.id, child.id],
-            "images_per_prompt": ctx.params.arena_images_per_prompt,
-            "split": "train",
-            "make_pairs": True,
-        },
-        project_id=parent.project_id,
-        created_by_id=None,
-        max_attempts=ctx.settings.job_max_attempts,
-    )
-    follow_ups["arena_job_id"] = arena.id
-    return follow_ups

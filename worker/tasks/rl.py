@@ -13,14 +13,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from app.core.storage import atomic_dir
 from app.generators.models import ModelVersion
 from app.jobs.kinds import TrainRLParams
 from app.pairs.active import latest_reward_model
 from app.projects.models import Prompt
 from app.ratings.models import RewardModel
-from worker.runner import JobCancelled, ProjectJobContext, TimeLimitReached, TransientJobError
-from worker.tasks.dpo import _close_the_loop, _load_parent
+from worker.runner import ProjectJobContext
+from worker.tasks.children import load_parent, register_child, save_child_weights, stop_early
 
 
 def _reward_models(
@@ -57,7 +56,6 @@ def _prompts(session: Any, project_id: int, probe_count: int) -> tuple[list[str]
 def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     import torch
 
-    from worker.dpo_train import save_lora
     from worker.rl_train import (
         ProbeSet,
         RewardModelScorer,
@@ -115,7 +113,7 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     work = Path(ctx.work_dir())
     ckpt_dir = work / "checkpoints"
     ctx.progress(0.01, "loading the parent model")
-    pipe = _load_parent(parent)
+    pipe = load_parent(parent)
     existing = list_checkpoints(ckpt_dir)
     resumed_from = 0
     if existing:
@@ -150,48 +148,23 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
         note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
         raise RuntimeError(f"{exc}{note}") from None
     if result.stopped_early:
-        if ctx.cancel_requested:
-            raise JobCancelled()
-        message = f"soft time limit reached at step {result.step}; the next run resumes there"
-        if result.step > resumed_from:
-            raise TimeLimitReached(message)  # progress was made: not a failed attempt
-        raise TransientJobError(message)
+        stop_early(ctx, result.step, resumed_from)
     if result.guard_stop:
         ctx.log(f"stopped early by the reward-hacking guard: {result.guard_stop}")
-
-    out_dir = work / ("adapter" if config.lora_rank > 0 else "model")
-    if config.lora_rank > 0:
-        save_lora(pipe.unet, out_dir)
-    else:
-        with atomic_dir(out_dir) as tmp:
-            pipe.save_pretrained(tmp, safe_serialization=True)
+    out_dir, as_adapter = save_child_weights(pipe, parent, config.lora_rank, work)
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     last = result.history[-1] if result.history else None
     probes = result.probes
-    with ctx.session() as session:
-        parent = session.get(ModelVersion, params.model_id)
-        assert parent is not None
-        child = session.scalar(
-            select(ModelVersion).where(ModelVersion.produced_by_job_id == ctx.job_id)
-        )
-        if child is None:
-            child = ModelVersion(
-                project_id=parent.project_id,
-                name=params.name or f"{parent.name}+rl{ctx.job_id}",
-                base=parent.base if config.lora_rank > 0 else str(out_dir),
-                adapter=str(out_dir) if config.lora_rank > 0 else None,
-                params=dict(parent.params),
-                parent_id=parent.id,
-                produced_by_job_id=ctx.job_id,
-                status="arena",
-                evaluation={},
-            )
-            session.add(child)
-            session.flush()
-        child_id = child.id
-        follow_ups = _close_the_loop(session, ctx, parent, child) if params.closed_loop else {}
+    child_id, follow_ups = register_child(
+        ctx,
+        params.model_id,
+        out_dir,
+        as_adapter,
+        name=params.name or f"{parent.name}+rl{ctx.job_id}",
+        closed_loop=params.closed_loop,
+    )
     return {
         "model_id": child_id,
         "parent_id": params.model_id,

@@ -1,0 +1,156 @@
+"""What every fine-tuning method (DPO, iterative DPO, RL) does around its objective.
+
+They differ in what they optimise, not in how they load the parent, stop at a time limit, write
+their weights or register the child: those steps live here, once.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.core.storage import atomic_dir
+from app.generators.models import ModelVersion
+from app.jobs.service import create_job
+from app.projects.models import Prompt
+from app.ratings.models import RewardModel
+from worker.runner import JobCancelled, ProjectJobContext, TimeLimitReached, TransientJobError
+
+
+def load_rgb(ctx: ProjectJobContext[Any], key: str) -> Any:
+    """A stored image as an RGB PIL image."""
+    from PIL import Image as PILImage
+
+    return PILImage.open(io.BytesIO(ctx.store.read(key))).convert("RGB")
+
+
+def load_parent(parent: ModelVersion) -> Any:
+    """A private copy of the parent's pipeline, its own adapter (if any) fused into the UNet."""
+    from worker.generation import load_pipeline
+    from worker.tasks.generate import spec_for
+
+    # A private copy: training changes the UNet in place, the generation cache must not see it.
+    pipe = load_pipeline(spec_for(parent))
+    if parent.adapter:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    return pipe
+
+
+def stop_early(ctx: ProjectJobContext[Any], step: int, resumed_from: int) -> None:
+    """A run that returned before its last step: cancelled, or back to the queue to resume."""
+    if ctx.cancel_requested:
+        raise JobCancelled()
+    message = f"soft time limit reached at step {step}; the next run resumes there"
+    if step > resumed_from:
+        raise TimeLimitReached(message)  # progress was made: not a failed attempt
+    raise TransientJobError(message)
+
+
+def save_child_weights(
+    pipe: Any, parent: ModelVersion, lora_rank: int, work: Path
+) -> tuple[Path, bool]:
+    """Write the trained weights; returns (directory, whether it is an adapter of the base).
+
+    A LoRA trained on a parent that already carries one (its adapter was fused before training)
+    cannot be a second adapter of the base: it is fused too, and the child is a whole pipeline.
+    """
+    from worker.lora import save_lora
+
+    as_adapter = lora_rank > 0 and not parent.adapter
+    out_dir = work / ("adapter" if as_adapter else "model")
+    if as_adapter:
+        save_lora(pipe.unet, out_dir)
+        return out_dir, True
+    if lora_rank > 0:
+        pipe.unet.fuse_lora()
+        pipe.unet.unload_lora()
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out_dir, False
+
+
+def register_child(
+    ctx: ProjectJobContext[Any],
+    parent_id: int,
+    out_dir: Path,
+    as_adapter: bool,
+    *,
+    name: str,
+    snapshot_id: int | None = None,
+    closed_loop: bool = True,
+) -> tuple[int, dict[str, Any]]:
+    """The job's child model version (made once, even across retries) and its follow-up jobs."""
+    from worker.generation import sampling_free_params
+
+    with ctx.session() as session:
+        parent = session.get(ModelVersion, parent_id)
+        if parent is None:
+            raise ValueError(f"the parent model {parent_id} no longer exists")
+        child = session.scalar(
+            select(ModelVersion).where(ModelVersion.produced_by_job_id == ctx.job_id)
+        )
+        if child is None:
+            child = ModelVersion(
+                project_id=parent.project_id,
+                name=name,
+                base=parent.base if as_adapter else str(out_dir),
+                adapter=str(out_dir) if as_adapter else None,
+                # The child is the trained weights with plain sampling: a parent's best-of
+                # policy is not inherited.
+                params=sampling_free_params(parent.params),
+                parent_id=parent.id,
+                produced_by_job_id=ctx.job_id,
+                snapshot_id=snapshot_id,
+                status="arena",
+                evaluation={},
+            )
+            session.add(child)
+            session.flush()
+        follow_ups = close_the_loop(session, ctx, parent, child) if closed_loop else {}
+        return child.id, follow_ups
+
+
+def close_the_loop(
+    session: Any, ctx: ProjectJobContext[Any], parent: ModelVersion, child: ModelVersion
+) -> dict[str, Any]:
+    """Queue the evaluation (if a reward model exists) and the child's entry into the arena."""
+    has_prompts = session.scalar(
+        select(Prompt.id)
+        .where(Prompt.project_id == parent.project_id, Prompt.split == "test")
+        .limit(1)
+    )
+    has_reward_model = session.scalar(
+        select(RewardModel.id).where(RewardModel.project_id == parent.project_id).limit(1)
+    )
+    follow_ups: dict[str, Any] = {}
+    if has_reward_model:
+        evaluate = create_job(
+            session,
+            kind="evaluate",
+            params={"model_ids": [parent.id, child.id], "split": "test" if has_prompts else "all"},
+            project_id=parent.project_id,
+            created_by_id=None,
+            max_attempts=ctx.settings.job_max_attempts,
+        )
+        follow_ups["evaluate_job_id"] = evaluate.id
+    else:
+        ctx.log("no reward model yet: evaluation skipped (run train_reward, then evaluate)")
+    arena = create_job(
+        session,
+        kind="generate",
+        params={
+            "model_ids": [parent.id, child.id],
+            "images_per_prompt": ctx.params.arena_images_per_prompt,
+            "split": "train",
+            "make_pairs": True,
+        },
+        project_id=parent.project_id,
+        created_by_id=None,
+        max_attempts=ctx.settings.job_max_attempts,
+    )
+    follow_ups["arena_job_id"] = arena.id
+    return follow_ups
