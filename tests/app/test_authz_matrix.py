@@ -127,6 +127,7 @@ ACCESS: dict[R, str] = {
     ("GET", "/api/v1/projects/{project_id}/models"): "lead",
     ("POST", "/api/v1/projects/{project_id}/models"): "lead",
     ("POST", "/api/v1/projects/{project_id}/prompts"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/gold"): "lead",
     ("POST", "/api/v1/projects/{project_id}/prompts/upload"): "lead",
     ("GET", "/api/v1/projects/{project_id}/reward-models"): "lead",
     ("GET", "/api/v1/reward-models/{reward_model_id}"): "lead",
@@ -159,6 +160,7 @@ ACCESS: dict[R, str] = {
     ("POST", "/projects/{project_id}/prompts"): "lead",
     ("GET", "/projects/{project_id}/settings"): "lead",
     ("POST", "/projects/{project_id}/settings"): "lead",
+    ("POST", "/projects/{project_id}/settings/gold"): "lead",
 }
 
 # What an allowed caller gets, where it is not the default (200 for reads; for writes 200, 201,
