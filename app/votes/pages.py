@@ -19,6 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep, utcnow
+from app.core.markdown import render_markdown
 from app.core.deps import PageUser, get_project_for
 from app.core.web import is_htmx, render
 from app.images.service import image_url
@@ -63,6 +64,16 @@ def _counts(session: Session, project: Project, user: User) -> dict[str, int]:
     }
 
 
+def _instructions(project: Project, *, min_view: bool = True) -> dict[str, Any]:
+    """The project's question and guidelines, and how long the controls stay inert."""
+    settings = project_settings(project)
+    return {
+        "question": settings.question,
+        "guidelines": render_markdown(settings.guidelines),
+        "min_view_ms": settings.min_view_ms if min_view else 0,
+    }
+
+
 def _vote_context(
     session: Session,
     project: Project,
@@ -93,6 +104,7 @@ def _vote_context(
     return {
         "project": project,
         "mode": "vote",
+        **_instructions(project),
         "pair": pair,
         "action": f"/projects/{project.id}/vote",
         "idempotency_key": uuid.uuid4().hex,
@@ -173,6 +185,8 @@ def change_form(
     ctx = {
         "project": project,
         "mode": "change",
+        # The pair was looked at when the vote was cast: changing it needs no new wait.
+        **_instructions(project, min_view=False),
         "pair": {
             "pair_id": pair.id,
             "prompt": session.scalar(select(Prompt.text).where(Prompt.id == pair.prompt_id)),

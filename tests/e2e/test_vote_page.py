@@ -33,6 +33,8 @@ from tests.app.test_pairs import tiny_png
 from tests.support import embedded_web, launch_chromium
 
 PASSWORD = "vote-page-password-1"
+QUESTION = "Which square is closer to the named colour?"
+GUIDELINES = "Prefer the **exact hue**.\n\n<script>window.__injected = 1</script>\n\n- ignore size"
 
 
 @dataclass
@@ -44,13 +46,15 @@ class Site:
     model_names: list[str]
 
 
-def _project(session: Any, store: MediaStore, lead: Any, name: str, n_prompts: int) -> int:
+def _project(
+    session: Any, store: MediaStore, lead: Any, name: str, n_prompts: int, **settings: Any
+) -> int:
     project = create_project(
         session,
         data=ProjectCreate(
             name=name,
             settings=ProjectSettings(
-                votes_per_pair=1, votes_per_second=50, change_vote_seconds=120
+                votes_per_pair=1, votes_per_second=50, change_vote_seconds=120, **settings
             ),
         ),
         creator=lead,
@@ -92,6 +96,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             projects = {
                 "desktop": _project(session, store, lead, "Shapes", 6),
                 "phone": _project(session, store, lead, "Phone", 2),
+                "slow": _project(
+                    session, store, lead, "Slow", 3, min_view_ms=1500, question=QUESTION,
+                    guidelines=GUIDELINES,
+                ),
             }
             emails = {}
             for key, project_id in projects.items():
@@ -246,3 +254,54 @@ def test_phone_layout_stacks_the_images(site: Site, browser: Any, artifacts: Pat
     _wait_given(page, 1)
     assert [v.choice for v in _votes(site, site.emails["phone"])] == ["right"]
     context.close()
+
+
+@pytest.mark.slow
+def test_controls_inert_until_min_view_ms_and_during_the_swap(
+    site: Site, browser: Any, artifacts: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    _login(page, site, "slow")
+    email = site.emails["slow"]
+    posts.clear()
+    # The project's question and its guidelines (Markdown; raw HTML shown as text, not run).
+    assert page.inner_text(".question") == QUESTION
+    assert page.inner_text(".guidelines strong") == "exact hue"
+    assert "<script>" in page.inner_text(".guidelines-body")
+    assert page.evaluate("window.__injected") is None
+    assert page.locator(".guidelines").get_attribute("open") is not None  # first visit: open
+    page.evaluate("window.__sameDocument = true")
+
+    # Images loaded, but the minimum viewing time has not passed: nothing can vote, not the
+    # keyboard, not the mouse, not a native form submission.
+    page.wait_for_function("[...document.querySelectorAll('.pair img')].every(i => i.complete)")
+    assert page.get_attribute("#vote-area", "data-ready") == "false"
+    page.keyboard.press("ArrowLeft")
+    assert page.locator("button[value=left]").is_disabled()
+    page.evaluate(
+        "document.querySelector('form.vote-form').requestSubmit("
+        "document.querySelector('button[value=right]'))"
+    )
+    page.wait_for_timeout(300)
+    assert posts == [] and _votes(site, email) == []
+    assert page.evaluate("window.__sameDocument") is True
+
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    page.keyboard.press("ArrowLeft")
+    _wait_given(page, 1)
+    (first,) = _votes(site, email)
+    assert first.choice == "left" and first.latency_ms is not None and first.latency_ms >= 1500
+    # A key pressed right after the swap is swallowed, not queued into the next pair.
+    page.keyboard.press("ArrowRight")
+    page.wait_for_timeout(500)
+    assert len(_votes(site, email)) == 1 and len(posts) == 1
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    page.keyboard.press("ArrowRight")
+    _wait_given(page, 2)
+    assert [v.choice for v in _votes(site, email)] == ["left", "right"]
+    assert all(v.latency_ms >= 1500 for v in _votes(site, email))
+    assert page.evaluate("window.__sameDocument") is True
+    page.screenshot(path=str(artifacts / "vote_page_guidelines.png"), full_page=True)
+    page.close()
