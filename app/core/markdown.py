@@ -6,8 +6,8 @@ refuses `javascript:`-style URLs, so the output is safe to insert into a page as
 
 from __future__ import annotations
 
-from markupsafe import Markup
 from markdown_it import MarkdownIt
+from markupsafe import Markup
 
 # CommonMark with raw HTML off; tables and strikethrough as leads write them elsewhere.
 _MD = MarkdownIt("commonmark", {"html": False}).enable(["table", "strikethrough"])

@@ -19,8 +19,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep, utcnow
-from app.core.markdown import render_markdown
 from app.core.deps import PageUser, get_project_for
+from app.core.markdown import render_markdown
 from app.core.web import is_htmx, render
 from app.images.service import image_url
 from app.pairs import service as pairs
