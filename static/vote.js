@@ -51,6 +51,11 @@
     let pending = imgs.filter((img) => !img.complete).length;
     const shown = () => {
       shownAt = performance.now();
+      imgs.forEach((img) => {
+        img.classList.toggle(
+          "pixelated", img.naturalWidth > 0 && img.naturalWidth * 2 <= img.clientWidth
+        );
+      });
       // A small margin: the server compares the rounded latency with the same minimum.
       const wait = minView > 0 ? minView + 25 : 0;
       readyTimer = setTimeout(() => {
