@@ -47,7 +47,14 @@ class Site:
 
 
 def _project(
-    session: Any, store: MediaStore, lead: Any, name: str, n_prompts: int, **settings: Any
+    session: Any,
+    store: MediaStore,
+    lead: Any,
+    name: str,
+    n_prompts: int,
+    *,
+    image_size: int = 64,
+    **settings: Any,
 ) -> int:
     project = create_project(
         session,
@@ -77,7 +84,7 @@ def _project(
             store,
             project_id=project.id,
             prompt_id=prompt.id,
-            png=tiny_png(prompt.id * 10 + model.id, size=64),
+            png=tiny_png(prompt.id * 10 + model.id, size=image_size),
             model_version_id=model.id,
             seed=7,
         )
@@ -96,6 +103,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             projects = {
                 "desktop": _project(session, store, lead, "Shapes", 6),
                 "phone": _project(session, store, lead, "Phone", 2),
+                "layout": _project(
+                    session, store, lead, "Layout", 2, image_size=32, guidelines=GUIDELINES
+                ),
                 "slow": _project(
                     session, store, lead, "Slow", 3, min_view_ms=1500, question=QUESTION,
                     guidelines=GUIDELINES,
@@ -305,3 +315,61 @@ def test_controls_inert_until_min_view_ms_and_during_the_swap(
     assert page.evaluate("window.__sameDocument") is True
     page.screenshot(path=str(artifacts / "vote_page_guidelines.png"), full_page=True)
     page.close()
+
+
+# (width, height, touch): laptop, small laptop, desktop, phone portrait, phone landscape.
+VIEWPORTS = [
+    (1366, 768, False),
+    (1280, 720, False),
+    (1920, 1080, False),
+    (390, 844, True),
+    (844, 390, True),
+]
+
+
+def _overlaps(a: dict[str, float], b: dict[str, float]) -> bool:
+    return not (
+        a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+        or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("width", "height", "touch"), VIEWPORTS)
+def test_vote_page_fits_the_screen(
+    site: Site, browser: Any, artifacts: Path, width: int, height: int, touch: bool
+) -> None:
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, is_mobile=touch, has_touch=touch
+    )
+    page = context.new_page()
+    _login(page, site, "layout")
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    # Guidelines are open on a first visit; once read they fold into one line.
+    if page.locator("details.guidelines[open]").count():
+        page.click("details.guidelines summary")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    images = [page.locator(f".side-{side} img").bounding_box() for side in ("left", "right")]
+    prompt = page.locator(".prompt").bounding_box()
+    assert prompt and prompt["y"] >= 0 and prompt["y"] + prompt["height"] <= height
+    for box in images:
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= height + 1, box
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width
+    for value in ("left", "right", "tie", "both_bad", "skip"):
+        button = page.locator(f"button[value={value}]")
+        box = button.bounding_box()
+        assert box, value
+        assert box["y"] >= 0 and box["y"] + box["height"] <= height, (value, box)
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, (value, box)
+        assert not any(_overlaps(box, img) for img in images if img), (value, box)
+        # Touch screens: no keyboard hints, and targets a finger can hit.
+        kbd_shown = button.locator("kbd").is_visible()
+        assert kbd_shown is not touch, value
+        if touch:
+            assert box["height"] >= 44, (value, box)
+    # 32×32 images enlarged without smoothing.
+    assert page.locator(".side-left img.pixelated").count() == 1
+    rendering = page.eval_on_selector(".side-left img", "i => getComputedStyle(i).imageRendering")
+    assert rendering == "pixelated"
+    page.screenshot(path=str(artifacts / f"vote_layout_{width}x{height}.png"))
+    context.close()
