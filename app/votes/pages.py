@@ -23,6 +23,7 @@ from app.core.deps import PageUser, get_project_for
 from app.core.markdown import render_markdown
 from app.core.web import is_htmx, render
 from app.images.service import image_url
+from app.jobs.models import Job
 from app.pairs import service as pairs
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
@@ -101,6 +102,8 @@ def _vote_context(
             session, project=project, annotator=user, exclude=[served.pair_id], now=now
         )
         preload = [image_url(i) for i in peek or ()]
+    # Only when nothing is left: say whether new pairs are on their way.
+    generating = served is None and not busy and _generating(session, project.id)
     return {
         "project": project,
         "mode": "vote",
@@ -113,8 +116,25 @@ def _vote_context(
         "notice": notice,
         "error": error,
         "busy": busy,
+        "generating": generating,
         **_counts(session, project, user),
     }
+
+
+def _generating(session: Session, project_id: int) -> bool:
+    """Whether a generate job of the project is queued or running (new pairs will come)."""
+    return (
+        session.scalar(
+            select(Job.id)
+            .where(
+                Job.project_id == project_id,
+                Job.kind == "generate",
+                Job.status.in_(("queued", "running")),
+            )
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def _show(request: Request, ctx: dict[str, Any], status_code: int = 200) -> HTMLResponse:

@@ -125,3 +125,18 @@ def test_settings_page_button_creates_gold_and_edits_question(client, db, make_u
     r = client.post(f"/projects/{w.project.id}/settings/gold", data={"csrf_token": csrf})
     assert r.status_code == 200 and "2 new gold pairs" in r.text
     assert len(gold_pairs(db, w.project.id)) == 2
+
+
+def test_empty_vote_page_says_when_new_pairs_are_coming(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
+    from app.jobs.models import Job
+
+    w = build_world(db, make_user, n_prompts=1, pairs=False)
+    _, token = w.annotators[0]
+    page = client.get(f"/projects/{w.project.id}/vote", headers=bearer(token))
+    assert page.status_code == 200 and "Nothing to do" in page.text
+    assert "being generated" not in page.text
+    db.add(Job(project_id=w.project.id, kind="generate", queue="gpu", params={}, status="running"))
+    db.commit()
+    page = client.get(f"/projects/{w.project.id}/vote", headers=bearer(token))
+    assert "Images are being generated for this project right now" in page.text
+    assert 'hx-trigger="every 15s"' in page.text
