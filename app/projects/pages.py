@@ -560,6 +560,36 @@ def set_active(
     return RedirectResponse(f"/projects/{project.id}/annotators", status_code=303)
 
 
+@router.post("/projects/{project_id}/annotators/{user_id}/votes-used", response_class=HTMLResponse)
+def set_votes_used(
+    project_id: int,
+    user_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    use: str = Form(pattern="^(exclude|include|auto)$"),
+) -> Response:
+    """A lead's decision on whether an annotator's votes count in ratings and training:
+    exclude or include by hand, or "auto" (the project's reliability rule decides)."""
+    project = get_project_for(session, user, project_id, lead=True)
+    target = _annotator_member(session, project, user_id)
+    settings = service.project_settings(project)
+    excluded = [a for a in settings.excluded_annotators if a != target.id]
+    included = [a for a in settings.included_annotators if a != target.id]
+    if use == "exclude":
+        excluded.append(target.id)
+    elif use == "include":
+        included.append(target.id)
+    changed = settings.model_copy(
+        update={"excluded_annotators": excluded, "included_annotators": included}
+    )
+    project.settings = dump_settings(changed)
+    session.flush()
+    record(session, actor=user, action=f"annotator.votes_{use}", target=f"user:{target.id}",
+           project_id=project.id)  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}#dash-quality", status_code=303)
+
+
 # -- members: co-leads and annotators ----------------------------------------------------------
 
 

@@ -29,6 +29,9 @@ class ProjectSettings(BaseModel):
     min_gold_accuracy: float = Field(default=0.7, ge=0.0, le=1.0)
     # Flagged annotators' votes are left out of ratings, reward models and DPO snapshots.
     exclude_flagged: bool = True
+    # A lead's decisions by hand (user ids), over the rule: always left out / always kept.
+    excluded_annotators: list[int] = Field(default_factory=list, max_length=10_000)
+    included_annotators: list[int] = Field(default_factory=list, max_length=10_000)
     question: str = Field(
         default="Which image fits the prompt better?", min_length=1, max_length=300
     )

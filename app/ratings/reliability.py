@@ -3,8 +3,9 @@
 The rule (`exclusion_reasons` in app/ratings/quality.py): an annotator is excluded when the
 95 % Wilson interval of their gold accuracy lies entirely below the project's
 `min_gold_accuracy`, or when their median latency is "too fast". It applies only while the
-project's `exclude_flagged` is on. The figures come from two grouped reads of the project's
-votes, cheap enough to run at every fit and snapshot.
+project's `exclude_flagged` is on. A lead's decisions by hand come on top, whatever the rule
+says: `excluded_annotators` are always left out ("lead"), `included_annotators` always kept.
+The figures come from two reads of the project's votes, cheap enough for every fit and snapshot.
 """
 
 from __future__ import annotations
@@ -55,8 +56,10 @@ def project_exclusion(session: Session, project: Project) -> Exclusion:
         "gold_interval": "wilson_95_upper",
         "too_fast_median_ms": th.min_median_latency_ms,
     }
+    by_hand = {int(a): ("lead",) for a in settings.excluded_annotators}
+    kept = set(settings.included_annotators)
     if not settings.exclude_flagged:
-        return Exclusion(rule)
+        return Exclusion(rule, by_hand)
     answered: dict[int, int] = defaultdict(int)
     correct: dict[int, int] = defaultdict(int)
     gold_rows = session.execute(
@@ -86,7 +89,7 @@ def project_exclusion(session: Session, project: Project) -> Exclusion:
         )
     ):
         latencies[annotator].append(ms)
-    excluded = {}
+    excluded: dict[int, tuple[str, ...]] = {}
     for annotator in set(answered) | set(latencies):
         times = latencies.get(annotator, [])
         reasons = exclusion_reasons(
@@ -97,6 +100,6 @@ def project_exclusion(session: Session, project: Project) -> Exclusion:
             min_gold_accuracy=settings.min_gold_accuracy,
             thresholds=th,
         )
-        if reasons:
+        if reasons and annotator not in kept:
             excluded[int(annotator)] = reasons
-    return Exclusion(rule, excluded)
+    return Exclusion(rule, {**excluded, **by_hand})

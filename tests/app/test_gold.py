@@ -140,3 +140,29 @@ def test_empty_vote_page_says_when_new_pairs_are_coming(client, db, make_user) -
     page = client.get(f"/projects/{w.project.id}/vote", headers=bearer(token))
     assert "Images are being generated for this project right now" in page.text
     assert 'hx-trigger="every 15s"' in page.text
+
+
+def test_lead_excludes_and_includes_an_annotator_by_hand(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
+    from app.projects.service import add_member, project_settings
+    from app.ratings.reliability import project_exclusion
+    from tests.app.test_dashboard import _lead_client
+
+    w = build_world(db, make_user, n_prompts=1)
+    client, lead, csrf = _lead_client(client, make_user)
+    add_member(db, project=w.project, user=lead, role="lead")
+    db.commit()
+    target = w.annotators[0][0]
+    url = f"/projects/{w.project.id}/annotators/{target.id}/votes-used"
+    r = client.post(url, data={"csrf_token": csrf, "use": "exclude"}, follow_redirects=False)
+    assert r.status_code == 303
+    db.expire_all()
+    assert project_exclusion(db, w.project).excluded == {target.id: ("lead",)}
+    client.post(url, data={"csrf_token": csrf, "use": "include"}, follow_redirects=False)
+    db.expire_all()
+    settings = project_settings(w.project)
+    assert settings.included_annotators == [target.id] and settings.excluded_annotators == []
+    assert client.post(url, data={"csrf_token": csrf, "use": "maybe"}).status_code == 422
+    actions = db.scalars(
+        select(AuditEvent.action).where(AuditEvent.target == f"user:{target.id}")
+    ).all()
+    assert actions == ["annotator.votes_exclude", "annotator.votes_include"]

@@ -31,6 +31,8 @@ FIRST_RELEASE_ROW: dict[str, Any] = {
 KEPT_BY_V3 = {"min_view_ms": 0, "exclude_flagged": False}
 NEW_IN_V3 = {
     "min_gold_accuracy": 0.7,
+    "excluded_annotators": [],
+    "included_annotators": [],
     "question": "Which image fits the prompt better?",
     "guidelines": "",
 }

@@ -128,6 +128,19 @@ def test_careless_annotator_is_flagged_and_excluded(db, make_user) -> None:  # t
     assert record["votes_by_annotator"] == {str(u.id): len(eval_pairs) for u in clean}
     assert snapshot.vote_count == 9 * len(eval_pairs)
 
+    # A lead keeps the careless annotator by hand and leaves out a clean one.
+    w.project.settings = {
+        **w.project.settings,
+        "included_annotators": [careless.id],
+        "excluded_annotators": [clean[0].id],
+    }
+    db.flush()
+    assert project_exclusion(db, w.project).excluded == {clean[0].id: ("lead",)}
+    w.project.settings = {
+        **w.project.settings, "included_annotators": [], "excluded_annotators": []
+    }
+    db.flush()
+
     # Turned off, every vote counts.
     w.project.settings = {**w.project.settings, "exclude_flagged": False}
     db.flush()
