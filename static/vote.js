@@ -148,8 +148,36 @@
     if (prompt) prompt.focus({ preventScroll: true, focusVisible: false });
   });
 
+  // A click or tap on an image opens it full size; Escape (or a click) closes it.
+  function fullsize() {
+    let dialog = document.getElementById("fullsize");
+    if (!dialog) {
+      dialog = document.createElement("dialog");
+      dialog.id = "fullsize";
+      dialog.className = "fullsize";
+      dialog.setAttribute("aria-label", "Image at full size");
+      dialog.appendChild(document.createElement("img"));
+      dialog.addEventListener("click", () => dialog.close());
+      document.body.appendChild(dialog);
+    }
+    return dialog;
+  }
+
+  document.addEventListener("click", (event) => {
+    const img = event.target;
+    if (!(img instanceof HTMLImageElement) || !img.closest("#vote-area .pair")) return;
+    const dialog = fullsize();
+    const big = dialog.querySelector("img");
+    big.src = img.src;
+    big.alt = img.alt;
+    big.classList.toggle("pixelated", img.classList.contains("pixelated"));
+    dialog.showModal();
+  });
+
   document.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey || event.repeat) return;
+    // While an image is shown full size, keys belong to the dialog (Escape closes it).
+    if (document.querySelector("dialog.fullsize[open]")) return;
     const target = event.target;
     if (target instanceof HTMLElement &&
         (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName))) {

@@ -372,4 +372,20 @@ def test_vote_page_fits_the_screen(
     rendering = page.eval_on_selector(".side-left img", "i => getComputedStyle(i).imageRendering")
     assert rendering == "pixelated"
     page.screenshot(path=str(artifacts / f"vote_layout_{width}x{height}.png"))
+    # A click (tap) on an image opens it full size; Escape closes it; neither votes.
+    if touch:
+        page.locator(".side-right img").tap()
+    else:
+        page.click(".side-right img")
+    big = page.locator("dialog.fullsize[open] img")
+    big.wait_for()
+    assert (big.get_attribute("src") or "").endswith(
+        page.get_attribute(".side-right img", "src") or "?"
+    )
+    shown = big.bounding_box()
+    assert shown and shown["width"] > images[1]["width"]  # type: ignore[index]
+    page.keyboard.press("ArrowLeft")  # ignored while the full view is open
+    page.keyboard.press("Escape")
+    page.wait_for_selector("dialog.fullsize[open]", state="detached", timeout=2_000)
+    assert _votes(site, site.emails["layout"]) == []
     context.close()
