@@ -31,7 +31,7 @@ def create_demo(base_url: str) -> list[str]:
                 f"demo: project {project.id} exists; vote at {base_url}/projects/{project.id}/vote",
                 f"demo: annotator login {DEMO_ANNOTATOR} (password shown on the first demo run)",
             ]
-        settings = ProjectSettings(votes_per_pair=3, train_pairs_per_prompt=1)
+        settings = ProjectSettings(votes_per_pair=3, train_pairs_per_prompt=1, gold_rate=0.1)
         project = Project(
             name=DEMO_PROJECT,
             description="Two toy text-to-image models (toy-v1 and the less trained toy-v0) on "

@@ -1,5 +1,8 @@
 // The vote page: keyboard shortcuts, the latency from "both images shown" to the click, and
 // swapping in the server's answer when a vote is refused (409/422/429 carry the next state).
+// The choice buttons stay inert until both images are on screen and the project's minimum
+// viewing time (data-min-view-ms) has passed, and while a vote is in flight: a key pressed
+// during the swap does nothing, and no click can fall through to a native form POST.
 (function () {
   "use strict";
 
@@ -14,20 +17,50 @@
   const SWAP_ON = [409, 422, 429];
   let shownAt = null;
   let undoTimer = null;
+  let readyTimer = null;
+  let inFlight = false;
 
   function area() {
     return document.getElementById("vote-area");
   }
 
+  function choiceButtons(root) {
+    return Array.from(root.querySelectorAll(".choices button"));
+  }
+
+  function setReady(root, ready) {
+    root.dataset.ready = ready ? "true" : "false";
+    choiceButtons(root).forEach((button) => {
+      button.disabled = !ready;
+    });
+  }
+
+  function isReady() {
+    const root = area();
+    return !!root && root.dataset.ready === "true" && !inFlight;
+  }
+
   // Latency counts from the moment both images are on screen, not from the request.
   function armLatency(root) {
     shownAt = null;
+    if (readyTimer) clearTimeout(readyTimer);
     const imgs = Array.from(root.querySelectorAll(".pair img"));
     if (imgs.length === 0) return;
+    setReady(root, false);
+    const minView = Math.max(0, parseInt(root.dataset.minViewMs || "0", 10) || 0);
     let pending = imgs.filter((img) => !img.complete).length;
     const shown = () => {
       shownAt = performance.now();
-      root.dataset.ready = "true";
+      imgs.forEach((img) => {
+        img.classList.toggle(
+          "pixelated", img.naturalWidth > 0 && img.naturalWidth * 2 <= img.clientWidth
+        );
+      });
+      // A small margin: the server compares the rounded latency with the same minimum.
+      const wait = minView > 0 ? minView + 25 : 0;
+      readyTimer = setTimeout(() => {
+        if (area() === root) setReady(root, true);
+      }, wait);
     };
     if (pending === 0) {
       shown();
@@ -69,6 +102,36 @@
       shownAt === null ? "" : String(Math.round(performance.now() - shownAt));
   });
 
+  // Runs before htmx's own submit handler (capture on the document): a submit while the pair
+  // is not ready is dropped, and one on a form htmx has not wired up yet is re-sent through it.
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    if (!(form instanceof HTMLFormElement) || !form.matches("form.vote-form")) return;
+    const root = area();
+    if ((root && root.dataset.ready === "false") || inFlight) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+      return;
+    }
+    if (window.htmx && !(form["htmx-internal-data"] || {}).initHash) {
+      event.preventDefault();
+      event.stopImmediatePropagation();
+      if (form.dataset.resent) return;  // htmx would not take it: never loop
+      form.dataset.resent = "1";
+      window.htmx.process(form);
+      form.requestSubmit(event.submitter || undefined);
+    }
+  }, true);
+
+  document.addEventListener("htmx:beforeRequest", (event) => {
+    const elt = event.detail.elt;
+    if (elt instanceof Element && elt.closest("form.vote-form")) inFlight = true;
+  });
+
+  document.addEventListener("htmx:afterRequest", () => {
+    inFlight = false;
+  });
+
   document.addEventListener("htmx:beforeSwap", (event) => {
     if (SWAP_ON.includes(event.detail.xhr.status)) {
       event.detail.shouldSwap = true;
@@ -79,13 +142,42 @@
   document.addEventListener("htmx:afterSwap", () => {
     if (!area()) return;
     arm();
-    // Keep keyboard users in place: the new prompt is the next thing to read.
+    // Keep keyboard users in place: the new prompt is the next thing to read. The focus ring
+    // is for Tab users only (:focus-visible), so it does not linger after a vote.
     const prompt = document.querySelector("#vote-area .prompt");
-    if (prompt) prompt.focus({ preventScroll: true });
+    if (prompt) prompt.focus({ preventScroll: true, focusVisible: false });
+  });
+
+  // A click or tap on an image opens it full size; Escape (or a click) closes it.
+  function fullsize() {
+    let dialog = document.getElementById("fullsize");
+    if (!dialog) {
+      dialog = document.createElement("dialog");
+      dialog.id = "fullsize";
+      dialog.className = "fullsize";
+      dialog.setAttribute("aria-label", "Image at full size");
+      dialog.appendChild(document.createElement("img"));
+      dialog.addEventListener("click", () => dialog.close());
+      document.body.appendChild(dialog);
+    }
+    return dialog;
+  }
+
+  document.addEventListener("click", (event) => {
+    const img = event.target;
+    if (!(img instanceof HTMLImageElement) || !img.closest("#vote-area .pair")) return;
+    const dialog = fullsize();
+    const big = dialog.querySelector("img");
+    big.src = img.src;
+    big.alt = img.alt;
+    big.classList.toggle("pixelated", img.classList.contains("pixelated"));
+    dialog.showModal();
   });
 
   document.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey || event.repeat) return;
+    // While an image is shown full size, keys belong to the dialog (Escape closes it).
+    if (document.querySelector("dialog.fullsize[open]")) return;
     const target = event.target;
     if (target instanceof HTMLElement &&
         (target.isContentEditable || /^(INPUT|TEXTAREA|SELECT)$/.test(target.tagName))) {
@@ -95,7 +187,12 @@
     const root = area();
     if (!key || !root) return;
     const button = root.querySelector(`[data-key="${key}"]`);
-    if (!button || button.disabled) return;
+    if (!button) return;
+    // During a swap or before the minimum viewing time, keys are swallowed, not queued.
+    if (button.disabled || (button.closest(".choices") && !isReady())) {
+      event.preventDefault();
+      return;
+    }
     event.preventDefault();
     // A key pressed right after a swap can beat htmx's settle step: make sure the button's
     // hx-* attributes are live before clicking it (process is idempotent).

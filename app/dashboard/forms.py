@@ -21,7 +21,11 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from starlette.datastructures import FormData
 
-Kind = Literal["checkbox", "select", "number", "text", "list", "json", "models", "model"]
+Kind = Literal[
+    "checkbox", "select", "number", "text", "longtext", "list", "json", "models", "model"
+]
+# Free text fields edited as several lines (Markdown).
+LONG_TEXT = frozenset({"guidelines"})
 _LIST_SPLIT = re.compile(r"[\s,;]+")
 
 
@@ -72,7 +76,7 @@ def _kind(key: str, annotation: Any) -> tuple[Kind, list[tuple[str, str]]]:
     if inner in (int, float):
         return ("model" if key in ("model_id", "parent_id") else "number"), []
     if inner is str:
-        return "text", []
+        return ("longtext" if key in LONG_TEXT else "text"), []
     return "json", []
 
 

@@ -16,7 +16,8 @@ from app.images.models import Image
 from app.images.service import image_url
 from app.jobs.models import Job
 from app.pairs.models import Pair
-from app.projects.models import Membership, Prompt
+from app.projects.models import Membership, Project, Prompt
+from app.projects.service import project_settings
 from app.ratings import service as ratings
 from app.ratings.models import RewardModel
 from app.users.models import User
@@ -150,10 +151,17 @@ def annotator_quality(session: Session, project_id: int) -> dict[str, Any]:
         return {"fit_id": None, "created_at": None, "rows": []}
     ids = [int(a["annotator_id"]) for a in fit.annotators if "annotator_id" in a]
     emails = dict(session.execute(select(User.id, User.email).where(User.id.in_(ids))).all())
+    project = session.get(Project, project_id)
+    settings = project_settings(project) if project is not None else None
+    by_hand = {}
+    if settings is not None:
+        by_hand = {a: "exclude" for a in settings.excluded_annotators}
+        by_hand.update({a: "include" for a in settings.included_annotators})
     rows = []
     for entry in fit.annotators:
         row = dict(entry)
         row["email"] = emails.get(row.get("annotator_id"), f"user {row.get('annotator_id')}")
+        row["use"] = by_hand.get(row.get("annotator_id"), "auto")
         rows.append(row)
     rows.sort(key=lambda r: (-len(r.get("flags") or []), -(r.get("votes") or 0)))
     return {"fit_id": fit.id, "created_at": fit.created_at, "rows": rows}

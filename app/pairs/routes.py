@@ -6,8 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response
 
+from app.audit.service import record
 from app.core.db import SessionDep
 from app.core.deps import CurrentUser, get_project_for
+from app.core.storage import get_media_store
 from app.images.service import image_url
 from app.pairs import service
 from app.pairs.schemas import ImageRef, PairServed
@@ -42,3 +44,20 @@ def next_pair(project_id: int, session: SessionDep, user: CurrentUser) -> Any:
     if served is None:
         return Response(status_code=204)
     return to_public(served)
+
+
+@router.post("/projects/{project_id}/gold", tags=["projects"])
+def create_gold(project_id: int, session: SessionDep, user: CurrentUser) -> dict[str, Any]:
+    """Top the project's gold pairs up to its `gold_rate` (a lead action; audited)."""
+    project = get_project_for(session, user, project_id, lead=True)
+    made = service.top_up_gold(session, get_media_store(), project=project)
+    total = service.gold_count(session, project_id=project.id)
+    record(
+        session,
+        actor=user,
+        action="gold.create",
+        target=f"project:{project.id}",
+        project_id=project.id,
+        details={"created": len(made), "gold_pairs": total},
+    )
+    return {"created": len(made), "pair_ids": [p.id for p in made], "gold_pairs": total}

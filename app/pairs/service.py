@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import io
 import itertools
+import math
 import random
 import time
 from collections import defaultdict
@@ -232,6 +233,74 @@ def create_gold_pairs(
         pairs.append(pair)
     session.flush()
     return pairs
+
+
+def gold_wanted(gold_rate: float, regular_pairs: int) -> int:
+    """Gold pairs a project should hold: `gold_rate` of its pairs, at least one when the rate is on.
+
+    Each annotator meets a gold pair at most once, so the pool grows with the pairs it is mixed in.
+    """
+    if gold_rate <= 0 or regular_pairs <= 0:
+        return 0
+    return max(1, math.ceil(gold_rate * regular_pairs))
+
+
+def gold_count(session: Session, *, project_id: int) -> int:
+    stmt = select(func.count()).select_from(Pair).where(Pair.project_id == project_id, Pair.is_gold)
+    return int(session.scalar(stmt) or 0)
+
+
+def top_up_gold(session: Session, store: MediaStore, *, project: Project) -> list[Pair]:
+    """Create the gold pairs the project's `gold_rate` calls for and it does not have yet.
+
+    Sources are generated images that sit in a regular pair and are not already the original
+    of a gold pair; degradations alternate over `GOLD_KINDS`, picked in a fixed order so that
+    a re-run makes the same choices.
+    """
+    settings = project_settings(project)
+    counts = dict(
+        session.execute(
+            select(Pair.is_gold, func.count()).where(Pair.project_id == project.id).group_by(
+                Pair.is_gold
+            )
+        ).all()
+    )
+    have = int(counts.get(True, 0))
+    missing = gold_wanted(settings.gold_rate, int(counts.get(False, 0))) - have
+    if missing <= 0:
+        return []
+    used = set(
+        session.scalars(
+            select(Pair.gold_expected).where(Pair.project_id == project.id, Pair.is_gold)
+        )
+    )
+    in_pairs = (
+        select(Pair.id)
+        .where(
+            Pair.project_id == project.id,
+            Pair.is_gold == false(),
+            (Pair.image_a_id == Image.id) | (Pair.image_b_id == Image.id),
+        )
+        .exists()
+    )
+    sources = [
+        img
+        for img in session.scalars(
+            select(Image)
+            .where(Image.project_id == project.id, Image.model_version_id.is_not(None), in_pairs)
+            .order_by(Image.created_at, Image.id)
+        )
+        if img.id not in used
+    ]
+    rng = random.Random(project.id * 1_000_003 + have)
+    picked = rng.sample(sources, min(missing, len(sources)))
+    made: list[Pair] = []
+    for n, image in enumerate(picked):
+        kind = GOLD_KINDS[(have + n) % len(GOLD_KINDS)]
+        made += create_gold_pairs(
+            session, store, project=project, images=[image], kind=kind, seed=have + n
+        )
+    return made
 
 
 def mark_gold(session: Session, *, pair: Pair, expected: str) -> Pair:

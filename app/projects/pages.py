@@ -16,11 +16,13 @@ from app.core.config import get_settings
 from app.core.db import SessionDep
 from app.core.deps import PageUser, get_project_for, membership_role
 from app.core.errors import DomainError, http_status
+from app.core.storage import get_media_store
 from app.core.web import render
 from app.dashboard import service as dashboard
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
 from app.generators import service as generators
 from app.generators.schemas import GenerationParams, ModelCreate
+from app.pairs.service import gold_count, top_up_gold
 from app.projects import service, uploads
 from app.projects.models import Membership, Project, Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings, PromptIn
@@ -308,20 +310,26 @@ def register_model(
 
 def _settings_page(
     request: Request,
+    session: Session,
     project: Project,
     values: dict[str, Any] | None,
     errors: dict[str, str],
     *,
     saved: bool = False,
+    gold_notice: str = "",
     status_code: int = 200,
 ) -> HTMLResponse:
-    current = values if values is not None else service.project_settings(project).model_dump()
+    settings = service.project_settings(project)
+    current = values if values is not None else settings.model_dump()
     ctx = {
         "project": project,
         "tab": "settings",
         "fields": fields_for(ProjectSettings, current, errors),
         "errors": errors,
         "saved": saved,
+        "gold_count": gold_count(session, project_id=project.id),
+        "gold_rate": settings.gold_rate,
+        "gold_notice": gold_notice,
     }
     return render(request, "pages/project_settings.html", ctx, status_code=status_code)
 
@@ -331,7 +339,20 @@ def settings_page(
     project_id: int, request: Request, session: SessionDep, user: PageUser, saved: int = 0
 ) -> HTMLResponse:
     project = get_project_for(session, user, project_id, lead=True)
-    return _settings_page(request, project, None, {}, saved=bool(saved))
+    return _settings_page(request, session, project, None, {}, saved=bool(saved))
+
+
+@router.post("/projects/{project_id}/settings/gold", response_class=HTMLResponse)
+def create_gold_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, form: PostedForm
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    made = top_up_gold(session, get_media_store(), project=project)
+    total = gold_count(session, project_id=project.id)
+    record(session, actor=user, action="gold.create", target=f"project:{project.id}",
+           project_id=project.id, details={"created": len(made), "gold_pairs": total})  # fmt: skip
+    notice = f"{len(made)} new gold pairs" if made else "Gold pairs are already at the gold rate."
+    return _settings_page(request, session, project, None, {}, gold_notice=notice)
 
 
 @router.post("/projects/{project_id}/settings", response_class=HTMLResponse)
@@ -343,9 +364,10 @@ def save_settings(
     try:
         clean = ProjectSettings.model_validate(raw)
     except ValidationError as exc:
-        return _settings_page(request, project, raw, {**_errors(exc), **problems}, status_code=422)
+        errors = {**_errors(exc), **problems}
+        return _settings_page(request, session, project, raw, errors, status_code=422)
     if problems:
-        return _settings_page(request, project, raw, problems, status_code=422)
+        return _settings_page(request, session, project, raw, problems, status_code=422)
     project.settings = dump_settings(clean)
     session.flush()
     record(session, actor=user, action="project.settings", target=f"project:{project.id}",
@@ -536,6 +558,36 @@ def set_active(
         details={"project_id": project.id},
     )
     return RedirectResponse(f"/projects/{project.id}/annotators", status_code=303)
+
+
+@router.post("/projects/{project_id}/annotators/{user_id}/votes-used", response_class=HTMLResponse)
+def set_votes_used(
+    project_id: int,
+    user_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    use: str = Form(pattern="^(exclude|include|auto)$"),
+) -> Response:
+    """A lead's decision on whether an annotator's votes count in ratings and training:
+    exclude or include by hand, or "auto" (the project's reliability rule decides)."""
+    project = get_project_for(session, user, project_id, lead=True)
+    target = _annotator_member(session, project, user_id)
+    settings = service.project_settings(project)
+    excluded = [a for a in settings.excluded_annotators if a != target.id]
+    included = [a for a in settings.included_annotators if a != target.id]
+    if use == "exclude":
+        excluded.append(target.id)
+    elif use == "include":
+        included.append(target.id)
+    changed = settings.model_copy(
+        update={"excluded_annotators": excluded, "included_annotators": included}
+    )
+    project.settings = dump_settings(changed)
+    session.flush()
+    record(session, actor=user, action=f"annotator.votes_{use}", target=f"user:{target.id}",
+           project_id=project.id)  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}#dash-quality", status_code=303)
 
 
 # -- members: co-leads and annotators ----------------------------------------------------------

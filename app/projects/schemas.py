@@ -23,6 +23,20 @@ class ProjectSettings(BaseModel):
     change_vote_seconds: int = Field(default=60, ge=0, le=3600)
     reveal_gold: bool = False
     train_pairs_per_prompt: int = Field(default=2, ge=0, le=100)
+    # Votes cast sooner after the pair was shown are refused (0: no minimum).
+    min_view_ms: int = Field(default=500, ge=0, le=60_000)
+    # An annotator whose gold accuracy is surely below this (upper Wilson bound) is flagged.
+    min_gold_accuracy: float = Field(default=0.7, ge=0.0, le=1.0)
+    # Flagged annotators' votes are left out of ratings, reward models and DPO snapshots.
+    exclude_flagged: bool = True
+    # A lead's decisions by hand (user ids), over the rule: always left out / always kept.
+    excluded_annotators: list[int] = Field(default_factory=list, max_length=10_000)
+    included_annotators: list[int] = Field(default_factory=list, max_length=10_000)
+    question: str = Field(
+        default="Which image fits the prompt better?", min_length=1, max_length=300
+    )
+    # Markdown shown (as text, never raw HTML) on the vote page.
+    guidelines: str = Field(default="", max_length=20_000)
 
 
 class ProjectCreate(BaseModel):

@@ -19,7 +19,7 @@ from app.projects.schemas import ProjectSettings
 
 log = logging.getLogger("prefloop.projects")
 
-SETTINGS_VERSION = 2
+SETTINGS_VERSION = 3
 
 
 def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
@@ -27,13 +27,22 @@ def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+def _v2_to_v3(raw: dict[str, Any]) -> dict[str, Any]:
+    # Version 3 added annotation quality control. Existing projects keep accepting votes as
+    # before (no minimum viewing time) and keep using every vote until a lead opts in.
+    return {"min_view_ms": 0, "exclude_flagged": False, **raw}
+
+
 # UPGRADES[n] turns a version-n row into a version-(n + 1) one.
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 def upgrade_settings(raw: Mapping[str, Any] | None) -> dict[str, Any]:
     """A stored row (any version; none: the first release) → this version's known fields."""
     data = dict(raw or {})
+    if not data:
+        # No stored choices at all (a project row made without settings): today's defaults.
+        return {}
     version = int(data.pop("version", 1))
     while version < SETTINGS_VERSION:
         data = UPGRADES[version](data)

@@ -332,3 +332,43 @@ def annotator_quality(
             )
         )
     return results
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (Wilson 1927); (nan, nan) when n = 0.
+
+    Unlike p̂ ± z·se it stays inside [0, 1] and is honest for the few gold votes one annotator
+    gives: 4 of 5 correct is (0.38, 0.96), which does not prove an accuracy below 0.7.
+    """
+    if n <= 0:
+        return math.nan, math.nan
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def exclusion_reasons(
+    *,
+    gold_correct: int,
+    gold_answered: int,
+    median_latency_ms: float,
+    timed_votes: int,
+    min_gold_accuracy: float,
+    thresholds: QualityThresholds | None = None,
+) -> tuple[str, ...]:
+    """Why an annotator's votes should be left out; empty when they are kept.
+
+    "low_gold_accuracy": even the upper end of the 95 % Wilson interval of the gold accuracy is
+    below `min_gold_accuracy` (so bad luck on a few gold pairs never excludes anyone);
+    "too_fast": the median latency is below `thresholds.min_median_latency_ms`, with at least
+    `thresholds.min_timed_votes` timed votes.
+    """
+    th = thresholds or QualityThresholds()
+    reasons = []
+    if gold_answered and wilson_interval(gold_correct, gold_answered)[1] < min_gold_accuracy:
+        reasons.append("low_gold_accuracy")
+    if timed_votes >= th.min_timed_votes and median_latency_ms < th.min_median_latency_ms:
+        reasons.append("too_fast")
+    return tuple(reasons)

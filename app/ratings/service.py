@@ -4,6 +4,7 @@ bradley_terry.py, quality.py and leaderboard.py)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +29,11 @@ class EvalVote:
     choice: str  # left | right | tie | both_bad
 
 
-def evaluation_votes(session: Session, project_id: int) -> list[EvalVote]:
-    """Preference votes on evaluation pairs (different models); gold pairs and skips excluded."""
+def evaluation_votes(
+    session: Session, project_id: int, *, exclude_annotators: Collection[int] = ()
+) -> list[EvalVote]:
+    """Preference votes on evaluation pairs (different models); gold pairs, skips and the votes
+    of `exclude_annotators` left out."""
     left = aliased(Image)
     right_a = aliased(Image)
     right_b = aliased(Image)
@@ -51,6 +55,7 @@ def evaluation_votes(session: Session, project_id: int) -> list[EvalVote]:
             Pair.purpose == "eval",
             Pair.is_gold.is_(False),
             Vote.choice.in_(PREFERENCES),
+            Vote.annotator_id.not_in(list(exclude_annotators)),
         )
     )
     votes: list[EvalVote] = []

@@ -5,6 +5,9 @@ through `snapshot_pairs(snapshot_id)`. Votes cast later never change what the jo
 and evaluation can tell which votes a model has already seen.
 
 How a pair's votes become one training pair (`snapshot_pairs`):
+- votes of annotators the project's reliability rule excludes (app/ratings/reliability.py) are
+  left out; the snapshot's params record the rule, who was excluded and why, and how many
+  votes each annotator contributed;
 - skips are never in a snapshot; "both bad" says nothing about which image is better and is
   dropped; gold pairs are excluded (they measure annotators, and their images are degraded
   copies);
@@ -27,8 +30,9 @@ from sqlalchemy.orm import Session, aliased
 
 from app.images.models import Image
 from app.pairs.models import PURPOSES, Pair
-from app.projects.models import Prompt
+from app.projects.models import Project, Prompt
 from app.ratings.models import Snapshot, SnapshotVote
+from app.ratings.reliability import project_exclusion
 from app.votes.models import Vote
 from app.votes.vocabulary import DECISIVE, PREFERENCES, Choice
 
@@ -95,6 +99,10 @@ def create_snapshot(
     unknown = sorted(set(purposes) - set(PURPOSES))
     if unknown or not purposes:
         raise ValueError(f"purposes must be a non-empty subset of {PURPOSES}, got {purposes!r}")
+    project = session.get(Project, project_id)
+    if project is None:
+        raise ValueError(f"project {project_id} not found")
+    exclusion = project_exclusion(session, project)
     snapshot = Snapshot(
         project_id=project_id,
         job_id=job_id,
@@ -103,24 +111,25 @@ def create_snapshot(
     )
     session.add(snapshot)
     session.flush()
+    where = usable_vote_filter(project_id, purposes)
+    if exclusion.excluded:
+        where.append(Vote.annotator_id.not_in(exclusion.annotator_ids))
     # One INSERT ... SELECT: a snapshot of 100 k votes never travels through Python.
-    chosen = (
-        select(literal(snapshot.id), Vote.id)
-        .join(Pair, Pair.id == Vote.pair_id)
-        .where(*usable_vote_filter(project_id, purposes))
-    )
+    chosen = select(literal(snapshot.id), Vote.id).join(Pair, Pair.id == Vote.pair_id).where(*where)
     session.execute(
         insert(SnapshotVote).from_select(["snapshot_id", "vote_id"], chosen),
         execution_options={"synchronize_session": False},
     )
-    snapshot.vote_count = int(
-        session.scalar(
-            select(func.count())
-            .select_from(SnapshotVote)
+    by_annotator = dict(
+        session.execute(
+            select(Vote.annotator_id, func.count())
+            .join(SnapshotVote, SnapshotVote.vote_id == Vote.id)
             .where(SnapshotVote.snapshot_id == snapshot.id)
-        )
-        or 0
+            .group_by(Vote.annotator_id)
+        ).all()
     )
+    snapshot.vote_count = int(sum(by_annotator.values()))
+    snapshot.params = {**snapshot.params, "reliability": exclusion.record(by_annotator)}
     session.flush()
     return snapshot
 

@@ -20,8 +20,10 @@ from sqlalchemy.orm import Session
 
 from app.core.db import SessionDep, utcnow
 from app.core.deps import PageUser, get_project_for
+from app.core.markdown import render_markdown
 from app.core.web import is_htmx, render
 from app.images.service import image_url
+from app.jobs.models import Job
 from app.pairs import service as pairs
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
@@ -63,6 +65,16 @@ def _counts(session: Session, project: Project, user: User) -> dict[str, int]:
     }
 
 
+def _instructions(project: Project, *, min_view: bool = True) -> dict[str, Any]:
+    """The project's question and guidelines, and how long the controls stay inert."""
+    settings = project_settings(project)
+    return {
+        "question": settings.question,
+        "guidelines": render_markdown(settings.guidelines),
+        "min_view_ms": settings.min_view_ms if min_view else 0,
+    }
+
+
 def _vote_context(
     session: Session,
     project: Project,
@@ -90,9 +102,12 @@ def _vote_context(
             session, project=project, annotator=user, exclude=[served.pair_id], now=now
         )
         preload = [image_url(i) for i in peek or ()]
+    # Only when nothing is left: say whether new pairs are on their way.
+    generating = served is None and not busy and _generating(session, project.id)
     return {
         "project": project,
         "mode": "vote",
+        **_instructions(project),
         "pair": pair,
         "action": f"/projects/{project.id}/vote",
         "idempotency_key": uuid.uuid4().hex,
@@ -101,8 +116,25 @@ def _vote_context(
         "notice": notice,
         "error": error,
         "busy": busy,
+        "generating": generating,
         **_counts(session, project, user),
     }
+
+
+def _generating(session: Session, project_id: int) -> bool:
+    """Whether a generate job of the project is queued or running (new pairs will come)."""
+    return (
+        session.scalar(
+            select(Job.id)
+            .where(
+                Job.project_id == project_id,
+                Job.kind == "generate",
+                Job.status.in_(("queued", "running")),
+            )
+            .limit(1)
+        )
+        is not None
+    )
 
 
 def _show(request: Request, ctx: dict[str, Any], status_code: int = 200) -> HTMLResponse:
@@ -173,6 +205,8 @@ def change_form(
     ctx = {
         "project": project,
         "mode": "change",
+        # The pair was looked at when the vote was cast: changing it needs no new wait.
+        **_instructions(project, min_view=False),
         "pair": {
             "pair_id": pair.id,
             "prompt": session.scalar(select(Prompt.text).where(Prompt.id == pair.prompt_id)),

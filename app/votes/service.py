@@ -8,6 +8,10 @@ Rules:
   or a vote posted without asking for the pair) the pair must still have room, else 409;
 - replays (same idempotency key on the same pair, or an identical repeat without a key) answer
   with the stored vote and create nothing;
+- a gold pair takes votes only from annotators it was served to (their reservation, live or
+  lapsed but not yet replaced), 409 otherwise;
+- with the project's `min_view_ms` above 0, a vote whose measured `latency_ms` is below it is
+  refused (422); a vote without a measured latency (API clients that do not time) is accepted;
 - the rate limit counts the annotator's votes in the database over the last second (or over
   1/rate seconds when the rate is below one), so it holds across several web workers.
 """
@@ -209,7 +213,15 @@ def record_vote(
         per_second=settings.votes_per_second,
         now=now,
     )
+    if latency_ms is not None and latency_ms < settings.min_view_ms:
+        raise InvalidVote(
+            f"latency_ms {latency_ms} is below this project's minimum viewing time of "
+            f"{settings.min_view_ms} ms: look at both images before voting"
+        )
     reservation = session.get(Reservation, (pair_id, annotator.id))
+    if pair.is_gold and reservation is None:
+        # A gold pair's id must not be answerable by someone who was never shown it.
+        raise VoteConflict(f"pair {pair_id} was not served to you: ask for it with pairs/next")
     holds_slot = reservation is not None and reservation.expires_at > now
     counts = picked.is_preference
     if counts and not holds_slot and not _has_room(session, pair, annotator.id, now):

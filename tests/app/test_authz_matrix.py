@@ -127,6 +127,7 @@ ACCESS: dict[R, str] = {
     ("GET", "/api/v1/projects/{project_id}/models"): "lead",
     ("POST", "/api/v1/projects/{project_id}/models"): "lead",
     ("POST", "/api/v1/projects/{project_id}/prompts"): "lead",
+    ("POST", "/api/v1/projects/{project_id}/gold"): "lead",
     ("POST", "/api/v1/projects/{project_id}/prompts/upload"): "lead",
     ("GET", "/api/v1/projects/{project_id}/reward-models"): "lead",
     ("GET", "/api/v1/reward-models/{reward_model_id}"): "lead",
@@ -142,6 +143,7 @@ ACCESS: dict[R, str] = {
     ("POST", "/projects/{project_id}/annotators"): "lead",
     ("POST", "/projects/{project_id}/annotators/{user_id}/active"): "lead",
     ("POST", "/projects/{project_id}/annotators/{user_id}/invite"): "lead",
+    ("POST", "/projects/{project_id}/annotators/{user_id}/votes-used"): "lead",
     ("GET", "/api/v1/projects/{project_id}/members"): "lead",
     ("POST", "/api/v1/projects/{project_id}/members"): "lead",
     ("PATCH", "/api/v1/projects/{project_id}/members/{user_id}"): "lead",
@@ -159,6 +161,7 @@ ACCESS: dict[R, str] = {
     ("POST", "/projects/{project_id}/prompts"): "lead",
     ("GET", "/projects/{project_id}/settings"): "lead",
     ("POST", "/projects/{project_id}/settings"): "lead",
+    ("POST", "/projects/{project_id}/settings/gold"): "lead",
 }
 
 # What an allowed caller gets, where it is not the default (200 for reads; for writes 200, 201,
@@ -409,6 +412,9 @@ def request_kwargs(method: str, path: str, world: World) -> dict[str, Any]:
         ("POST", "/projects/{project_id}/annotators"): {"data": {"email": "invitee@example.com"}},
         ("POST", "/projects/{project_id}/annotators/{user_id}/active"): {
             "data": {"active": "true"}
+        },
+        ("POST", "/projects/{project_id}/annotators/{user_id}/votes-used"): {
+            "data": {"use": "exclude"}
         },
         ("GET", "/projects/{project_id}/jobs/new"): {"params": {"kind": "generate"}},
         ("POST", "/projects/{project_id}/jobs/new"): {"data": {"kind": "fit_ratings"}},

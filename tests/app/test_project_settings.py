@@ -26,11 +26,22 @@ FIRST_RELEASE_ROW: dict[str, Any] = {
     "reveal_gold": False,
     "train_pairs_per_prompt": 2,
 }
+# Version 3 (quality control): projects from before keep their behaviour, with no minimum
+# viewing time and every annotator's votes used; the other new fields take their defaults.
+KEPT_BY_V3 = {"min_view_ms": 0, "exclude_flagged": False}
+NEW_IN_V3 = {
+    "min_gold_accuracy": 0.7,
+    "excluded_annotators": [],
+    "included_annotators": [],
+    "question": "Which image fits the prompt better?",
+    "guidelines": "",
+}
 
 
 def test_a_first_release_row_upgrades_to_the_same_settings() -> None:
     settings = load_settings(FIRST_RELEASE_ROW)
-    assert settings.model_dump() == FIRST_RELEASE_ROW
+    assert settings.model_dump() == {**FIRST_RELEASE_ROW, **KEPT_BY_V3, **NEW_IN_V3}
+    assert ProjectSettings().min_view_ms == 500 and ProjectSettings().exclude_flagged
     stored = dump_settings(settings)
     assert stored["version"] == SETTINGS_VERSION and load_settings(stored) == settings
     assert load_settings(None) == ProjectSettings() == load_settings({})
@@ -38,13 +49,18 @@ def test_a_first_release_row_upgrades_to_the_same_settings() -> None:
 
 def test_every_upgrade_step_exists_up_to_the_current_version() -> None:
     # A row of any earlier version reaches the current one (no gap in UPGRADES).
-    for version in range(1, SETTINGS_VERSION + 1):
-        assert upgrade_settings({**FIRST_RELEASE_ROW, "version": version}) == FIRST_RELEASE_ROW
+    for version in range(1, SETTINGS_VERSION):
+        upgraded = upgrade_settings({**FIRST_RELEASE_ROW, "version": version})
+        assert upgraded == {**FIRST_RELEASE_ROW, **KEPT_BY_V3}
+    current = {**FIRST_RELEASE_ROW, "min_view_ms": 800, "version": SETTINGS_VERSION}
+    assert upgrade_settings(current) == {**FIRST_RELEASE_ROW, "min_view_ms": 800}
 
 
 def test_unknown_keys_and_refused_values_in_a_stored_row_are_tolerated() -> None:
     newer = {**FIRST_RELEASE_ROW, "version": SETTINGS_VERSION + 1, "pair_budget": 9}
-    assert load_settings(newer).model_dump() == FIRST_RELEASE_ROW
+    assert load_settings(newer).model_dump() == {
+        **ProjectSettings().model_dump(), **FIRST_RELEASE_ROW
+    }
     removed_field = {**FIRST_RELEASE_ROW, "old_knob": True}
     assert load_settings(removed_field).votes_per_pair == 4
     # A value a later bound refuses falls back to its default; the rest is kept.
@@ -68,7 +84,7 @@ def test_a_project_with_an_old_row_still_works_through_the_api(db, client, make_
     listed = client.get("/api/v1/projects", headers=bearer(token))
     assert listed.status_code == 200
     (row,) = [p for p in listed.json() if p["id"] == project.id]
-    assert row["settings"] == FIRST_RELEASE_ROW
+    assert row["settings"] == {**FIRST_RELEASE_ROW, **KEPT_BY_V3, **NEW_IN_V3}
     created = client.post(
         "/api/v1/projects",
         json={"name": "new", "settings": {"votes_per_pair": 2}},

@@ -157,7 +157,7 @@ def _annotate(stack: Stack, token: str, start: threading.Barrier, seed: int) -> 
             body = {
                 "choice": rng.choice(["left", "right", "tie", "both_bad"]),
                 "left_image_id": pair["left"]["image_id"],
-                "latency_ms": rng.randrange(200, 3000),
+                "latency_ms": rng.randrange(500, 3000),
                 "idempotency_key": uuid.uuid4().hex,
             }
             vote = client.post(f"/api/v1/pairs/{pair['pair_id']}/votes", json=body)

@@ -353,7 +353,7 @@ def test_unique_race_is_answered_from_the_savepoint(db, make_user, monkeypatch) 
         annotator=user,
         choice="left",
         left_image_id=served.left_image_id,
-        latency_ms=10,
+        latency_ms=900,
         idempotency_key="same",
     )
     first, created = service.record_vote(db, **kwargs)

@@ -141,3 +141,31 @@ def test_generate_params_are_checked_at_creation(client, make_user) -> None:  # 
         f"/api/v1/projects/{pid}/jobs", json={"kind": "generate", "params": {}}, headers=h
     )
     assert empty.status_code == 422 and "model_ids" in str(empty.json()["detail"])
+
+
+@pytest.mark.slow
+def test_generate_job_tops_up_gold_pairs_to_the_rate(stack: Stack) -> None:
+    import math
+
+    pid = stack.post(
+        "/api/v1/projects", {"name": "gold", "settings": {"gold_rate": 0.5}}
+    ).json()["id"]
+    texts = [{"text": f"a blue square number {i}"} for i in range(3)]
+    assert stack.post(f"/api/v1/projects/{pid}/prompts", {"prompts": texts}).status_code == 201
+    model = stack.post(
+        f"/api/v1/projects/{pid}/models",
+        {"name": "tiny", "base": str(stack.model_path), "params": {"steps": 4}},  # type: ignore[attr-defined]
+    )
+    job_id = _generate(stack, pid, model.json()["id"], images_per_prompt=2, make_pairs=True)
+    job = wait_job(stack.client, job_id, {}, 180)  # type: ignore[arg-type]
+    assert job["status"] == "succeeded", job
+    made, gold = job["result"]["pairs"], job["result"]["gold_pairs"]
+    assert made > 0 and gold == math.ceil(0.5 * made)
+    # The degraded copies are stored images of the project, next to the generated ones.
+    images = _images(stack, pid)
+    assert len(images) == 3 * 2 + gold
+    # A lead asking for more gets none: the project is at its rate.
+    again = stack.post(f"/api/v1/projects/{pid}/gold", {})
+    assert again.status_code == 200 and again.json() == {
+        "created": 0, "pair_ids": [], "gold_pairs": gold
+    }

@@ -33,6 +33,8 @@ from tests.app.test_pairs import tiny_png
 from tests.support import embedded_web, launch_chromium
 
 PASSWORD = "vote-page-password-1"
+QUESTION = "Which square is closer to the named colour?"
+GUIDELINES = "Prefer the **exact hue**.\n\n<script>window.__injected = 1</script>\n\n- ignore size"
 
 
 @dataclass
@@ -44,13 +46,22 @@ class Site:
     model_names: list[str]
 
 
-def _project(session: Any, store: MediaStore, lead: Any, name: str, n_prompts: int) -> int:
+def _project(
+    session: Any,
+    store: MediaStore,
+    lead: Any,
+    name: str,
+    n_prompts: int,
+    *,
+    image_size: int = 64,
+    **settings: Any,
+) -> int:
     project = create_project(
         session,
         data=ProjectCreate(
             name=name,
             settings=ProjectSettings(
-                votes_per_pair=1, votes_per_second=50, change_vote_seconds=120
+                votes_per_pair=1, votes_per_second=50, change_vote_seconds=120, **settings
             ),
         ),
         creator=lead,
@@ -73,7 +84,7 @@ def _project(session: Any, store: MediaStore, lead: Any, name: str, n_prompts: i
             store,
             project_id=project.id,
             prompt_id=prompt.id,
-            png=tiny_png(prompt.id * 10 + model.id, size=64),
+            png=tiny_png(prompt.id * 10 + model.id, size=image_size),
             model_version_id=model.id,
             seed=7,
         )
@@ -92,6 +103,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             projects = {
                 "desktop": _project(session, store, lead, "Shapes", 6),
                 "phone": _project(session, store, lead, "Phone", 2),
+                "layout": _project(
+                    session, store, lead, "Layout", 2, image_size=32, guidelines=GUIDELINES
+                ),
+                "slow": _project(
+                    session, store, lead, "Slow", 3, min_view_ms=1500, question=QUESTION,
+                    guidelines=GUIDELINES,
+                ),
             }
             emails = {}
             for key, project_id in projects.items():
@@ -245,4 +263,129 @@ def test_phone_layout_stacks_the_images(site: Site, browser: Any, artifacts: Pat
     page.locator("button[value=right]").tap()
     _wait_given(page, 1)
     assert [v.choice for v in _votes(site, site.emails["phone"])] == ["right"]
+    context.close()
+
+
+@pytest.mark.slow
+def test_controls_inert_until_min_view_ms_and_during_the_swap(
+    site: Site, browser: Any, artifacts: Path
+) -> None:
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    _login(page, site, "slow")
+    email = site.emails["slow"]
+    posts.clear()
+    # The project's question and its guidelines (Markdown; raw HTML shown as text, not run).
+    assert page.inner_text(".question") == QUESTION
+    assert page.inner_text(".guidelines strong") == "exact hue"
+    assert "<script>" in page.inner_text(".guidelines-body")
+    assert page.evaluate("window.__injected") is None
+    assert page.locator(".guidelines").get_attribute("open") is not None  # first visit: open
+    page.evaluate("window.__sameDocument = true")
+
+    # Images loaded, but the minimum viewing time has not passed: nothing can vote, not the
+    # keyboard, not the mouse, not a native form submission.
+    page.wait_for_function("[...document.querySelectorAll('.pair img')].every(i => i.complete)")
+    assert page.get_attribute("#vote-area", "data-ready") == "false"
+    page.keyboard.press("ArrowLeft")
+    assert page.locator("button[value=left]").is_disabled()
+    page.evaluate(
+        "document.querySelector('form.vote-form').requestSubmit("
+        "document.querySelector('button[value=right]'))"
+    )
+    page.wait_for_timeout(300)
+    assert posts == [] and _votes(site, email) == []
+    assert page.evaluate("window.__sameDocument") is True
+
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    page.keyboard.press("ArrowLeft")
+    _wait_given(page, 1)
+    (first,) = _votes(site, email)
+    assert first.choice == "left" and first.latency_ms is not None and first.latency_ms >= 1500
+    # A key pressed right after the swap is swallowed, not queued into the next pair.
+    page.keyboard.press("ArrowRight")
+    page.wait_for_timeout(500)
+    assert len(_votes(site, email)) == 1 and len(posts) == 1
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    page.keyboard.press("ArrowRight")
+    _wait_given(page, 2)
+    assert [v.choice for v in _votes(site, email)] == ["left", "right"]
+    assert all(v.latency_ms >= 1500 for v in _votes(site, email))
+    assert page.evaluate("window.__sameDocument") is True
+    page.screenshot(path=str(artifacts / "vote_page_guidelines.png"), full_page=True)
+    page.close()
+
+
+# (width, height, touch): laptop, small laptop, desktop, phone portrait, phone landscape.
+VIEWPORTS = [
+    (1366, 768, False),
+    (1280, 720, False),
+    (1920, 1080, False),
+    (390, 844, True),
+    (844, 390, True),
+]
+
+
+def _overlaps(a: dict[str, float], b: dict[str, float]) -> bool:
+    return not (
+        a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
+        or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"]
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("width", "height", "touch"), VIEWPORTS)
+def test_vote_page_fits_the_screen(
+    site: Site, browser: Any, artifacts: Path, width: int, height: int, touch: bool
+) -> None:
+    context = browser.new_context(
+        viewport={"width": width, "height": height}, is_mobile=touch, has_touch=touch
+    )
+    page = context.new_page()
+    _login(page, site, "layout")
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    # Guidelines are open on a first visit; once read they fold into one line.
+    if page.locator("details.guidelines[open]").count():
+        page.click("details.guidelines summary")
+    assert page.evaluate("document.documentElement.scrollWidth") <= width
+    images = [page.locator(f".side-{side} img").bounding_box() for side in ("left", "right")]
+    prompt = page.locator(".prompt").bounding_box()
+    assert prompt and prompt["y"] >= 0 and prompt["y"] + prompt["height"] <= height
+    for box in images:
+        assert box and box["y"] >= 0 and box["y"] + box["height"] <= height + 1, box
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width
+    for value in ("left", "right", "tie", "both_bad", "skip"):
+        button = page.locator(f"button[value={value}]")
+        box = button.bounding_box()
+        assert box, value
+        assert box["y"] >= 0 and box["y"] + box["height"] <= height, (value, box)
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, (value, box)
+        assert not any(_overlaps(box, img) for img in images if img), (value, box)
+        # Touch screens: no keyboard hints, and targets a finger can hit.
+        kbd_shown = button.locator("kbd").is_visible()
+        assert kbd_shown is not touch, value
+        if touch:
+            assert box["height"] >= 44, (value, box)
+    # 32×32 images enlarged without smoothing.
+    assert page.locator(".side-left img.pixelated").count() == 1
+    rendering = page.eval_on_selector(".side-left img", "i => getComputedStyle(i).imageRendering")
+    assert rendering == "pixelated"
+    page.screenshot(path=str(artifacts / f"vote_layout_{width}x{height}.png"))
+    # A click (tap) on an image opens it full size; Escape closes it; neither votes.
+    if touch:
+        page.locator(".side-right img").tap()
+    else:
+        page.click(".side-right img")
+    big = page.locator("dialog.fullsize[open] img")
+    big.wait_for()
+    assert (big.get_attribute("src") or "").endswith(
+        page.get_attribute(".side-right img", "src") or "?"
+    )
+    shown = big.bounding_box()
+    assert shown and shown["width"] > images[1]["width"]  # type: ignore[index]
+    page.keyboard.press("ArrowLeft")  # ignored while the full view is open
+    page.keyboard.press("Escape")
+    page.wait_for_selector("dialog.fullsize[open]", state="detached", timeout=2_000)
+    assert _votes(site, site.emails["layout"]) == []
     context.close()

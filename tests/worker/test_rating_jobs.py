@@ -181,3 +181,28 @@ def test_leaderboard_endpoint(client, make_user, db) -> None:  # type: ignore[no
         client.get(f"/api/v1/projects/{pid}/leaderboard", headers=bearer(annotator)).status_code
         == 403
     )
+
+
+def test_fit_ratings_leaves_out_excluded_annotators_and_records_it(arena) -> None:  # type: ignore[no-untyped-def]
+    from app.projects.schemas import ProjectSettings
+    from app.projects.settings import dump_settings
+
+    pid = arena["project_id"]
+    full = _run(pid, {"bootstrap": 0})
+    with session_scope() as s:
+        annotators = sorted(set(s.scalars(select(Vote.annotator_id).where(Vote.project_id == pid))))
+        left_out = annotators[0]
+        s.get(Project, pid).settings = dump_settings(  # type: ignore[union-attr]
+            ProjectSettings(excluded_annotators=[left_out])
+        )
+    job = _run(pid, {"bootstrap": 0})
+    record = job.result["method"]["reliability"]
+    assert record["rule"] == "exclude_flagged"
+    assert record["excluded"] == {str(left_out): ["lead"]}
+    used = {int(a): n for a, n in record["votes_by_annotator"].items()}
+    assert set(used) == set(annotators) - {left_out}
+    assert job.result["votes"] == sum(used.values())
+    full_used = full.result["method"]["reliability"]["votes_by_annotator"]
+    assert job.result["votes"] == full.result["votes"] - full_used[str(left_out)]
+    table = {row["annotator_id"]: row for row in job.result["annotators"]}
+    assert table[left_out]["excluded"] == ["lead"] and table[annotators[1]]["excluded"] == []

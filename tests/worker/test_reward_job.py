@@ -514,7 +514,8 @@ def test_snapshot_is_frozen_and_purposes_filter(db: Session) -> None:
     snap = create_snapshot(db, project_id=w.project.id, job_id=None)
     only_train = create_snapshot(db, project_id=w.project.id, job_id=None, purposes=("train",))
     assert (snap.vote_count, only_train.vote_count) == (2, 1)
-    assert only_train.params == {"purposes": ["train"]}
+    assert only_train.params["purposes"] == ["train"]
+    assert set(only_train.params["reliability"]["votes_by_annotator"].values()) == {1}
     assert [p.pair_id for p in snapshot_pairs(db, only_train.id)] == [train.id]
     assert [p.pair_id for p in snapshot_pairs(db, snap.id, purposes=["eval"])] == [evaluation.id]
     # Later votes do not enter an existing snapshot.

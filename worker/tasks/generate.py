@@ -235,8 +235,21 @@ def generate(ctx: ProjectJobContext[GenerateParams]) -> dict[str, Any]:
         if make:
             chunk_seeds = {pid: seeds[pid] for pid, _ in chunk}
             pairs += _make_pairs(ctx, [m.id for m in models], chunk_seeds)
-    ctx.progress(1.0, f"{created} new images, {pairs} new pairs")
-    return {"images": created, "skipped": skipped, "pairs": pairs}
+    gold = _top_up_gold(ctx)
+    ctx.progress(1.0, f"{created} new images, {pairs} new pairs, {gold} new gold pairs")
+    return {"images": created, "skipped": skipped, "pairs": pairs, "gold_pairs": gold}
+
+
+def _top_up_gold(ctx: ProjectJobContext[Any]) -> int:
+    """Gold pairs for the project's `gold_rate`, now that the job's pairs exist."""
+    from app.pairs.service import top_up_gold
+
+    with ctx.session() as session:
+        project = session.get(Project, ctx.project_id)
+        made = top_up_gold(session, ctx.store, project=project)
+    if made:
+        ctx.log(f"{len(made)} new gold pairs")
+    return len(made)
 
 
 def _make_pairs(

@@ -8,18 +8,20 @@ import warnings
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.generators.models import ModelVersion
 from app.jobs.kinds import FitRatingsParams
 from app.pairs.models import Pair
+from app.projects.models import Project
 from app.ratings.bradley_terry import DisconnectedComparisonsWarning, aggregate_comparisons
 from app.ratings.leaderboard import leaderboard as build_leaderboard
 from app.ratings.models import Rating, RatingFit
 from app.ratings.quality import annotator_quality
+from app.ratings.reliability import project_exclusion
 from app.ratings.service import evaluation_votes, finite_or_none
 from app.votes.models import Vote
-from app.votes.vocabulary import Choice, gold_answer
+from app.votes.vocabulary import PREFERENCES, Choice, gold_answer
 from worker.runner import ProjectJobContext
 
 
@@ -83,7 +85,25 @@ def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str,
 def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
     params = ctx.params
     with ctx.session() as session:
-        votes = evaluation_votes(session, ctx.project_id)
+        project = session.get(Project, ctx.project_id)
+        exclusion = project_exclusion(session, project)
+        votes = evaluation_votes(
+            session, ctx.project_id, exclude_annotators=exclusion.annotator_ids
+        )
+        used_by = dict(
+            session.execute(
+                select(Vote.annotator_id, func.count())
+                .join(Pair, Pair.id == Vote.pair_id)
+                .where(
+                    Vote.project_id == ctx.project_id,
+                    Pair.purpose == "eval",
+                    Pair.is_gold.is_(False),
+                    Vote.choice.in_(PREFERENCES),
+                    Vote.annotator_id.not_in(exclusion.annotator_ids),
+                )
+                .group_by(Vote.annotator_id)
+            ).all()
+        )
         names = dict(
             session.execute(
                 select(ModelVersion.id, ModelVersion.name).where(
@@ -142,7 +162,12 @@ def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
         }
     else:
         method = {"ties": params.ties, "note": "fewer than two rated models"}
+    method["reliability"] = exclusion.record(used_by)
+    if exclusion.excluded:
+        ctx.log(f"left out the votes of annotators {exclusion.annotator_ids} (reliability rule)")
     annotators = _annotator_table(ctx)
+    for entry in annotators:
+        entry["excluded"] = list(exclusion.excluded.get(entry["annotator_id"], ()))
     with ctx.session() as session:
         row = RatingFit(
             project_id=ctx.project_id,
