@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -123,9 +123,18 @@ class TrainRewardParams(JobParams):
     # None: 1e-3 for toyconv, 1e-6 (PickScore) for CLIP.
     learning_rate: float | None = Field(default=None, gt=0, le=1)
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of prompts held out")
+    # Prompts held out from training and validation alike: the accuracy the job reports.
+    test_fraction: float = Field(default=0.2, ge=0, lt=1, description="share of prompts for test")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     # soft: a tie is a (0.5, 0.5) target, as PickScore trains; drop: ties are left out.
     tie_policy: Literal["drop", "soft"] = "soft"
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _leaves_training_prompts(cls, value: float, info: ValidationInfo) -> float:
+        if value + info.data.get("val_fraction", 0.0) >= 1:
+            raise ValueError("val_fraction + test_fraction must leave prompts to train on")
+        return value
 
     @field_validator("backbone")
     @classmethod
