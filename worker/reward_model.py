@@ -3,8 +3,13 @@
 A backbone encodes the prompt and the image into two embeddings, a head turns them into one
 scalar score, and pairs are trained with a two-way softmax (= Bradley–Terry) cross-entropy
 against soft labels. Two backbones share that shape: ``"clip"`` (a transformers CLIP model, for
-real use) and ``"toyconv"`` (a small convnet plus a bag-of-words prompt embedding, trained from
-scratch, for the toy world and tests).
+real use) and ``"toyconv"`` (trained from scratch, for the toy world and tests), whose default
+architecture ``"spatial"`` keeps where things are and reads the prompt's words at every position
+before pooling; ``"pooled"``, the first one, pools the image before it meets the prompt and so
+cannot see position (kept for loading old models and as the baseline).
+
+Data is split by prompt into train (gradient steps), validation (early stopping, tie threshold)
+and test (the figures to report, touched once at the end).
 """
 
 from __future__ import annotations
@@ -603,8 +608,8 @@ def build_toyconv_model(
     *,
     arch: str = "spatial",
     head: str = "mlp",
-    embed_dim: int = 16,
-    conv_channels: int = 8,
+    embed_dim: int = 32,
+    conv_channels: int = 16,
     head_hidden: int = 16,
 ) -> RewardModel:
     """A from-scratch toy model: ``arch`` "spatial" (the default) or "pooled" (the first one)."""
@@ -697,10 +702,8 @@ class RewardTrainConfig:
     patience: int = 5  # evaluations without a better validation loss before stopping
     seed: int = 0
     toy_arch: str = "spatial"  # toyconv only: "spatial" or "pooled" (position-blind baseline)
-    # Toy sizes: small enough that a thousand noise-free votes teach the rule rather than the
-    # images (the pooled baseline was measured at 32 / 16 / 64).
-    embed_dim: int = 16  # toyconv only
-    conv_channels: int = 8  # toyconv only
+    embed_dim: int = 32  # toyconv only
+    conv_channels: int = 16  # toyconv only
     head_hidden: int | None = None  # None: 16 for toyconv, 64 for clip
     device: str = "auto"  # "auto": cuda when available
 
@@ -712,6 +715,7 @@ class RewardTrainConfig:
     def resolved_head_hidden(self) -> int:
         if self.head_hidden is not None:
             return self.head_hidden
+        # A small toy head: less room to memorise images than to learn the rule.
         return 64 if self.backbone == "clip" else 16
 
     def resolved_weight_decay(self) -> float:

@@ -315,7 +315,8 @@ def test_train_reward_on_a_clip_backbone(toy_project: dict[str, Any], tmp_path: 
 def test_train_config_maps_backbones_and_defaults() -> None:
     base = {"steps": 30, "batch_size": 8, "learning_rate": None, "val_fraction": 0.25, "seed": 3}
     toy = train_config({**base, "backbone": "toyconv"})
-    assert (toy.backbone, toy.clip_model, toy.lr, toy.eval_every) == ("toyconv", None, 1e-3, 3)
+    assert (toy.backbone, toy.clip_model, toy.lr, toy.eval_every) == ("toyconv", None, 3e-3, 3)
+    assert (toy.toy_arch, toy.test_fraction) == ("spatial", 0.2)
     clip = train_config({**base, "backbone": "clip", "learning_rate": 2e-5})
     assert (clip.backbone, clip.clip_model, clip.lr) == (
         "clip",

@@ -241,9 +241,7 @@ def train_reward(ctx: JobContext) -> dict[str, Any]:
         snapshot_id, vote_count = snapshot.id, snapshot.vote_count
         # Only prompts of the project's train split: val and test prompts judge the generators
         # this reward model may score, so it must not have learned from their votes.
-        pairs = snapshot_pairs(
-            session, snapshot_id, tie_policy=params["tie_policy"], split="train"
-        )
+        pairs = snapshot_pairs(session, snapshot_id, tie_policy=params["tie_policy"], split="train")
     ctx.log(f"snapshot {snapshot_id}: {vote_count} votes, {len(pairs)} train-split pairs")
     config = train_config(params)
     needed = 3 if config.test_fraction > 0 else 2
