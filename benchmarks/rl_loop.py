@@ -360,9 +360,9 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
     for offset in (0, 1):
         trained = train_reward_model(
             dataset,
-            RewardTrainConfig(steps=config.reward_steps, seed=config.seed + offset,
-                              device="cuda" if torch.cuda.is_available() else "cpu"),
-        )  # fmt: skip
+            RewardTrainConfig(steps=config.reward_steps, seed=config.seed + offset),
+            device="cuda" if torch.cuda.is_available() else "cpu",
+        )
         reward_models.append(trained)
     timer.lap("train_reward")
 

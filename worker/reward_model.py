@@ -3,8 +3,13 @@
 A backbone encodes the prompt and the image into two embeddings, a head turns them into one
 scalar score, and pairs are trained with a two-way softmax (= Bradley–Terry) cross-entropy
 against soft labels. Two backbones share that shape: ``"clip"`` (a transformers CLIP model, for
-real use) and ``"toyconv"`` (a small convnet plus a bag-of-words prompt embedding, trained from
-scratch, for the toy world and tests).
+real use) and ``"toyconv"`` (trained from scratch, for the toy world and tests), whose default
+architecture ``"spatial"`` keeps where things are and reads the prompt's words at every position
+before pooling; ``"pooled"``, the first one, pools the image before it meets the prompt and so
+cannot see position (kept for loading old models and as the baseline).
+
+Data is split by prompt into train (gradient steps), validation (early stopping, tie threshold)
+and test (the figures to report, touched once at the end).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -30,6 +35,7 @@ from app.core.storage import atomic_dir
 from app.jobs.kinds import RewardTrainingParams
 
 HEADS = ("cosine", "mlp")
+TOY_ARCHS = ("spatial", "pooled")
 # PickScore's grid for the tie threshold t on |p0 - p1|.
 TIE_THRESHOLDS: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 # OpenAI CLIP preprocessing, used when a checkpoint ships no preprocessor config.
@@ -102,6 +108,14 @@ class PreferenceDataset:
         train_idx, val_idx = split_by_prompt(self.prompts, val_fraction, seed)
         return self.subset(train_idx), self.subset(val_idx)
 
+    def split_three_ways(
+        self, val_fraction: float, test_fraction: float, seed: int
+    ) -> tuple[PreferenceDataset, PreferenceDataset, PreferenceDataset]:
+        """(train, validation, test), no prompt in two of them (see ``split_three_ways``)."""
+        parts = split_three_ways(self.prompts, val_fraction, test_fraction, seed)
+        train, val, test = (self.subset(idx) for idx in parts)
+        return train, val, test
+
 
 def label_from_votes(wins0: float, wins1: float, ties: float = 0.0) -> float:
     """Soft label0 from several votes: image0's empirical share, a tie counting half."""
@@ -115,16 +129,43 @@ def split_by_prompt(
     prompts: Sequence[str], val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, validation) from a random split of the distinct prompts."""
+    train, val, _ = split_three_ways(prompts, val_fraction, 0.0, seed)
+    return train, val
+
+
+def split_three_ways(
+    prompts: Sequence[str], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (train, validation, test) from a random split of the distinct prompts.
+
+    Fractions are shares of the distinct prompts. Validation and, when ``test_fraction`` > 0,
+    test get at least one prompt each and training keeps at least one. The test prompts are
+    drawn after the validation ones from the same permutation, so a split without a test set
+    is the same as the two-way one.
+    """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in (0, 1), got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+        raise ValueError(
+            f"test_fraction must lie in [0, 1) and leave prompts to train on, got {test_fraction}"
+        )
     distinct = sorted(set(prompts))
-    if len(distinct) < 2:
-        raise ValueError("a prompt-disjoint split needs at least two distinct prompts")
+    needed = 3 if test_fraction > 0 else 2
+    if len(distinct) < needed:
+        raise ValueError(
+            f"a prompt-disjoint split into {needed} parts needs at least {needed} distinct "
+            f"prompts, got {len(distinct)}"
+        )
     order = np.random.default_rng(seed).permutation(len(distinct))
-    n_val = min(len(distinct) - 1, max(1, round(val_fraction * len(distinct))))
+    n_test = 0 if test_fraction == 0 else max(1, round(test_fraction * len(distinct)))
+    n_test = min(n_test, len(distinct) - 2) if n_test else 0
+    n_val = min(len(distinct) - 1 - n_test, max(1, round(val_fraction * len(distinct))))
     val_prompts = {distinct[i] for i in order[:n_val]}
-    is_val = np.array([p in val_prompts for p in prompts], dtype=bool)
-    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    test_prompts = {distinct[i] for i in order[n_val : n_val + n_test]}
+    part = np.array(
+        [2 if p in test_prompts else 1 if p in val_prompts else 0 for p in prompts], dtype=int
+    )
+    return np.flatnonzero(part == 0), np.flatnonzero(part == 1), np.flatnonzero(part == 2)
 
 
 def images_to_tensor(
@@ -273,7 +314,12 @@ def build_vocabulary(prompts: Sequence[str]) -> list[str]:
 
 
 class ToyConvEncoder(nn.Module):
-    """Small convnet for images plus a bag-of-words prompt embedding."""
+    """The first toy backbone: a pooled convnet plus a bag-of-words prompt embedding.
+
+    Global average pooling before the prompt is seen makes it blind to where things are; kept
+    so models saved with it still load (``arch: "pooled"``) and as the baseline it is measured
+    against.
+    """
 
     input_size: int | None = None
 
@@ -283,7 +329,6 @@ class ToyConvEncoder(nn.Module):
         self.word_index = {w: i + 1 for i, w in enumerate(self.vocab)}
         self.embed_dim = embed_dim
         c = conv_channels
-        # Global average pooling at the end makes area-like features (size, colour share) easy.
         self.conv = nn.Sequential(
             nn.Conv2d(3, c, 3, padding=1),
             nn.ReLU(),
@@ -312,6 +357,134 @@ class ToyConvEncoder(nn.Module):
             torch.tensor(ids, dtype=torch.long, device=device),
             torch.tensor(offsets, dtype=torch.long, device=device),
         )  # (B, D)
+
+    def encode(self, prompts: Sequence[str], images: Tensor) -> Encoded:
+        return Encoded(self.encode_images(images), self.encode_prompts(prompts))
+
+
+class Encoded(NamedTuple):
+    """What an encoder gives the head: (B, D) image and prompt embeddings, and optionally a
+    (B,) term the encoder adds to the score itself."""
+
+    image: Tensor
+    text: Tensor
+    bias: Tensor | None = None
+
+
+def coordinate_channels(batch: int, height: int, width: int, device: torch.device) -> Tensor:
+    """(B, 2, H, W): x then y of each pixel centre, from -1 (left / top) to 1 (right / bottom)."""
+    xs = (torch.arange(width, device=device, dtype=torch.float32) + 0.5) / width * 2.0 - 1.0
+    ys = (torch.arange(height, device=device, dtype=torch.float32) + 0.5) / height * 2.0 - 1.0
+    grid = torch.stack(
+        [xs.view(1, width).expand(height, width), ys.view(height, 1).expand(height, width)]
+    )  # (2, H, W)
+    return grid.unsqueeze(0).expand(batch, 2, height, width)
+
+
+def attention_pool(features: Tensor, logits: Tensor) -> Tensor:
+    """(B, C) softmax(logits)-weighted mean over positions of features (B, C, N); logits (B, N)."""
+    weights = torch.softmax(logits, dim=-1)  # (B, N)
+    return (features * weights.unsqueeze(1)).sum(dim=-1)
+
+
+class ToySpatialEncoder(nn.Module):
+    """Toy backbone that sees where things are and reads the prompt's words at every position.
+
+    - Pixels go in with their colourfulness (max − min channel, an opponent-colour cue that
+      tells a coloured shape from a neutral background) and coordinate channels, so features
+      can depend on where they are.
+    - Every word owns a coarse spatial map (``map_grid`` × ``map_grid``, ``map_rank``
+      channels). A prompt's maps are summed, upsampled to the 16 × 16 feature grid and turned
+      into a per-position FiLM (scale and shift of each feature channel), added to a global
+      FiLM from the prompt's mean word embedding: "left" can raise features on the left, "red"
+      raise red features anywhere. The prompt acts before anything is pooled.
+    - 1 × 1 convolutions mix the modulated features with the coordinates position by position.
+    - Only then is the map pooled: a mean (area, overall brightness), learned attention pools
+      returning features, coordinates and pixel colour of what they attend to (a shape's colour
+      and centroid), and one full-resolution attention pool of pixel colour and coordinates.
+    - ``agreement``: how much of what the first attention pool holds lies where the first
+      channel of the prompt's word maps points; added to the score, it lets a position word
+      pay off for the object being there without going through the embeddings.
+    """
+
+    input_size: int | None = None
+    n_pools = 2  # attention pools on the feature grid: room for "the shape" and one more region
+    map_grid = 6  # two map cells per cell of a 3 × 3 position grid
+    map_rank = 4
+
+    def __init__(self, vocab: Sequence[str], embed_dim: int, conv_channels: int) -> None:
+        super().__init__()
+        self.vocab = list(vocab)
+        self.word_index = {w: i + 1 for i, w in enumerate(self.vocab)}
+        self.embed_dim = embed_dim
+        c, d, k, r, g = conv_channels, embed_dim, self.n_pools, self.map_rank, self.map_grid
+        self.stem_full = nn.Sequential(nn.Conv2d(3 + 1 + 2, c, 3, padding=1), nn.ReLU())
+        self.full_logits = nn.Conv2d(c, 1, 1)
+        self.stem = nn.Sequential(
+            nn.Conv2d(c, c, 3, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1),
+            nn.ReLU(),
+        )
+        self.words = nn.Embedding(len(self.vocab) + 1, d)
+        self.word_maps = nn.Embedding(len(self.vocab) + 1, r * g * g)
+        # Small maps: a prompt starts out asking for no place in particular.
+        nn.init.normal_(self.word_maps.weight, std=0.1)
+        self.film_global = nn.Linear(d, 2 * c)
+        self.film_spatial = nn.Conv2d(r, 2 * c, 1)
+        self.mix = nn.Sequential(
+            nn.Conv2d(c + 2, 2 * c, 1),
+            nn.ReLU(),
+            nn.Conv2d(2 * c, 2 * c, 1),
+            nn.ReLU(),
+        )
+        self.pool_logits = nn.Conv2d(2 * c, k, 1)
+        located = 2 * c + 2 + 3  # mixed features, coordinates, pixel colour
+        self.image_proj = nn.Linear((k + 1) * located + 5, d)
+        self.text_proj = nn.Linear(d, d)
+
+    def _word_ids(self, prompts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
+        """(B, L) word ids, unknown words and an empty prompt mapping to slot 0; (B, L) mask."""
+        rows = [[self.word_index.get(w, 0) for w in tokenize_prompt(p)] or [0] for p in prompts]
+        length = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), length, dtype=torch.long)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        return ids.to(device), mask.to(device)
+
+    def prompt_maps(self, ids: Tensor, mask: Tensor, height: int, width: int) -> Tensor:
+        """(B, R, height, width): the sum of the words' maps, bilinearly upsampled."""
+        maps = (self.word_maps(ids) * mask.unsqueeze(-1)).sum(1)  # (B, R·G·G)
+        maps = maps.view(ids.shape[0], self.map_rank, self.map_grid, self.map_grid)
+        return F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+
+    def encode(self, prompts: Sequence[str], images: Tensor) -> Encoded:
+        b, _, h, w = images.shape
+        device = images.device
+        chroma = images.amax(1, keepdim=True) - images.amin(1, keepdim=True)  # (B, 1, H, W)
+        coords_full = coordinate_channels(b, h, w, device)  # (B, 2, H, W)
+        full = self.stem_full(torch.cat([images * 2.0 - 1.0, chroma, coords_full], 1))  # (B,C,H,W)
+        pixel_pool = attention_pool(
+            torch.cat([images, coords_full], 1).flatten(2), self.full_logits(full).flatten(1)
+        )  # (B, 5)
+        feat = self.stem(full)  # (B, C, h, w)
+        fh, fw = feat.shape[2:]
+        coords = coordinate_channels(b, fh, fw, device)  # (B, 2, h, w)
+        ids, mask = self._word_ids(prompts, device)
+        text = (self.words(ids) * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)  # (B,D)
+        maps = self.prompt_maps(ids, mask, fh, fw)  # (B, R, h, w)
+        film = self.film_global(text)[:, :, None, None] + self.film_spatial(maps)  # (B,2C,h,w)
+        scale, shift = film.chunk(2, dim=1)  # (B, C, h, w) each
+        mixed = self.mix(torch.cat([feat * (1.0 + scale) + shift, coords], 1))  # (B, 2C, h, w)
+        pixels = F.adaptive_avg_pool2d(images, (fh, fw))  # (B, 3, h, w)
+        located = torch.cat([mixed, coords, pixels], 1).flatten(2)  # (B, 2C + 5, N)
+        logits = self.pool_logits(mixed).flatten(2)  # (B, K, N)
+        pools = [attention_pool(located, logits[:, i]) for i in range(logits.shape[1])]
+        pooled = torch.cat([located.mean(-1), *pools, pixel_pool], 1)  # (B, (K+1)(2C+5) + 5)
+        agreement = (torch.softmax(logits[:, 0], -1) * maps[:, 0].flatten(1)).sum(-1)  # (B,)
+        return Encoded(self.image_proj(pooled), self.text_proj(text), agreement)
 
 
 class ClipEncoder(nn.Module):
@@ -353,6 +526,9 @@ class ClipEncoder(nn.Module):
                 input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
             )
         )  # (B, D)
+
+    def encode(self, prompts: Sequence[str], images: Tensor) -> Encoded:
+        return Encoded(self.encode_images(images), self.encode_prompts(prompts))
 
 
 def _pooled(output: Any) -> Tensor:
@@ -409,9 +585,11 @@ class RewardModel(nn.Module):
         """(B,) scores for prompts and (B, 3, H, W) images in [0, 1]."""
         if len(prompts) != images.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
-        image_emb = F.normalize(self.encoder.encode_images(images.to(self.device)), dim=-1)
-        text_emb = F.normalize(self.encoder.encode_prompts(prompts), dim=-1)
-        return self.head(image_emb, text_emb)  # (B,)
+        encoded = self.encoder.encode(prompts, images.to(self.device))
+        image_emb = F.normalize(encoded.image, dim=-1)  # (B, D)
+        text_emb = F.normalize(encoded.text, dim=-1)  # (B, D)
+        scores = self.head(image_emb, text_emb)  # (B,)
+        return scores if encoded.bias is None else scores + encoded.bias
 
     def forward(self, prompts: Sequence[str], images: Tensor) -> Tensor:
         return self.score(prompts, images)
@@ -428,14 +606,22 @@ def _make_head(head: str, embed_dim: int, hidden: int, init_log_scale: float) ->
 def build_toyconv_model(
     vocab: Sequence[str],
     *,
+    arch: str = "spatial",
     head: str = "mlp",
     embed_dim: int = 32,
     conv_channels: int = 16,
-    head_hidden: int = 64,
+    head_hidden: int = 16,
 ) -> RewardModel:
-    encoder = ToyConvEncoder(vocab, embed_dim, conv_channels)
+    """A from-scratch toy model: ``arch`` "spatial" (the default) or "pooled" (the first one)."""
+    if arch == "spatial":
+        encoder: nn.Module = ToySpatialEncoder(vocab, embed_dim, conv_channels)
+    elif arch == "pooled":
+        encoder = ToyConvEncoder(vocab, embed_dim, conv_channels)
+    else:
+        raise ValueError(f"unknown toy arch {arch!r}; expected one of {TOY_ARCHS}")
     spec = {
         "backbone": "toyconv",
+        "arch": arch,
         "head": head,
         "embed_dim": embed_dim,
         "conv_channels": conv_channels,
@@ -503,11 +689,15 @@ RewardTrainConfig = RewardTrainingParams
 
 @dataclass
 class RewardTrainResult:
-    """The best-validation model and its validation figures."""
+    """The best-validation model, its validation figures and its test figures.
+
+    Validation picks the step kept and the tie threshold, so its accuracy is optimistic; the
+    test prompts influence nothing and give the figures to report (None without a test set).
+    """
 
     model: RewardModel
     val_accuracy: float  # tie-aware, at tie_threshold
-    tie_threshold: float
+    tie_threshold: float  # chosen on validation
     val_log_loss: float
     val_ece: float
     val_loss: float  # prompt-weighted BT loss, the early-stopping criterion
@@ -517,6 +707,11 @@ class RewardTrainResult:
     n_train: int
     n_val: int
     history: list[dict[str, float]] = field(default_factory=list)
+    test_accuracy: float | None = None  # tie-aware, at the validation tie_threshold
+    test_log_loss: float | None = None
+    test_ece: float | None = None
+    test_loss: float | None = None
+    n_test: int = 0
 
     def metrics(self) -> dict[str, Any]:
         """JSON-ready summary: everything but the model."""
@@ -531,13 +726,16 @@ def build_reward_model(config: RewardTrainConfig, train_prompts: Sequence[str]) 
     if config.family == "toyconv":
         return build_toyconv_model(
             build_vocabulary(train_prompts),
+            arch=config.toy_arch,
             head=head,
             embed_dim=config.embed_dim,
             conv_channels=config.conv_channels,
-            head_hidden=config.head_hidden,
+            head_hidden=config.resolved_head_hidden(),
         )
     assert config.clip_model is not None
-    return build_clip_model(config.clip_model, head=head, head_hidden=config.head_hidden)
+    return build_clip_model(
+        config.clip_model, head=head, head_hidden=config.resolved_head_hidden()
+    )
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -617,16 +815,19 @@ def train_reward_model(
 ) -> RewardTrainResult:
     """Train on a prompt-disjoint split, early-stop on validation loss, keep the best state.
 
-    ``device`` "auto" is cuda when available.
+    ``device`` "auto" is cuda when available. The test prompts (``config.test_fraction``) are
+    scored once, by the kept model at the validation tie threshold.
     """
     eval_every = config.eval_interval
     target = _resolve_device(device)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    train_set, val_set = dataset.split_by_prompt(config.val_fraction, config.seed)
+    train_set, val_set, test_set = dataset.split_three_ways(
+        config.val_fraction, config.test_fraction, config.seed
+    )
     model = build_reward_model(config, train_set.prompts).to(target)
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.lr, weight_decay=config.weight_decay
+        model.parameters(), lr=config.lr, weight_decay=config.resolved_weight_decay()
     )
     train_counts = Counter(train_set.prompts)
     batch_size = min(config.batch_size, len(train_set))
@@ -690,6 +891,11 @@ def train_reward_model(
     model.load_state_dict(best["state"])
     model.eval()
     metrics = best["metrics"]
+    test: dict[str, float | None] = dict.fromkeys(("accuracy", "log_loss", "ece", "loss"))
+    if len(test_set):
+        test.update(
+            evaluate_pairs(model, test_set, metrics["tie_threshold"], batch_size=config.batch_size)
+        )
     return RewardTrainResult(
         model=model,
         val_accuracy=metrics["accuracy"],
@@ -703,6 +909,11 @@ def train_reward_model(
         n_train=len(train_set),
         n_val=len(val_set),
         history=history,
+        test_accuracy=test["accuracy"],
+        test_log_loss=test["log_loss"],
+        test_ece=test["ece"],
+        test_loss=test["loss"],
+        n_test=len(test_set),
     )
 
 
@@ -761,7 +972,7 @@ def save_reward_model(
             "metrics": dict(metrics) if metrics is not None else None,
         }
         (tmp / CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
-        if isinstance(model.encoder, ToyConvEncoder):
+        if isinstance(model.encoder, (ToyConvEncoder, ToySpatialEncoder)):
             (tmp / VOCAB_FILE).write_text(json.dumps(model.encoder.vocab))
         elif isinstance(model.encoder, ClipEncoder):
             model.encoder.tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
@@ -786,6 +997,8 @@ def load_reward_model(
         vocab = json.loads((path / VOCAB_FILE).read_text())
         model = build_toyconv_model(
             vocab,
+            # Models saved before the spatial backbone existed carry no arch.
+            arch=spec.get("arch", "pooled"),
             head=spec["head"],
             embed_dim=spec["embed_dim"],
             conv_channels=spec["conv_channels"],

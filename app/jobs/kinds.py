@@ -118,9 +118,9 @@ def check_generate(
 
 # The CLIP behind `"backbone": "clip"`: ViT-L/14, the family HPS and ImageReward build on.
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
-# Learning rates when none is named: from-scratch convnets like 1e-3; PickScore fine-tunes CLIP
-# at 1e-6.
-DEFAULT_REWARD_LR = {"toyconv": 1e-3, "clip": 1e-6}
+# Learning rates when none is named: the from-scratch toy backbone trains at 3e-3; PickScore
+# fine-tunes CLIP at 1e-6.
+DEFAULT_REWARD_LR = {"toyconv": 3e-3, "clip": 1e-6}
 
 
 def check_reward_model(
@@ -155,9 +155,10 @@ class RewardTrainingParams(JobParams):
     head: Literal["cosine", "mlp"] | None = None
     steps: int = Field(default=1500, ge=1, le=200_000)
     batch_size: int = Field(default=64, ge=1, le=4096, description="PickScore: 128")
-    # None: 1e-3 for toyconv, 1e-6 (PickScore) for CLIP.
+    # None: 3e-3 for toyconv, 1e-6 (PickScore) for CLIP.
     learning_rate: float | None = Field(default=None, gt=0, le=1)
-    weight_decay: float = Field(default=1e-4, ge=0, le=1)
+    # None: 1e-2 for toyconv, 1e-4 for CLIP.
+    weight_decay: float | None = Field(default=None, ge=0, le=1)
     max_grad_norm: float = Field(default=1.0, gt=0)
     val_fraction: float = Field(default=0.2, gt=0, lt=1, description="share of prompts held out")
     # None: about ten validation points per run, at most every 100 steps.
@@ -165,10 +166,17 @@ class RewardTrainingParams(JobParams):
     patience: int = Field(
         default=5, ge=1, description="evaluations without a better validation loss before stopping"
     )
+    # Prompts held out from training and validation alike: the accuracy the job reports.
+    test_fraction: float = Field(default=0.2, ge=0, lt=1, description="share of prompts for test")
+    # toyconv only: "spatial" keeps where things are (coordinates, per-position word maps);
+    # "pooled" is the earlier position-blind backbone, kept as a baseline.
+    toy_arch: Literal["spatial", "pooled"] = "spatial"
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     embed_dim: int = Field(default=32, ge=1, le=4096, description="toyconv only")
     conv_channels: int = Field(default=16, ge=1, le=1024, description="toyconv only")
-    head_hidden: int = Field(default=64, ge=1, le=8192)
+    # None: 64 for CLIP; 16 for toyconv (a small toy head has less room to memorise images
+    # than to learn the rule).
+    head_hidden: int | None = Field(default=None, ge=1, le=8192)
 
     @field_validator("backbone")
     @classmethod
@@ -202,6 +210,22 @@ class RewardTrainingParams(JobParams):
     @property
     def resolved_head(self) -> str:
         return self.head or ("cosine" if self.family == "clip" else "mlp")
+
+    def resolved_head_hidden(self) -> int:
+        if self.head_hidden is not None:
+            return self.head_hidden
+        return 64 if self.family == "clip" else 16
+
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 1e-4 if self.family == "clip" else 1e-2
+
+    @model_validator(mode="after")
+    def _leaves_training_prompts(self) -> RewardTrainingParams:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave prompts to train on")
+        return self
 
 
 class TrainRewardParams(RewardTrainingParams):

@@ -317,7 +317,8 @@ def test_train_reward_on_a_clip_backbone(toy_project: dict[str, Any], tmp_path: 
 def test_train_params_resolve_backbones_and_defaults() -> None:
     base = {"steps": 30, "batch_size": 8, "learning_rate": None, "val_fraction": 0.25, "seed": 3}
     toy = TrainRewardParams(**base, backbone="toyconv")
-    assert (toy.family, toy.clip_model, toy.lr, toy.eval_interval) == ("toyconv", None, 1e-3, 3)
+    assert (toy.family, toy.clip_model, toy.lr, toy.eval_interval) == ("toyconv", None, 3e-3, 3)
+    assert (toy.toy_arch, toy.test_fraction) == ("spatial", 0.2)
     clip = TrainRewardParams(**{**base, "backbone": "clip", "learning_rate": 2e-5})
     assert (clip.family, clip.clip_model, clip.lr) == (
         "clip",

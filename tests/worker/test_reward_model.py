@@ -16,9 +16,12 @@ from worker.reward_model import (
     PreferenceDataset,
     PreferenceRecord,
     RewardTrainConfig,
+    ToyConvEncoder,
+    attention_pool,
     build_reward_model,
     build_toyconv_model,
     choose_tie_threshold,
+    coordinate_channels,
     evaluate_pairs,
     expected_calibration_error,
     images_to_tensor,
@@ -31,11 +34,14 @@ from worker.reward_model import (
     save_reward_model,
     score_images,
     split_by_prompt,
+    split_three_ways,
     tie_aware_accuracy,
     train_reward_model,
     win_probability,
 )
 from worker.toy import world
+from worker.toy.preferences import NO_FOREGROUND, PREFERENCES
+from worker.toy.reward_data import disjoint_prompt_sets, simulated_pairs
 
 
 @pytest.fixture(autouse=True)
@@ -211,6 +217,23 @@ def test_split_by_prompt_is_disjoint_complete_and_seeded():
         split_by_prompt(["a", "b"], 0.0, seed=0)
 
 
+def test_three_way_split_is_disjoint_and_extends_the_two_way_one():
+    prompts = [f"prompt {i % 20}" for i in range(100)]
+    train, val, test = split_three_ways(prompts, 0.25, 0.2, seed=3)
+    parts = [{prompts[i] for i in idx} for idx in (train, val, test)]
+    assert not (parts[0] & parts[1]) and not (parts[0] & parts[2]) and not (parts[1] & parts[2])
+    assert [len(p) for p in parts] == [11, 5, 4]
+    assert sorted(np.concatenate([train, val, test]).tolist()) == list(range(100))
+    # Without a test share it is the two-way split; the validation prompts do not move.
+    assert np.array_equal(split_three_ways(prompts, 0.25, 0.0, 3)[1], val)
+    assert np.array_equal(split_by_prompt(prompts, 0.25, 3)[1], val)
+    assert len(split_three_ways(["a", "b", "c"], 0.1, 0.1, 0)[2]) == 1
+    with pytest.raises(ValueError, match="3 distinct"):
+        split_three_ways(["a", "b"], 0.2, 0.2, 0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_three_ways(prompts, 0.5, 0.5, 0)
+
+
 def test_records_are_validated():
     image = np.zeros((4, 4, 3), dtype=np.uint8)
     with pytest.raises(ValueError):
@@ -373,9 +396,19 @@ def test_early_stopping_keeps_the_best_validation_state(small_toy_dataset):
     # The returned model is the best one, not the last one.
     _, val = noisy.split_by_prompt(config.val_fraction, config.seed)
     assert evaluate_pairs(result.model, val)["loss"] == pytest.approx(result.val_loss, rel=1e-5)
-    assert result.n_train + result.n_val == len(noisy)
+    assert result.n_train + result.n_val + result.n_test == len(noisy)
     summary = json.loads(json.dumps(result.metrics()))
     assert summary["best_step"] == result.best_step and "model" not in summary
+    # Test figures: the kept model on prompts neither trained nor validated on, at the
+    # validation threshold.
+    _, val_part, test_part = noisy.split_three_ways(
+        config.val_fraction, config.test_fraction, config.seed
+    )
+    assert set(test_part.prompts).isdisjoint(val_part.prompts)
+    assert result.n_test == len(test_part) > 0
+    again = evaluate_pairs(result.model, test_part, result.tie_threshold)
+    assert result.test_accuracy == pytest.approx(again["accuracy"])
+    assert result.test_loss == pytest.approx(again["loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("head", ["mlp", "cosine"])
@@ -539,3 +572,139 @@ def test_clip_training_lowers_the_loss_on_a_learnable_preference(tiny_clip_dir):
     result = train_reward_model(PreferenceDataset(records), config)
     first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
     assert last < first
+
+
+# --------------------------------------------------------------------------------------------
+# The spatial toy backbone
+# --------------------------------------------------------------------------------------------
+
+
+def test_coordinate_channels_hand_values():
+    grid = coordinate_channels(1, 2, 4, torch.device("cpu"))
+    assert grid.shape == (1, 2, 2, 4)
+    assert grid[0, 0, 0].tolist() == pytest.approx([-0.75, -0.25, 0.25, 0.75])
+    assert grid[0, 1, :, 0].tolist() == pytest.approx([-0.5, 0.5])
+
+
+def test_attention_pool_hand_values():
+    features = torch.tensor([[[1.0, 3.0], [0.0, 10.0]]])  # (1, 2 channels, 2 positions)
+    pooled = attention_pool(features, torch.tensor([[0.0, math.log(3.0)]]))  # weights 1/4, 3/4
+    assert pooled.tolist() == pytest.approx([[2.5, 7.5]])
+
+
+def test_old_pooled_models_still_load(tmp_path):
+    model = build_toyconv_model(["red", "left"], arch="pooled", embed_dim=32, head_hidden=64)
+    save_reward_model(model, tmp_path / "rm")
+    config = json.loads((tmp_path / "rm" / CONFIG_FILE).read_text())
+    del config["model"]["arch"]  # as written before the spatial backbone existed
+    (tmp_path / "rm" / CONFIG_FILE).write_text(json.dumps(config))
+    loaded = load_reward_model(tmp_path / "rm")
+    assert isinstance(loaded.encoder, ToyConvEncoder)
+    image = world.render("a red circle", rng=0)
+    assert np.array_equal(
+        score_images(loaded, ["a red circle"], [image]),
+        score_images(model, ["a red circle"], [image]),
+    )
+    with pytest.raises(ValueError, match="arch"):
+        build_toyconv_model(["red"], arch="transformer")
+
+
+# Just-noticeable differences (score units) under which a simulated annotator sees a tie.
+TOLERANCES = {
+    "larger": 4 / 1024,
+    "left": 1 / 32,
+    "centered": 1 / 32,
+    "brighter": 2 / 255,
+    "darker": 2 / 255,
+    "lighter": 4 / 255,
+    "prompted_position": 1 / 32,
+}
+CELL_CENTRES = (0.21, 0.5, 0.79)
+
+
+def _prompted_position(image: np.ndarray, prompt: str) -> float:
+    """Minus the distance of the shape's box centre from the cell the prompt names."""
+    spec = world.parse_prompt(prompt)
+    targets = {}
+    if spec.horizontal is not None:
+        targets[0] = CELL_CENTRES[world.HORIZONTAL.index(spec.horizontal)]
+    if spec.vertical is not None:
+        targets[1] = CELL_CENTRES[world.VERTICAL.index(spec.vertical)]
+    if not targets:
+        return 0.0
+    mask = world.foreground_mask(image)
+    if not mask.any():
+        return NO_FOREGROUND
+    ys, xs = np.nonzero(mask)
+    centre = ((xs.min() + xs.max() + 1) / 2 / 32, (ys.min() + ys.max() + 1) / 2 / 32)
+    return -math.sqrt(sum((centre[axis] - t) ** 2 for axis, t in targets.items()))
+
+
+def _scorer(name: str):
+    if name == "prompted_position":
+        return _prompted_position
+    preference = PREFERENCES[name]
+    return lambda image, prompt: preference.score(image)
+
+
+_trained: dict[str, object] = {}
+
+
+def _train_on(name: str):
+    """A spatial model trained on ~2 000 noise-free votes of one preference (cached)."""
+    if name not in _trained:
+        mention = {"position": 1.0} if name == "prompted_position" else None
+        (prompts,) = disjoint_prompt_sets([1000], seed=1, mention=mention)
+        data = simulated_pairs(
+            _scorer(name),
+            prompts,
+            2,
+            np.random.default_rng(0),
+            tolerance=TOLERANCES[name],
+            keep_ties=False,
+        )
+        config = RewardTrainConfig(steps=700, batch_size=32, eval_every=50, patience=6, seed=0)
+        _trained[name] = train_reward_model(data, config)
+    return _trained[name]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [*PREFERENCES, "prompted_position"])
+def test_each_preference_is_learned_on_held_out_prompts(name):
+    # Votes are noise-free with the annotator's just-noticeable tolerance; imperceptible pairs
+    # are ties, left out as under the "drop" policy. Test prompts are never trained or
+    # validated on. Measured: 0.94-1.00 (the pooled backbone: 0.49-0.99).
+    result = _train_on(name)
+    print(f"{name}: test accuracy {result.test_accuracy:.3f} on {result.n_test} pairs")
+    assert result.n_test >= 250
+    assert result.test_accuracy >= 0.9
+
+
+def _shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
+    return np.roll(image, (dy, dx), axis=(0, 1))
+
+
+@pytest.mark.slow
+def test_a_shifted_copy_is_preferred_where_the_prompt_puts_it():
+    model = _train_on("prompted_position").model
+    rng = np.random.default_rng(7)
+    cases = [
+        ("on the left", (-4, 0), (4, 0)),
+        ("on the right", (4, 0), (-4, 0)),
+        ("at the top", (0, -4), (0, 4)),
+        ("at the bottom", (0, 4), (0, -4)),
+    ]
+    right = total = 0
+    for shape in world.SHAPES:
+        for colour in ("red", "blue", "green"):
+            spec = world.SceneSpec(shape, colour, "medium", "plain", "center", "middle", "gray")
+            image = world.degrade(world.render_scene(world.resolve(spec, rng)), rng)
+            for phrase, good, bad in cases:
+                prompt = f"a {colour} {shape} {phrase}"
+                s = score_images(
+                    model, [prompt, prompt], [_shifted(image, *good), _shifted(image, *bad)]
+                )
+                right += int(s[0] > s[1])
+                total += 1
+    print(f"shifted copies ordered as the prompt says: {right}/{total}")
+    assert right / total >= 0.9

@@ -182,10 +182,14 @@ def _row_summary(row: RewardModel) -> dict[str, Any]:
         "tie_threshold": metrics.get("tie_threshold"),
         "log_loss": metrics.get("log_loss"),
         "ece": metrics.get("ece"),
+        "test_accuracy": metrics.get("test_accuracy"),
+        "test_log_loss": metrics.get("test_log_loss"),
+        "test_ece": metrics.get("test_ece"),
         "best_step": metrics.get("best_step"),
         "steps_run": metrics.get("steps_run"),
         "train_pairs": metrics.get("n_train"),
         "val_pairs": metrics.get("n_val"),
+        "test_pairs": metrics.get("n_test"),
         "pairs": metrics.get("pairs"),
         "tie_pairs": metrics.get("tie_pairs"),
         "votes": metrics.get("votes"),
@@ -206,12 +210,16 @@ def train_reward(ctx: ProjectJobContext[TrainRewardParams]) -> dict[str, Any]:
             session, project_id=project_id, job_id=ctx.job_id
         )
         snapshot_id, vote_count = snapshot.id, snapshot.vote_count
-        pairs = snapshot_pairs(session, snapshot_id, tie_policy=params.tie_policy)
-    ctx.log(f"snapshot {snapshot_id}: {vote_count} votes, {len(pairs)} pairs")
-    if len({p.prompt for p in pairs}) < 2:
+        # Only prompts of the project's train split: val and test prompts judge the generators
+        # this reward model may score, so it must not have learned from their votes.
+        pairs = snapshot_pairs(session, snapshot_id, tie_policy=params.tie_policy, split="train")
+    ctx.log(f"snapshot {snapshot_id}: {vote_count} votes, {len(pairs)} train-split pairs")
+    needed = 3 if params.test_fraction > 0 else 2
+    if len({p.prompt for p in pairs}) < needed:
         raise ValueError(
-            f"snapshot {snapshot_id} gives {len(pairs)} usable pairs over fewer than two "
-            "prompts; a prompt-disjoint validation split needs at least two"
+            f"snapshot {snapshot_id} gives {len(pairs)} usable pairs on train-split prompts over "
+            f"fewer than {needed} prompts; prompt-disjoint train, validation and test sets need "
+            f"at least {needed}"
         )
     ctx.progress(0.02, f"loading {len(pairs)} pairs")
     dataset = build_preference_dataset(pairs, ctx.store.read)
@@ -260,11 +268,16 @@ def train_reward(ctx: ProjectJobContext[TrainRewardParams]) -> dict[str, Any]:
         "log_loss": trained.val_log_loss,
         "ece": trained.val_ece,
         "val_loss": trained.val_loss,
+        "test_accuracy": trained.test_accuracy,
+        "test_log_loss": trained.test_log_loss,
+        "test_ece": trained.test_ece,
+        "test_loss": trained.test_loss,
         "best_step": trained.best_step,
         "steps_run": trained.steps_run,
         "stopped_early": trained.stopped_early,
         "n_train": trained.n_train,
         "n_val": trained.n_val,
+        "n_test": trained.n_test,
         "pairs": len(pairs),
         "tie_pairs": sum(p.is_tie for p in pairs),
         "votes": vote_count,
@@ -295,10 +308,11 @@ def train_reward(ctx: ProjectJobContext[TrainRewardParams]) -> dict[str, Any]:
         session.flush()
         summary = _row_summary(row)
     log.info(
-        "reward.trained job_id=%s reward_model_id=%s accuracy=%.3f",
+        "reward.trained job_id=%s reward_model_id=%s val_accuracy=%.3f test_accuracy=%s",
         ctx.job_id,
         summary["reward_model_id"],
         trained.val_accuracy,
+        "n/a" if trained.test_accuracy is None else f"{trained.test_accuracy:.3f}",
     )
     return summary
 
