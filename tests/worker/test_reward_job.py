@@ -194,6 +194,10 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
     # Measured: 1.000 validation accuracy (12 held-out prompts, 72 pairs), 0.99 on fresh prompts.
     print(f"train_reward: validation tie-aware accuracy {result['val_accuracy']:.3f}")
     assert result["val_accuracy"] >= 0.9
+    # Test prompts, held out from training and validation, give the reported accuracy.
+    print(f"train_reward: test tie-aware accuracy {result['test_accuracy']:.3f}")
+    assert result["test_accuracy"] >= 0.9 and result["test_pairs"] > 0
+    assert result["train_pairs"] + result["val_pairs"] + result["test_pairs"] == result["pairs"]
     assert result["tie_threshold"] > 0  # a third of the pairs are ties
     assert 0 <= result["ece"] <= 1 and result["log_loss"] > 0
     assert result["version"] == 1

@@ -353,12 +353,17 @@ def test_noisy_colour_preference_is_learned_well_above_chance():
     test_prompts = _disjoint_prompts(300, 2, set(prompts), mention)
     test, p_true, p_area = _colour_pairs(test_prompts, 3, rng)
     assert len(test) >= 300
-    config = RewardTrainConfig(steps=500, batch_size=32, eval_every=50, patience=3, seed=0)
+    # The test set is built separately here, so no prompts are held out for one inside. Single
+    # noisy votes want a lower rate than the noise-free default (3e-3 measured 0.675 here).
+    config = RewardTrainConfig(
+        steps=500, batch_size=32, eval_every=50, patience=3, seed=0, test_fraction=0.0, lr=1e-3
+    )
     result = train_reward_model(train, config)
     held_out = evaluate_pairs(result.model, test, result.tie_threshold)["accuracy"]
     oracle = tie_aware_accuracy(p_true, test.labels0, 0.0)
     prompt_blind = tie_aware_accuracy(p_area, test.labels0, 0.0)
-    # Measured: model ~0.77, the annotator's own probabilities ~0.80, prompt-blind ~0.59,
+    # Measured: model ~0.72 (pooled backbone ~0.77), the annotator's own probabilities ~0.80,
+    # prompt-blind ~0.59,
     # chance 0.5 (no ties in these labels).
     print(
         f"colour preference: held-out {held_out:.3f}, oracle {oracle:.3f}, "
@@ -673,7 +678,8 @@ def _train_on(name: str):
 def test_each_preference_is_learned_on_held_out_prompts(name):
     # Votes are noise-free with the annotator's just-noticeable tolerance; imperceptible pairs
     # are ties, left out as under the "drop" policy. Test prompts are never trained or
-    # validated on. Measured: 0.94-1.00 (the pooled backbone: 0.49-0.99).
+    # validated on. Measured: 0.925 (lighter) to 0.997 (brighter); the pooled backbone reached
+    # 0.49 on "left" in a smaller run.
     result = _train_on(name)
     print(f"{name}: test accuracy {result.test_accuracy:.3f} on {result.n_test} pairs")
     assert result.n_test >= 250
