@@ -444,12 +444,8 @@ class ToySpatialEncoder(nn.Module):
         self.text_proj = nn.Linear(d, d)
 
     def _word_ids(self, prompts: Sequence[str], device: torch.device) -> tuple[Tensor, Tensor]:
-        """(B, L) word ids and (B, L) mask. Unknown words carry nothing the model learned, so they
-        are left out; a prompt with no known word is the single slot 0."""
-        rows = [
-            [self.word_index[w] for w in tokenize_prompt(p) if w in self.word_index] or [0]
-            for p in prompts
-        ]
+        """(B, L) word ids, unknown words and an empty prompt mapping to slot 0; (B, L) mask."""
+        rows = [[self.word_index.get(w, 0) for w in tokenize_prompt(p)] or [0] for p in prompts]
         length = max(len(r) for r in rows)
         ids = torch.zeros(len(rows), length, dtype=torch.long)
         mask = torch.zeros(len(rows), length, dtype=torch.bool)
