@@ -111,7 +111,8 @@ async def annotator(
             body = {
                 "choice": rng.choice(CHOICES),
                 "left_image_id": pair["left"]["image_id"],
-                "latency_ms": rng.randrange(300, 4000),
+                # Above the default minimum viewing time (500 ms), as a person votes.
+                "latency_ms": rng.randrange(600, 4000),
                 "idempotency_key": uuid.uuid4().hex,
             }
             path = f"/api/v1/pairs/{pair['pair_id']}/votes"

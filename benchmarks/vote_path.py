@@ -297,7 +297,7 @@ async def annotator(
             body = {
                 "choice": rng.choice(("left", "right", "tie", "both_bad")),
                 "left_image_id": pair["left"]["image_id"],
-                "latency_ms": rng.randrange(300, 4000),
+                "latency_ms": rng.randrange(600, 4000),
                 "idempotency_key": uuid.uuid4().hex,
             }
             status, ack, ms = await up.request(

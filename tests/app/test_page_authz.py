@@ -49,6 +49,7 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
         "files": {"file": ("prompts.txt", b"a red square\n", "text/plain")}
     },
     ("POST", "/projects/{project_id}/settings"): {"data": {"votes_per_pair": "2"}},
+    ("POST", "/projects/{project_id}/annotators/{user_id}/votes-used"): {"data": {"use": "auto"}},
     ("POST", "/jobs/{job_id}/cancel"): {},
     ("POST", "/jobs/{job_id}/retry"): {},
     ("POST", "/api/v1/jobs/{job_id}/cancel"): {},
