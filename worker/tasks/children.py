@@ -7,6 +7,8 @@ their weights or register the child: those steps live here, once.
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,27 @@ def load_parent(parent: ModelVersion) -> Any:
         pipe.fuse_lora()
         pipe.unload_lora_weights()
     return pipe
+
+
+def resume_point(ctx: ProjectJobContext[Any], checkpoints: list[Path]) -> int:
+    """The step the newest checkpoint holds (0: none); metrics past it are dropped."""
+    if not checkpoints:
+        return 0
+    step = int(checkpoints[-1].name.split("-")[-1])
+    ctx.truncate_metrics(step)
+    ctx.log(f"resuming from checkpoint at step {step}")
+    return step
+
+
+def stopper(ctx: ProjectJobContext[Any], minutes: float | None) -> Callable[[], bool]:
+    """A trainer's `should_stop`: the job was cancelled or its soft time limit passed."""
+    deadline = time.monotonic() + 60 * minutes if minutes else None
+
+    def should_stop() -> bool:
+        timed_out = deadline is not None and time.monotonic() > deadline
+        return ctx.cancel_requested or timed_out
+
+    return should_stop
 
 
 def stop_early(ctx: ProjectJobContext[Any], step: int, resumed_from: int) -> None:

@@ -8,7 +8,6 @@ resumes from the newest checkpoint, so its metrics continue from that step.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,10 @@ from worker.runner import ProjectJobContext
 from worker.tasks.children import (
     load_parent,
     register_child,
+    resume_point,
     save_child_weights,
     stop_early,
+    stopper,
 )
 from worker.tasks.generate import spec_for
 
@@ -116,22 +117,9 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         f"tie policy {tie_policy} ({json.dumps(sources, sort_keys=True)})"
     )
 
-    existing = list_checkpoints(ckpt_dir)
-    resumed_from = 0
-    if existing:
-        resumed_at = resumed_from = int(existing[-1].name.split("-")[-1])
-        ctx.truncate_metrics(resumed_at)
-        ctx.log(f"resuming from checkpoint at step {resumed_at}")
+    resumed_from = resume_point(ctx, list_checkpoints(ckpt_dir))
 
-    deadline = (
-        time.monotonic() + 60 * params.time_limit_minutes if params.time_limit_minutes else None
-    )
-    timed_out = False
-
-    def should_stop() -> bool:
-        nonlocal timed_out
-        timed_out = deadline is not None and time.monotonic() > deadline
-        return ctx.cancel_requested or timed_out
+    should_stop = stopper(ctx, params.time_limit_minutes)
 
     def on_metrics(metrics: Any) -> None:
         ctx.metrics(metrics.step, metrics.as_dict())

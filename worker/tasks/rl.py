@@ -7,7 +7,6 @@ test). A retry (worker lost, soft time limit) resumes from the newest checkpoint
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,14 @@ from app.pairs.active import latest_reward_model
 from app.projects.models import Prompt
 from app.ratings.models import RewardModel
 from worker.runner import ProjectJobContext
-from worker.tasks.children import load_parent, register_child, save_child_weights, stop_early
+from worker.tasks.children import (
+    load_parent,
+    register_child,
+    resume_point,
+    save_child_weights,
+    stop_early,
+    stopper,
+)
 
 
 def _reward_models(
@@ -114,20 +120,9 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     ckpt_dir = work / "checkpoints"
     ctx.progress(0.01, "loading the parent model")
     pipe = load_parent(parent)
-    existing = list_checkpoints(ckpt_dir)
-    resumed_from = 0
-    if existing:
-        resumed_at = resumed_from = int(existing[-1].name.split("-")[-1])
-        ctx.truncate_metrics(resumed_at)
-        ctx.log(f"resuming from checkpoint at step {resumed_at}")
+    resumed_from = resume_point(ctx, list_checkpoints(ckpt_dir))
 
-    deadline = (
-        time.monotonic() + 60 * params.time_limit_minutes if params.time_limit_minutes else None
-    )
-
-    def should_stop() -> bool:
-        timed_out = deadline is not None and time.monotonic() > deadline
-        return ctx.cancel_requested or timed_out
+    should_stop = stopper(ctx, params.time_limit_minutes)
 
     def on_metrics(metrics: Any) -> None:
         ctx.metrics(metrics.step, metrics.as_dict())
