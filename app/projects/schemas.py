@@ -37,6 +37,10 @@ class ProjectSettings(BaseModel):
     )
     # Markdown shown (as text, never raw HTML) on the vote page.
     guidelines: str = Field(default="", max_length=20_000)
+    # What a lead asks of one sitting; the vote page shows progress towards it (0: no target).
+    session_target: int = Field(
+        default=0, ge=0, le=10_000, description="votes asked of an annotator per session (0: none)"
+    )
 
 
 class ProjectCreate(BaseModel):

@@ -19,7 +19,7 @@ from app.projects.schemas import ProjectSettings
 
 log = logging.getLogger("prefloop.projects")
 
-SETTINGS_VERSION = 3
+SETTINGS_VERSION = 4
 
 
 def _v1_to_v2(raw: dict[str, Any]) -> dict[str, Any]:
@@ -33,8 +33,17 @@ def _v2_to_v3(raw: dict[str, Any]) -> dict[str, Any]:
     return {"min_view_ms": 0, "exclude_flagged": False, **raw}
 
 
+def _v3_to_v4(raw: dict[str, Any]) -> dict[str, Any]:
+    # Version 4 added a per-session vote target; existing projects set none.
+    return {"session_target": 0, **raw}
+
+
 # UPGRADES[n] turns a version-n row into a version-(n + 1) one.
-UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2, 2: _v2_to_v3}
+UPGRADES: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+    3: _v3_to_v4,
+}
 
 
 def upgrade_settings(raw: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from app.projects.service import project_settings
 from app.users.models import User
 from app.votes import service
 from app.votes.models import Vote
+from app.votes.sitting import gold_record, session_votes
 from app.votes.vocabulary import MAX_LATENCY_MS, Choice
 
 router = APIRouter(include_in_schema=False)
@@ -62,6 +63,23 @@ def _counts(session: Session, project: Project, user: User) -> dict[str, int]:
     return {
         "votes_given": int(given or 0),
         "pairs_left": pairs.pairs_left(session, project=project, annotator=user),
+    }
+
+
+def _sitting(session: Session, project: Project, user: User, now: dt.datetime) -> dict[str, Any]:
+    """This session's votes against the lead's target; the gold record only where revealed."""
+    settings = project_settings(project)
+    votes = session_votes(session, project_id=project.id, annotator_id=user.id, now=now)
+    gold = (
+        gold_record(session, project_id=project.id, annotator_id=user.id)
+        if settings.reveal_gold
+        else None
+    )
+    return {
+        "session_votes": votes,
+        "session_target": settings.session_target,
+        "target_met": 0 < settings.session_target <= votes,
+        "gold": gold,
     }
 
 
@@ -118,6 +136,7 @@ def _vote_context(
         "busy": busy,
         "generating": generating,
         **_counts(session, project, user),
+        **_sitting(session, project, user, now),
     }
 
 
@@ -221,6 +240,7 @@ def change_form(
         "notice": None,
         "error": None,
         **_counts(session, project, user),
+        **_sitting(session, project, user, utcnow()),
     }
     return _show(request, ctx)
 

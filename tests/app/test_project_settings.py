@@ -36,11 +36,13 @@ NEW_IN_V3 = {
     "question": "Which image fits the prompt better?",
     "guidelines": "",
 }
+# Version 4 (a per-session vote target): projects from before set none.
+KEPT_BY_V4 = {"session_target": 0}
 
 
 def test_a_first_release_row_upgrades_to_the_same_settings() -> None:
     settings = load_settings(FIRST_RELEASE_ROW)
-    assert settings.model_dump() == {**FIRST_RELEASE_ROW, **KEPT_BY_V3, **NEW_IN_V3}
+    assert settings.model_dump() == {**FIRST_RELEASE_ROW, **KEPT_BY_V3, **NEW_IN_V3, **KEPT_BY_V4}
     assert ProjectSettings().min_view_ms == 500 and ProjectSettings().exclude_flagged
     stored = dump_settings(settings)
     assert stored["version"] == SETTINGS_VERSION and load_settings(stored) == settings
@@ -49,11 +51,17 @@ def test_a_first_release_row_upgrades_to_the_same_settings() -> None:
 
 def test_every_upgrade_step_exists_up_to_the_current_version() -> None:
     # A row of any earlier version reaches the current one (no gap in UPGRADES).
-    for version in range(1, SETTINGS_VERSION):
+    assert SETTINGS_VERSION == 4
+    for version in range(1, 3):
         upgraded = upgrade_settings({**FIRST_RELEASE_ROW, "version": version})
-        assert upgraded == {**FIRST_RELEASE_ROW, **KEPT_BY_V3}
-    current = {**FIRST_RELEASE_ROW, "min_view_ms": 800, "version": SETTINGS_VERSION}
-    assert upgrade_settings(current) == {**FIRST_RELEASE_ROW, "min_view_ms": 800}
+        assert upgraded == {**FIRST_RELEASE_ROW, **KEPT_BY_V3, **KEPT_BY_V4}
+    # A version-3 row keeps its quality-control choices and gains no session target.
+    v3 = {**FIRST_RELEASE_ROW, "min_view_ms": 250, "exclude_flagged": True, "version": 3}
+    assert upgrade_settings(v3) == {
+        **FIRST_RELEASE_ROW, "min_view_ms": 250, "exclude_flagged": True, **KEPT_BY_V4
+    }
+    current = {**FIRST_RELEASE_ROW, "session_target": 40, "version": SETTINGS_VERSION}
+    assert upgrade_settings(current) == {**FIRST_RELEASE_ROW, "session_target": 40}
 
 
 def test_unknown_keys_and_refused_values_in_a_stored_row_are_tolerated() -> None:
@@ -84,7 +92,7 @@ def test_a_project_with_an_old_row_still_works_through_the_api(db, client, make_
     listed = client.get("/api/v1/projects", headers=bearer(token))
     assert listed.status_code == 200
     (row,) = [p for p in listed.json() if p["id"] == project.id]
-    assert row["settings"] == {**FIRST_RELEASE_ROW, **KEPT_BY_V3, **NEW_IN_V3}
+    assert row["settings"] == {**FIRST_RELEASE_ROW, **KEPT_BY_V3, **NEW_IN_V3, **KEPT_BY_V4}
     created = client.post(
         "/api/v1/projects",
         json={"name": "new", "settings": {"votes_per_pair": 2}},
