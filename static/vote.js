@@ -1,4 +1,4 @@
-// The vote page: keyboard shortcuts, the latency from "both images shown" to the click, and
+// The vote page: keyboard shortcuts and swipes, the latency from "both images shown" to the click, and
 // swapping in the server's answer when a vote is refused (409/422/429 carry the next state).
 // The choice buttons stay inert until both images are on screen and the project's minimum
 // viewing time (data-min-view-ms) has passed, and while a vote is in flight: a key pressed
@@ -174,6 +174,55 @@
     dialog.showModal();
   });
 
+  // The button a shortcut or a swipe stands for, if it may vote now: during a swap or before
+  // the minimum viewing time the gesture is swallowed, not queued.
+  function pressable(key) {
+    const root = area();
+    if (!root) return null;
+    const button = root.querySelector(`[data-key="${key}"]`);
+    if (!button) return null;
+    if (button.disabled || (button.closest(".choices") && !isReady())) return false;
+    return button;
+  }
+
+  function press(button) {
+    // A key pressed right after a swap can beat htmx's settle step: make sure the button's
+    // hx-* attributes are live before clicking it (process is idempotent).
+    if (window.htmx) window.htmx.process(button);
+    button.click();
+  }
+
+  // Touch screens: a horizontal swipe across the images votes for the side it goes to (left
+  // for Left, right for Right). Short, slow-to-decide or mostly vertical moves are scrolling
+  // or a tap (which opens the image full size), not a vote.
+  const SWIPE_MIN_PX = 60;
+  let swipe = null;
+  document.addEventListener("touchstart", (event) => {
+    swipe = null;
+    if (event.touches.length !== 1 || !(event.target instanceof Element)) return;
+    if (!event.target.closest("#vote-area .pair")) return;
+    const t = event.touches[0];
+    swipe = { x: t.clientX, y: t.clientY, at: performance.now() };
+  }, { passive: true });
+
+  document.addEventListener("touchcancel", () => { swipe = null; }, { passive: true });
+
+  document.addEventListener("touchend", (event) => {
+    const start = swipe;
+    swipe = null;
+    if (!start || event.changedTouches.length !== 1) return;
+    if (document.querySelector("dialog.fullsize[open]")) return;
+    const t = event.changedTouches[0];
+    const dx = t.clientX - start.x;
+    const dy = t.clientY - start.y;
+    const wide = Math.max(SWIPE_MIN_PX, 0.15 * window.innerWidth);
+    if (Math.abs(dx) < wide || Math.abs(dy) > 0.6 * Math.abs(dx)) return;
+    if (performance.now() - start.at > 1000) return;
+    const button = pressable(dx < 0 ? "ArrowLeft" : "ArrowRight");
+    if (!button) return;
+    press(button);
+  });
+
   document.addEventListener("keydown", (event) => {
     if (event.altKey || event.ctrlKey || event.metaKey || event.repeat) return;
     // While an image is shown full size, keys belong to the dialog (Escape closes it).
@@ -184,20 +233,11 @@
       return;
     }
     const key = KEYS[event.key];
-    const root = area();
-    if (!key || !root) return;
-    const button = root.querySelector(`[data-key="${key}"]`);
-    if (!button) return;
-    // During a swap or before the minimum viewing time, keys are swallowed, not queued.
-    if (button.disabled || (button.closest(".choices") && !isReady())) {
-      event.preventDefault();
-      return;
-    }
+    if (!key) return;
+    const button = pressable(key);
+    if (button === null) return;
     event.preventDefault();
-    // A key pressed right after a swap can beat htmx's settle step: make sure the button's
-    // hx-* attributes are live before clicking it (process is idempotent).
-    if (window.htmx) window.htmx.process(button);
-    button.click();
+    if (button) press(button);
   });
 
   if (document.readyState === "loading") {

@@ -2,7 +2,8 @@
 
 Every step is checked against the database the server writes: votes by mouse and by each
 keyboard shortcut, one htmx request per vote with the next images preloaded, changing the last
-vote, the empty state, and a phone-size layout.
+vote, the empty state, a phone-size layout, swipes on a touch screen and the layout at five
+screen sizes.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                     session, store, lead, "Slow", 3, min_view_ms=1500, question=QUESTION,
                     guidelines=GUIDELINES,
                 ),
+                "swipe": _project(session, store, lead, "Swipe", 4, min_view_ms=1200),
             }
             emails = {}
             for key, project_id in projects.items():
@@ -388,4 +390,68 @@ def test_vote_page_fits_the_screen(
     page.keyboard.press("Escape")
     page.wait_for_selector("dialog.fullsize[open]", state="detached", timeout=2_000)
     assert _votes(site, site.emails["layout"]) == []
+    context.close()
+
+
+def _swipe(cdp: Any, box: dict[str, float], dx: float, dy: float = 0.0) -> None:
+    """A one-finger swipe from the middle of `box`, through Chromium's real touch input."""
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for step in range(1, 6):
+        point = {"x": x + dx * step / 5, "y": y + dy * step / 5}
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [point]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+
+
+@pytest.mark.slow
+def test_swipe_left_or_right_votes_on_a_touch_screen(
+    site: Site, browser: Any, artifacts: Path
+) -> None:
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    page = context.new_page()
+    posts: list[str] = []
+    page.on("request", lambda r: posts.append(r.url) if r.method == "POST" else None)
+    _login(page, site, "swipe")
+    email = site.emails["swipe"]
+    posts.clear()
+    cdp = context.new_cdp_session(page)
+    page.evaluate("window.__sameDocument = true")
+    # Touch screens are told about swipes instead of keys.
+    assert page.locator(".swipe-help").is_visible()
+    assert not page.locator(".shortcuts-help").is_visible()
+    pair = page.locator(".pair").bounding_box()
+    assert pair
+
+    # Before the minimum viewing time (1.2 s) a swipe does nothing, and is not queued.
+    page.wait_for_function("[...document.querySelectorAll('.pair img')].every(i => i.complete)")
+    assert page.get_attribute("#vote-area", "data-ready") == "false"
+    _swipe(cdp, pair, -200)
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    page.wait_for_timeout(300)
+    assert posts == [] and _votes(site, email) == []
+
+    # A short move, or a mostly vertical one, is no vote either (a tap, or scrolling).
+    _swipe(cdp, pair, -30)
+    _swipe(cdp, pair, -90, 200)
+    page.wait_for_timeout(300)
+    assert posts == [] and _votes(site, email) == []
+
+    first = int(page.get_attribute("#vote-area", "data-pair-id") or 0)
+    _swipe(cdp, pair, -200)  # to the left: Left
+    _wait_given(page, 1)
+    page.wait_for_selector("#vote-area[data-ready=true]", timeout=5_000)
+    second = int(page.get_attribute("#vote-area", "data-pair-id") or 0)
+    left_id = page.input_value("input[name=left_image_id]")
+    _swipe(cdp, pair, 200)  # to the right: Right
+    _wait_given(page, 2)
+    votes = _votes(site, email)
+    assert [(v.pair_id, v.choice) for v in votes] == [(first, "left"), (second, "right")]
+    assert votes[1].left_image_id == left_id
+    assert all(v.latency_ms is not None and v.latency_ms >= 1200 for v in votes)
+    # Each swipe was one htmx request: no native form POST reloaded the page.
+    assert len(posts) == 2 and page.evaluate("window.__sameDocument") is True
+    assert page.locator(".session-votes").inner_text() == "2"
+    page.screenshot(path=str(artifacts / "vote_page_swipe.png"))
     context.close()
