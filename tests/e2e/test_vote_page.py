@@ -105,7 +105,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 "desktop": _project(session, store, lead, "Shapes", 6),
                 "phone": _project(session, store, lead, "Phone", 2),
                 "layout": _project(
-                    session, store, lead, "Layout", 2, image_size=32, guidelines=GUIDELINES
+                    session, store, lead, "Layout", 2, image_size=32, guidelines=GUIDELINES,
+                    session_target=30,  # the longer counter, with its progress bar
                 ),
                 "slow": _project(
                     session, store, lead, "Slow", 3, min_view_ms=1500, question=QUESTION,
@@ -369,6 +370,7 @@ def test_vote_page_fits_the_screen(
         assert kbd_shown is not touch, value
         if touch:
             assert box["height"] >= 44, (value, box)
+    assert page.locator(".session-progress").is_visible()
     # 32×32 images enlarged without smoothing.
     assert page.locator(".side-left img.pixelated").count() == 1
     rendering = page.eval_on_selector(".side-left img", "i => getComputedStyle(i).imageRendering")
