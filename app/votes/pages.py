@@ -121,7 +121,7 @@ def _vote_context(
         )
         preload = [image_url(i) for i in peek or ()]
     # Only when nothing is left: say whether new pairs are on their way.
-    generating = served is None and not busy and _generating(session, project.id)
+    generating = None if served is not None or busy else _generating(session, project.id, now)
     return {
         "project": project,
         "mode": "vote",
@@ -140,20 +140,27 @@ def _vote_context(
     }
 
 
-def _generating(session: Session, project_id: int) -> bool:
-    """Whether a generate job of the project is queued or running (new pairs will come)."""
-    return (
-        session.scalar(
-            select(Job.id)
-            .where(
-                Job.project_id == project_id,
-                Job.kind == "generate",
-                Job.status.in_(("queued", "running")),
-            )
-            .limit(1)
+def _generating(session: Session, project_id: int, now: dt.datetime) -> dict[str, Any] | None:
+    """The project's generate job that will bring new pairs (running first, else the oldest
+    queued), with a rough time left from its progress so far; None when there is none."""
+    row = session.execute(
+        select(Job.status, Job.progress, Job.started_at)
+        .where(
+            Job.project_id == project_id,
+            Job.kind == "generate",
+            Job.status.in_(("queued", "running")),
         )
-        is not None
-    )
+        .order_by((Job.status == "running").desc(), Job.created_at, Job.id)
+        .limit(1)
+    ).first()
+    if row is None:
+        return None
+    status, progress, started_at = row
+    minutes_left = None
+    if status == "running" and started_at is not None and 0.05 <= progress < 1:
+        elapsed = (now - started_at).total_seconds()
+        minutes_left = max(1, round(elapsed * (1 - progress) / progress / 60))
+    return {"status": status, "percent": round(100 * progress), "minutes_left": minutes_left}
 
 
 def _show(request: Request, ctx: dict[str, Any], status_code: int = 200) -> HTMLResponse:

@@ -123,3 +123,30 @@ def test_lead_sets_the_session_target_on_the_settings_page(client, db, make_user
     assert ok.status_code == 303
     db.expire_all()
     assert project_settings(w.project).session_target == 25
+
+
+def test_empty_state_says_when_new_pairs_are_expected(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
+    from app.jobs.models import Job
+
+    w = build_world(db, make_user, n_prompts=1, pairs=False)
+    _, token = w.annotators[0]
+    url = f"/projects/{w.project.id}/vote"
+    page = client.get(url, headers=bearer(token))
+    assert "Nothing to do" in page.text and "every 15 seconds" not in page.text
+    queued = Job(project_id=w.project.id, kind="generate", queue="gpu", params={})
+    db.add(queued)
+    db.commit()
+    page = client.get(url, headers=bearer(token))
+    assert "queued for generation" in page.text and 'hx-trigger="every 15s"' in page.text
+    # Running for 4 minutes and 40 % done: about 6 more minutes.
+    queued.status = "running"
+    queued.progress = 0.4
+    queued.started_at = utcnow() - dt.timedelta(minutes=4)
+    db.commit()
+    page = client.get(url, headers=bearer(token))
+    text = " ".join(page.text.split())
+    assert "being generated for this project right now (40 % done, about 6 min left)" in text
+    # A job of another kind brings no pairs.
+    queued.kind = "fit_ratings"
+    db.commit()
+    assert "every 15 seconds" not in client.get(url, headers=bearer(token)).text
