@@ -455,5 +455,7 @@ def test_swipe_left_or_right_votes_on_a_touch_screen(
     # Each swipe was one htmx request: no native form POST reloaded the page.
     assert len(posts) == 2 and page.evaluate("window.__sameDocument") is True
     assert page.locator(".session-votes").inner_text() == "2"
+    # A swipe that starts on an image is not also a tap: the full-size view stayed closed.
+    assert page.locator("dialog.fullsize[open]").count() == 0
     page.screenshot(path=str(artifacts / "vote_page_swipe.png"))
     context.close()
