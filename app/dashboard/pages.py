@@ -17,6 +17,7 @@ from app.core.web import render
 from app.dashboard import service
 from app.exports.service import FILE_TYPES
 from app.projects.models import Project
+from app.ratings import service as ratings
 from app.ratings.scale import ELO_OFFSET
 
 router = APIRouter(include_in_schema=False)
@@ -66,7 +67,15 @@ def _leaderboard(session: Session, project: Project, request: Request) -> dict[s
         value_label=f"rating (Elo scale; bars from the average, {ELO_OFFSET:.0f})",
         baseline=ELO_OFFSET,
     )
-    return {"leaderboard": rows, "leaderboard_svg": svg}
+    empty_fit = None
+    if not rows:
+        # A fit can exist with nothing to rank, e.g. when every vote so far came from annotators
+        # the reliability rule leaves out; "no fit yet" would then send the lead the wrong way.
+        fit = ratings.latest_fit(session, project.id)
+        if fit is not None:
+            excluded = (fit.method or {}).get("reliability", {}).get("excluded", {})
+            empty_fit = {"vote_count": fit.vote_count, "excluded_annotators": len(excluded)}
+    return {"leaderboard": rows, "leaderboard_svg": svg, "empty_fit": empty_fit}
 
 
 def _quality(session: Session, project: Project, request: Request) -> dict[str, Any]:

@@ -42,8 +42,11 @@ class QualityThresholds:
     # "low_gold_accuracy": below this on gold pairs, with at least min_gold_votes of them.
     min_gold_accuracy: float = 0.7
     min_gold_votes: int = 5
-    # "too_fast": median latency below this, with at least min_timed_votes timed votes.
-    min_median_latency_ms: float = 1500.0
+    # "too_fast": median latency below this, with at least min_timed_votes timed votes. The vote
+    # page unlocks after min_view_ms (500 ms by default); a person comparing two images takes
+    # about a second, while someone clicking as soon as the buttons unlock sits near 500–700 ms.
+    # 1.5 s flagged attentive annotators of small images (whose every vote was then dropped).
+    min_median_latency_ms: float = 800.0
     min_timed_votes: int = 5
 
 

@@ -301,6 +301,23 @@ def test_dashboard_page_shows_every_section_and_updates_after_votes(
     assert "/api/v1/images/" not in filtered.text
 
 
+def test_leaderboard_says_why_a_fit_ranks_nothing(
+    client: Any, db: Session, make_user: Any
+) -> None:
+    w = _world(db, make_user, lead_password="lead-password-1")
+    login(client, w.lead.email, "lead-password-1")
+    url = f"/projects/{w.project.id}/dash/leaderboard"
+    assert "No rating fit yet" in client.get(url).text
+    # Every vote came from an annotator the reliability rule left out: the fit exists but is empty.
+    excluded = {str(w.annotators[0].id): ["too_fast"]}
+    db.add(RatingFit(project_id=w.project.id, vote_count=7, annotators=[],
+                     method={"reliability": {"rule": "exclude_flagged", "excluded": excluded}}))  # fmt: skip
+    db.commit()
+    html = client.get(url).text
+    assert "No rating fit yet" not in html
+    assert "used 7 votes" in html and "1 annotator(s) were left out" in html
+
+
 @pytest.mark.parametrize("role", ["annotator", "other-lead"])
 def test_dashboard_refuses_annotators_and_other_leads(
     client: Any, db: Session, make_user: Any, role: str
