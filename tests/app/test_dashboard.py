@@ -310,8 +310,8 @@ def test_leaderboard_says_why_a_fit_ranks_nothing(
     assert "No rating fit yet" in client.get(url).text
     # Every vote came from an annotator the reliability rule left out: the fit exists but is empty.
     excluded = {str(w.annotators[0].id): ["too_fast"]}
-    db.add(RatingFit(project_id=w.project.id, vote_count=7, annotators=[],
-                     method={"reliability": {"rule": "exclude_flagged", "excluded": excluded}}))  # fmt: skip
+    method = {"reliability": {"rule": "exclude_flagged", "excluded": excluded}}
+    db.add(RatingFit(project_id=w.project.id, vote_count=7, annotators=[], method=method))
     db.commit()
     html = client.get(url).text
     assert "No rating fit yet" not in html
