@@ -165,7 +165,7 @@ def worker(
     unknown = [q for q in names if q not in ("gpu", "cpu")]
     if not names or unknown:
         raise click.BadParameter(f"unknown queue(s) {unknown or names}; use gpu and/or cpu")
-    from worker.celery_app import celery_app
+    from app.core.broker import celery_app
 
     settings = get_settings()
     _limit_torch_threads(settings.torch_threads)

@@ -108,7 +108,7 @@ def _drop_pending(session: Session) -> None:
 
 def send_job(job_id: int, queue: str, countdown: float | None = None) -> None:
     """Hand a job id to the broker. A broker outage is logged, not raised: the reaper re-sends."""
-    from worker.celery_app import celery_app
+    from app.core.broker import celery_app
 
     try:
         celery_app.send_task(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def test_the_web_imports_no_torch() -> None:
         "import sys\n"
         "from app.main import create_app\n"
         "create_app()\n"
-        "import app.cli, app.serve, worker.celery_app, worker.tasks.run, app.exports.importers\n"
+        "import app.cli, app.serve, app.core.broker, worker.tasks.run, app.exports.importers\n"
         f"print(sorted(m for m in {sorted(ML)!r} if m in sys.modules))\n"
     )
     result = subprocess.run(
@@ -39,6 +40,23 @@ def test_the_web_imports_no_torch() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_app_imports_nothing_from_the_worker() -> None:
+    # The layering runs one way: worker/ builds on app/; the web never needs the worker's code.
+    found = []
+    for path in sorted((REPO / "app").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
+            found += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names]
+    assert [f for f in found if f.split()[-1].split(".")[0] == "worker"] == []
+    assert any(f.endswith(" app.core.broker") for f in found)  # the walk sees lazy imports
 
 
 def test_constraints_pin_every_declared_dependency() -> None:

@@ -30,7 +30,7 @@ from app.images.service import store_image
 from app.jobs.kinds import TrainRewardParams
 from app.jobs.models import Job
 from app.jobs.service import JobParamsError, create_job
-from app.pairs.active import IMAGE_SCORES_FILE, image_scores
+from app.pairs.active import image_scores
 from app.pairs.models import Pair
 from app.pairs.service import mark_gold
 from app.projects.models import Membership, Project, Prompt
@@ -227,8 +227,8 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
     assert held_out >= 0.9
 
     # Images of open train pairs were scored for active sampling, consistently with the model.
-    scores = image_scores(get_media_store(), row)
     with session_scope() as s:
+        scores = image_scores(s, row.id)
         images = list(s.scalars(select(Image).where(Image.project_id == pid)))
         assert set(scores) == {img.id for img in images}
         sample = images[:5]
@@ -355,7 +355,8 @@ def test_loaded_models_are_cached_per_process(toy_project: dict[str, Any]) -> No
     assert row is not None and load_cached(store, row) is load_cached(store, row)
     config = json.loads((store.root / row.path / rm.CONFIG_FILE).read_text())
     assert config["format"] == rm.FORMAT_NAME
-    assert (store.root / row.path / IMAGE_SCORES_FILE).exists()
+    with session_scope() as s:
+        assert image_scores(s, row.id)  # the open train pairs' images, scored with the model
 
 
 # --- snapshots on hand-built votes (rolled back) ---------------------------------------------
