@@ -302,7 +302,7 @@ class RLTrainer:
         self.config = config
         self.reward = reward
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.unet: nn.Module = pipe.unet
+        self.unet: Any = pipe.unet  # a diffusers UNet (diffusers is untyped here)
         self.ref_unet: nn.Module | None = None
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         # DDIM timesteps of the pipeline's own noise schedule, whatever sampler it generates with.
@@ -379,11 +379,11 @@ class RLTrainer:
         with torch.no_grad():
             if self.ref_unet is not None:
                 return self._guided(self.ref_unet, x, t, cond)
-            self.unet.disable_adapters()  # type: ignore[operator]
+            self.unet.disable_adapters()
             try:
                 return self._guided(self.unet, x, t, cond)
             finally:
-                self.unet.enable_adapters()  # type: ignore[operator]
+                self.unet.enable_adapters()
 
     # -- sampling ------------------------------------------------------------------------------
 

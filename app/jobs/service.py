@@ -68,7 +68,7 @@ def create_job(
         raise JobParamsError(
             [{"loc": ["kind"], "msg": f"{kind} is a system job, not a project job (admins only)"}]
         )
-    if spec.check is not None:
+    if spec.check is not None and project_id is not None:
         errors = spec.check(session, project_id, valid)
         if errors:
             raise JobParamsError(errors)

@@ -77,6 +77,7 @@ def test_constraints_pin_every_declared_dependency() -> None:
 def test_installers_use_the_constraints() -> None:
     run = (REPO / "tests" / "run").read_text()
     assert "-c constraints.txt" in run and "'.[worker,test]'" in run
+    assert '"$VENV/bin/mypy"' in run  # the type check runs in both lanes
     dockerfile = (REPO / "Dockerfile").read_text()
     assert dockerfile.count("-c constraints.txt") >= 2  # the web and the worker layers
     assert "tests/run" in (REPO / ".ci" / "run").read_text()

@@ -364,7 +364,7 @@ def score_images_job(ctx: ProjectJobContext[ScoreImagesParams]) -> dict[str, Any
     by_model: dict[int, list[float]] = defaultdict(list)
     for img in images:
         by_model[img.model_version_id].append(scores[img.id])  # type: ignore[index]
-    models = [
+    models: list[dict[str, Any]] = [
         {
             "model_id": model_id,
             "name": names.get(model_id),
