@@ -25,6 +25,7 @@ from app.pairs.models import Pair
 from app.projects.models import Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings
 from app.projects.service import add_member, create_project
+from app.users import service as users
 from app.users.models import User
 from app.votes.models import Vote
 from tests.support import Stack, bearer, login, wait_job
@@ -125,11 +126,68 @@ def build_world(
     return world
 
 
+def add_arena(
+    session: Session,
+    store: Any,
+    project_id: int,
+    prompts: list[str],
+    models: list[str],
+    *,
+    image_size: int = 16,
+    seed: int = 0,
+) -> list[Pair]:
+    """Prompts and toy-based model versions with one image per (prompt, model), paired."""
+    from app.pairs.service import make_pairs
+    from app.projects.models import Project
+
+    rows = [Prompt(project_id=project_id, text=text) for text in prompts]
+    versions = [ModelVersion(project_id=project_id, name=name, base="toy") for name in models]
+    session.add_all([*rows, *versions])
+    session.flush()
+    images = [
+        store_image(
+            session,
+            store,
+            project_id=project_id,
+            prompt_id=prompt.id,
+            png=tiny_png(prompt.id * 100 + model.id, size=image_size),
+            model_version_id=model.id,
+            seed=seed,
+        )
+        for prompt in rows
+        for model in versions
+    ]
+    return make_pairs(session, project=session.get_one(Project, project_id), images=images)
+
+
 def lead_client(client: Any, make_user: Any) -> tuple[Any, User, str]:
     """The test client logged in as a new lead: (client, lead, CSRF token)."""
     lead, _ = make_user("lead", password=LEAD_PASSWORD)
     csrf = login(client, lead.email, LEAD_PASSWORD)
     return client, lead, csrf
+
+
+def user_factory(db: Session) -> Any:
+    """make(role, email=None, password=None) -> (user, token) on this session, committed."""
+    def make(role: str, email: str | None = None, password: str | None = None) -> Any:
+        user = users.create_user(
+            db, email=email or f"{role}-{uuid.uuid4().hex[:8]}@example.com", role=role,
+            password=password,
+        )  # fmt: skip
+        token = users.issue_token(db, user)
+        db.commit()
+        return user, token
+
+    return make
+
+
+@dataclass
+class Backend:
+    """What the `backend` fixture gives: one database's session and a client on it."""
+
+    name: str
+    db: Session
+    client: Any
 
 
 # --- committed data for the worker's jobs ------------------------------------------------------

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from tests.support import REPO
 
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -27,6 +29,7 @@ def test_web_runtime_needs_no_ml_or_test_packages() -> None:
     assert _names(extras["test"]) >= TEST_ONLY
 
 
+@pytest.mark.slow
 def test_the_web_imports_no_torch() -> None:
     code = (
         "import sys\n"

@@ -214,6 +214,7 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
         assert len(list(s.scalars(select(RewardModel).where(RewardModel.project_id == pid)))) == 1
 
 
+@pytest.mark.slow
 def test_versions_count_up_and_drop_policy_trains(toy_project: dict[str, Any]) -> None:
     pid = toy_project["project_id"]
     first = run_job(pid, "train_reward", {"steps": 4, "batch_size": 16}).result
@@ -257,6 +258,7 @@ def _tiny_clip(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_reward_on_a_clip_backbone(toy_project: dict[str, Any], tmp_path: Path) -> None:
     clip_dir = _tiny_clip(tmp_path / "tiny-clip")
     params = {"backbone": str(clip_dir), "steps": 2, "batch_size": 8, "learning_rate": 1e-4}
@@ -295,6 +297,7 @@ def test_decode_png_shrinks_only_large_images() -> None:
     assert decode_png(png_bytes(big), max_side=300).shape == (450, 300, 3)
 
 
+@pytest.mark.slow
 def test_loaded_models_are_cached_per_process(toy_project: dict[str, Any]) -> None:
     with session_scope() as s:
         row = s.scalars(
@@ -631,6 +634,7 @@ def test_unknown_reward_model_id_is_refused_at_creation(db: Session) -> None:
         )
 
 
+@pytest.mark.slow
 def test_paths_are_relative_to_the_media_store(toy_project: dict[str, Any]) -> None:
     with session_scope() as s:
         rows = list(
