@@ -636,6 +636,7 @@ class DPOTrainer:
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             sync = i == n - 1 or self.num_processes == 1
+            # DDP's no_sync; nn.Module's attribute lookup types it as a Tensor | Module.
             no_sync = contextlib.nullcontext() if sync else self.model.no_sync()  # type: ignore[operator]
             with no_sync:
                 loss, out = self.compute(batch)
@@ -790,6 +791,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _CHECKPOINT_RE.match(p.name)]
+    # Every name matched in the filter above, so match() is not None here.
     return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))  # type: ignore[union-attr]
 
 

@@ -212,6 +212,7 @@ class PromptEncoder:
         uncond = empty.expand_as(cond).to(device)  # (B, L, D)
         if not self.sdxl:
             return Conditioning(cond, uncond)
+        # SDXL encoders always give a pooled embedding, so no entry is None here.
         pooled = torch.stack([self.cache[p][1] for p in prompts]).to(device)  # type: ignore[misc]
         assert empty_pooled is not None
         return Conditioning(

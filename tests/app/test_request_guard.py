@@ -221,6 +221,7 @@ def test_client_address_believes_forwarded_for_only_from_trusted_proxies() -> No
     assert client_address("127.0.0.1", "1.2.3.4", []) == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_spoofed_forwarded_for_does_not_escape_the_login_throttle(
     client: Any, make_user: Any
 ) -> None:

@@ -66,6 +66,7 @@ def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str,
     for q in quality:
         table.append(
             {
+                # Quality rows keep whatever ids they were given (typed object); ours are ints.
                 "annotator_id": int(q.annotator),  # type: ignore[call-overload]
                 "votes": q.n_votes,
                 "decisive": q.n_decisive,

@@ -363,6 +363,7 @@ def score_images_job(ctx: ProjectJobContext[ScoreImagesParams]) -> dict[str, Any
 
     by_model: dict[int, list[float]] = defaultdict(list)
     for img in images:
+        # The query above keeps only images with a model, so model_version_id is never None.
         by_model[img.model_version_id].append(scores[img.id])  # type: ignore[index]
     models: list[dict[str, Any]] = [
         {
