@@ -127,6 +127,7 @@ def _dump_postgres(settings: Settings, out: Path) -> tuple[dict[str, int], str |
         check_client_version("pg_dump", conn.info.server_version // 10000)
         # One snapshot for the counts and the dump: the manifest describes the dump exactly.
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        # fetchone() is typed optional; this SELECT always returns its one row.
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]  # type: ignore[index]
         counts = _counts(conn.execute)
         revision = _revision(conn.execute)
@@ -231,8 +232,9 @@ def _tables_in_target(settings: Settings) -> int:
     import psycopg
 
     with psycopg.connect(_libpq_url(settings)) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
-        return int(row.fetchone()[0])  # type: ignore[index]
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'")
+        (count,) = tables.fetchone() or (0,)
+        return int(count)
 
 
 def _restore_postgres(settings: Settings, source: Path, replace: bool) -> dict[str, int]:

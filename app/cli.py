@@ -53,7 +53,8 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy:
             module, attr = self.lazy[cmd_name].split(":")
-            return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
         return super().get_command(ctx, cmd_name)
 
 
@@ -165,7 +166,7 @@ def worker(
     unknown = [q for q in names if q not in ("gpu", "cpu")]
     if not names or unknown:
         raise click.BadParameter(f"unknown queue(s) {unknown or names}; use gpu and/or cpu")
-    from worker.celery_app import celery_app
+    from app.core.broker import celery_app
 
     settings = get_settings()
     _limit_torch_threads(settings.torch_threads)

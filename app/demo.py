@@ -15,15 +15,50 @@ from app.users import service as users
 
 DEMO_PROJECT = "Demo: toy shapes"
 DEMO_ANNOTATOR = "demo@prefloop.local"
-# Small enough that the first pairs are ready seconds after start on a 2-core CPU.
-DEMO_PROMPTS = {"train": 24, "test": 8}
+# Toy-world prompts (what the shipped toy models know; a test parses each in worker.toy.world),
+# written out so the web side needs nothing from the worker. Few enough that the first pairs
+# are ready seconds after start on a 2-core CPU.
+DEMO_TRAIN_PROMPTS: tuple[str, ...] = (
+    "a dark yellow circle at the top left on a white background",
+    "a small light purple circle",
+    "a large yellow square at the top",
+    "a medium blue square",
+    "a small light purple square",
+    "a large light green square at the bottom right on a gray background",
+    "a medium cyan triangle",
+    "a small green square at the bottom left on a white background",
+    "a small green circle on a black background",
+    "a medium blue cross on a white background",
+    "a medium yellow square at the bottom left",
+    "a medium dark cyan circle on a gray background",
+    "a large yellow triangle at the bottom",
+    "a yellow triangle at the bottom right",
+    "a small yellow square at the top left on a gray background",
+    "a small dark purple square at the bottom left",
+    "a large dark red cross at the top right",
+    "a blue cross on a gray background",
+    "a small purple square",
+    "a green triangle at the top",
+    "a medium purple square at the top right on a black background",
+    "a purple cross on a gray background",
+    "a square at the bottom on a black background",
+    "a large light red circle on a gray background",
+)
+DEMO_TEST_PROMPTS: tuple[str, ...] = (
+    "a circle in the center",
+    "a large light yellow triangle",
+    "a small yellow triangle",
+    "a dark yellow square on a white background",
+    "a medium yellow cross",
+    "a large circle on the right",
+    "a large green triangle on a white background",
+    "a medium dark red triangle in the center on a white background",
+)
 DEMO_IMAGES_PER_PROMPT = 2
 
 
 def create_demo(base_url: str) -> list[str]:
     """Create the demo project once (idempotent); returns lines to print."""
-    from worker.toy.world import sample_prompts
-
     with session_scope() as session:
         project = session.scalar(select(Project).where(Project.name == DEMO_PROJECT))
         if project is not None:
@@ -40,11 +75,11 @@ def create_demo(base_url: str) -> list[str]:
         )
         session.add(project)
         session.flush()
-        texts = sample_prompts(sum(DEMO_PROMPTS.values()), seed=2024)
-        splits = ["train"] * DEMO_PROMPTS["train"] + ["test"] * DEMO_PROMPTS["test"]
+        texts = [*DEMO_TRAIN_PROMPTS, *DEMO_TEST_PROMPTS]
         prompts = [
             Prompt(project_id=project.id, text=text, split=split, tags=["demo"])
-            for text, split in zip(texts, splits, strict=True)
+            for split, group in (("train", DEMO_TRAIN_PROMPTS), ("test", DEMO_TEST_PROMPTS))
+            for text in group
         ]
         session.add_all(prompts)
         params = {"scheduler": "ddim", "steps": 20, "guidance_scale": 3.0}

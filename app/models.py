@@ -7,7 +7,14 @@ from app.images.models import Image
 from app.jobs.models import Job, WorkerHeartbeat
 from app.pairs.models import Pair, Reservation
 from app.projects.models import Membership, Project, Prompt
-from app.ratings.models import Rating, RatingFit, RewardModel, Snapshot, SnapshotVote
+from app.ratings.models import (
+    Rating,
+    RatingFit,
+    RewardImageScore,
+    RewardModel,
+    Snapshot,
+    SnapshotVote,
+)
 from app.users.models import ApiToken, LoginAttempt, User, UserSession
 from app.votes.models import Vote
 
@@ -26,6 +33,7 @@ __all__ = [
     "Rating",
     "RatingFit",
     "Reservation",
+    "RewardImageScore",
     "RewardModel",
     "Snapshot",
     "SnapshotVote",

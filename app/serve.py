@@ -179,7 +179,7 @@ class Supervisor:
             self.stopping.wait(0.5)
 
     def _reap_loop(self) -> None:
-        from worker.tasks.run import periodic_work
+        from app.jobs.periodic import periodic_work
 
         interval = get_settings().reaper_interval_seconds
         while not self.stopping.wait(interval):

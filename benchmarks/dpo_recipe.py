@@ -10,11 +10,12 @@ and its evaluation images:
 3. ``worker.dpo_train.train`` with the sweep point's recipe (latents encoded once per pool);
 4. parent and child generate held-out prompts × held-out seeds (disjoint from the pool's);
    the preference judges child against parent, same prompt and seed, and a change counts only
-   past the preference's just-noticeable tolerance (``TOLERANCE``); ties count half.
+   past the preference's just-noticeable tolerance (``Preference.tolerance``); ties count half.
    Fidelity is the colour + shape match rate of the images (``prompt_fidelity``).
 
-Preferences: the built-in ones of ``worker.toy.preferences`` and ``prompted_position`` (the
-shape closer to the cell the prompt names wins; trained and judged on prompts naming one).
+Preferences: those of ``worker.toy.preferences`` (their scores and tolerances), among them
+``prompted_position`` (the shape closer to the cell the prompt names wins; trained and judged on
+prompts naming one).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dpo_recipe.py --preference left \\
         --point targets=attention+conv,lr=1e-3,beta=2000,steps=300,rank=8 --out /tmp/sweep.jsonl
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -45,54 +45,19 @@ if str(REPO) not in sys.path:
 
 from app.jobs.kinds import DPO_RECIPE  # noqa: E402
 from worker.evaluation import paired_outcomes  # noqa: E402
-from worker.toy.preferences import NO_FOREGROUND, get_preference, prompt_fidelity  # noqa: E402
+from worker.toy.preferences import (  # noqa: E402
+    NO_FOREGROUND,
+    get_preference,
+    in_named_cell,
+    prompt_fidelity,
+)
 from worker.toy.world import (  # noqa: E402
-    extract_centroid,
-    extract_position,
     parse_prompt,
     sample_prompts,  # noqa: E402
 )
 
-# Just-noticeable change of each score: one pixel of centroid shift on a 32-pixel image, about
-# ten pixels of area, two grey levels of mean luma.
-TOLERANCE: dict[str, float] = {
-    "left": 1 / 32,
-    "centered": 1 / 32,
-    "larger": 0.01,
-    "brighter": 2 / 255,
-    "darker": 2 / 255,
-    "lighter": 2 / 255,
-    "prompted_position": 1 / 32,
-}
-_CELL = {"left": 0.25, "center": 0.5, "right": 0.75, "top": 0.25, "middle": 0.5, "bottom": 0.75}
-
-
-def prompted_position_score(image: np.ndarray, prompt: str) -> float:
-    """Minus the centroid's distance from the grid cell the prompt names (named axes only)."""
-    spec = parse_prompt(prompt)
-    centroid = extract_centroid(image)
-    if centroid is None:
-        return NO_FOREGROUND
-    dist = 0.0
-    if spec.horizontal is not None:
-        dist += (centroid[0] - _CELL[spec.horizontal]) ** 2
-    if spec.vertical is not None:
-        dist += (centroid[1] - _CELL[spec.vertical]) ** 2
-    return -math.sqrt(dist)
-
-
-def in_named_cell(image: np.ndarray, prompt: str) -> bool:
-    """Whether the shape sits in the cell the prompt names, on every axis it names."""
-    spec = parse_prompt(prompt)
-    cell = extract_position(image)
-    if cell is None:
-        return False
-    return (spec.horizontal in (None, cell[0])) and (spec.vertical in (None, cell[1]))
-
 
 def score(preference: str, image: np.ndarray, prompt: str) -> float:
-    if preference == "prompted_position":
-        return prompted_position_score(image, prompt)
     return get_preference(preference).score(image, prompt)
 
 
@@ -239,7 +204,7 @@ def run_point(point: Point) -> dict[str, Any]:
     s_after = np.array(
         [score(point.preference, im, p) for im, p in zip(after, test_flat, strict=True)]
     )
-    outcomes = paired_outcomes(s_after, s_before, tol=TOLERANCE[point.preference])
+    outcomes = paired_outcomes(s_after, s_before, tol=get_preference(point.preference).tolerance)
     low, high = cluster_bootstrap(outcomes, point.test_seeds)
     fid_before = prompt_fidelity(test_flat, list(before)).both
     fid_after = prompt_fidelity(test_flat, list(after)).both

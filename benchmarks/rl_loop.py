@@ -76,13 +76,11 @@ if str(REPO) not in sys.path:
 from worker.toy.preferences import (  # noqa: E402
     NO_FOREGROUND,
     PREFERENCES,
+    get_preference,
     prompt_fidelity,
     vote_from_scores,
 )
 from worker.toy.world import (  # noqa: E402
-    HORIZONTAL,
-    VERTICAL,
-    extract_centroid,
     extract_position,
     parse_prompt,
     sample_prompts,
@@ -92,20 +90,6 @@ GOAL_WIN_RATE = 0.80
 GOAL_MAX_VOTES = 2000
 GOAL_POSITION_SHARE = 0.70
 GOAL_MINUTES = 45.0
-# Just-noticeable differences of each preference's score: a change smaller than this is a tie.
-# Luma-type scores are over 255 (2 grey levels); position scores are fractions of the side
-# (1 pixel of 32); area is a fraction of the image (10 of 1 024 pixels).
-TOLERANCE: dict[str, float] = {
-    "brighter": 2 / 255,
-    "darker": 2 / 255,
-    "lighter": 2 / 255,
-    "larger": 0.01,
-    "left": 1 / 32,
-    "centered": 1 / 32,
-    "prompted_position": 1 / 32,
-}
-POSITION_OFFSET = 0.22  # a medium shape's distance from the centre (worker.toy.world)
-
 Score = Callable[[str, np.ndarray], float]
 
 
@@ -121,23 +105,9 @@ def named_cell(prompt: str) -> tuple[str, str] | None:
     return spec.horizontal or "center", spec.vertical or "middle"
 
 
-def score_prompted_position(prompt: str, image: np.ndarray) -> float:
-    """Minus the centroid's distance from the named cell's centre (0 where none is named)."""
-    cell = named_cell(prompt)
-    centroid = extract_centroid(image)
-    if centroid is None:
-        return NO_FOREGROUND
-    if cell is None:
-        return 0.0
-    tx = 0.5 + POSITION_OFFSET * (HORIZONTAL.index(cell[0]) - 1)
-    ty = 0.5 + POSITION_OFFSET * (VERTICAL.index(cell[1]) - 1)
-    return -math.hypot(centroid[0] - tx, centroid[1] - ty)
-
-
 def scorer_for(preference: str) -> Score:
-    if preference == "prompted_position":
-        return score_prompted_position
-    pref = PREFERENCES[preference]
+    """The preference's own score (worker.toy.preferences), taking (prompt, image)."""
+    pref = get_preference(preference)
     return lambda prompt, image: pref.score(image, prompt)
 
 
@@ -171,8 +141,7 @@ class RLLoopConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.preference not in TOLERANCE:
-            raise ValueError(f"unknown preference {self.preference!r}; known: {list(TOLERANCE)}")
+        get_preference(self.preference)  # a ValueError naming the known ones
         if not 1 <= self.votes <= GOAL_MAX_VOTES:
             raise ValueError(f"votes must be in [1, {GOAL_MAX_VOTES}]")
 
@@ -202,7 +171,7 @@ def image_seed(prompt: str, index: int) -> int:
 
 def split_prompts(config: RLLoopConfig) -> tuple[list[str], list[str], list[str]]:
     """Train, validation (probe) and test prompts; no prompt in two of them."""
-    mention = {"position": 1.0} if config.preference == "prompted_position" else None
+    mention = get_preference(config.preference).mention or None
     pool = sample_prompts(
         8 * (config.train_prompts + config.val_prompts + config.test_prompts),
         seed=config.seed,
@@ -316,7 +285,7 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
 
     name = config.preference
     score = scorer_for(name)
-    tol = TOLERANCE[name]
+    tol = get_preference(name).tolerance
     timer = Timer()
     cpu_start = time.process_time()
     train_prompts, val_prompts, test_prompts = split_prompts(config)
@@ -579,7 +548,7 @@ def plot_reward_vs_kl(results: list[dict[str, Any]], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preference", action="append", default=None,
-                        help=f"one of {', '.join(TOLERANCE)} or 'all' (repeatable)")  # fmt: skip
+                        help=f"one of {', '.join(PREFERENCES)} or 'all' (repeatable)")  # fmt: skip
     parser.add_argument("--reward", choices=("learned", "oracle"), default="learned")
     parser.add_argument("--votes", type=int, default=None)
     parser.add_argument("--rl-steps", type=int, default=None)
@@ -602,7 +571,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def configs_from_args(args: argparse.Namespace) -> list[RLLoopConfig]:
     names: list[str] = []
     for name in args.preference or ["brighter", "prompted_position"]:
-        names += list(TOLERANCE) if name == "all" else [name]
+        names += list(PREFERENCES) if name == "all" else [name]
     configs = []
     for name in dict.fromkeys(names):
         base = quick_config(name) if args.quick else RLLoopConfig(preference=name)

@@ -13,9 +13,13 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+
+if TYPE_CHECKING:
+    from tests.factories import Backend
 
 RUN_ID = f"{os.getpid()}_{uuid.uuid4().hex[:6]}"
 PG_ADMIN_URL = os.environ.get("PREFLOOP_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -167,3 +171,78 @@ def make_user(db):  # type: ignore[no-untyped-def]
 def artifacts() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module: the cores are shared with other test processes, and
+    more threads only oversubscribe them."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- the request stack on either database (property tests run on both) ---------------------
+
+
+def _sqlite_savepoints(engine: Any) -> None:
+    from sqlalchemy import event
+
+    # pysqlite's own transaction handling defeats SAVEPOINT; let SQLAlchemy drive it.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN")
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
+    """A rolled-back session and a test client on Postgres, then on a migrated SQLite file."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy.orm import Session
+
+    from app.core.db import get_session, make_engine
+    from app.core.migrate import upgrade_head
+    from app.main import create_app
+    from tests.factories import Backend
+
+    if request.param == "postgres":
+        yield Backend("postgres", request.getfixturevalue("db"), request.getfixturevalue("client"))
+        return
+    # Health probes read the configured database (Postgres) whatever the request session is.
+    request.getfixturevalue("engine")
+    request.getfixturevalue("sent_jobs")
+    url = f"sqlite:///{tmp_path / 'property.db'}"
+    upgrade_head(url)
+    engine = make_engine(url)
+    _sqlite_savepoints(engine)
+    connection = engine.connect()
+    outer = connection.begin()
+    session = Session(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
+    application = create_app()
+
+    def override() -> Iterator[Session]:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+    application.dependency_overrides[get_session] = override
+    try:
+        with TestClient(application, base_url="http://testserver") as client:
+            yield Backend("sqlite", session, client)
+    finally:
+        session.close()
+        outer.rollback()
+        connection.close()
+        engine.dispose()

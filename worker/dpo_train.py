@@ -313,13 +313,14 @@ def encode_pairs(
         embed_chunks.append(embeds)
         pooled_chunks.append(pooled)
     all_embeds = torch.cat(embed_chunks)  # (P + 1, L, D), the empty prompt last
-    all_pooled = None if pooled_chunks[0] is None else torch.cat(pooled_chunks)  # (P + 1, Dp)
+    pooled_parts = [p for p in pooled_chunks if p is not None]  # all or none (SDXL or not)
+    all_pooled = torch.cat(pooled_parts) if pooled_parts else None  # (P + 1, Dp)
 
     lat_w, lat_l = [], []
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        lat_w.append(encode_images(pipe, [p.winner for p in chunk], res))
-        lat_l.append(encode_images(pipe, [p.loser for p in chunk], res))
+        pair_chunk = pairs[start : start + batch_size]
+        lat_w.append(encode_images(pipe, [p.winner for p in pair_chunk], res))
+        lat_l.append(encode_images(pipe, [p.loser for p in pair_chunk], res))
     sdxl = _is_sdxl(pipe.unet)
     return CachedPairs(
         latents_w=torch.cat(lat_w),
@@ -429,7 +430,7 @@ class DPOTrainer:
         self.alphas_cumprod = noise_scheduler.alphas_cumprod.to(self.device)  # (T,)
         self.num_timesteps = int(noise_scheduler.config.num_train_timesteps)
         self.autocast_dtype = _weight_dtype(config.mixed_precision)
-        self.unet: nn.Module = pipe.unet
+        self.unet: Any = pipe.unet  # a diffusers UNet (diffusers is untyped here)
         self.ref_unet: nn.Module | None = None
         self._prepare_models()
         self.trainable = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
@@ -530,9 +531,12 @@ class DPOTrainer:
         if self.config.empty_prompt_prob > 0:
             drop = torch.rand(bsz, generator=self.noise_gen) < self.config.empty_prompt_prob
             drop = drop.to(self.device)  # (B,)
-            embeds = torch.where(drop[:, None, None], batch.empty_prompt_embeds, embeds)
+            # Batches carry the empty prompt's embeddings whenever empty_prompt_prob > 0.
+            empty = batch.empty_prompt_embeds
+            embeds = torch.where(drop[:, None, None], empty, embeds)  # type: ignore[arg-type]
             if pooled is not None:
-                pooled = torch.where(drop[:, None], batch.empty_pooled_embeds, pooled)
+                empty_pooled = batch.empty_pooled_embeds
+                pooled = torch.where(drop[:, None], empty_pooled, pooled)  # type: ignore[arg-type]
 
         latents = torch.cat([batch.latents_w, batch.latents_l])  # (2B, C, h, w)
         noise2 = torch.cat([noise, noise])  # (2B, C, h, w)
@@ -632,6 +636,7 @@ class DPOTrainer:
         n = len(micro_batches)
         for i, batch in enumerate(micro_batches):
             sync = i == n - 1 or self.num_processes == 1
+            # DDP's no_sync; nn.Module's attribute lookup types it as a Tensor | Module.
             no_sync = contextlib.nullcontext() if sync else self.model.no_sync()  # type: ignore[operator]
             with no_sync:
                 loss, out = self.compute(batch)
@@ -748,7 +753,8 @@ class DPOTrainer:
         np_state = np.random.get_state()
         py_state = random.getstate()
         other = {
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            # legacy=True, the default, gives the tuple form the stubs do not single out.
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],  # type: ignore[index]
             "python": [py_state[0], list(py_state[1]), py_state[2]],
         }
         (directory / f"rng-rank{self.rank}.json").write_text(json.dumps(other))
@@ -785,6 +791,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _CHECKPOINT_RE.match(p.name)]
+    # Every name matched in the filter above, so match() is not None here.
     return sorted(found, key=lambda p: int(_CHECKPOINT_RE.match(p.name).group(1)))  # type: ignore[union-attr]
 
 

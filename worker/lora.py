@@ -93,6 +93,7 @@ def add_lora(unet: nn.Module, targets: LoraTargets | str, rank: int) -> list[str
     if rank < 1:
         raise ValueError(f"LoRA rank must be ≥ 1, got {rank}")
     modules = lora_target_modules(unet, targets)
+    # diffusers' PEFT mixin method; nn.Module's attribute lookup types it as a Tensor | Module.
     unet.add_adapter(  # type: ignore[operator]
         LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=modules)
     )

@@ -190,7 +190,7 @@ def reward_pairs(
 
 
 def human_pairs(
-    ctx: ProjectJobContext[Any], snapshot_id: int, tie_policy: str, split: str = "train"
+    ctx: ProjectJobContext[Any], snapshot_id: int, tie_policy: str | None, split: str = "train"
 ) -> list[PreferencePair]:
     """The snapshot's pairs of one split, as images (held-out prompts stay out of training)."""
     from app.ratings.snapshots import snapshot_pairs
@@ -198,6 +198,7 @@ def human_pairs(
     from worker.tasks.children import load_rgb
 
     with ctx.session() as session:
+        # snapshot_pairs refuses an unknown policy (None included: callers resolve it first).
         rows = snapshot_pairs(session, snapshot_id, tie_policy=tie_policy, split=split)  # type: ignore[arg-type]
     return [
         PreferencePair(
@@ -218,7 +219,7 @@ def job_snapshot(ctx: ProjectJobContext[Any]) -> int:
         snapshot = snapshot_for_job(session, ctx.job_id) or create_snapshot(
             session,
             project_id=ctx.project_id,
-            job_id=ctx.job_id,  # type: ignore[arg-type]
+            job_id=ctx.job_id,
         )
         return snapshot.id
 
@@ -260,7 +261,7 @@ def reward_model_row(ctx: ProjectJobContext[Any], reward_model_id: int | None) -
             if row is None or row.project_id != ctx.project_id:
                 raise ValueError(f"reward model {reward_model_id} is not one of this project")
             return row
-        row = latest_reward_model(session, ctx.project_id)  # type: ignore[arg-type]
+        row = latest_reward_model(session, ctx.project_id)
     if row is None:
         raise ValueError("the project has no reward model yet; run train_reward first")
     return row

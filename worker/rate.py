@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -110,9 +111,8 @@ def rate_command(
         )
 
     if n_bootstrap * counts.n_pairs >= PROGRESS_MIN_WORK:
-        with click.progressbar(
-            length=n_bootstrap, label="bootstrap", file=click.get_text_stream("stderr")
-        ) as bar:
+        # sys.stderr, not click.get_text_stream: click's wrapper of the latter is typed `object`.
+        with click.progressbar(length=n_bootstrap, label="bootstrap", file=sys.stderr) as bar:
             state = {"done": 0}
 
             def advance(done: int) -> None:

@@ -490,9 +490,13 @@ class ToySpatialEncoder(nn.Module):
 class ClipEncoder(nn.Module):
     """A transformers CLIP model; pixels are resized and normalised in torch."""
 
+    # Buffers, registered below (nn.Module's attribute lookup alone types them as Module too).
+    image_mean: Tensor
+    image_std: Tensor
+
     def __init__(
         self,
-        clip: nn.Module,
+        clip: Any,  # a transformers CLIPModel (transformers is untyped here)
         tokenizer: Any,
         image_mean: Sequence[float],
         image_std: Sequence[float],
@@ -564,10 +568,15 @@ class MLPHead(nn.Module):
         return self.net(features).squeeze(-1)  # (B,)
 
 
+Encoder = ToyConvEncoder | ToySpatialEncoder | ClipEncoder
+
+
 class RewardModel(nn.Module):
     """r(prompt, image) = head(unit image embedding, unit prompt embedding)."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, spec: dict[str, Any]) -> None:
+    encoder: Encoder
+
+    def __init__(self, encoder: Encoder, head: nn.Module, spec: dict[str, Any]) -> None:
         super().__init__()
         self.encoder = encoder
         self.head = head
@@ -614,7 +623,7 @@ def build_toyconv_model(
 ) -> RewardModel:
     """A from-scratch toy model: ``arch`` "spatial" (the default) or "pooled" (the first one)."""
     if arch == "spatial":
-        encoder: nn.Module = ToySpatialEncoder(vocab, embed_dim, conv_channels)
+        encoder: Encoder = ToySpatialEncoder(vocab, embed_dim, conv_channels)
     elif arch == "pooled":
         encoder = ToyConvEncoder(vocab, embed_dim, conv_channels)
     else:
@@ -654,7 +663,7 @@ def _clip_normalisation(name_or_path: str) -> tuple[list[float], list[float]]:
 
 
 def _assemble_clip(
-    clip: nn.Module,
+    clip: Any,
     tokenizer: Any,
     mean: Sequence[float],
     std: Sequence[float],

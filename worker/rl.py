@@ -38,7 +38,7 @@ PredictionType = Literal["epsilon", "v_prediction"]
 ADVANTAGE_EPS = 1e-4
 
 
-def _per_sample(values: Tensor, like: Tensor) -> Tensor:
+def _per_sample(values: Tensor | float, like: Tensor) -> Tensor:
     """A scalar or (B,) tensor reshaped to broadcast against ``like`` (B, C, H, W)."""
     values = torch.as_tensor(values, dtype=torch.float32, device=like.device)
     if values.ndim == 0:
@@ -183,7 +183,7 @@ class PromptStatTracker:
             out[rows] = (values[rows] - mean) / (std + eps)
         return out.to(rewards.device)
 
-    def state_dict(self) -> dict[str, list[list[float]]]:
+    def state_dict(self) -> dict[str, list[float]]:
         return {str(k): list(v) for k, v in self.stats.items()}
 
     def load_state_dict(self, state: dict[str, list[float]]) -> None:

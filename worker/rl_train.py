@@ -212,6 +212,7 @@ class PromptEncoder:
         uncond = empty.expand_as(cond).to(device)  # (B, L, D)
         if not self.sdxl:
             return Conditioning(cond, uncond)
+        # SDXL encoders always give a pooled embedding, so no entry is None here.
         pooled = torch.stack([self.cache[p][1] for p in prompts]).to(device)  # type: ignore[misc]
         assert empty_pooled is not None
         return Conditioning(
@@ -302,7 +303,7 @@ class RLTrainer:
         self.config = config
         self.reward = reward
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.unet: nn.Module = pipe.unet
+        self.unet: Any = pipe.unet  # a diffusers UNet (diffusers is untyped here)
         self.ref_unet: nn.Module | None = None
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
         # DDIM timesteps of the pipeline's own noise schedule, whatever sampler it generates with.
@@ -379,11 +380,11 @@ class RLTrainer:
         with torch.no_grad():
             if self.ref_unet is not None:
                 return self._guided(self.ref_unet, x, t, cond)
-            self.unet.disable_adapters()  # type: ignore[operator]
+            self.unet.disable_adapters()
             try:
                 return self._guided(self.unet, x, t, cond)
             finally:
-                self.unet.enable_adapters()  # type: ignore[operator]
+                self.unet.enable_adapters()
 
     # -- sampling ------------------------------------------------------------------------------
 

@@ -17,9 +17,9 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, Update, select, update
 from sqlalchemy.orm import Session
 
 import app.models  # noqa: F401  (every table, so relationships and foreign keys resolve)
@@ -42,7 +42,7 @@ def resolve_handler(kind: JobKind[Any]) -> Handler:
     fn = getattr(importlib.import_module(module), name, None)
     if not callable(fn):
         raise RuntimeError(f"job kind {kind.name!r} names no handler {kind.handler!r}")
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 class JobCancelled(Exception):
@@ -155,10 +155,16 @@ def make_context(
     return context(job, params, settings, store, name), resolve_handler(kind)
 
 
+def _rows_updated(session: Session, statement: Update) -> int:
+    """How many rows an UPDATE matched (its result is a CursorResult, typed as a plain Result)."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
 def _claim(session: Session, job_id: int, name: str) -> Job | None:
     """Atomically move a queued job to running for this worker; None if someone else has it."""
     now = utcnow()
-    result = session.execute(
+    claimed = _rows_updated(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
         .values(
@@ -170,7 +176,7 @@ def _claim(session: Session, job_id: int, name: str) -> Job | None:
             error=None,
         )
     )
-    if result.rowcount != 1:
+    if claimed != 1:
         return None
     return session.scalar(select(Job).where(Job.id == job_id))
 
@@ -179,12 +185,13 @@ def _heartbeat_loop(ctx: JobContext, stop: threading.Event, interval: float) -> 
     while not stop.wait(interval):
         try:
             with session_scope() as session:
-                result = session.execute(
+                beaten = _rows_updated(
+                    session,
                     update(Job)
                     .where(Job.id == ctx.job_id, Job.worker == ctx.worker, Job.status == "running")
-                    .values(heartbeat_at=utcnow())
+                    .values(heartbeat_at=utcnow()),
                 )
-                if result.rowcount != 1:
+                if beaten != 1:
                     # The reaper gave the job to someone else: stop working on it.
                     ctx._lost.set()
                 cancelled = session.scalar(select(Job.cancel_requested).where(Job.id == ctx.job_id))
@@ -229,6 +236,7 @@ def execute(job_id: int, name: str | None = None) -> str:
     beat.start()
     log.info("jobs.start job_id=%s kind=%s attempt=%s", job_id, ctx.kind, ctx.attempt)
     started = time.monotonic()
+    outcome: tuple[str, dict[str, Any]]
     try:
         result = fn(ctx)
         outcome = ("succeeded", {"result": result, "progress": 1.0, "error": None})

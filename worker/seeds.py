@@ -21,7 +21,7 @@ SeedDomain = Literal["train", "eval"]
 # Each domain owns 2**30 seeds: train [0, 2**30), eval [2**30, 2**31). Both fit the images.seed
 # column (a signed 32-bit integer) and a torch generator's seed.
 DOMAIN_BITS = 30
-_DOMAIN_INDEX: dict[str, int] = {"train": 0, "eval": 1}
+_DOMAIN_INDEX: dict[SeedDomain, int] = {"train": 0, "eval": 1}
 SEED_LIMIT = len(_DOMAIN_INDEX) << DOMAIN_BITS  # every derived seed is below this (2**31)
 
 
@@ -55,7 +55,7 @@ def seed_domain(seed: int) -> SeedDomain | None:
     if not 0 <= seed < SEED_LIMIT:
         return None
     index = seed >> DOMAIN_BITS
-    return next(d for d, i in _DOMAIN_INDEX.items() if i == index)  # type: ignore[return-value]
+    return next(d for d, i in _DOMAIN_INDEX.items() if i == index)
 
 
 def seeds_by_prompt(

@@ -108,7 +108,10 @@ def session_scope(factory: Callable[[], Session] | None = None) -> Iterator[Sess
 def pool_capacity(engine: Engine) -> int:
     """Connections the engine's pool can hand out at once (pool size plus overflow)."""
     pool = engine.pool
-    return max(1, pool.size() + max(0, getattr(pool, "_max_overflow", 0)))
+    # Pool declares no size(); every pool class an engine here gets (QueuePool, SQLite's
+    # SingletonThreadPool) has one.
+    size: int = pool.size()  # type: ignore[attr-defined]
+    return max(1, size + max(0, getattr(pool, "_max_overflow", 0)))
 
 
 async def request_slot(request: Request) -> AsyncIterator[None]:

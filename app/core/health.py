@@ -33,7 +33,7 @@ def _broker_ok() -> tuple[bool, str]:
     if settings.embedded:
         ok = settings.broker_dir.exists()
         return ok, "filesystem"
-    from worker.celery_app import celery_app
+    from app.core.broker import celery_app
 
     try:
         with celery_app.connection_for_write() as conn:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
+from typing import TypeGuard
 
 # Colour-blind-safe palette (Okabe–Ito).
 PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#f0e442", "#000000")
@@ -29,7 +30,7 @@ class Bar:
     high: float | None = None
 
 
-def _finite(value: object) -> bool:
+def _finite(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -102,7 +103,7 @@ def nice_ticks(low: float, high: float, count: int = 5, *, integer: bool = False
     if integer:
         step = max(1.0, step)
     start = math.floor(low / step) * step
-    ticks = []
+    ticks: list[float] = []
     value = start
     # Up to the first tick at or past high: the ticks cover the whole range.
     while len(ticks) < 1000:
@@ -155,7 +156,7 @@ def _clean(points: Iterable[Sequence[object]]) -> list[Point]:
             continue
         x, y = point[0], point[1]
         if _finite(x) and _finite(y):
-            out.append((float(x), float(y)))  # type: ignore[arg-type]
+            out.append((float(x), float(y)))
     out.sort(key=lambda p: p[0])
     return out
 
@@ -198,17 +199,17 @@ def line_chart(
         parts.append(f'<text class="title" x="{left}" y="16">{escape(title)}</text>')
     parts.extend(_axes(left, width - right, top, height - bottom))
     for tick, tick_label in zip(y_ticks, tick_labels(y_ticks), strict=True):
-        y = _fmt(sy(tick))
+        at = _fmt(sy(tick))
         parts.append(
-            f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y}" y2="{y}"/>'
-            f'<text class="tick" x="{left - 4}" y="{y}" text-anchor="end" '
+            f'<line class="grid" x1="{left}" x2="{width - right}" y1="{at}" y2="{at}"/>'
+            f'<text class="tick" x="{left - 4}" y="{at}" text-anchor="end" '
             f'dominant-baseline="middle">{escape(tick_label)}</text>'
         )
     for tick, tick_label in zip(x_ticks, tick_labels(x_ticks), strict=True):
-        x = _fmt(sx(tick))
+        at = _fmt(sx(tick))
         label = x_format(tick) if x_format else tick_label
         parts.append(
-            f'<text class="tick" x="{x}" y="{height - bottom + 14}" '
+            f'<text class="tick" x="{at}" y="{height - bottom + 14}" '
             f'text-anchor="middle">{escape(label)}</text>'
         )
     if x_label:
@@ -278,7 +279,7 @@ def bar_chart(
         return _empty(width, 80, title, "bar-chart", "no data yet")
     values = [b.value for b in usable]
     for b in usable:
-        values.extend(v for v in (b.low, b.high) if _finite(v))
+        values.extend(v for v in (b.low, b.high) if v is not None and _finite(v))
     lo, hi = min(values), max(values)
     if baseline is not None:
         lo, hi = min(lo, baseline), max(hi, baseline)
@@ -319,7 +320,7 @@ def bar_chart(
             f'height="{row_height - 8}" fill="{PALETTE[0]}" fill-opacity="0.75"/>'
         )
         if _finite(bar.low) and _finite(bar.high):
-            wl, wh = _fmt(sx(bar.low)), _fmt(sx(bar.high))  # type: ignore[arg-type]
+            wl, wh = _fmt(sx(bar.low)), _fmt(sx(bar.high))
             parts.append(
                 f'<line class="interval" x1="{wl}" x2="{wh}" y1="{_fmt(mid)}" y2="{_fmt(mid)}" '
                 f'stroke="#222" stroke-width="1.5"/>'

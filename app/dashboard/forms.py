@@ -81,17 +81,19 @@ def _kind(key: str, annotation: Any) -> tuple[Kind, list[tuple[str, str]]]:
 
 
 def _bounds(info: FieldInfo) -> tuple[float | None, float | None, str]:
-    low = high = None
+    # annotated_types types its bounds as comparison protocols; our fields' bounds are numbers.
+    low: Any = None
+    high: Any = None
     step = "any"
     for meta in info.metadata:
         if isinstance(meta, Ge):
-            low = meta.ge  # type: ignore[assignment]
+            low = meta.ge
         elif isinstance(meta, Gt):
-            low = meta.gt  # type: ignore[assignment]
+            low = meta.gt
         elif isinstance(meta, Le):
-            high = meta.le  # type: ignore[assignment]
+            high = meta.le
         elif isinstance(meta, Lt):
-            high = meta.lt  # type: ignore[assignment]
+            high = meta.lt
         elif isinstance(meta, MultipleOf):
             step = str(meta.multiple_of)
     inner, _ = _unwrap_optional(info.annotation)
@@ -104,6 +106,7 @@ def _default(info: FieldInfo) -> Any:
     if info.default is not PydanticUndefined:
         return info.default
     if info.default_factory is not None:
+        # Typed as maybe taking the validated data; the settings fields' factories take none.
         return info.default_factory()  # type: ignore[call-arg]
     return None
 

@@ -160,8 +160,9 @@ def annotator_quality(session: Session, project_id: int) -> dict[str, Any]:
     rows = []
     for entry in fit.annotators:
         row = dict(entry)
-        row["email"] = emails.get(row.get("annotator_id"), f"user {row.get('annotator_id')}")
-        row["use"] = by_hand.get(row.get("annotator_id"), "auto")
+        annotator_id = int(row["annotator_id"])
+        row["email"] = emails.get(annotator_id, f"user {annotator_id}")
+        row["use"] = by_hand.get(annotator_id, "auto")
         rows.append(row)
     rows.sort(key=lambda r: (-len(r.get("flags") or []), -(r.get("votes") or 0)))
     return {"fit_id": fit.id, "created_at": fit.created_at, "rows": rows}
@@ -251,7 +252,7 @@ def lineage(session: Session, project_id: int) -> list[LineageNode]:
         )
         for m in models
     }
-    roots = []
+    roots: list[LineageNode] = []
     for node in nodes.values():
         parent = nodes.get(node.parent_id) if node.parent_id is not None else None
         (parent.children if parent is not None else roots).append(node)

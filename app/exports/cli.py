@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 from tqdm import tqdm
@@ -90,7 +91,7 @@ def import_command(project_id: int, fmt: str, n_bootstrap: int, file: Path) -> N
                 raise click.ClickException(f"project {project_id} not found")
             if fmt == "pickapic":
                 with tqdm(unit="row", desc="import pickapic", file=sys.stderr) as bar:
-                    result: object = importers.import_pickapic(
+                    result: importers.ImportSummary | dict[str, Any] = importers.import_pickapic(
                         session,
                         project=project,
                         source=str(file),
@@ -108,4 +109,4 @@ def import_command(project_id: int, fmt: str, n_bootstrap: int, file: Path) -> N
         for error in exc.errors:
             click.echo(f"Error: {file}: {error}", err=True)
         raise SystemExit(2) from None
-    click.echo(summary_json(result))  # type: ignore[arg-type]
+    click.echo(summary_json(result))

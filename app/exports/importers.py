@@ -391,7 +391,7 @@ class _PickapicWriter:
                 Vote.project_id == pid, Vote.idempotency_key.startswith(KEY_PREFIX)
             )
         ).all()
-        self.keys: set[str] = {key for key, _, _ in imported}
+        self.keys: set[str] = {key for key, _, _ in imported if key is not None}
         self.voted: set[tuple[int, int]] = {(pair_id, user) for _, pair_id, user in imported}
         self.annotators: dict[str | None, int] = {}
         self.new_pairs: list[Pair] = []

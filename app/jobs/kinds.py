@@ -83,11 +83,12 @@ class FitRatingsParams(JobParams):
 
 P = TypeVar("P", bound=JobParams)
 # A check that needs the database (ids belong to the project...): returns error dicts.
-Checker = Callable[[Session, int | None, P], list[dict[str, Any]]]
+# Submission checks run for project jobs only (system jobs have none), so project_id is an int.
+Checker = Callable[[Session, int, P], list[dict[str, Any]]]
 
 
 def check_model_ids(
-    session: Session, project_id: int | None, wanted: list[int]
+    session: Session, project_id: int, wanted: list[int]
 ) -> list[dict[str, Any]]:
     from app.generators.models import ModelVersion
 
@@ -105,7 +106,7 @@ def check_model_ids(
 
 
 def check_generate(
-    session: Session, project_id: int | None, params: GenerateParams
+    session: Session, project_id: int, params: GenerateParams
 ) -> list[dict[str, Any]]:
     errors = check_model_ids(session, project_id, params.model_ids)
     seeds = params.seeds
@@ -124,14 +125,14 @@ DEFAULT_REWARD_LR = {"toyconv": 3e-3, "clip": 1e-6}
 
 
 def check_reward_model(
-    session: Session, project_id: int | None, reward_model_id: int | None
+    session: Session, project_id: int, reward_model_id: int | None
 ) -> list[dict[str, Any]]:
     """The named reward model belongs to the project, or (none named) the project has one."""
     from app.pairs.active import latest_reward_model
     from app.ratings.models import RewardModel
 
     if reward_model_id is None:
-        if latest_reward_model(session, project_id) is None:  # type: ignore[arg-type]
+        if latest_reward_model(session, project_id) is None:
             return [
                 {
                     "loc": ["params", "reward_model_id"],
@@ -247,11 +248,11 @@ class ScoreImagesParams(JobParams):
 
 
 def check_train_reward(
-    session: Session, project_id: int | None, params: TrainRewardParams
+    session: Session, project_id: int, params: TrainRewardParams
 ) -> list[dict[str, Any]]:
     from app.ratings.snapshots import usable_vote_counts
 
-    decisive, prompts = usable_vote_counts(session, project_id)  # type: ignore[arg-type]
+    decisive, prompts = usable_vote_counts(session, project_id)
     if decisive == 0 or prompts < 2:
         return [
             {
@@ -264,7 +265,7 @@ def check_train_reward(
 
 
 def check_score_images(
-    session: Session, project_id: int | None, params: ScoreImagesParams
+    session: Session, project_id: int, params: ScoreImagesParams
 ) -> list[dict[str, Any]]:
     from app.pairs.active import latest_reward_model
     from app.ratings.models import RewardModel
@@ -272,7 +273,7 @@ def check_score_images(
     errors = check_model_ids(session, project_id, params.model_ids or [])
     wanted = params.reward_model_id
     if wanted is None:
-        if latest_reward_model(session, project_id) is None:  # type: ignore[arg-type]
+        if latest_reward_model(session, project_id) is None:
             errors.append({"loc": ["params"], "msg": "the project has no reward model yet"})
     else:
         row = session.get(RewardModel, wanted)
@@ -392,7 +393,7 @@ class EvaluateParams(JobParams):
 
 
 def check_train_dpo(
-    session: Session, project_id: int | None, params: TrainDPOParams
+    session: Session, project_id: int, params: TrainDPOParams
 ) -> list[dict[str, Any]]:
     from app.ratings.snapshots import usable_vote_counts
 
@@ -403,14 +404,14 @@ def check_train_dpo(
     data = params.data
     if data != "votes":
         errors.extend(check_reward_model(session, project_id, params.reward_model_id))
-    decisive, _ = usable_vote_counts(session, project_id)  # type: ignore[arg-type]
+    decisive, _ = usable_vote_counts(session, project_id)
     if decisive == 0 and data != "reward":
         errors.append({"loc": ["params"], "msg": "the project has no votes to train on yet"})
     return errors
 
 
 def check_evaluate(
-    session: Session, project_id: int | None, params: EvaluateParams
+    session: Session, project_id: int, params: EvaluateParams
 ) -> list[dict[str, Any]]:
     from app.ratings.models import RewardModel
 
@@ -590,7 +591,7 @@ class TrainRLParams(RLTrainingParams):
 
 
 def check_train_rl(
-    session: Session, project_id: int | None, params: TrainRLParams
+    session: Session, project_id: int, params: TrainRLParams
 ) -> list[dict[str, Any]]:
     from app.generators.models import ModelVersion
     from app.pairs.active import latest_reward_model
@@ -615,7 +616,7 @@ def check_train_rl(
     if (
         params.reward_model_id is None
         and params.reward_weight > 0
-        and latest_reward_model(session, project_id) is None  # type: ignore[arg-type]
+        and latest_reward_model(session, project_id) is None
     ):
         errors.append(
             {"loc": ["params"], "msg": "the project has no reward model yet; run train_reward"}
@@ -665,7 +666,7 @@ class TrainLoopParams(TrainDPOParams):
 
 
 def check_train_loop(
-    session: Session, project_id: int | None, params: TrainLoopParams
+    session: Session, project_id: int, params: TrainLoopParams
 ) -> list[dict[str, Any]]:
     from app.ratings.snapshots import usable_vote_counts
 
@@ -674,7 +675,7 @@ def check_train_loop(
         return errors
     if params.reward_model_id is not None:
         errors.extend(check_reward_model(session, project_id, params.reward_model_id))
-    decisive, prompts = usable_vote_counts(session, project_id)  # type: ignore[arg-type]
+    decisive, prompts = usable_vote_counts(session, project_id)
     if decisive == 0:
         errors.append({"loc": ["params"], "msg": "the project has no votes to train on yet"})
     elif not params.retrain_reward:

@@ -68,7 +68,7 @@ def create_job(
         raise JobParamsError(
             [{"loc": ["kind"], "msg": f"{kind} is a system job, not a project job (admins only)"}]
         )
-    if spec.check is not None:
+    if spec.check is not None and project_id is not None:
         errors = spec.check(session, project_id, valid)
         if errors:
             raise JobParamsError(errors)
@@ -108,7 +108,7 @@ def _drop_pending(session: Session) -> None:
 
 def send_job(job_id: int, queue: str, countdown: float | None = None) -> None:
     """Hand a job id to the broker. A broker outage is logged, not raised: the reaper re-sends."""
-    from worker.celery_app import celery_app
+    from app.core.broker import celery_app
 
     try:
         celery_app.send_task(

@@ -16,10 +16,10 @@ orders its capacity-checked candidates with `active_order`:
     scores of the project's latest reward model;
   - a model without a rating or an image without a score is maximally uncertain (u = 1).
 
-Per-image reward scores live beside the reward model, in `reward_models/<id>/image_scores.json`
-under the media store (`{"reward_model_id": id, "scores": {image_id: score}}`): the train_reward
-job writes the scores of the images in open train pairs, score_images jobs merge in theirs
-(`record_image_scores`). Readers cache the file per process until it changes.
+Per-image reward scores live in the `reward_image_scores` table, one row per (reward model,
+image): the train_reward job records the scores of the images in open train pairs in the same
+transaction as the model's row, score_images jobs upsert theirs (`record_image_scores`; a later
+score of the same image replaces the earlier). Ordering reads only the candidates' images.
 
 The order only reorders candidates; the scheduler still locks each pair and re-checks its
 capacity, so the guarantees (never past k, never a pair twice) are the scheduler's own.
@@ -27,30 +27,29 @@ capacity, so the guarantees (never past k, never a pair twice) are the scheduler
 
 from __future__ import annotations
 
-import fcntl
-import json
 import math
 import random
-import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.core.storage import MediaStore, get_media_store, write_atomic
+from app.core.storage import MediaStore
 from app.images.models import Image
 from app.pairs.service import Candidate, fewest_votes_first
 from app.projects.models import Project
 from app.projects.service import project_settings
-from app.ratings.models import Rating, RewardModel
+from app.ratings.models import Rating, RewardImageScore, RewardModel
 from app.ratings.scale import elo_to_logit_gap
 from app.ratings.service import latest_fit
 from app.users.models import User
 
-IMAGE_SCORES_FILE = "image_scores.json"
 # A 95 % interval spans 2 × 1.96 standard deviations.
 _CI_WIDTH_IN_SD = 2 * 1.959963984540054
+# Rows per upsert statement: three bound values each stays far below SQLite's variable limit.
+_UPSERT_CHUNK = 1000
 
 
 # --- reward models and their per-image scores -------------------------------------------------
@@ -71,49 +70,37 @@ def reward_model_dir(store: MediaStore, row: RewardModel) -> Path:
     return store.root / row.path
 
 
-def record_image_scores(store: MediaStore, row: RewardModel, scores: Mapping[str, float]) -> Path:
-    """Merge per-image scores into the model's scores file (atomic, one writer at a time)."""
-    directory = reward_model_dir(store, row)
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / IMAGE_SCORES_FILE
-    with open(directory / f".{IMAGE_SCORES_FILE}.lock", "a") as lock:
-        # Read-merge-write under an exclusive lock: concurrent scoring jobs lose no scores.
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        merged = _read_scores_file(target)
-        merged.update({str(k): float(v) for k, v in scores.items()})
-        write_atomic(target, json.dumps({"reward_model_id": row.id, "scores": merged}))
-    return target
+def record_image_scores(
+    session: Session, reward_model_id: int, scores: Mapping[str, float]
+) -> None:
+    """Insert or replace the model's scores of these images (concurrent scoring jobs lose none)."""
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    # Sorted keys: concurrent upserts lock rows in one order, so they cannot deadlock.
+    rows = [
+        {"reward_model_id": reward_model_id, "image_id": str(k), "score": float(scores[k])}
+        for k in sorted(scores)
+    ]
+    for start in range(0, len(rows), _UPSERT_CHUNK):
+        stmt = insert(RewardImageScore).values(rows[start : start + _UPSERT_CHUNK])
+        session.execute(
+            stmt.on_conflict_do_update(
+                index_elements=["reward_model_id", "image_id"],
+                set_={"score": stmt.excluded.score},
+            )
+        )
 
 
-def _read_scores_file(path: Path) -> dict[str, float]:
-    try:
-        document = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    return {str(k): float(v) for k, v in document.get("scores", {}).items()}
-
-
-_scores_cache: dict[str, tuple[tuple[int, int], dict[str, float]]] = {}
-_scores_lock = threading.Lock()
-
-
-def image_scores(store: MediaStore, row: RewardModel) -> dict[str, float]:
-    """The model's per-image scores ({} when none were recorded); cached until the file changes."""
-    path = reward_model_dir(store, row) / IMAGE_SCORES_FILE
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        return {}
-    stamp = (stat.st_mtime_ns, stat.st_size)
-    key = str(path)
-    with _scores_lock:
-        cached = _scores_cache.get(key)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-    scores = _read_scores_file(path)
-    with _scores_lock:
-        _scores_cache[key] = (stamp, scores)
-    return scores
+def image_scores(
+    session: Session, reward_model_id: int, image_ids: Iterable[str] | None = None
+) -> dict[str, float]:
+    """The model's scores of these images (all of its scores when None); unscored ones absent."""
+    stmt = select(RewardImageScore.image_id, RewardImageScore.score).where(
+        RewardImageScore.reward_model_id == reward_model_id
+    )
+    if image_ids is not None:
+        stmt = stmt.where(RewardImageScore.image_id.in_(sorted(set(image_ids))))
+    return {image_id: score for image_id, score in session.execute(stmt)}
 
 
 # --- uncertainty (pure) -------------------------------------------------------------------------
@@ -153,7 +140,7 @@ def rank_uncertainty(
 
 
 def pair_uncertainties(
-    session: Session, project: Project, candidates: Sequence[Candidate], store: MediaStore
+    session: Session, project: Project, candidates: Sequence[Candidate]
 ) -> dict[int, float]:
     """Uncertainty of each candidate pair's outcome under the project's latest fits."""
     image_ids = {c.image_a_id for c in candidates} | {c.image_b_id for c in candidates}
@@ -185,7 +172,7 @@ def pair_uncertainties(
             continue
         if scores is None:
             reward = latest_reward_model(session, project.id)
-            scores = image_scores(store, reward) if reward is not None else {}
+            scores = image_scores(session, reward.id, image_ids) if reward is not None else {}
         sa, sb = scores.get(cand.image_a_id), scores.get(cand.image_b_id)
         out[cand.pair_id] = 1.0 if sa is None or sb is None else outcome_uncertainty(sa, sb)
     return out
@@ -202,9 +189,8 @@ def most_uncertain_first(
 class ActiveOrder:
     """The scheduler's order for active projects (a `CandidateOrder`); `rng` draws the floor."""
 
-    def __init__(self, rng: random.Random | None = None, store: MediaStore | None = None) -> None:
+    def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random()
-        self._store = store
 
     def __call__(
         self,
@@ -219,8 +205,7 @@ class ActiveOrder:
             shuffled = list(candidates)
             self.rng.shuffle(shuffled)
             return shuffled
-        store = self._store or get_media_store()
-        uncertainty = pair_uncertainties(session, project, candidates, store)
+        uncertainty = pair_uncertainties(session, project, candidates)
         # Equal uncertainty (e.g. nothing fitted yet) falls back to the default order.
         base = fewest_votes_first(session, project, candidates, annotator)
         return most_uncertain_first(base, uncertainty)

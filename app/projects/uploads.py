@@ -16,7 +16,7 @@ import io
 import json
 import re
 from collections.abc import Iterable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -31,14 +31,14 @@ MAX_PROMPTS = 100_000
 # Past this many problems the file is clearly wrong; more messages would not help anyone.
 MAX_ERRORS = 50
 
-_EXTENSIONS = {
+_EXTENSIONS: dict[str, UploadFormat] = {
     ".txt": "text",
     ".text": "text",
     ".csv": "csv",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
 }
-_CONTENT_TYPES = {
+_CONTENT_TYPES: dict[str, UploadFormat] = {
     "text/plain": "text",
     "text/csv": "csv",
     "application/csv": "csv",
@@ -69,14 +69,14 @@ def detect_format(
             raise PromptFileError(
                 [f"unknown format {explicit!r}; expected one of text, csv, jsonl"]
             )
-        return explicit  # type: ignore[return-value]
+        return cast(UploadFormat, explicit)  # checked against FORMATS just above
     name = (filename or "").lower()
     for ext, fmt in _EXTENSIONS.items():
         if name.endswith(ext):
-            return fmt  # type: ignore[return-value]
+            return fmt
     mime = (content_type or "").split(";", 1)[0].strip().lower()
     if mime in _CONTENT_TYPES:
-        return _CONTENT_TYPES[mime]  # type: ignore[return-value]
+        return _CONTENT_TYPES[mime]
     first = next((line.strip() for line in _LINE_BREAK.split(text) if line.strip()), "")
     if first.startswith("{"):
         return "jsonl"

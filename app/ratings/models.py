@@ -1,4 +1,4 @@
-"""Vote snapshots, rating fits (leaderboards) and reward models."""
+"""Vote snapshots, rating fits (leaderboards), reward models and their per-image scores."""
 
 from __future__ import annotations
 
@@ -84,3 +84,17 @@ class RewardModel(Base):
     path: Mapped[str] = mapped_column(String(1000))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class RewardImageScore(Base):
+    """A reward model's score of one image (active sampling orders train pairs by these)."""
+
+    __tablename__ = "reward_image_scores"
+
+    reward_model_id: Mapped[int] = mapped_column(
+        ForeignKey("reward_models.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[str] = mapped_column(
+        ForeignKey("images.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    score: Mapped[float] = mapped_column(Float)

@@ -56,7 +56,7 @@ def project_exclusion(session: Session, project: Project) -> Exclusion:
         "gold_interval": "wilson_95_upper",
         "too_fast_median_ms": th.min_median_latency_ms,
     }
-    by_hand = {int(a): ("lead",) for a in settings.excluded_annotators}
+    by_hand: dict[int, tuple[str, ...]] = {int(a): ("lead",) for a in settings.excluded_annotators}
     kept = set(settings.included_annotators)
     if not settings.exclude_flagged:
         return Exclusion(rule, by_hand)
@@ -88,7 +88,8 @@ def project_exclusion(session: Session, project: Project) -> Exclusion:
             Vote.project_id == project.id, Vote.latency_ms.is_not(None)
         )
     ):
-        latencies[annotator].append(ms)
+        if ms is not None:  # filtered out above; the column itself is nullable
+            latencies[annotator].append(ms)
     excluded: dict[int, tuple[str, ...]] = {}
     for annotator in set(answered) | set(latencies):
         times = latencies.get(annotator, [])

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import func, insert, literal, select
+from sqlalchemy import ColumnElement, func, insert, literal, select
 from sqlalchemy.orm import Session, aliased
 
 from app.images.models import Image
@@ -65,7 +65,9 @@ class TrainingPair:
         return self.p == 0.5
 
 
-def usable_vote_filter(project_id: int, purposes: Sequence[str] = PURPOSES) -> list[object]:
+def usable_vote_filter(
+    project_id: int, purposes: Sequence[str] = PURPOSES
+) -> list[ColumnElement[bool]]:
     """WHERE clauses (over Vote joined with Pair) selecting the votes a snapshot freezes."""
     return [
         Vote.project_id == project_id,

@@ -183,6 +183,7 @@ def user_for_token(session: Session, token: str) -> User | None:
         session.flush()
     user = row.user
     # Read by app.core.deps.membership_role: a project-confined token sees that project only.
+    # A per-request mark on the loaded user, not a column: the model does not declare it.
     user.token_project_id = row.project_id  # type: ignore[attr-defined]
     return user
 

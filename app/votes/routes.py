@@ -83,7 +83,7 @@ def change_vote(
         )
     except service.VoteError as exc:
         raise http_error(exc) from None
-    return VoteChanged(vote_id=vote.id, choice=vote.choice)  # type: ignore[arg-type]
+    return VoteChanged(vote_id=vote.id, choice=vote.choice)
 
 
 @router.get("/projects/{project_id}/me", response_model=AnnotatorMe)

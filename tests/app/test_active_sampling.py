@@ -162,7 +162,7 @@ def test_overlapping_models_are_served_first(db: Session, make_user: Any) -> Non
     arena = build_arena(db, make_user, random_floor=0.0)
     assert service.order_for(arena.project) is active.active_order
     uncertainty = active.pair_uncertainties(
-        db, arena.project, [_as_candidate(p) for p in arena.pairs.values()], get_media_store()
+        db, arena.project, [_as_candidate(p) for p in arena.pairs.values()]
     )
     # sd = 80 / 3.92 = 20.41 each, z = 10 / 28.86 = 0.3465, Φ(z) = 0.6355: u = 0.7290.
     assert uncertainty[arena.pair("near", "close").id] == pytest.approx(0.72899, abs=1e-4)
@@ -235,7 +235,7 @@ def test_unrated_models_count_as_uncertain(db: Session, make_user: Any) -> None:
     )
     new_pairs = service.make_pairs(db, project=arena.project, images=[image])
     candidates = [_as_candidate(p) for p in [*arena.pairs.values(), *new_pairs]]
-    uncertainty = active.pair_uncertainties(db, arena.project, candidates, get_media_store())
+    uncertainty = active.pair_uncertainties(db, arena.project, candidates)
     assert all(uncertainty[p.id] == 1.0 for p in new_pairs)
     ordered = active.ActiveOrder(rng=random.Random(1))(
         db, arena.project, candidates, arena.annotators[0]
@@ -275,9 +275,7 @@ def test_train_pairs_with_close_reward_scores_come_first(db: Session, make_user:
     db.flush()
     candidates = [_as_candidate(p) for p in train.values()]
     # Before any reward model the two are equally (maximally) uncertain.
-    assert set(
-        active.pair_uncertainties(db, arena.project, candidates, get_media_store()).values()
-    ) == {1.0}
+    assert set(active.pair_uncertainties(db, arena.project, candidates).values()) == {1.0}
     rows = []
     for version, scores in enumerate(
         # An old version ranks the pairs the other way round: only the latest counts.
@@ -296,10 +294,10 @@ def test_train_pairs_with_close_reward_scores_come_first(db: Session, make_user:
         )
         db.add(row)
         db.flush()
-        active.record_image_scores(get_media_store(), row, scores)
+        active.record_image_scores(db, row.id, scores)
         rows.append(row)
     assert active.latest_reward_model(db, arena.project.id) is rows[1]
-    uncertainty = active.pair_uncertainties(db, arena.project, candidates, get_media_store())
+    uncertainty = active.pair_uncertainties(db, arena.project, candidates)
     assert uncertainty[train[2].id] == pytest.approx(active.outcome_uncertainty(0.0, 0.1))
     assert uncertainty[train[1].id] == pytest.approx(active.outcome_uncertainty(0.0, 3.0))
     ordered = active.ActiveOrder(rng=random.Random(0))(
@@ -308,16 +306,29 @@ def test_train_pairs_with_close_reward_scores_come_first(db: Session, make_user:
     assert [c.pair_id for c in ordered] == [train[2].id, train[1].id]
 
 
-def test_image_scores_merge_and_cache(tmp_path: Any) -> None:
-    store = get_media_store().__class__(tmp_path)
-    row = RewardModel(id=10**6, project_id=1, version=1, backbone="toyconv", path="reward_models/x")
-    assert active.image_scores(store, row) == {}
-    active.record_image_scores(store, row, {"a": 1.0, "b": 2.0})
-    first = active.image_scores(store, row)
-    assert first == {"a": 1.0, "b": 2.0}
-    assert active.image_scores(store, row) is first  # unchanged file: the cached dict
-    active.record_image_scores(store, row, {"b": -1.0, "c": 0.5})
-    assert active.image_scores(store, row) == {"a": 1.0, "b": -1.0, "c": 0.5}
+def test_image_scores_merge_and_read_back(db: Session, make_user: Any) -> None:
+    arena = build_arena(db, make_user, random_floor=0.0)
+    a, b, c = sorted(db.scalars(select(Image.id).where(Image.project_id == arena.project.id)))[:3]
+    row = RewardModel(
+        project_id=arena.project.id, version=1, backbone="toyconv", path="reward_models/x"
+    )
+    other = RewardModel(
+        project_id=arena.project.id, version=2, backbone="toyconv", path="reward_models/y"
+    )
+    db.add_all([row, other])
+    db.flush()
+    assert active.image_scores(db, row.id) == {}
+    active.record_image_scores(db, row.id, {a: 1.0, b: 2.0})
+    active.record_image_scores(db, other.id, {a: 9.0})
+    assert active.image_scores(db, row.id) == {a: 1.0, b: 2.0}
+    # A later score of the same image replaces the earlier one; the other model's stay.
+    active.record_image_scores(db, row.id, {b: -1.0, c: 0.5})
+    assert active.image_scores(db, row.id) == {a: 1.0, b: -1.0, c: 0.5}
+    assert active.image_scores(db, row.id, [b, "unscored"]) == {b: -1.0}
+    assert active.image_scores(db, other.id) == {a: 9.0}
+    db.delete(other)
+    db.flush()
+    assert active.image_scores(db, other.id) == {}  # deleted with their model
 
 
 def test_scheduler_guarantees_hold_with_active_sampling(db: Session, make_user: Any) -> None:

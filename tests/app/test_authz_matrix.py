@@ -16,7 +16,6 @@ project, an admin. Expectations by class:
 
 from __future__ import annotations
 
-import io
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute
-from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.routing import Mount, Route
@@ -43,6 +41,7 @@ from app.ratings.models import RewardModel
 from app.users.invites import make_invite_token
 from app.users.models import ApiToken
 from app.votes.models import Vote
+from tests.factories import tiny_png
 from tests.support import bearer
 
 ROLES = ("anonymous", "annotator", "other_lead", "lead", "admin")
@@ -213,13 +212,6 @@ def test_every_route_is_classified() -> None:
     assert ("GET", "/projects/{project_id}/dash/{section}") in ROUTES
     assert ("PUT", "/api/v1/votes/{vote_id}") in ROUTES
     assert ("GET", "/openapi.json") in ROUTES
-
-
-def tiny_png(seed: int, size: int = 8) -> bytes:
-    img = PILImage.new("RGB", (size, size), ((seed * 40) % 256, (seed * 90) % 256, 7))
-    out = io.BytesIO()
-    img.save(out, format="PNG")
-    return out.getvalue()
 
 
 @dataclass

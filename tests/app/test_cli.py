@@ -73,7 +73,7 @@ def test_worker_events_flag_reaches_celery(monkeypatch) -> None:  # type: ignore
     from celery.bin.worker import worker as celery_worker
 
     import app.cli as cli
-    from worker.celery_app import celery_app
+    from app.core.broker import celery_app
 
     seen: list[list[str]] = []
     monkeypatch.setattr(celery_app, "worker_main", seen.append)

@@ -21,18 +21,16 @@ from typing import Any
 
 import click
 import pytest
-from fastapi.testclient import TestClient
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.db import get_session, make_engine
-from app.core.migrate import upgrade_head
+from app.core.db import make_engine
 from app.core.security import hash_token
-from app.main import create_app
 from app.projects.service import add_member
 from app.users import service as users
 from app.users.models import ApiToken, User, UserSession
 from tests.app.test_authz_matrix import ROUTES, World, build_world, is_api, request_kwargs
+from tests.factories import Backend, user_factory
 from tests.support import REPO, base_env, bearer
 
 TOKEN_RE = re.compile(r"pfl_[A-Za-z0-9_-]{20,}")
@@ -41,75 +39,6 @@ LINK_RE = re.compile(r"/(?:invite|reset|password-reset)/(\d+)\.\d+\.[0-9a-f]+")
 
 # Bodies naming the victim for the routes that act on another account.
 VICTIM_BODIES: dict[tuple[str, str], dict[str, Any]] = {}
-
-
-def _sqlite_savepoints(engine: Any) -> None:
-    # pysqlite's own transaction handling defeats SAVEPOINT; let SQLAlchemy drive it.
-    @event.listens_for(engine, "connect")
-    def _connect(dbapi_conn: Any, _record: Any) -> None:
-        dbapi_conn.isolation_level = None
-
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN")
-
-
-@dataclass
-class Backend:
-    name: str
-    db: Session
-    client: TestClient
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    if request.param == "postgres":
-        yield Backend("postgres", request.getfixturevalue("db"), request.getfixturevalue("client"))
-        return
-    # Health probes read the configured database (Postgres) whatever the request session is.
-    request.getfixturevalue("engine")
-    request.getfixturevalue("sent_jobs")
-    url = f"sqlite:///{tmp_path / 'property.db'}"
-    upgrade_head(url)
-    engine = make_engine(url)
-    _sqlite_savepoints(engine)
-    connection = engine.connect()
-    outer = connection.begin()
-    session = Session(
-        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
-    )
-    application = create_app()
-
-    def override() -> Iterator[Session]:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-
-    application.dependency_overrides[get_session] = override
-    try:
-        with TestClient(application, base_url="http://testserver") as client:
-            yield Backend("sqlite", session, client)
-    finally:
-        session.close()
-        outer.rollback()
-        connection.close()
-        engine.dispose()
-
-
-def _user_factory(db: Session) -> Any:
-    def make(role: str, email: str | None = None, password: str | None = None) -> Any:
-        user = users.create_user(
-            db, email=email or f"{role}-{uuid.uuid4().hex[:8]}@example.com", role=role,
-            password=password,
-        )  # fmt: skip
-        token = users.issue_token(db, user)
-        db.commit()
-        return user, token
-
-    return make
 
 
 @dataclass
@@ -189,7 +118,7 @@ def _leaks(db: Session, text: str, victim: Victim) -> list[str]:
 @pytest.mark.slow
 def test_no_route_gives_a_lead_anothers_credentials(backend: Backend) -> None:
     db, client = backend.db, backend.client
-    make = _user_factory(db)
+    make = user_factory(db)
     world = build_world(db, make, name=f"property-{backend.name}")
     victims = _victims(db, world, make)
     attacker = bearer(world.tokens["lead"] or "")

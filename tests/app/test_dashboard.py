@@ -25,7 +25,7 @@ from app.projects.service import add_member, create_project
 from app.ratings.models import Rating, RatingFit, RewardModel
 from app.users.models import User
 from app.votes.models import Vote
-from tests.app.test_pairs import tiny_png
+from tests.factories import lead_client, tiny_png
 from tests.support import bearer, login
 
 NOW = dt.datetime(2030, 5, 6, 12, 30, tzinfo=dt.UTC)
@@ -395,19 +395,12 @@ def test_forms_follow_the_schema() -> None:
 
 # -- project setup pages ---------------------------------------------------------------------
 
-LEAD_PASSWORD = "lead-password-1"
-
-
-def _lead_client(client: Any, make_user: Any) -> tuple[Any, User, str]:
-    lead, _ = make_user("lead", password=LEAD_PASSWORD)
-    csrf = login(client, lead.email, LEAD_PASSWORD)
-    return client, lead, csrf
 
 
 def test_lead_creates_a_project_with_settings_and_sees_name_errors(
     client: Any, db: Session, make_user: Any
 ) -> None:
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     page = client.get("/")
     assert 'href="/projects/new"' in page.text
     form = client.get("/projects/new")
@@ -432,7 +425,7 @@ def test_lead_creates_a_project_with_settings_and_sees_name_errors(
 def test_prompt_upload_page_imports_or_lists_errors_with_line_numbers(
     client: Any, db: Session, make_user: Any
 ) -> None:
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     db.commit()
     url = f"/projects/{project.id}/prompts"
@@ -460,7 +453,7 @@ def test_prompt_upload_page_imports_or_lists_errors_with_line_numbers(
 
 
 def test_model_registration_page(client: Any, db: Session, make_user: Any) -> None:
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     db.commit()
     url = f"/projects/{project.id}/models"
@@ -485,7 +478,7 @@ def test_model_registration_page(client: Any, db: Session, make_user: Any) -> No
 
 
 def test_settings_page_saves_valid_settings_only(client: Any, db: Session, make_user: Any) -> None:
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     db.commit()
     url = f"/projects/{project.id}/settings"
@@ -513,7 +506,7 @@ def test_invite_link_sets_a_password_once_and_deactivation_is_per_project(
     from app.users.invites import InviteError, make_invite_token, read_invite_token
     from app.users.service import get_by_email, issue_token
 
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     db.commit()
     url = f"/projects/{project.id}/annotators"
@@ -601,7 +594,7 @@ def test_launch_job_form_validates_with_the_kind_schema(
 ) -> None:
     from app.jobs.models import Job
 
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     model = ModelVersion(project_id=project.id, name="m1", base="toy", params={})
     db.add(model)
@@ -651,7 +644,7 @@ def test_job_page_live_status_metrics_log_cancel_and_retry(
 ) -> None:
     from app.jobs.service import create_job
 
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     job = create_job(db, kind="fit_ratings", params={}, project_id=project.id,
                      created_by_id=lead.id, max_attempts=3)  # fmt: skip
@@ -736,7 +729,7 @@ def test_every_project_job_kind_has_a_form_whose_defaults_validate() -> None:
 def test_every_project_job_kind_form_renders(client: Any, db: Session, make_user: Any) -> None:
     from app.jobs.pages import project_kinds
 
-    client, lead, _ = _lead_client(client, make_user)
+    client, lead, _ = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     db.add_all(
         [ModelVersion(project_id=project.id, name=f"m{i}", base="toy", params={}) for i in (1, 2)]

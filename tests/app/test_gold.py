@@ -12,7 +12,7 @@ from app.images.models import Image
 from app.pairs import service as pairs
 from app.pairs.models import Pair
 from app.votes.models import Vote
-from tests.app.test_pairs import build_world
+from tests.factories import build_world, lead_client
 from tests.support import bearer
 
 
@@ -113,10 +113,8 @@ def test_votes_faster_than_min_view_ms_are_refused(client, db, make_user) -> Non
 
 def test_settings_page_button_creates_gold_and_edits_question(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
     from app.projects.service import add_member
-    from tests.app.test_dashboard import _lead_client
-
     w = build_world(db, make_user, n_prompts=3, n_models=2, gold_rate=0.5)
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     add_member(db, project=w.project, user=lead, role="lead")
     db.commit()
     page = client.get(f"/projects/{w.project.id}/settings")
@@ -145,10 +143,8 @@ def test_empty_vote_page_says_when_new_pairs_are_coming(client, db, make_user) -
 def test_lead_excludes_and_includes_an_annotator_by_hand(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
     from app.projects.service import add_member, project_settings
     from app.ratings.reliability import project_exclusion
-    from tests.app.test_dashboard import _lead_client
-
     w = build_world(db, make_user, n_prompts=1)
-    client, lead, csrf = _lead_client(client, make_user)
+    client, lead, csrf = lead_client(client, make_user)
     add_member(db, project=w.project, user=lead, role="lead")
     db.commit()
     target = w.annotators[0][0]

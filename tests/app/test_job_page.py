@@ -15,7 +15,7 @@ from app.jobs.pages import eta_seconds, eta_text
 from app.jobs.service import create_job
 from app.projects.schemas import ProjectCreate
 from app.projects.service import create_project
-from tests.app.test_dashboard import _lead_client
+from tests.factories import lead_client
 
 
 def test_eta_from_the_rate_so_far() -> None:
@@ -33,7 +33,7 @@ def test_eta_from_the_rate_so_far() -> None:
 def test_running_job_shows_eta_and_a_confirmed_cancel(
     client: Any, db: Session, make_user: Any, sent_jobs: list[tuple[int, str]]
 ) -> None:
-    client, lead, _csrf = _lead_client(client, make_user)
+    client, lead, _csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     job = create_job(db, kind="fit_ratings", params={}, project_id=project.id,
                      created_by_id=lead.id, max_attempts=3)  # fmt: skip
@@ -51,7 +51,7 @@ def test_running_job_shows_eta_and_a_confirmed_cancel(
 def test_dpo_job_links_to_its_model_and_follow_up_jobs(
     client: Any, db: Session, make_user: Any, sent_jobs: list[tuple[int, str]]
 ) -> None:
-    client, lead, _csrf = _lead_client(client, make_user)
+    client, lead, _csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     parent = ModelVersion(project_id=project.id, name="base-m", base="toy", params={})
     db.add(parent)
@@ -84,7 +84,7 @@ def test_dpo_job_links_to_its_model_and_follow_up_jobs(
 def test_automatic_rating_refreshes_are_hidden_until_asked(
     client: Any, db: Session, make_user: Any, sent_jobs: list[tuple[int, str]]
 ) -> None:
-    client, lead, _csrf = _lead_client(client, make_user)
+    client, lead, _csrf = lead_client(client, make_user)
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     mine = Job(project_id=project.id, kind="fit_ratings", queue="cpu", params={},
                created_by_id=lead.id, status="succeeded")  # fmt: skip
@@ -109,7 +109,7 @@ def test_results_show_names_and_emails_beside_ids(
 ) -> None:
     from app.jobs.pages import readable_result
 
-    client, lead, _csrf = _lead_client(client, make_user)
+    client, lead, _csrf = lead_client(client, make_user)
     annotator, _ = make_user("annotator", email="ann-result@example.org")
     project = create_project(db, data=ProjectCreate(name="P"), creator=lead)
     a = ModelVersion(project_id=project.id, name="model-a", base="toy", params={})

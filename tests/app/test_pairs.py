@@ -3,109 +3,22 @@
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import random
-import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
-from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.db import utcnow
 from app.core.storage import get_media_store
-from app.generators.models import ModelVersion
 from app.images.models import Image
-from app.images.service import store_image
 from app.pairs import service
 from app.pairs.models import Pair, Reservation
-from app.projects.models import Project, Prompt
-from app.projects.schemas import ProjectCreate, ProjectSettings
-from app.projects.service import add_member, create_project
-from app.users.models import User
+from app.projects.service import add_member
 from app.votes.models import Vote
+from tests.factories import build_world
 from tests.support import bearer
-
-
-def tiny_png(seed: int, size: int = 16) -> bytes:
-    rng = random.Random(seed)
-    img = PILImage.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
-    for _ in range(8):
-        img.putpixel((rng.randrange(size), rng.randrange(size)), (255, 255, 255))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-@dataclass
-class World:
-    project: Project
-    prompts: list[Prompt]
-    models: list[ModelVersion]
-    lead: User
-    lead_token: str
-    annotators: list[tuple[User, str]]
-    images: dict[tuple[int, int, int], Image] = field(default_factory=dict)
-
-    def add_image(self, db: Session, prompt: int, model: int, seed: int) -> Image:
-        image = store_image(
-            db,
-            get_media_store(),
-            project_id=self.project.id,
-            prompt_id=self.prompts[prompt].id,
-            png=tiny_png(hash((prompt, model, seed, self.project.id)) % 10_000),
-            model_version_id=self.models[model].id,
-            seed=seed,
-            provenance={"model": self.models[model].name, "seed": seed},
-        )
-        self.images[(prompt, model, seed)] = image
-        return image
-
-
-def build_world(
-    db: Session,
-    make_user: Any,
-    *,
-    n_prompts: int = 1,
-    n_models: int = 2,
-    seeds: tuple[int, ...] = (0,),
-    n_annotators: int = 2,
-    pairs: bool = True,
-    **settings: Any,
-) -> World:
-    """A project with prompts, model versions, images of every (prompt, model, seed), pairs."""
-    lead, lead_token = make_user("lead")
-    project = create_project(
-        db,
-        data=ProjectCreate(name=f"p-{uuid.uuid4().hex[:6]}", settings=ProjectSettings(**settings)),
-        creator=lead,
-    )
-    prompts = [
-        Prompt(project_id=project.id, text=f"a red shape number {i}") for i in range(n_prompts)
-    ]
-    models = [
-        ModelVersion(project_id=project.id, name=f"secret-model-{i}", base="toy")
-        for i in range(n_models)
-    ]
-    db.add_all([*prompts, *models])
-    db.flush()
-    annotators = []
-    for _ in range(n_annotators):
-        user, token = make_user("annotator")
-        add_member(db, project=project, user=user, role="annotator")
-        annotators.append((user, token))
-    world = World(project, prompts, models, lead, lead_token, annotators)
-    for p in range(n_prompts):
-        for m in range(n_models):
-            for s in seeds:
-                world.add_image(db, p, m, s)
-    if pairs:
-        service.make_pairs(db, project=project, images=list(world.images.values()))
-    db.commit()
-    return world
 
 
 def pair_keys(db: Session, project_id: int) -> dict[frozenset[str], Pair]:

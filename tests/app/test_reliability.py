@@ -23,7 +23,7 @@ from app.ratings.service import evaluation_votes
 from app.ratings.snapshots import create_snapshot
 from app.votes.models import Vote
 from app.votes.vocabulary import Choice
-from tests.app.test_pairs import build_world
+from tests.factories import build_world
 
 
 def test_wilson_interval_by_hand() -> None:

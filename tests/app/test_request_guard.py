@@ -24,8 +24,7 @@ from app.projects.schemas import PROMPT_TEXT_MAX, ProjectCreate
 from app.projects.service import create_project
 from app.users import service as users
 from app.users.models import LoginAttempt
-from tests.app.test_authz_matrix import tiny_png
-from tests.app.test_credential_property import Backend, _user_factory, backend  # noqa: F401
+from tests.factories import Backend, tiny_png, user_factory
 from tests.support import bearer
 
 LIMIT = 4096
@@ -118,7 +117,7 @@ def test_an_oversized_body_gets_413_from_the_app(client: Any, make_user: Any) ->
 
 def test_nul_characters_and_huge_ids_are_refused_on_both_databases(backend: Backend) -> None:  # noqa: F811
     db, client = backend.db, backend.client
-    make = _user_factory(db)
+    make = user_factory(db)
     lead, token = make("lead")
     project = create_project(db, data=ProjectCreate(name="p"), creator=lead)
     db.commit()
@@ -222,6 +221,7 @@ def test_client_address_believes_forwarded_for_only_from_trusted_proxies() -> No
     assert client_address("127.0.0.1", "1.2.3.4", []) == "127.0.0.1"
 
 
+@pytest.mark.slow
 def test_spoofed_forwarded_for_does_not_escape_the_login_throttle(
     client: Any, make_user: Any
 ) -> None:

@@ -27,17 +27,13 @@ import app.models  # noqa: F401 - every table, for the flush order
 from app.core.db import make_engine, session_scope
 from app.core.migrate import upgrade_head
 from app.core.storage import MediaStore
-from app.generators.models import ModelVersion
-from app.images.service import store_image
 from app.pairs.models import Pair
-from app.pairs.service import make_pairs
-from app.projects.models import Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings
 from app.projects.service import add_member, create_project
 from app.users import service as users
 from app.votes.models import Vote
-from tests.app.test_pairs import tiny_png
 from tests.conftest import REDIS_URL, create_database, drop_database
+from tests.factories import add_arena
 from tests.support import Proc, base_env, bearer, free_port, wait_for
 
 K = 3
@@ -67,26 +63,13 @@ def populate(
             ),
             creator=lead,
         )
-        prompts = [Prompt(project_id=project.id, text=f"prompt {i}") for i in range(n_prompts)]
-        models = [
-            ModelVersion(project_id=project.id, name=f"m{i}", base="toy") for i in range(n_models)
-        ]
-        session.add_all([*prompts, *models])
-        session.flush()
-        images = [
-            store_image(
-                session,
-                store,
-                project_id=project.id,
-                prompt_id=prompt.id,
-                png=tiny_png(prompt.id * 100 + model.id),
-                model_version_id=model.id,
-                seed=0,
-            )
-            for prompt in prompts
-            for model in models
-        ]
-        make_pairs(session, project=project, images=images)
+        add_arena(
+            session,
+            store,
+            project.id,
+            [f"prompt {i}" for i in range(n_prompts)],
+            [f"m{i}" for i in range(n_models)],
+        )
         tokens, ids = [], []
         for i in range(N_ANNOTATORS):
             user = users.create_user(session, email=f"a{i}@example.com", role="annotator")

@@ -16,7 +16,7 @@ from app.pairs.models import Pair, Reservation
 from app.projects.service import add_member
 from app.votes import service
 from app.votes.models import Vote
-from tests.app.test_pairs import build_world
+from tests.factories import build_world
 from tests.support import bearer, login
 
 

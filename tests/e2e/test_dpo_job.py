@@ -2,71 +2,30 @@
 
 from __future__ import annotations
 
-import io
 import re
 import signal
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
 
+from tests.factories import create_toy_project, run_stack_job, vote_for_larger_shape
 from tests.support import Stack, bearer, wait_for, wait_job
-from worker.toy.world import extract_area_fraction, sample_prompts
-
-
-def _vote_by_area(stack: Stack, pid: int, token: str, limit: int) -> int:
-    """Simulated annotator: the image with the larger shape wins."""
-    client = stack.client
-    assert client is not None
-    votes = 0
-    while votes < limit:
-        served = client.get(f"/api/v1/projects/{pid}/pairs/next", headers=bearer(token))
-        if served.status_code == 204:
-            break
-        pair = served.json()
-        areas = []
-        for side in ("left", "right"):
-            png = client.get(pair[side]["url"], headers=bearer(token)).content
-            areas.append(
-                extract_area_fraction(np.asarray(PILImage.open(io.BytesIO(png)).convert("RGB")))
-            )
-        choice = "left" if areas[0] >= areas[1] else "right"
-        response = client.post(
-            f"/api/v1/pairs/{pair['pair_id']}/votes",
-            json={"choice": choice, "left_image_id": pair["left"]["image_id"]},
-            headers=bearer(token),
-        )
-        assert response.status_code == 201, response.text
-        votes += 1
-    return votes
+from worker.toy.world import sample_prompts
 
 
 @pytest.fixture(scope="module")
 def voted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int, int]]:
     tmp = tmp_path_factory.mktemp("dpo")
     with Stack(tmp) as stack:
-        pid = stack.post(
-            "/api/v1/projects",
-            {"name": "dpo", "settings": {"votes_per_pair": 1, "votes_per_second": 100}},
-        ).json()["id"]
         prompts = [{"text": t} for t in sample_prompts(10, seed=3)]
-        assert (
-            stack.post(f"/api/v1/projects/{pid}/prompts", {"prompts": prompts}).status_code == 201
-        )
-        mid = stack.post(
-            f"/api/v1/projects/{pid}/models",
-            {"name": "toy", "base": "toy", "params": {"steps": 8, "scheduler": "ddim"}},
-        ).json()["id"]
-        job = stack.post(
-            f"/api/v1/projects/{pid}/jobs",
-            {"kind": "generate", "params": {"model_ids": [mid], "images_per_prompt": 3}},
-        ).json()
-        assert wait_job(stack.client, job["id"], {}, 240)["status"] == "succeeded"  # type: ignore[arg-type]
+        pid, mid = create_toy_project(stack, "dpo", prompts, {"steps": 8, "scheduler": "ddim"})
+        generate = {"model_ids": [mid], "images_per_prompt": 3}
+        assert run_stack_job(stack, pid, "generate", generate, 240)["status"] == "succeeded"
         token = stack.post(
             f"/api/v1/projects/{pid}/annotators", {"email": "sim@example.com"}
         ).json()["token"]
-        assert _vote_by_area(stack, pid, token, 30) >= 10
+        assert vote_for_larger_shape(stack, pid, token, 30) >= 10
         yield stack, pid, mid
 
 

@@ -2,71 +2,25 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
-from PIL import Image as PILImage
 
-from tests.support import Stack, bearer, wait_for, wait_job
-from worker.toy.world import extract_area_fraction, sample_prompts
-
-
-def _vote_by_area(stack: Stack, pid: int, token: str, limit: int) -> int:
-    """Simulated annotator: the image with the larger shape wins."""
-    client = stack.client
-    assert client is not None
-    votes = 0
-    while votes < limit:
-        served = client.get(f"/api/v1/projects/{pid}/pairs/next", headers=bearer(token))
-        if served.status_code == 204:
-            break
-        pair = served.json()
-        areas = []
-        for side in ("left", "right"):
-            png = client.get(pair[side]["url"], headers=bearer(token)).content
-            areas.append(
-                extract_area_fraction(np.asarray(PILImage.open(io.BytesIO(png)).convert("RGB")))
-            )
-        response = client.post(
-            f"/api/v1/pairs/{pair['pair_id']}/votes",
-            json={
-                "choice": "left" if areas[0] >= areas[1] else "right",
-                "left_image_id": pair["left"]["image_id"],
-            },
-            headers=bearer(token),
-        )
-        assert response.status_code == 201, response.text
-        votes += 1
-    return votes
-
-
-def _run(stack: Stack, pid: int, kind: str, params: dict, timeout: float = 300) -> dict:
-    created = stack.post(f"/api/v1/projects/{pid}/jobs", {"kind": kind, "params": params})
-    assert created.status_code == 202, created.text
-    return wait_job(stack.client, created.json()["id"], {}, timeout)  # type: ignore[arg-type]
+from tests.factories import create_toy_project, run_stack_job, vote_for_larger_shape
+from tests.support import Stack, wait_for, wait_job
+from worker.toy.world import sample_prompts
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, int, int]]:
     tmp = tmp_path_factory.mktemp("rl")
     with Stack(tmp) as stack:
-        pid = stack.post(
-            "/api/v1/projects",
-            {"name": "rl", "settings": {"votes_per_pair": 1, "votes_per_second": 100}},
-        ).json()["id"]
         texts = sample_prompts(12, seed=4)
         prompts = [{"text": t, "split": "train"} for t in texts[:8]]
         prompts += [{"text": t, "split": "val"} for t in texts[8:]]
-        assert (
-            stack.post(f"/api/v1/projects/{pid}/prompts", {"prompts": prompts}).status_code == 201
-        )
-        mid = stack.post(
-            f"/api/v1/projects/{pid}/models",
-            {"name": "toy", "base": "toy", "params": {"steps": 6, "scheduler": "ddim"}},
-        ).json()["id"]
-        generated = _run(stack, pid, "generate", {"model_ids": [mid], "images_per_prompt": 3})
+        pid, mid = create_toy_project(stack, "rl", prompts, {"steps": 6, "scheduler": "ddim"})
+        generate = {"model_ids": [mid], "images_per_prompt": 3}
+        generated = run_stack_job(stack, pid, "generate", generate)
         assert generated["status"] == "succeeded"
         yield stack, pid, mid
 
@@ -91,10 +45,10 @@ def test_rl_job_refuses_bad_params_then_trains_in_chunks_and_enters_the_arena(
     token = stack.post(f"/api/v1/projects/{pid}/annotators", {"email": "s@example.com"}).json()[
         "token"
     ]
-    assert _vote_by_area(stack, pid, token, 30) >= 10
+    assert vote_for_larger_shape(stack, pid, token, 30) >= 10
     reward_ids = []
     for seed in (0, 1):  # two independently initialised reward models: reward and guard
-        job = _run(stack, pid, "train_reward", {"steps": 30, "seed": seed})
+        job = run_stack_job(stack, pid, "train_reward", {"steps": 30, "seed": seed})
         assert job["status"] == "succeeded", job
         reward_ids.append(job["result"]["reward_model_id"])
 
@@ -115,7 +69,7 @@ def test_rl_job_refuses_bad_params_then_trains_in_chunks_and_enters_the_arena(
         # Each run stops after one step: three runs, each resuming the last.
         "time_limit_minutes": 0.001,
     }
-    job = _run(stack, pid, "train_rl", params)
+    job = run_stack_job(stack, pid, "train_rl", params)
     assert job["status"] == "succeeded", job
     # Chunks that made progress do not use up attempts (a time limit is not a failure).
     assert job["attempts"] == 1

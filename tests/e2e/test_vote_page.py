@@ -23,14 +23,12 @@ import app.models  # noqa: F401 - every table, for the flush order
 from app.core.db import session_scope
 from app.core.storage import MediaStore
 from app.generators.models import ModelVersion
-from app.images.service import store_image
-from app.pairs.service import make_pairs
-from app.projects.models import Project, Prompt
+from app.projects.models import Project
 from app.projects.schemas import ProjectCreate, ProjectSettings
 from app.projects.service import add_member, create_project
 from app.users import service as users
 from app.votes.models import Vote
-from tests.app.test_pairs import tiny_png
+from tests.factories import add_arena
 from tests.support import embedded_web, launch_chromium
 
 PASSWORD = "vote-page-password-1"
@@ -67,32 +65,16 @@ def _project(
         ),
         creator=lead,
     )
-    prompts = [
-        Prompt(project_id=project.id, text=f"a small {c} square on grey")
-        for c in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")[
-            :n_prompts
-        ]
-    ]
-    models = [
-        ModelVersion(project_id=project.id, name=f"{name}-hidden-model-{i}", base="toy")
-        for i in range(2)
-    ]
-    session.add_all([*prompts, *models])
-    session.flush()
-    images = [
-        store_image(
-            session,
-            store,
-            project_id=project.id,
-            prompt_id=prompt.id,
-            png=tiny_png(prompt.id * 10 + model.id, size=image_size),
-            model_version_id=model.id,
-            seed=7,
-        )
-        for prompt in prompts
-        for model in models
-    ]
-    make_pairs(session, project=project, images=images)
+    colours = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+    add_arena(
+        session,
+        store,
+        project.id,
+        [f"a small {c} square on grey" for c in colours[:n_prompts]],
+        [f"{name}-hidden-model-{i}" for i in range(2)],
+        image_size=image_size,
+        seed=7,
+    )
     return project.id
 
 

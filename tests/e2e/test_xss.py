@@ -16,19 +16,17 @@ from typing import Any
 
 import pytest
 from playwright.sync_api import Page, sync_playwright
+from sqlalchemy import select
 
 import app.models  # noqa: F401 - every table, for the flush order
 from app.core.db import session_scope
 from app.generators.models import ModelVersion
-from app.images.service import store_image
-from app.pairs.service import make_pairs
-from app.projects.models import Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings
 from app.projects.service import add_member, create_project
 from app.ratings.models import Rating, RatingFit
 from app.users import service as users
 from app.votes.models import Vote
-from tests.app.test_pairs import tiny_png
+from tests.factories import add_arena
 from tests.support import embedded_web, launch_chromium
 
 PASSWORD = "xss-test-password-1"
@@ -62,24 +60,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 creator=lead,
             )
             add_member(session, project=project, user=annotator, role="annotator")
-            prompts = [Prompt(project_id=project.id, text=text) for text in PROMPTS]
-            models = [ModelVersion(project_id=project.id, name=name, base="toy") for name in MODELS]
-            session.add_all([*prompts, *models])
-            session.flush()
-            images = [
-                store_image(
-                    session,
-                    store,
-                    project_id=project.id,
-                    prompt_id=prompt.id,
-                    png=tiny_png(prompt.id * 10 + model.id, size=32),
-                    model_version_id=model.id,
-                    seed=1,
-                )
-                for prompt in prompts
-                for model in models
-            ]
-            pairs = make_pairs(session, project=project, images=images)
+            pairs = add_arena(
+                session, store, project.id, PROMPTS, MODELS, image_size=32, seed=1
+            )
             session.flush()
             first = pairs[0]
             session.add(
@@ -96,6 +79,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
             fit = RatingFit(project_id=project.id, method={}, annotators=[], vote_count=1)
             session.add(fit)
             session.flush()
+            models = session.scalars(
+                select(ModelVersion)
+                .where(ModelVersion.project_id == project.id)
+                .order_by(ModelVersion.id)
+            ).all()
             for rank, model in enumerate(models):
                 session.add(
                     Rating(

@@ -7,7 +7,6 @@ reward model trained on those votes. The jobs run through the real runner on Pos
 
 from __future__ import annotations
 
-import io
 import random
 import uuid
 from collections.abc import Iterator
@@ -15,27 +14,25 @@ from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image as PILImage
 from sqlalchemy import select
 
-from app.core.db import session_scope, utcnow
+from app.core.db import session_scope
 from app.core.storage import get_media_store
 from app.generators.models import ModelVersion
 from app.images.models import Image
 from app.images.service import store_image
 from app.jobs.models import Job
 from app.jobs.service import create_job
-from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
 from app.ratings.models import RewardModel, Snapshot
 from app.users.models import User
-from app.votes.models import Vote
+from tests.factories import add_voted_pair, png_bytes, run_job
 from worker import runner
 from worker.best_of import candidate_seeds as best_of_seeds
 from worker.tasks.reward import decode_png, load_cached, score_arrays
 from worker.toy import world
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SEEDS = (0, 1, 2)
 N_TRAIN = 12
@@ -53,59 +50,6 @@ TINY_DPO = {
     # The tiny reward model is unsure of toy samples: keep every pair with any margin.
     "reward_threshold": 0.5,
 }
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _run(project_id: int, kind: str, params: dict[str, Any]) -> Job:
-    with session_scope() as s:
-        job_id = create_job(
-            s, kind=kind, params=params, project_id=project_id, created_by_id=None, max_attempts=2
-        ).id
-    status = runner.execute(job_id)
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        assert status == "succeeded", job.error if job else status
-        return job  # type: ignore[return-value]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _vote(s: Any, project_id: int, annotator_id: int, x: Image, y: Image, choice: str) -> None:
-    a, b = sorted([x.id, y.id])
-    pair = Pair(
-        project_id=project_id,
-        prompt_id=x.prompt_id,
-        image_a_id=a,
-        image_b_id=b,
-        purpose="train",
-        votes_wanted=1,
-        vote_count=1,
-    )
-    s.add(pair)
-    s.flush()
-    s.add(
-        Vote(
-            pair_id=pair.id,
-            project_id=project_id,
-            annotator_id=annotator_id,
-            left_image_id=x.id,
-            choice=choice,
-            created_at=utcnow(),
-        )
-    )
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +80,7 @@ def project(pg_url: str) -> Iterator[dict[str, Any]]:
                     store,
                     project_id=project.id,
                     prompt_id=prompt.id,
-                    png=_png(pixels),
+                    png=png_bytes(pixels),
                     model_version_id=model.id,
                     seed=seed,
                 )
@@ -148,7 +92,8 @@ def project(pg_url: str) -> Iterator[dict[str, Any]]:
                         (x, area_x), (y, area_y) = (y, area_y), (x, area_x)
                     if area_x == area_y:
                         continue
-                    _vote(s, project.id, annotator.id, x, y, "left" if area_x > area_y else "right")
+                    choice = "left" if area_x > area_y else "right"
+                    add_voted_pair(s, project.id, annotator.id, x, y, choice)
                     human_pairs += split == "train"
         ids = {
             "project_id": project.id,
@@ -156,7 +101,7 @@ def project(pg_url: str) -> Iterator[dict[str, Any]]:
             "annotator_id": annotator.id,
             "human_train_pairs": human_pairs,
         }
-    job = _run(ids["project_id"], "train_reward", {"steps": 40, "batch_size": 32, "seed": 0})
+    job = run_job(ids["project_id"], "train_reward", {"steps": 40, "batch_size": 32, "seed": 0})
     ids["reward_model_id"] = job.result["reward_model_id"]  # type: ignore[index]
     yield ids
 
@@ -172,7 +117,7 @@ def test_train_dpo_mixes_votes_with_reward_labelled_on_policy_pairs(
     project: dict[str, Any],
 ) -> None:
     pid, rm_id = project["project_id"], project["reward_model_id"]
-    job = _run(
+    job = run_job(
         pid,
         "train_dpo",
         {**TINY_DPO, "model_id": project["model_id"], "data": "votes+reward", "closed_loop": False},
@@ -213,7 +158,7 @@ def test_train_dpo_mixes_votes_with_reward_labelled_on_policy_pairs(
             s.scalar(select(ModelVersion).where(ModelVersion.produced_by_job_id == job_id)) is None
         )
 
-    only = _run(
+    only = run_job(
         pid,
         "train_dpo",
         {**TINY_DPO, "model_id": project["model_id"], "data": "reward", "closed_loop": False},
@@ -243,7 +188,7 @@ def test_generate_best_of_keeps_the_reward_models_favourite(project: dict[str, A
                 select(Prompt.id).where(Prompt.project_id == pid, Prompt.split == "val").limit(2)
             )
         )
-    job = _run(
+    job = run_job(
         pid,
         "generate",
         {
@@ -278,7 +223,7 @@ def test_generate_best_of_keeps_the_reward_models_favourite(project: dict[str, A
         assert own == pytest.approx(max(choice["scores"]), abs=2e-2)
 
     # The job's own best_of applies to a plain model; best_of 1 is the plain sample.
-    plain = _run(
+    plain = run_job(
         pid,
         "generate",
         {
@@ -312,8 +257,8 @@ def test_train_loop_rounds_form_a_lineage_of_arena_models(project: dict[str, Any
                 .limit(2)
             )
         )
-        _vote(s, pid, project["annotator_id"], images[0], images[1], "left")
-    job = _run(
+        add_voted_pair(s, pid, project["annotator_id"], images[0], images[1], "left")
+    job = run_job(
         pid,
         "train_loop",
         {
@@ -352,7 +297,7 @@ def test_train_loop_rounds_form_a_lineage_of_arena_models(project: dict[str, Any
             assert arena is not None and arena.kind == "generate"
             assert arena.params["model_ids"] == [record["reference_id"], record["model_id"]]
     # The merged child generates (its pipeline directory loads).
-    gen = _run(
+    gen = run_job(
         pid,
         "generate",
         {

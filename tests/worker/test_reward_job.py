@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.core.db import session_scope, utcnow
+from app.core.db import session_scope
 from app.core.storage import get_media_store
 from app.generators.models import ModelVersion
 from app.images.models import Image
@@ -30,7 +30,7 @@ from app.images.service import store_image
 from app.jobs.kinds import TrainRewardParams
 from app.jobs.models import Job
 from app.jobs.service import JobParamsError, create_job
-from app.pairs.active import IMAGE_SCORES_FILE, image_scores
+from app.pairs.active import image_scores
 from app.pairs.models import Pair
 from app.pairs.service import mark_gold
 from app.projects.models import Membership, Project, Prompt
@@ -38,20 +38,17 @@ from app.ratings.models import RewardModel, Snapshot, SnapshotVote
 from app.ratings.snapshots import aggregate_verdict, create_snapshot, snapshot_pairs
 from app.users.models import User
 from app.votes.models import Vote
+from tests.factories import add_voted_pair, png_bytes, run_job
 from tests.support import bearer
 from worker import reward_model as rm
 from worker import runner
 from worker.tasks.reward import decode_png, load_cached, score_model_images
 from worker.toy import world
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SEEDS = (0, 1, 2, 3)
 N_PROMPTS = 60
-
-
-def _png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _size_rank(image: np.ndarray) -> int:
@@ -60,29 +57,6 @@ def _size_rank(image: np.ndarray) -> int:
 
 def _render(prompt: str, seed: int) -> np.ndarray:
     return world.render(prompt, rng=np.random.default_rng([seed, len(prompt)]))
-
-
-def _run(project_id: int, kind: str, params: dict[str, Any]) -> Job:
-    with session_scope() as s:
-        job_id = create_job(
-            s, kind=kind, params=params, project_id=project_id, created_by_id=None, max_attempts=2
-        ).id
-    status = runner.execute(job_id)
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        assert status == "succeeded", job.error if job else status
-        return job  # type: ignore[return-value]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Two cores shared with other test processes: more threads only oversubscribe them.
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +89,7 @@ def toy_project(pg_url: str) -> Iterator[dict[str, Any]]:
                     store,
                     project_id=project.id,
                     prompt_id=prompt.id,
-                    png=_png(pixels),
+                    png=png_bytes(pixels),
                     model_version_id=model.id,
                     seed=seed,
                 )
@@ -123,20 +97,8 @@ def toy_project(pg_url: str) -> Iterator[dict[str, Any]]:
             for i in range(len(images)):
                 for j in range(i + 1, len(images)):
                     (x, rank_x), (y, rank_y) = images[i], images[j]
-                    a, b = sorted([x.id, y.id])
-                    pair = Pair(
-                        project_id=project.id,
-                        prompt_id=prompt.id,
-                        image_a_id=a,
-                        image_b_id=b,
-                        purpose="train",
-                        votes_wanted=3,
-                        vote_count=1,
-                    )
-                    s.add(pair)
-                    s.flush()
-                    left, left_rank, right_rank = (
-                        (x, rank_x, rank_y) if rng.random() < 0.5 else (y, rank_y, rank_x)
+                    left, right, left_rank, right_rank = (
+                        (x, y, rank_x, rank_y) if rng.random() < 0.5 else (y, x, rank_y, rank_x)
                     )
                     choice = (
                         "tie"
@@ -146,18 +108,11 @@ def toy_project(pg_url: str) -> Iterator[dict[str, Any]]:
                     if p == 0 and i == 0 and j == 1:
                         choice = "skip"  # never in a snapshot
                         skips += 1
+                    pair = add_voted_pair(
+                        s, project.id, annotator.id, left, right, choice, votes_wanted=3
+                    )
                     if p == 1 and i == 0 and j == 1:
                         gold_pair_id = pair.id  # a gold pair's vote is never trained on
-                    s.add(
-                        Vote(
-                            pair_id=pair.id,
-                            project_id=project.id,
-                            annotator_id=annotator.id,
-                            left_image_id=left.id,
-                            choice=choice,
-                            created_at=utcnow(),
-                        )
-                    )
                     votes += 1
         s.flush()
         gold = s.get(Pair, gold_pair_id)
@@ -189,7 +144,7 @@ def _fresh_size_pairs(n_prompts: int, exclude: set[str]) -> rm.PreferenceDataset
 @pytest.mark.slow
 def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]) -> None:
     pid = toy_project["project_id"]
-    job = _run(pid, "train_reward", {"steps": 200, "batch_size": 32, "seed": 0})
+    job = run_job(pid, "train_reward", {"steps": 200, "batch_size": 32, "seed": 0})
     result = job.result
     # Measured: 1.000 validation accuracy (12 held-out prompts, 72 pairs), 0.99 on fresh prompts.
     print(f"train_reward: validation tie-aware accuracy {result['val_accuracy']:.3f}")
@@ -227,8 +182,8 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
     assert held_out >= 0.9
 
     # Images of open train pairs were scored for active sampling, consistently with the model.
-    scores = image_scores(get_media_store(), row)
     with session_scope() as s:
+        scores = image_scores(s, row.id)
         images = list(s.scalars(select(Image).where(Image.project_id == pid)))
         assert set(scores) == {img.id for img in images}
         sample = images[:5]
@@ -237,16 +192,16 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
         assert helper[img.id] == pytest.approx(scores[img.id], abs=1e-4)
 
     # score_images: the latest model by default, per-image scores and per-model means.
-    scored = _run(pid, "score_images", {}).result
+    scored = run_job(pid, "score_images", {}).result
     assert scored["reward_model_id"] == row.id and scored["images"] == len(images)
     assert scored["models"][0]["model_id"] == toy_project["model_id"]
     assert scored["models"][0]["mean"] == pytest.approx(np.mean(list(scored["scores"].values())))
     assert scored["scores"][sample[0].id] == pytest.approx(helper[sample[0].id], abs=1e-4)
 
     # Filters: one model version's images, a prompt split.
-    only = _run(pid, "score_images", {"model_ids": [toy_project["model_id"]], "split": "train"})
+    only = run_job(pid, "score_images", {"model_ids": [toy_project["model_id"]], "split": "train"})
     assert only.result["images"] == len(images)
-    empty = _run(pid, "score_images", {"reward_model_id": row.id, "split": "test"}).result
+    empty = run_job(pid, "score_images", {"reward_model_id": row.id, "split": "test"}).result
     assert (empty["images"], empty["models"], empty["scores"]) == (0, [], {})
 
     # A retried attempt returns the committed model instead of training again.
@@ -259,10 +214,11 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
         assert len(list(s.scalars(select(RewardModel).where(RewardModel.project_id == pid)))) == 1
 
 
+@pytest.mark.slow
 def test_versions_count_up_and_drop_policy_trains(toy_project: dict[str, Any]) -> None:
     pid = toy_project["project_id"]
-    first = _run(pid, "train_reward", {"steps": 4, "batch_size": 16}).result
-    second = _run(pid, "train_reward", {"steps": 4, "batch_size": 16, "tie_policy": "drop"})
+    first = run_job(pid, "train_reward", {"steps": 4, "batch_size": 16}).result
+    second = run_job(pid, "train_reward", {"steps": 4, "batch_size": 16, "tie_policy": "drop"})
     assert second.result["version"] == first["version"] + 1
     assert second.result["snapshot_id"] != first["snapshot_id"]
     # Dropping ties leaves only decisive pairs.
@@ -302,10 +258,11 @@ def _tiny_clip(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_reward_on_a_clip_backbone(toy_project: dict[str, Any], tmp_path: Path) -> None:
     clip_dir = _tiny_clip(tmp_path / "tiny-clip")
     params = {"backbone": str(clip_dir), "steps": 2, "batch_size": 8, "learning_rate": 1e-4}
-    job = _run(toy_project["project_id"], "train_reward", params)
+    job = run_job(toy_project["project_id"], "train_reward", params)
     with session_scope() as s:
         row = s.get(RewardModel, job.result["reward_model_id"])
         images = list(
@@ -335,18 +292,19 @@ def test_train_params_resolve_backbones_and_defaults() -> None:
 
 def test_decode_png_shrinks_only_large_images() -> None:
     small = np.zeros((32, 48, 3), dtype=np.uint8)
-    assert decode_png(_png(small)).shape == (32, 48, 3)
+    assert decode_png(png_bytes(small)).shape == (32, 48, 3)
     big = np.zeros((900, 600, 3), dtype=np.uint8)
-    assert decode_png(_png(big), max_side=300).shape == (450, 300, 3)
+    assert decode_png(png_bytes(big), max_side=300).shape == (450, 300, 3)
 
 
+@pytest.mark.slow
 def test_loaded_models_are_cached_per_process(toy_project: dict[str, Any]) -> None:
     with session_scope() as s:
         row = s.scalars(
             select(RewardModel).where(RewardModel.project_id == toy_project["project_id"])
         ).first()
     if row is None:  # this test may run alone
-        _run(toy_project["project_id"], "train_reward", {"steps": 2, "batch_size": 8})
+        run_job(toy_project["project_id"], "train_reward", {"steps": 2, "batch_size": 8})
         with session_scope() as s:
             row = s.scalars(
                 select(RewardModel).where(RewardModel.project_id == toy_project["project_id"])
@@ -355,7 +313,8 @@ def test_loaded_models_are_cached_per_process(toy_project: dict[str, Any]) -> No
     assert row is not None and load_cached(store, row) is load_cached(store, row)
     config = json.loads((store.root / row.path / rm.CONFIG_FILE).read_text())
     assert config["format"] == rm.FORMAT_NAME
-    assert (store.root / row.path / IMAGE_SCORES_FILE).exists()
+    with session_scope() as s:
+        assert image_scores(s, row.id)  # the open train pairs' images, scored with the model
 
 
 # --- snapshots on hand-built votes (rolled back) ---------------------------------------------
@@ -675,6 +634,7 @@ def test_unknown_reward_model_id_is_refused_at_creation(db: Session) -> None:
         )
 
 
+@pytest.mark.slow
 def test_paths_are_relative_to_the_media_store(toy_project: dict[str, Any]) -> None:
     with session_scope() as s:
         rows = list(

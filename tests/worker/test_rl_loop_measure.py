@@ -1,4 +1,5 @@
-"""The RL benchmark's measurement: the prompted-position preference, tolerance, clustered CI."""
+"""The RL benchmark's measurement: preference scores as it calls them, the position share,
+clustered CI."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ import numpy as np
 import pytest
 
 from benchmarks.rl_loop import (
-    TOLERANCE,
     clustered_win_rate,
     image_seed,
     named_cell,
     position_share,
     reward_kl_curve,
-    score_prompted_position,
+    scorer_for,
 )
+from worker.toy.preferences import PREFERENCES
 from worker.toy.world import SceneSpec, render
 
 
@@ -30,6 +31,8 @@ def test_named_cell_reads_both_axes_and_defaults_the_unnamed_one_to_the_middle()
 
 
 def test_prompted_position_prefers_the_named_cell() -> None:
+    # The benchmark's scorer takes (prompt, image): the preference's own score, reordered.
+    score_prompted_position = scorer_for("prompted_position")
     prompt = "a red square at the top left"
     there, elsewhere = _at("left", "top"), _at("right", "bottom")
     assert score_prompted_position(prompt, there) > score_prompted_position(prompt, elsewhere)
@@ -38,7 +41,7 @@ def test_prompted_position_prefers_the_named_cell() -> None:
     assert position_share([prompt, prompt], [there, elsewhere]) == 0.5
     # The two cells differ far beyond the just-noticeable tolerance (1 px of 32).
     gap = score_prompted_position(prompt, there) - score_prompted_position(prompt, elsewhere)
-    assert gap > 10 * TOLERANCE["prompted_position"]
+    assert gap > 10 * PREFERENCES["prompted_position"].tolerance
 
 
 def test_clustered_interval_is_wider_when_outcomes_cluster_by_prompt() -> None:
@@ -74,6 +77,7 @@ def test_reward_kl_curve_by_hand() -> None:
     np.testing.assert_allclose(gain, [0.0, 0.5, 1.0])
 
 
-@pytest.mark.parametrize("name", sorted(TOLERANCE))
-def test_every_preference_has_a_positive_tolerance(name: str) -> None:
-    assert TOLERANCE[name] > 0
+@pytest.mark.parametrize("name", sorted(PREFERENCES))
+def test_the_benchmark_scores_every_preference_as_the_preference_does(name: str) -> None:
+    image, prompt = _at("left", "top"), "a large red square at the top left"
+    assert scorer_for(name)(prompt, image) == PREFERENCES[name].score(image, prompt)

@@ -4,7 +4,6 @@ generate and evaluate jobs use them and still never generate a (prompt, model, s
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,14 +12,15 @@ from sqlalchemy import select
 from app.core.db import session_scope, utcnow
 from app.generators.models import ModelVersion
 from app.images.models import Image
-from app.jobs.models import Job
 from app.jobs.service import JobParamsError, create_job
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
 from app.ratings.models import RewardModel
-from worker import runner
+from tests.factories import run_job
 from worker.seeds import DOMAIN_BITS, SEED_LIMIT, prompt_seeds, seed_domain, seeds_by_prompt
 from worker.toy import world
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_prompt_seeds_are_stable_distinct_and_in_their_domain() -> None:
@@ -58,25 +58,7 @@ def test_training_and_evaluation_seeds_never_meet() -> None:
 
 
 def _run(project_id: int, kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    with session_scope() as s:
-        job_id = create_job(
-            s, kind=kind, params=params, project_id=project_id, created_by_id=None, max_attempts=1
-        ).id
-    status = runner.execute(job_id)
-    with session_scope() as s:
-        job = s.get(Job, job_id)
-        assert job is not None and status == "succeeded", job.error if job else status
-        return dict(job.result or {})
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    return dict(run_job(project_id, kind, params, max_attempts=1).result or {})
 
 
 @pytest.fixture()

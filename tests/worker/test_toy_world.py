@@ -138,3 +138,14 @@ def test_blank_image_has_no_foreground() -> None:
     assert world.extract_shape(blank) is None
     assert world.extract_area_fraction(blank) == 0.0
     assert world.extract_background(blank) == "gray"
+
+
+def test_demo_prompts_are_canonical_toy_prompts() -> None:
+    # app.demo writes its prompts out (the web imports nothing from worker/): each must be a
+    # prompt of the grammar, in the form the toy models were trained on.
+    from app.demo import DEMO_TEST_PROMPTS, DEMO_TRAIN_PROMPTS
+
+    prompts = [*DEMO_TRAIN_PROMPTS, *DEMO_TEST_PROMPTS]
+    assert len(set(prompts)) == len(prompts)
+    for text in prompts:
+        assert world.format_prompt(world.parse_prompt(text)) == text

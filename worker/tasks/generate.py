@@ -67,7 +67,7 @@ def _existing(
                 Image.model_version_id == model_id, Image.prompt_id.in_(prompt_ids)
             )
         )
-        return {(pid, seed) for pid, seed in rows}
+        return {(pid, seed) for pid, seed in rows if seed is not None}
 
 
 def _store(
@@ -200,9 +200,10 @@ def sample_with_policy(
 def load_models(ctx: ProjectJobContext[Any], model_ids: list[int]) -> list[ModelVersion]:
     with ctx.session() as session:
         models = [session.get(ModelVersion, mid) for mid in model_ids]
-    if any(m is None for m in models):
+    found = [m for m in models if m is not None]
+    if len(found) != len(models):
         raise ValueError("a model version of this job was deleted")
-    return models  # type: ignore[return-value]
+    return found
 
 
 # Prompts per round when pairs are made as we go: annotators can start after the first round.
@@ -245,7 +246,7 @@ def _top_up_gold(ctx: ProjectJobContext[Any]) -> int:
     from app.pairs.service import top_up_gold
 
     with ctx.session() as session:
-        project = session.get(Project, ctx.project_id)
+        project = session.get_one(Project, ctx.project_id)
         made = top_up_gold(session, ctx.store, project=project)
     if made:
         ctx.log(f"{len(made)} new gold pairs")
@@ -259,7 +260,7 @@ def _make_pairs(
     from app.pairs.service import make_pairs
 
     with ctx.session() as session:
-        project = session.get(Project, ctx.project_id)
+        project = session.get_one(Project, ctx.project_id)
         candidates = session.scalars(
             select(Image).where(
                 Image.model_version_id.in_(model_ids), Image.prompt_id.in_(list(seeds))

@@ -172,7 +172,7 @@ def _usable_votes(ctx: ProjectJobContext[Any]) -> int:
             session.scalar(
                 select(func.count(Vote.id))
                 .join(Pair, Pair.id == Vote.pair_id)
-                .where(*usable_vote_filter(ctx.project_id, ("train", "eval")))  # type: ignore[arg-type]
+                .where(*usable_vote_filter(ctx.project_id, ("train", "eval")))
             )
             or 0
         )
@@ -190,7 +190,7 @@ def _reward_for_round(
             candidate = (
                 session.get(RewardModel, named)
                 if named is not None
-                else latest_reward_model(session, ctx.project_id)  # type: ignore[arg-type]
+                else latest_reward_model(session, ctx.project_id)
             )
             snapshot = (
                 session.get(Snapshot, candidate.snapshot_id)

@@ -45,7 +45,8 @@ def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str,
         ).all()
     if not rows:
         return []
-    annotator, pair, left, right, choice, latency, gold = [], [], [], [], [], [], []
+    annotator, pair, left, right, choice, latency = [], [], [], [], [], []
+    gold: list[str | None] = []
     for ann, pair_id, left_id, vote_choice, ms, image_a, image_b, is_gold, expected in rows:
         right_id = image_b if left_id == image_a else image_a
         annotator.append(ann)
@@ -65,6 +66,7 @@ def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str,
     for q in quality:
         table.append(
             {
+                # Quality rows keep whatever ids they were given (typed object); ours are ints.
                 "annotator_id": int(q.annotator),  # type: ignore[call-overload]
                 "votes": q.n_votes,
                 "decisive": q.n_decisive,
@@ -85,7 +87,7 @@ def _annotator_table(ctx: ProjectJobContext[FitRatingsParams]) -> list[dict[str,
 def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
     params = ctx.params
     with ctx.session() as session:
-        project = session.get(Project, ctx.project_id)
+        project = session.get_one(Project, ctx.project_id)
         exclusion = project_exclusion(session, project)
         votes = evaluation_votes(
             session, ctx.project_id, exclude_annotators=exclusion.annotator_ids
@@ -151,7 +153,7 @@ def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
             )
         leaderboard.sort(key=lambda r: (r["rank"], -r["rating"]))
         fit = board.fit
-        method = {
+        method: dict[str, Any] = {
             "ties": params.ties,
             "prior": params.prior,
             "bootstrap": params.bootstrap,
@@ -169,19 +171,19 @@ def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
     for entry in annotators:
         entry["excluded"] = list(exclusion.excluded.get(entry["annotator_id"], ()))
     with ctx.session() as session:
-        row = RatingFit(
+        fit_row = RatingFit(
             project_id=ctx.project_id,
             job_id=ctx.job_id,
             method=method,
             annotators=annotators,
             vote_count=len(votes),
         )
-        session.add(row)
+        session.add(fit_row)
         session.flush()
         for entry in leaderboard:
             session.add(
                 Rating(
-                    fit_id=row.id,
+                    fit_id=fit_row.id,
                     model_version_id=entry["model_id"],
                     score=entry["score"],
                     rating=entry["rating"],
@@ -191,7 +193,7 @@ def fit_ratings(ctx: ProjectJobContext[FitRatingsParams]) -> dict[str, Any]:
                     votes=entry["votes"],
                 )
             )
-        fit_id = row.id
+        fit_id = fit_row.id
     clean = [
         {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in e.items()}
         for e in leaderboard

@@ -304,7 +304,7 @@ def train_reward(ctx: ProjectJobContext[TrainRewardParams]) -> dict[str, Any]:
         row.path = f"reward_models/{row.id}"
         # Written before the row commits: a listed model always has its files.
         save_reward_model(trained.model, reward_model_dir(ctx.store, row), params, metrics)
-        record_image_scores(ctx.store, row, image_scores)
+        record_image_scores(session, row.id, image_scores)
         session.flush()
         summary = _row_summary(row)
     log.info(
@@ -358,12 +358,14 @@ def score_images_job(ctx: ProjectJobContext[ScoreImagesParams]) -> dict[str, Any
                 score_model_images(session, ctx.store, row, chunk, batch_size=params.batch_size)
             )
         ctx.progress(0.05 + 0.9 * len(scores) / max(1, len(images)), f"{len(scores)} scored")
-    record_image_scores(ctx.store, row, scores)
+    with ctx.session() as session:
+        record_image_scores(session, row.id, scores)
 
     by_model: dict[int, list[float]] = defaultdict(list)
     for img in images:
+        # The query above keeps only images with a model, so model_version_id is never None.
         by_model[img.model_version_id].append(scores[img.id])  # type: ignore[index]
-    models = [
+    models: list[dict[str, Any]] = [
         {
             "model_id": model_id,
             "name": names.get(model_id),

@@ -65,6 +65,7 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     from worker.rl_train import (
         ProbeSet,
         RewardModelScorer,
+        Scorer,
         ToyFidelityScorer,
         TrainingDiverged,
         WeightedSum,
@@ -94,7 +95,7 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     guidance = params.guidance_scale if params.guidance_scale is not None else spec.guidance_scale
     # The trainer reads the job's params themselves, with the guidance resolved.
     config = params.model_copy(update={"guidance_scale": guidance})
-    parts = []
+    parts: list[tuple[Scorer, float]] = []
     if primary is not None and params.reward_weight > 0:
         parts.append((RewardModelScorer(primary, "reward"), params.reward_weight))
     fidelity = ToyFidelityScorer() if is_toy else None

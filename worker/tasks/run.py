@@ -9,11 +9,11 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_ready
 
+from app.core.broker import celery_app
 from app.core.config import get_settings
 from app.core.db import session_scope, utcnow
-from app.jobs.service import reap_stale_jobs
+from app.jobs.periodic import periodic_work
 from worker import runner
-from worker.celery_app import celery_app
 
 log = logging.getLogger("prefloop.worker")
 
@@ -27,21 +27,6 @@ def run_job(self: Task, job_id: int) -> str:
 def periodic() -> list[int]:
     """Beat's heartbeat of the platform: re-queue jobs whose worker died, refresh ratings."""
     return periodic_work()
-
-
-def periodic_work() -> list[int]:
-    from app.ratings.service import schedule_rating_refresh
-
-    settings = get_settings()
-    with session_scope() as session:
-        resent = reap_stale_jobs(session, settings)
-    with session_scope() as session:
-        schedule_rating_refresh(
-            session,
-            max_attempts=settings.job_max_attempts,
-            min_age_seconds=settings.ratings_refresh_seconds,
-        )
-    return resent
 
 
 def _report_in(name: str, queues: str, stop: threading.Event, interval: float) -> None:

@@ -222,26 +222,29 @@ def resolve(spec: SceneSpec, rng: np.random.Generator) -> Scene:
     def choose(value: str | None, options: tuple[str, ...]) -> str:
         return value if value is not None else str(options[rng.integers(len(options))])
 
+    colour, size = choose(spec.colour, COLOURS), choose(spec.size, SIZES)
+    horizontal, vertical = choose(spec.horizontal, HORIZONTAL), choose(spec.vertical, VERTICAL)
+    background = choose(spec.background, tuple(BACKGROUNDS))
     full = SceneSpec(
         shape=choose(spec.shape, SHAPES),
-        colour=choose(spec.colour, COLOURS),
-        size=choose(spec.size, SIZES),
+        colour=colour,
+        size=size,
         shade=choose(spec.shade, SHADES),
-        horizontal=choose(spec.horizontal, HORIZONTAL),
-        vertical=choose(spec.vertical, VERTICAL),
-        background=choose(spec.background, tuple(BACKGROUNDS)),
+        horizontal=horizontal,
+        vertical=vertical,
+        background=background,
     )
-    base = np.asarray(PALETTE[full.colour], dtype=np.float64) + rng.uniform(-12, 12, 3)
+    base = np.asarray(PALETTE[colour], dtype=np.float64) + rng.uniform(-12, 12, 3)
     base = np.clip(base, 0, 255)
     if full.shade == "light":
         base = base + SHADE_MIX * (255.0 - base)
     elif full.shade == "dark":
         base = base * (1.0 - SHADE_MIX)
-    area = SIZE_AREA[full.size] * rng.uniform(0.88, 1.12)
-    offset = SIZE_OFFSET[full.size]
-    cx = 0.5 + offset * (HORIZONTAL.index(full.horizontal) - 1) + rng.uniform(-0.025, 0.025)
-    cy = 0.5 + offset * (VERTICAL.index(full.vertical) - 1) + rng.uniform(-0.025, 0.025)
-    bg = BACKGROUNDS[full.background] + rng.uniform(-10, 10)
+    area = SIZE_AREA[size] * rng.uniform(0.88, 1.12)
+    offset = SIZE_OFFSET[size]
+    cx = 0.5 + offset * (HORIZONTAL.index(horizontal) - 1) + rng.uniform(-0.025, 0.025)
+    cy = 0.5 + offset * (VERTICAL.index(vertical) - 1) + rng.uniform(-0.025, 0.025)
+    bg = BACKGROUNDS[background] + rng.uniform(-10, 10)
     rgb = (float(base[0]), float(base[1]), float(base[2]))
     return Scene(spec=full, rgb=rgb, background_level=bg, area=area, cx=cx, cy=cy)
 

@@ -1,5 +1,9 @@
 """The Celery application: queues `gpu` and `cpu`, and settings for long, crash-prone jobs.
 
+It lives on the web side because the web only sends job ids by task name (`prefloop.run_job`);
+the task bodies are imported by name (`worker.tasks.run`) in worker processes alone, so the web
+runs without the worker's dependencies. `celery -A app.core.broker` names it for beat and Flower.
+
 The broker only carries job ids; the jobs table says what is really going on. Messages are
 acknowledged after the task finishes (acks_late) and given back if the worker dies, one task at a
 time per process (prefetch 1). Embedded mode uses the filesystem transport, which does not
