@@ -19,10 +19,12 @@ from app.core.errors import DomainError, http_status
 from app.core.web import is_htmx, render
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
 from app.generators.models import ModelVersion
+from app.generators.service import list_models
 from app.jobs import service
 from app.jobs.kinds import KINDS, JobKind
 from app.jobs.models import TERMINAL, Job
 from app.jobs.routes import job_for
+from app.projects.lifecycle import refuse_archived
 from app.projects.models import Project
 from app.users.models import User
 
@@ -100,13 +102,11 @@ def _kind_or_404(name: str) -> JobKind:
 
 
 def _model_choices(session: Session, project_id: int) -> list[tuple[int, str]]:
+    """The models a new job may pick: failed and archived ones are left out (pending ones are
+    marked, they may still fail their check)."""
     return [
-        (mid, name)
-        for mid, name in session.execute(
-            select(ModelVersion.id, ModelVersion.name)
-            .where(ModelVersion.project_id == project_id)
-            .order_by(ModelVersion.id)
-        )
+        (m.id, m.name if m.check_status == "ready" else f"{m.name} (check {m.check_status})")
+        for m in list_models(session, project_id, usable_only=True)
     ]
 
 
@@ -163,6 +163,7 @@ def launch_job(
             request, session, project, kind, values=params, errors=problems, status_code=422
         )
     try:
+        refuse_archived(project)
         job = service.create_job(
             session,
             kind=kind.name,
@@ -171,6 +172,11 @@ def launch_job(
             created_by_id=user.id,
             max_attempts=get_settings().job_max_attempts,
         )
+    except DomainError as exc:
+        return _form_page(
+            request, session, project, kind, values=params, errors={"": exc.detail},
+            status_code=http_status(exc),
+        )  # fmt: skip
     except service.JobParamsError as exc:
         errors = errors_by_field(
             [e for e in exc.errors if list(e.get("loc", []))[:1] == ["params"]], skip_head=1
@@ -288,7 +294,7 @@ def _job_context(session: Session, job: Job, *, error: str | None = None) -> dic
         "job": job,
         "finished": job.status in TERMINAL,
         "can_cancel": job.status not in TERMINAL,
-        "can_retry": job.status in ("failed", "cancelled"),
+        "can_retry": job.status in service.RETRYABLE,
         "log_lines": list(job.log or [])[-LOG_LINES:],
         "metrics_svg": plots.small_multiples(panels, columns=2) if panels else None,
         "action_error": error,
