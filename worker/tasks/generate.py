@@ -235,8 +235,11 @@ def generate(ctx: ProjectJobContext[GenerateParams]) -> dict[str, Any]:
     size = PAIR_ROUND_PROMPTS if make else len(prompts)
     rounds = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     created = skipped = pairs = 0
-    # One model that will not load must not cost the others their images and pairs.
-    failures: dict[int, str] = {}
+    # One model that will not load must not cost the others their images and pairs; one whose
+    # check failed after the job was queued is not tried again.
+    failures: dict[int, str] = {
+        m.id: f"failed its check: {m.check_error}" for m in models if m.check_status == "failed"
+    }
     for index, chunk in enumerate(rounds):
         span = (index / len(rounds), (index + 1) / len(rounds))
         working = [m for m in models if m.id not in failures]
