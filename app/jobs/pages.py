@@ -229,6 +229,8 @@ def _related(session: Session, job: Job) -> list[tuple[str, str]]:
 MODEL_KEYS = frozenset({"model_id", "parent_id", "model_version_id"})
 MODEL_LIST_KEYS = frozenset({"model_ids"})
 USER_KEYS = frozenset({"annotator_id", "user_id", "created_by_id"})
+# Maps keyed by user id (the reliability record of fits and snapshots): the key gains the email.
+USER_KEYED_MAPS = frozenset({"excluded", "votes_by_annotator"})
 
 
 def readable_result(session: Session, result: Any) -> Any:
@@ -245,6 +247,8 @@ def readable_result(session: Session, result: Any) -> Any:
                     model_ids.update(v for v in value if isinstance(v, int))
                 elif key in USER_KEYS and isinstance(value, int):
                     user_ids.add(value)
+                elif key in USER_KEYED_MAPS and isinstance(value, dict):
+                    user_ids.update(int(k) for k in value if str(k).isdigit())
                 collect(value)
         elif isinstance(node, list):
             for item in node:
@@ -270,6 +274,11 @@ def readable_result(session: Session, result: Any) -> Any:
         out: dict[str, Any] = {}
         for key, value in node.items():
             out[key] = rewrite(value)
+            if key in USER_KEYED_MAPS and isinstance(value, dict):
+                out[key] = {
+                    (f"{k} {emails[int(k)]}" if str(k).isdigit() and int(k) in emails else k): v
+                    for k, v in out[key].items()
+                }
             stem = key.removesuffix("_id").removesuffix("_ids")
             if key in MODEL_KEYS and value in names:
                 out[f"{stem}_name"] = names[value]
@@ -301,6 +310,7 @@ def _job_context(session: Session, job: Job, *, error: str | None = None) -> dic
         "eta": eta,
         "related": _related(session, job),
         "result": readable_result(session, job.result) if job.result else None,
+        "params": readable_result(session, job.params or {}),
     }
 
 
