@@ -101,12 +101,14 @@ def _kind_or_404(name: str) -> JobKind:
     return kind
 
 
-def _model_choices(session: Session, project_id: int) -> list[tuple[int, str]]:
+def _model_choices(
+    session: Session, project_id: int, *, usable_only: bool = True
+) -> list[tuple[int, str]]:
     """The models a new job may pick: failed and archived ones are left out (pending ones are
     marked, they may still fail their check)."""
     return [
         (m.id, m.name if m.check_status == "ready" else f"{m.name} (check {m.check_status})")
-        for m in list_models(session, project_id, usable_only=True)
+        for m in list_models(session, project_id, usable_only=usable_only)
     ]
 
 
@@ -120,7 +122,8 @@ def _form_page(
     errors: dict[str, str] | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
-    choices = _model_choices(session, project.id)
+    # A check may be run again on any model: that is how a fixed one comes back.
+    choices = _model_choices(session, project.id, usable_only=kind.name != "check_model")
     if values is None:
         # Sensible starting points: every model for multi-model kinds, the newest for one.
         values = {}
@@ -144,10 +147,20 @@ def _form_page(
 
 @router.get("/projects/{project_id}/jobs/new", response_class=HTMLResponse)
 def new_job_form(
-    project_id: int, request: Request, session: SessionDep, user: PageUser, kind: str
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    kind: str,
+    model_id: int | None = None,
 ) -> HTMLResponse:
+    """The launch form; `model_id` preselects the model of a one-model kind."""
     project = get_project_for(session, user, project_id, lead=True)
-    return _form_page(request, session, project, _kind_or_404(kind))
+    spec = _kind_or_404(kind)
+    values = None
+    if model_id is not None and "model_id" in spec.params.model_fields:
+        values = {"model_id": model_id}
+    return _form_page(request, session, project, spec, values=values)
 
 
 @router.post("/projects/{project_id}/jobs/new", response_class=HTMLResponse)

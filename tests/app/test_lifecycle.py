@@ -151,6 +151,11 @@ def test_the_job_form_offers_only_usable_models(
     page = client.get(f"/projects/{project.id}/models").text
     assert re.search(rf'id="model-{bad.id}"[^>]*data-check="failed"', page)
     assert "no weights" in page
+    # "Check again" opens the check's form with the failed model chosen.
+    recheck = f"/projects/{project.id}/jobs/new?kind=check_model&amp;model_id={bad.id}"
+    assert recheck in page
+    form = client.get(recheck.replace("&amp;", "&")).text
+    assert re.search(rf'<option value="{bad.id}" selected', form)
     assert 'id="archived-models"' in page
 
 
