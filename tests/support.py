@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from app.jobs.models import TERMINAL
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -116,7 +118,7 @@ def wait_job(
     job_id: int,
     headers: dict[str, str],
     timeout: float,
-    statuses: tuple[str, ...] = ("succeeded", "failed", "cancelled"),
+    statuses: tuple[str, ...] = TERMINAL,
 ) -> dict[str, Any]:
     def done() -> dict[str, Any] | None:
         body = client.get(f"/api/v1/jobs/{job_id}", headers=headers).json()

@@ -49,6 +49,16 @@ class JobCancelled(Exception):
     """Raised inside a handler when the job was cancelled; the job ends `cancelled`."""
 
 
+class JobPartial(Exception):  # noqa: N818 - an outcome, not an error of the handler
+    """Raised by a handler that finished with part of its work failed: the job ends `partial`
+    with `result` (what was done) and `reason` (what was not) as its error."""
+
+    def __init__(self, result: dict[str, Any], reason: str) -> None:
+        super().__init__(reason)
+        self.result = result
+        self.reason = reason
+
+
 class TransientJobError(Exception):
     """A failure worth another attempt (a lost connection, a soft time limit after a checkpoint)."""
 
@@ -240,6 +250,8 @@ def execute(job_id: int, name: str | None = None) -> str:
     try:
         result = fn(ctx)
         outcome = ("succeeded", {"result": result, "progress": 1.0, "error": None})
+    except JobPartial as exc:
+        outcome = ("partial", {"result": exc.result, "progress": 1.0, "error": exc.reason})
     except JobCancelled:
         outcome = ("cancelled", {})
     except TimeLimitReached as exc:

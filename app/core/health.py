@@ -12,7 +12,7 @@ from sqlalchemy import func, select, text
 
 from app.core.config import get_settings
 from app.core.db import get_sessionmaker, utcnow
-from app.jobs.models import Job, WorkerHeartbeat
+from app.jobs.models import STATUSES, Job, WorkerHeartbeat
 
 router = APIRouter(tags=["ops"])
 
@@ -113,7 +113,7 @@ def metrics() -> Response:
                 session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
             )
             last = session.scalar(select(func.max(WorkerHeartbeat.last_seen_at)))
-        for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        for status in STATUSES:
             JOBS.labels(status).set(counts.get(status, 0))
         if last is not None:
             WORKER_AGE.set((utcnow() - last).total_seconds())

@@ -5,12 +5,15 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, UTCDateTime, utcnow
 
 STATUSES = ("candidate", "arena", "retired")
+# Whether the model loads and samples: `pending` until its check job has run. Models the
+# platform makes itself (training children, the toy demo, imported names) start `ready`.
+CHECK_STATUSES = ("pending", "ready", "failed")
 
 
 class ModelVersion(Base):
@@ -36,4 +39,9 @@ class ModelVersion(Base):
     status: Mapped[str] = mapped_column(String(16), default="arena")
     # Evaluation results against the parent (win-rate and interval), filled by evaluate jobs.
     evaluation: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    check_status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    # Why the check failed (the loader's or sampler's own message), shown on the models page.
+    check_error: Mapped[str | None] = mapped_column(Text)
+    # Archived: kept for history and exports, left out of new jobs and new pairs.
+    archived_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

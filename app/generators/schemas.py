@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Every sampler the worker can build (worker.generation maps each to its diffusers class);
 # "default" keeps the scheduler the model ships with.
@@ -64,6 +64,22 @@ class ModelCreate(BaseModel):
     parent_id: int | None = None
 
 
+class ModelUpdate(BaseModel):
+    """A rename and/or (un)archiving; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    archived: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip() if value is not None else None
+
+
 class ModelPublic(BaseModel):
     id: int
     project_id: int
@@ -75,3 +91,7 @@ class ModelPublic(BaseModel):
     produced_by_job_id: int | None
     status: str
     evaluation: dict[str, object]
+    # pending until its check job ran, then ready or failed (check_error says why).
+    check_status: str
+    check_error: str | None
+    archived: bool

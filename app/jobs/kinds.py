@@ -71,6 +71,21 @@ class GenerateParams(JobParams):
     _distinct = field_validator("model_ids", "seeds", "prompt_ids")(distinct_ids)
 
 
+class CheckModelParams(JobParams):
+    """Loads a newly registered model version and samples one image: ready, or failed and why."""
+
+    model_id: int
+    # Enough denoising steps to run every part of the sampler; the image itself is thrown away.
+    steps: int = Field(default=2, ge=1, le=50)
+
+
+def check_check_model(
+    session: Session, project_id: int | None, params: CheckModelParams
+) -> list[dict[str, Any]]:
+    # A failed or archived model may be checked again (that is how a fixed model comes back).
+    return check_model_ids(session, project_id, [params.model_id], usable=False)
+
+
 class FitRatingsParams(JobParams):
     """Leaderboard of model versions from evaluation votes, plus annotator quality."""
 
@@ -88,20 +103,25 @@ Checker = Callable[[Session, int, P], list[dict[str, Any]]]
 
 
 def check_model_ids(
-    session: Session, project_id: int, wanted: list[int]
+    session: Session, project_id: int, wanted: list[int], *, usable: bool = True
 ) -> list[dict[str, Any]]:
+    """The ids are models of the project; with `usable`, none failed its check or is archived
+    (raised as `ModelUnusable`, a conflict with the model's state rather than bad input)."""
     from app.generators.models import ModelVersion
+    from app.generators.service import refuse_unusable
 
-    found = set(
+    found = list(
         session.scalars(
-            select(ModelVersion.id).where(
+            select(ModelVersion).where(
                 ModelVersion.id.in_(wanted), ModelVersion.project_id == project_id
             )
         )
     )
-    missing = [i for i in wanted if i not in found]
+    missing = [i for i in wanted if i not in {m.id for m in found}]
     if missing:
         return [{"loc": ["params", "model_ids"], "msg": f"not models of this project: {missing}"}]
+    if usable:
+        refuse_unusable(found)
     return []
 
 
@@ -478,6 +498,15 @@ register_kind(
         queue="gpu",
         handler="worker.tasks.generate:generate",
         check=check_generate,
+    )
+)
+register_kind(
+    JobKind(
+        "check_model",
+        CheckModelParams,
+        queue="gpu",
+        handler="worker.tasks.check:check_model",
+        check=check_check_model,
     )
 )
 register_kind(

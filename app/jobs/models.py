@@ -10,8 +10,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, UTCDateTime, utcnow
 
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL = ("succeeded", "failed", "cancelled")
+# partial: the job finished, but part of its work failed (a generate job with one model that
+# would not load); the result says what was done and the error what was not.
+STATUSES = ("queued", "running", "succeeded", "partial", "failed", "cancelled")
+TERMINAL = ("succeeded", "partial", "failed", "cancelled")
 
 
 class Job(Base):

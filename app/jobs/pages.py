@@ -19,10 +19,12 @@ from app.core.errors import DomainError, http_status
 from app.core.web import is_htmx, render
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
 from app.generators.models import ModelVersion
+from app.generators.service import list_models
 from app.jobs import service
 from app.jobs.kinds import KINDS, JobKind
 from app.jobs.models import TERMINAL, Job
 from app.jobs.routes import job_for
+from app.projects.lifecycle import refuse_archived
 from app.projects.models import Project
 from app.users.models import User
 
@@ -99,14 +101,14 @@ def _kind_or_404(name: str) -> JobKind:
     return kind
 
 
-def _model_choices(session: Session, project_id: int) -> list[tuple[int, str]]:
+def _model_choices(
+    session: Session, project_id: int, *, usable_only: bool = True
+) -> list[tuple[int, str]]:
+    """The models a new job may pick: failed and archived ones are left out (pending ones are
+    marked, they may still fail their check)."""
     return [
-        (mid, name)
-        for mid, name in session.execute(
-            select(ModelVersion.id, ModelVersion.name)
-            .where(ModelVersion.project_id == project_id)
-            .order_by(ModelVersion.id)
-        )
+        (m.id, m.name if m.check_status == "ready" else f"{m.name} (check {m.check_status})")
+        for m in list_models(session, project_id, usable_only=usable_only)
     ]
 
 
@@ -120,7 +122,8 @@ def _form_page(
     errors: dict[str, str] | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
-    choices = _model_choices(session, project.id)
+    # A check may be run again on any model: that is how a fixed one comes back.
+    choices = _model_choices(session, project.id, usable_only=kind.name != "check_model")
     if values is None:
         # Sensible starting points: every model for multi-model kinds, the newest for one.
         values = {}
@@ -144,10 +147,20 @@ def _form_page(
 
 @router.get("/projects/{project_id}/jobs/new", response_class=HTMLResponse)
 def new_job_form(
-    project_id: int, request: Request, session: SessionDep, user: PageUser, kind: str
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    kind: str,
+    model_id: int | None = None,
 ) -> HTMLResponse:
+    """The launch form; `model_id` preselects the model of a one-model kind."""
     project = get_project_for(session, user, project_id, lead=True)
-    return _form_page(request, session, project, _kind_or_404(kind))
+    spec = _kind_or_404(kind)
+    values = None
+    if model_id is not None and "model_id" in spec.params.model_fields:
+        values = {"model_id": model_id}
+    return _form_page(request, session, project, spec, values=values)
 
 
 @router.post("/projects/{project_id}/jobs/new", response_class=HTMLResponse)
@@ -163,6 +176,7 @@ def launch_job(
             request, session, project, kind, values=params, errors=problems, status_code=422
         )
     try:
+        refuse_archived(project)
         job = service.create_job(
             session,
             kind=kind.name,
@@ -171,6 +185,11 @@ def launch_job(
             created_by_id=user.id,
             max_attempts=get_settings().job_max_attempts,
         )
+    except DomainError as exc:
+        return _form_page(
+            request, session, project, kind, values=params, errors={"": exc.detail},
+            status_code=http_status(exc),
+        )  # fmt: skip
     except service.JobParamsError as exc:
         errors = errors_by_field(
             [e for e in exc.errors if list(e.get("loc", []))[:1] == ["params"]], skip_head=1
@@ -223,6 +242,8 @@ def _related(session: Session, job: Job) -> list[tuple[str, str]]:
 MODEL_KEYS = frozenset({"model_id", "parent_id", "model_version_id"})
 MODEL_LIST_KEYS = frozenset({"model_ids"})
 USER_KEYS = frozenset({"annotator_id", "user_id", "created_by_id"})
+# Maps keyed by user id (the reliability record of fits and snapshots): the key gains the email.
+USER_KEYED_MAPS = frozenset({"excluded", "votes_by_annotator"})
 
 
 def readable_result(session: Session, result: Any) -> Any:
@@ -239,6 +260,8 @@ def readable_result(session: Session, result: Any) -> Any:
                     model_ids.update(v for v in value if isinstance(v, int))
                 elif key in USER_KEYS and isinstance(value, int):
                     user_ids.add(value)
+                elif key in USER_KEYED_MAPS and isinstance(value, dict):
+                    user_ids.update(int(k) for k in value if str(k).isdigit())
                 collect(value)
         elif isinstance(node, list):
             for item in node:
@@ -264,6 +287,11 @@ def readable_result(session: Session, result: Any) -> Any:
         out: dict[str, Any] = {}
         for key, value in node.items():
             out[key] = rewrite(value)
+            if key in USER_KEYED_MAPS and isinstance(value, dict):
+                out[key] = {
+                    (f"{k} {emails[int(k)]}" if str(k).isdigit() and int(k) in emails else k): v
+                    for k, v in out[key].items()
+                }
             stem = key.removesuffix("_id").removesuffix("_ids")
             if key in MODEL_KEYS and value in names:
                 out[f"{stem}_name"] = names[value]
@@ -288,13 +316,14 @@ def _job_context(session: Session, job: Job, *, error: str | None = None) -> dic
         "job": job,
         "finished": job.status in TERMINAL,
         "can_cancel": job.status not in TERMINAL,
-        "can_retry": job.status in ("failed", "cancelled"),
+        "can_retry": job.status in service.RETRYABLE,
         "log_lines": list(job.log or [])[-LOG_LINES:],
         "metrics_svg": plots.small_multiples(panels, columns=2) if panels else None,
         "action_error": error,
         "eta": eta,
         "related": _related(session, job),
         "result": readable_result(session, job.result) if job.result else None,
+        "params": readable_result(session, job.params or {}),
     }
 
 

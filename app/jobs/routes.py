@@ -15,6 +15,7 @@ from app.core.deps import AdminUser, CurrentUser, get_project_for
 from app.jobs import service
 from app.jobs.models import Job
 from app.jobs.schemas import JobCreate, JobCreated
+from app.projects.lifecycle import refuse_archived
 from app.users.models import User
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
@@ -47,7 +48,8 @@ def _create(session: Session, body: JobCreate, project_id: int | None, user: Use
 def create_project_job(
     project_id: int, body: JobCreate, session: SessionDep, user: CurrentUser
 ) -> JobCreated:
-    get_project_for(session, user, project_id, lead=True)
+    project = get_project_for(session, user, project_id, lead=True)
+    refuse_archived(project)
     return _create(session, body, project_id, user)
 
 

@@ -128,10 +128,16 @@ def request_cancel(session: Session, job: Job) -> None:
     session.flush()
 
 
+# A partial job retried does only what is missing (a generate job skips stored images).
+RETRYABLE = ("failed", "cancelled", "partial")
+
+
 def retry_job(session: Session, job: Job) -> None:
-    """Run a failed or cancelled job again with a fresh attempts budget."""
-    if job.status not in ("failed", "cancelled"):
-        raise JobStateError(f"only failed or cancelled jobs can be retried (is {job.status})")
+    """Run a failed, cancelled or partial job again with a fresh attempts budget."""
+    if job.status not in RETRYABLE:
+        raise JobStateError(
+            f"only failed, cancelled or partial jobs can be retried (is {job.status})"
+        )
     job.status = "queued"
     job.attempts = 0
     job.error = None

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from PIL import Image as PILImage
 from PIL import ImageFilter
-from sqlalchemy import delete, false, func, select, text, update
+from sqlalchemy import delete, false, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from app.core.db import utcnow
@@ -96,13 +96,19 @@ def make_pairs(session: Session, *, project: Project, images: Sequence[Image]) -
 def _pairs_for_prompt(
     session: Session, *, project: Project, prompt_id: int, new_ids: set[str]
 ) -> list[Pair]:
+    from app.generators.models import ModelVersion
+
     settings = project_settings(project)
+    prompt = session.get(Prompt, prompt_id)
+    if prompt is None or prompt.archived_at is not None:
+        return []
     pool = session.scalars(
         select(Image)
+        .join(ModelVersion, ModelVersion.id == Image.model_version_id)
         .where(
             Image.project_id == project.id,
             Image.prompt_id == prompt_id,
-            Image.model_version_id.is_not(None),
+            ModelVersion.archived_at.is_(None),
         )
         .order_by(Image.seed, Image.id)
     )
@@ -435,6 +441,39 @@ def _try_lock(session: Session, pair_id: int) -> bool:
     return session.scalar(stmt) is not None
 
 
+def hidden_pairs_filter(session: Session, project_id: int) -> list[Any]:
+    """Where-clauses leaving out pairs of archived prompts and of archived models' images."""
+    from app.generators.models import ModelVersion
+
+    clauses: list[Any] = []
+    prompts = list(
+        session.scalars(
+            select(Prompt.id).where(
+                Prompt.project_id == project_id, Prompt.archived_at.is_not(None)
+            )
+        )
+    )
+    if prompts:
+        clauses.append(Pair.prompt_id.not_in(prompts))
+    models = list(
+        session.scalars(
+            select(ModelVersion.id).where(
+                ModelVersion.project_id == project_id, ModelVersion.archived_at.is_not(None)
+            )
+        )
+    )
+    if models:
+        clauses.append(
+            ~select(Image.id)
+            .where(
+                Image.model_version_id.in_(models),
+                or_(Image.id == Pair.image_a_id, Image.id == Pair.image_b_id),
+            )
+            .exists()
+        )
+    return clauses
+
+
 def _candidates(
     session: Session,
     *,
@@ -459,7 +498,12 @@ def _candidates(
         Pair.vote_count,
         Pair.votes_wanted,
         reserved,
-    ).where(Pair.project_id == project_id, Pair.is_gold == gold, ~voted)
+    ).where(
+        Pair.project_id == project_id,
+        Pair.is_gold == gold,
+        ~voted,
+        *hidden_pairs_filter(session, project_id),
+    )
     if not gold:
         stmt = stmt.where(
             Pair.vote_count < Pair.votes_wanted, Pair.vote_count + reserved < Pair.votes_wanted
@@ -604,6 +648,8 @@ def next_pair(
     `order` reorders the capacity-checked candidates (default: `order_for(project)`, which is
     where active sampling plugs in); `rng` picks gold-or-not and the left side.
     """
+    if project.archived_at is not None:
+        return None  # an archived project is history: nothing more to vote on
     now = now or utcnow()
     rng = rng or random.Random()
     settings = project_settings(project)
@@ -695,6 +741,7 @@ def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
                 Pair.is_gold == false(),
                 Pair.vote_count < Pair.votes_wanted,
                 ~voted,
+                *hidden_pairs_filter(session, project.id),
             )
         )
         or 0

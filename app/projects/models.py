@@ -22,6 +22,8 @@ class Project(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     settings: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_by_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    # Archived: read-only history (no new jobs, no pairs served), hidden from project lists.
+    archived_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -49,4 +51,6 @@ class Prompt(Base):
     text: Mapped[str] = mapped_column(Text)
     split: Mapped[str] = mapped_column(String(8), default="train")
     tags: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    # Archived: kept with its images and votes, left out of new jobs and new pairs.
+    archived_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)

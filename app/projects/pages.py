@@ -21,11 +21,18 @@ from app.core.web import render
 from app.dashboard import service as dashboard
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
 from app.generators import service as generators
-from app.generators.schemas import GenerationParams, ModelCreate
+from app.generators.models import ModelVersion
+from app.generators.schemas import GenerationParams, ModelCreate, ModelUpdate
 from app.pairs.service import gold_count, top_up_gold
-from app.projects import service, uploads
+from app.projects import lifecycle, service, uploads
 from app.projects.models import Membership, Project, Prompt
-from app.projects.schemas import ProjectCreate, ProjectSettings, PromptIn
+from app.projects.schemas import (
+    ProjectCreate,
+    ProjectSettings,
+    ProjectUpdate,
+    PromptIn,
+    PromptUpdate,
+)
 from app.projects.settings import dump_settings
 from app.users import service as users
 from app.users.invites import invite_path, make_invite_token
@@ -55,7 +62,12 @@ def home(request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
         role = membership_role(session, user, project.id)
         lead = role in ("admin", "lead") and user.role in ("admin", "lead")
         items.append({"project": project, "lead": lead, "annotator": role is not None})
-    return render(request, "pages/project_list.html", {"projects": items})
+    ctx = {
+        "projects": [i for i in items if i["project"].archived_at is None],
+        # Archived projects stay reachable for their leads (history, exports, unarchiving).
+        "archived": [i for i in items if i["project"].archived_at is not None and i["lead"]],
+    }
+    return render(request, "pages/project_list.html", ctx)
 
 
 # -- new project ------------------------------------------------------------------------------
@@ -118,24 +130,32 @@ def _prompts_page(
     created: int | None = None,
     pasted: str = "",
     pasted_split: str = "train",
+    query: str = "",
+    show_archived: bool = False,
+    action_error: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
     counts = dict(
         session.execute(
             select(Prompt.split, func.count())
-            .where(Prompt.project_id == project.id)
+            .where(Prompt.project_id == project.id, Prompt.archived_at.is_(None))
             .group_by(Prompt.split)
         ).all()
     )
-    recent = list(
-        session.scalars(
-            select(Prompt)
-            .where(Prompt.project_id == project.id)
-            .order_by(Prompt.id.desc())
-            .limit(20)
-        )
+    archived_count = session.scalar(
+        select(func.count())
+        .select_from(Prompt)
+        .where(Prompt.project_id == project.id, Prompt.archived_at.is_not(None))
+    )
+    recent = lifecycle.search_prompts(
+        session, project_id=project.id, query=query, archived=show_archived, limit=PROMPTS_SHOWN
     )
     ctx = {
+        "query": query,
+        "show_archived": show_archived,
+        "archived_count": int(archived_count or 0),
+        "action_error": action_error,
+        "shown_limit": PROMPTS_SHOWN,
         "project": project,
         "tab": "prompts",
         "counts": {s: int(counts.get(s, 0)) for s in ("train", "val", "test")},
@@ -150,12 +170,94 @@ def _prompts_page(
     return render(request, "pages/project_prompts.html", ctx, status_code=status_code)
 
 
+PROMPTS_SHOWN = 50
+
+
 @router.get("/projects/{project_id}/prompts", response_class=HTMLResponse)
 def prompts_page(
-    project_id: int, request: Request, session: SessionDep, user: PageUser, created: int = 0
+    project_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    created: int = 0,
+    q: str = "",
+    archived: bool = False,
 ) -> HTMLResponse:
+    """The prompts, newest first; `q` searches text and tags, `archived` shows the archived."""
     project = get_project_for(session, user, project_id, lead=True)
-    return _prompts_page(request, session, project, created=created or None)
+    return _prompts_page(
+        request, session, project, created=created or None, query=q[:200], show_archived=archived
+    )
+
+
+def _prompt_of(session: Session, project: Project, prompt_id: int) -> Prompt:
+    prompt = session.get(Prompt, prompt_id)
+    if prompt is None or prompt.project_id != project.id:
+        raise HTTPException(404, f"prompt {prompt_id} not found in this project")
+    return prompt
+
+
+def _form_flag(value: Any) -> bool | None:
+    """A checkbox or hidden field's "true"/"false" (absent: no change)."""
+    if value is None or value == "":
+        return None
+    return str(value).lower() in ("1", "true", "on", "yes")
+
+
+@router.post("/projects/{project_id}/prompts/{prompt_id}/edit", response_class=HTMLResponse)
+def edit_prompt_page(
+    project_id: int,
+    prompt_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    form: PostedForm,
+) -> Response:
+    """Edit a prompt's text, split and tags (comma-separated), or (un)archive it."""
+    project = get_project_for(session, user, project_id, lead=True)
+    prompt = _prompt_of(session, project, prompt_id)
+    body: dict[str, Any] = {}
+    for key in ("text", "split"):
+        if form.get(key) is not None:
+            body[key] = str(form.get(key))
+    if form.get("tags") is not None:
+        body["tags"] = str(form.get("tags")).split(",")
+    if _form_flag(form.get("archived")) is not None:
+        body["archived"] = _form_flag(form.get("archived"))
+    try:
+        data = PromptUpdate.model_validate(body)
+        changes = lifecycle.update_prompt(session, prompt=prompt, data=data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        message = f"prompt {prompt_id} not changed: {problems}"
+        return _prompts_page(request, session, project, action_error=message, status_code=422)
+    except DomainError as exc:
+        return _prompts_page(
+            request, session, project, action_error=exc.detail, status_code=http_status(exc)
+        )
+    record(session, actor=user, action="prompt.update", target=f"prompt:{prompt.id}",
+           project_id=project.id, details=changes)  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}/prompts#prompt-{prompt.id}", status_code=303)
+
+
+@router.post("/projects/{project_id}/prompts/{prompt_id}/delete", response_class=HTMLResponse)
+def delete_prompt_page(
+    project_id: int, prompt_id: int, request: Request, session: SessionDep, user: PageUser
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    prompt = _prompt_of(session, project, prompt_id)
+    try:
+        lifecycle.delete_prompt(session, prompt=prompt)
+    except DomainError as exc:
+        return _prompts_page(
+            request, session, project, action_error=exc.detail, status_code=http_status(exc)
+        )
+    record(session, actor=user, action="prompt.delete", target=f"prompt:{prompt_id}",
+           project_id=project.id)  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}/prompts", status_code=303)
 
 
 @router.post("/projects/{project_id}/prompts", response_class=HTMLResponse)
@@ -232,16 +334,19 @@ def _models_page(
     *,
     values: dict[str, Any] | None = None,
     errors: dict[str, str] | None = None,
+    action_error: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
     values = values or {}
     errors = errors or {}
     models = generators.list_models(session, project.id)
-    choices = [(m.id, m.name) for m in models]
+    choices = [(m.id, m.name) for m in models if m.archived_at is None]
     ctx = {
         "project": project,
         "tab": "models",
-        "models": models,
+        "models": [m for m in models if m.archived_at is None],
+        "archived_models": [m for m in models if m.archived_at is not None],
+        "action_error": action_error,
         "values": {"name": "", "base": "toy", "adapter": "", "parent_id": "", **values},
         "errors": errors,
         "choices": choices,
@@ -294,7 +399,9 @@ def register_model(
             request, session, project, values=values, errors=errors, status_code=422
         )
     try:
-        model = generators.register_model(session, project=project, data=data)
+        model = generators.register_model(
+            session, project=project, data=data, created_by_id=user.id
+        )
     except DomainError as exc:
         errors = {"": exc.detail}
         return _models_page(
@@ -303,6 +410,66 @@ def register_model(
     record(session, actor=user, action="model.create", target=f"model:{model.id}",
            project_id=project.id, details={"name": model.name})  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/models?added={model.id}", status_code=303)
+
+
+def _model_of(session: Session, project: Project, model_id: int) -> ModelVersion:
+    model = session.get(ModelVersion, model_id)
+    if model is None or model.project_id != project.id:
+        raise HTTPException(404, f"model {model_id} not found in this project")
+    return model
+
+
+@router.post("/projects/{project_id}/models/{model_id}/edit", response_class=HTMLResponse)
+def edit_model_page(
+    project_id: int,
+    model_id: int,
+    request: Request,
+    session: SessionDep,
+    user: PageUser,
+    form: PostedForm,
+) -> Response:
+    """Rename a model version, or archive / unarchive it."""
+    project = get_project_for(session, user, project_id, lead=True)
+    model = _model_of(session, project, model_id)
+    body: dict[str, Any] = {}
+    if form.get("name") is not None:
+        body["name"] = str(form.get("name"))
+    if _form_flag(form.get("archived")) is not None:
+        body["archived"] = _form_flag(form.get("archived"))
+    try:
+        changes = generators.update_model(
+            session, model=model, data=ModelUpdate.model_validate(body)
+        )
+    except ValidationError as exc:
+        message = f"model {model_id} not changed: " + "; ".join(
+            str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()
+        )
+        return _models_page(request, session, project, action_error=message, status_code=422)
+    except DomainError as exc:
+        return _models_page(
+            request, session, project, action_error=exc.detail, status_code=http_status(exc)
+        )
+    record(session, actor=user, action="model.update", target=f"model:{model.id}",
+           project_id=project.id, details=changes)  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}/models#model-{model.id}", status_code=303)
+
+
+@router.post("/projects/{project_id}/models/{model_id}/delete", response_class=HTMLResponse)
+def delete_model_page(
+    project_id: int, model_id: int, request: Request, session: SessionDep, user: PageUser
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    model = _model_of(session, project, model_id)
+    name = model.name
+    try:
+        generators.delete_model(session, model=model)
+    except DomainError as exc:
+        return _models_page(
+            request, session, project, action_error=exc.detail, status_code=http_status(exc)
+        )
+    record(session, actor=user, action="model.delete", target=f"model:{model_id}",
+           project_id=project.id, details={"name": name})  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}/models", status_code=303)
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -317,11 +484,13 @@ def _settings_page(
     *,
     saved: bool = False,
     gold_notice: str = "",
+    action_error: str | None = None,
     status_code: int = 200,
 ) -> HTMLResponse:
     settings = service.project_settings(project)
     current = values if values is not None else settings.model_dump()
     ctx = {
+        "action_error": action_error,
         "project": project,
         "tab": "settings",
         "fields": fields_for(ProjectSettings, current, errors),
@@ -373,6 +542,53 @@ def save_settings(
     record(session, actor=user, action="project.settings", target=f"project:{project.id}",
            project_id=project.id)  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/settings?saved=1", status_code=303)
+
+
+@router.post("/projects/{project_id}/edit", response_class=HTMLResponse)
+def edit_project_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser, form: PostedForm
+) -> Response:
+    """Rename the project, change its description, or archive / unarchive it."""
+    project = get_project_for(session, user, project_id, lead=True)
+    body: dict[str, Any] = {}
+    for key in ("name", "description"):
+        if form.get(key) is not None:
+            body[key] = str(form.get(key))
+    if _form_flag(form.get("archived")) is not None:
+        body["archived"] = _form_flag(form.get("archived"))
+    try:
+        changes = lifecycle.update_project(
+            session, project=project, data=ProjectUpdate.model_validate(body)
+        )
+    except ValidationError as exc:
+        message = "not changed: " + "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
+            for e in exc.errors()
+        )
+        return _settings_page(
+            request, session, project, None, {}, action_error=message, status_code=422
+        )
+    record(session, actor=user, action="project.update", target=f"project:{project.id}",
+           project_id=project.id, details=changes)  # fmt: skip
+    return RedirectResponse(f"/projects/{project.id}/settings#project", status_code=303)
+
+
+@router.post("/projects/{project_id}/delete", response_class=HTMLResponse)
+def delete_project_page(
+    project_id: int, request: Request, session: SessionDep, user: PageUser
+) -> Response:
+    project = get_project_for(session, user, project_id, lead=True)
+    name = project.name
+    try:
+        lifecycle.delete_project(session, project=project)
+    except DomainError as exc:
+        return _settings_page(
+            request, session, project, None, {}, action_error=exc.detail,
+            status_code=http_status(exc),
+        )  # fmt: skip
+    record(session, actor=user, action="project.delete", target=f"project:{project_id}",
+           project_id=project_id, details={"name": name})  # fmt: skip
+    return RedirectResponse("/", status_code=303)
 
 
 # -- annotators -------------------------------------------------------------------------------

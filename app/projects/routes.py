@@ -9,7 +9,8 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from app.audit.service import record
 from app.core.db import SessionDep
 from app.core.deps import CurrentUser, LeadUser, get_project_for
-from app.projects import service
+from app.projects import lifecycle, service
+from app.projects.models import Prompt
 from app.projects.schemas import (
     AnnotatorCreate,
     MemberCreate,
@@ -17,7 +18,10 @@ from app.projects.schemas import (
     MemberUpdate,
     ProjectCreate,
     ProjectPublic,
+    ProjectUpdate,
+    PromptPublic,
     PromptsCreate,
+    PromptUpdate,
 )
 from app.users.invites import invite_path, make_invite_token
 from app.users.models import User
@@ -32,6 +36,7 @@ def _public(project: Any) -> ProjectPublic:
         name=project.name,
         description=project.description,
         settings=service.project_settings(project),
+        archived=project.archived_at is not None,
     )
 
 
@@ -58,6 +63,91 @@ def list_projects(session: SessionDep, user: CurrentUser) -> list[ProjectPublic]
 @router.get("/projects/{project_id}", response_model=ProjectPublic)
 def get_project(project_id: int, session: SessionDep, user: CurrentUser) -> ProjectPublic:
     return _public(get_project_for(session, user, project_id, lead=True))
+
+
+@router.patch("/projects/{project_id}", response_model=ProjectPublic)
+def update_project(
+    project_id: int, body: ProjectUpdate, session: SessionDep, user: CurrentUser
+) -> ProjectPublic:
+    """Rename, describe again, archive (`"archived": true`) or unarchive a project."""
+    project = get_project_for(session, user, project_id, lead=True)
+    changes = lifecycle.update_project(session, project=project, data=body)
+    record(session, actor=user, action="project.update", target=f"project:{project.id}",
+           project_id=project.id, details=changes)  # fmt: skip
+    return _public(project)
+
+
+@router.delete("/projects/{project_id}", status_code=204)
+def delete_project(project_id: int, session: SessionDep, user: CurrentUser) -> Response:
+    """Delete a project that holds no images, votes or jobs; 409 naming them otherwise."""
+    project = get_project_for(session, user, project_id, lead=True)
+    name = project.name
+    lifecycle.delete_project(session, project=project)
+    record(session, actor=user, action="project.delete", target=f"project:{project_id}",
+           project_id=project_id, details={"name": name})  # fmt: skip
+    return Response(status_code=204)
+
+
+def prompt_for(session: Any, user: User, prompt_id: int) -> Prompt:
+    """The prompt, if the user leads its project (404 for an unknown id)."""
+    prompt = session.get(Prompt, prompt_id)
+    if prompt is None:
+        raise HTTPException(404, f"prompt {prompt_id} not found")
+    get_project_for(session, user, prompt.project_id, lead=True)
+    return prompt  # type: ignore[no-any-return]
+
+
+def prompt_public(prompt: Prompt) -> PromptPublic:
+    return PromptPublic(
+        id=prompt.id,
+        project_id=prompt.project_id,
+        text=prompt.text,
+        split=prompt.split,
+        tags=[str(t) for t in prompt.tags or []],
+        archived=prompt.archived_at is not None,
+    )
+
+
+@router.get("/projects/{project_id}/prompts", response_model=list[PromptPublic])
+def list_prompts(
+    project_id: int,
+    session: SessionDep,
+    user: CurrentUser,
+    q: str = "",
+    split: str | None = None,
+    archived: bool = False,
+    limit: int = 100,
+) -> list[PromptPublic]:
+    """Prompts whose text or tags contain `q`, newest first (archived ones with `archived=true`)."""
+    get_project_for(session, user, project_id, lead=True)
+    found = lifecycle.search_prompts(
+        session, project_id=project_id, query=q, split=split, archived=archived,
+        limit=max(1, min(limit, 1000)),
+    )  # fmt: skip
+    return [prompt_public(p) for p in found]
+
+
+@router.patch("/prompts/{prompt_id}", response_model=PromptPublic)
+def update_prompt(
+    prompt_id: int, body: PromptUpdate, session: SessionDep, user: CurrentUser
+) -> PromptPublic:
+    """Edit a prompt's text (while nothing was made from it), split or tags; (un)archive it."""
+    prompt = prompt_for(session, user, prompt_id)
+    changes = lifecycle.update_prompt(session, prompt=prompt, data=body)
+    record(session, actor=user, action="prompt.update", target=f"prompt:{prompt.id}",
+           project_id=prompt.project_id, details=changes)  # fmt: skip
+    return prompt_public(prompt)
+
+
+@router.delete("/prompts/{prompt_id}", status_code=204)
+def delete_prompt(prompt_id: int, session: SessionDep, user: CurrentUser) -> Response:
+    """Delete a prompt nothing refers to; 409 naming what still does."""
+    prompt = prompt_for(session, user, prompt_id)
+    project_id = prompt.project_id
+    lifecycle.delete_prompt(session, prompt=prompt)
+    record(session, actor=user, action="prompt.delete", target=f"prompt:{prompt_id}",
+           project_id=project_id)  # fmt: skip
+    return Response(status_code=204)
 
 
 @router.post("/projects/{project_id}/prompts", status_code=201)

@@ -59,11 +59,29 @@ class ProjectCreate(BaseModel):
         return value
 
 
+class ProjectUpdate(BaseModel):
+    """A rename, a new description and/or (un)archiving; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(default=None, min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=5000)
+    archived: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be blank")
+        return value.strip() if value is not None else None
+
+
 class ProjectPublic(BaseModel):
     id: int
     name: str
     description: str
     settings: ProjectSettings
+    archived: bool = False
 
 
 # Limits on a prompt wherever it comes from (API, files, imported datasets): a caption of
@@ -98,6 +116,42 @@ class PromptIn(BaseModel):
         if any("\x00" in tag for tag in value):
             raise ValueError("must not contain NUL characters")
         return value
+
+
+class PromptUpdate(BaseModel):
+    """Edit one prompt; fields left out stay as they are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(default=None, min_length=1, max_length=PROMPT_TEXT_MAX)
+    split: Literal["train", "val", "test"] | None = None
+    tags: list[Annotated[str, Field(max_length=TAG_MAX)]] | None = Field(
+        default=None, max_length=TAGS_MAX
+    )
+    archived: bool | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str | None) -> str | None:
+        return None if value is None else PromptIn._not_blank(value)  # type: ignore[call-arg]
+
+    @field_validator("tags")
+    @classmethod
+    def _clean_tags(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        value = PromptIn._no_nul(value)  # type: ignore[call-arg]
+        # Blank tags and repeats carry nothing (the form splits on commas).
+        return list(dict.fromkeys(t.strip() for t in value if t.strip()))
+
+
+class PromptPublic(BaseModel):
+    id: int
+    project_id: int
+    text: str
+    split: str
+    tags: list[str]
+    archived: bool
 
 
 class PromptsCreate(BaseModel):

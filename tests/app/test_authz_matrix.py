@@ -161,6 +161,20 @@ ACCESS: dict[R, str] = {
     ("GET", "/projects/{project_id}/settings"): "lead",
     ("POST", "/projects/{project_id}/settings"): "lead",
     ("POST", "/projects/{project_id}/settings/gold"): "lead",
+    # Renaming, archiving and deleting what a project holds, and the project itself.
+    ("PATCH", "/api/v1/projects/{project_id}"): "lead",
+    ("DELETE", "/api/v1/projects/{project_id}"): "lead",
+    ("GET", "/api/v1/projects/{project_id}/prompts"): "lead",
+    ("PATCH", "/api/v1/prompts/{prompt_id}"): "lead",
+    ("DELETE", "/api/v1/prompts/{prompt_id}"): "lead",
+    ("PATCH", "/api/v1/models/{model_id}"): "lead",
+    ("DELETE", "/api/v1/models/{model_id}"): "lead",
+    ("POST", "/projects/{project_id}/edit"): "lead",
+    ("POST", "/projects/{project_id}/delete"): "lead",
+    ("POST", "/projects/{project_id}/prompts/{prompt_id}/edit"): "lead",
+    ("POST", "/projects/{project_id}/prompts/{prompt_id}/delete"): "lead",
+    ("POST", "/projects/{project_id}/models/{model_id}/edit"): "lead",
+    ("POST", "/projects/{project_id}/models/{model_id}/delete"): "lead",
 }
 
 # What an allowed caller gets, where it is not the default (200 for reads; for writes 200, 201,
@@ -176,6 +190,10 @@ ALLOWED_STATUS: dict[R, set[int]] = {
     ("POST", "/api/v1/me/password"): {422},
     ("POST", "/me/password"): {422},
     ("DELETE", "/api/v1/projects/{project_id}/members/{user_id}"): {204},
+    # The fixture project holds images, votes and jobs: refused, naming them.
+    ("DELETE", "/api/v1/projects/{project_id}"): {409},
+    ("DELETE", "/api/v1/prompts/{prompt_id}"): {204},
+    ("DELETE", "/api/v1/models/{model_id}"): {204},
 }
 DEFAULT_WRITE = {200, 201, 202, 303, 409}
 
@@ -240,7 +258,14 @@ def build_world(db: Session, make_user: Any, name: str = "guarded") -> World:
     db.add_all(models)
     prompt = Prompt(project_id=project.id, text="a guarded prompt", split="train", tags=[])
     foreign_prompt = Prompt(project_id=elsewhere.id, text="elsewhere", split="train", tags=[])
-    db.add_all([prompt, foreign_prompt])
+    # Nothing refers to these two yet: renaming, archiving and deleting them succeed.
+    spare_model = ModelVersion(
+        project_id=project.id, name="authz-model-spare", base="toy", params={}
+    )
+    spare_prompt = Prompt(
+        project_id=project.id, text="a guarded spare prompt", split="val", tags=[]
+    )
+    db.add_all([prompt, foreign_prompt, spare_model, spare_prompt])
     db.flush()
     images = [
         store_image(
@@ -315,6 +340,8 @@ def build_world(db: Session, make_user: Any, name: str = "guarded") -> World:
                 select(ApiToken.id).where(ApiToken.token_hash == hash_token(annotator_token))
             ),
             "path": "app.js",
+            "model_id": spare_model.id,
+            "prompt_id": spare_prompt.id,
         },
         tokens={
             "anonymous": None,
@@ -329,7 +356,7 @@ def build_world(db: Session, make_user: Any, name: str = "guarded") -> World:
             "foreign_image": foreign.id,
             "images": [i.id for i in images],
             "open_pair": open_pair.id,
-            "models": [m.name for m in models],
+            "models": [m.name for m in [*models, spare_model]],
             "lead_user": lead,
             "annotator_user": annotator,
         },
@@ -413,6 +440,14 @@ def request_kwargs(method: str, path: str, world: World) -> dict[str, Any]:
         ("POST", "/projects/{project_id}/models"): {"data": {"name": "authz-new", "base": "toy"}},
         ("POST", "/projects/{project_id}/prompts"): {"files": prompt_file},
         ("POST", "/projects/{project_id}/settings"): {"data": {"votes_per_pair": "2"}},
+        ("PATCH", "/api/v1/projects/{project_id}"): {"json": {"name": "renamed"}},
+        ("PATCH", "/api/v1/prompts/{prompt_id}"): {"json": {"split": "test", "tags": ["x"]}},
+        ("PATCH", "/api/v1/models/{model_id}"): {"json": {"archived": True}},
+        ("POST", "/projects/{project_id}/edit"): {"data": {"name": "renamed"}},
+        ("POST", "/projects/{project_id}/prompts/{prompt_id}/edit"): {
+            "data": {"split": "test", "tags": "x, y"}
+        },
+        ("POST", "/projects/{project_id}/models/{model_id}/edit"): {"data": {"archived": "true"}},
     }
     return table.get((method, path), {})
 

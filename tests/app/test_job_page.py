@@ -121,7 +121,9 @@ def test_results_show_names_and_emails_beside_ids(
         "leaderboard": [{"model_id": a.id, "rank": 1}, {"model_id": b.id, "rank": 2}],
         "annotators": [{"annotator_id": annotator.id, "votes": 5}],
         "model_ids": [a.id, b.id, 999_999],
-    }
+        "method": {"reliability": {"excluded": {str(annotator.id): ["lead"]},
+                                   "votes_by_annotator": {str(annotator.id): 5, "77777": 1}}},
+    }  # fmt: skip
     assert readable_result(db, result) == {
         "fit_id": 3,
         "leaderboard": [
@@ -133,10 +135,29 @@ def test_results_show_names_and_emails_beside_ids(
         ],
         "model_ids": [a.id, b.id, 999_999],
         "model_names": ["model-a", "model-b", "#999999"],
+        "method": {
+            "reliability": {
+                "excluded": {f"{annotator.id} ann-result@example.org": ["lead"]},
+                "votes_by_annotator": {f"{annotator.id} ann-result@example.org": 5, "77777": 1},
+            }
+        },
     }
-    job = Job(project_id=project.id, kind="fit_ratings", queue="cpu", params={},
-              status="succeeded", result=result)  # fmt: skip
+    job = Job(project_id=project.id, kind="fit_ratings", queue="cpu", status="succeeded",
+              params={"model_ids": [b.id]}, result=result)  # fmt: skip
     db.add(job)
+    # A partial generate job names the model that failed.
+    failed = [{"model_id": b.id, "reason": "no weights"}]
+    partial = Job(project_id=project.id, kind="generate", queue="gpu", status="partial",
+                  params={"model_ids": [a.id, b.id]}, error="1 of 2 models failed",
+                  result={"images": 2, "pairs": 0, "failed_models": failed})  # fmt: skip
+    db.add(partial)
     db.commit()
     html = client.get(f"/jobs/{job.id}").text
     assert "model-a" in html and "ann-result@example.org" in html
+    # The parameters name their models too.
+    params = html.split("<h3>Parameters</h3>", 1)[1]
+    assert "model-b" in params
+    page = client.get(f"/jobs/{partial.id}").text
+    assert 'data-status="partial"' in page and "data-partial" in page
+    assert "&#34;model_name&#34;: &#34;model-b&#34;" in page and "no weights" in page
+    assert "Retry" in page  # a partial job may be retried: it does what is missing

@@ -58,3 +58,29 @@ def test_sqlite_upgrade_matches_models_and_downgrades(tmp_path) -> None:  # type
     engine = create_engine(url)
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     engine.dispose()
+
+
+def test_models_from_before_checks_are_ready_after_the_upgrade(empty_pg: str) -> None:
+    from alembic import command
+    from sqlalchemy import text
+
+    command.upgrade(alembic_config(empty_pg), "0002")
+    engine = create_engine(empty_pg)
+    with engine.begin() as conn:
+        project = conn.execute(
+            text("INSERT INTO projects (name, description, settings, created_at) "
+                 "VALUES ('old', '', '{}', now()) RETURNING id")
+        ).scalar_one()  # fmt: skip
+        conn.execute(
+            text("INSERT INTO model_versions (project_id, name, base, params, status, evaluation, "
+                 "created_at) VALUES (:p, 'm', 'toy', '{}', 'arena', '{}', now())"),
+            {"p": project},
+        )  # fmt: skip
+    upgrade_head(empty_pg)
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT check_status, check_error, archived_at FROM model_versions")
+        ).one()
+        archived = conn.execute(text("SELECT archived_at FROM projects")).scalar_one()
+    engine.dispose()
+    assert tuple(row) == ("ready", None, None) and archived is None

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 from app.generators.models import ModelVersion
 from app.jobs.service import create_job
 from app.main import create_app
+from app.projects.models import Prompt
 from app.projects.schemas import ProjectCreate
 from app.projects.service import add_member, create_project
 from tests.support import bearer
@@ -55,6 +56,9 @@ BODIES: dict[tuple[str, str], dict[str, Any]] = {
     ("POST", "/api/v1/jobs/{job_id}/cancel"): {},
     ("POST", "/api/v1/jobs/{job_id}/retry"): {},
     ("POST", "/api/v1/projects/{project_id}/jobs"): {"json": {"kind": "fit_ratings"}},
+    ("POST", "/projects/{project_id}/edit"): {"data": {"name": "renamed"}},
+    ("POST", "/projects/{project_id}/prompts/{prompt_id}/edit"): {"data": {"tags": "x"}},
+    ("POST", "/projects/{project_id}/models/{model_id}/edit"): {"data": {"archived": "true"}},
 }
 QUERIES: dict[tuple[str, str], dict[str, str]] = {
     ("GET", "/projects/{project_id}/jobs/new"): {"kind": "generate"},
@@ -106,7 +110,10 @@ def world(db: Session, make_user: Any) -> dict[str, Any]:
     project = create_project(db, data=ProjectCreate(name="guarded"), creator=lead)
     create_project(db, data=ProjectCreate(name="elsewhere"), creator=other_lead)
     add_member(db, project=project, user=annotator, role="annotator")
-    db.add(ModelVersion(project_id=project.id, name="m", base="toy", params={}))
+    model = ModelVersion(project_id=project.id, name="authz-model", base="toy", params={})
+    prompt = Prompt(project_id=project.id, text="a prompt", split="train", tags=[])
+    db.add_all([model, prompt])
+    db.flush()
     job = create_job(db, kind="fit_ratings", params={}, project_id=project.id,
                      created_by_id=lead.id, max_attempts=3)  # fmt: skip
     db.commit()
@@ -116,6 +123,8 @@ def world(db: Session, make_user: Any) -> dict[str, Any]:
             "job_id": job.id,
             "user_id": annotator.id,
             "section": "overview",
+            "model_id": model.id,
+            "prompt_id": prompt.id,
         },
         "tokens": {
             "anonymous": None,

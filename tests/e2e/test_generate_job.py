@@ -39,7 +39,7 @@ def _images(stack: Stack, pid: int) -> list[dict]:  # type: ignore[type-arg]
 
 
 def _generate(stack: Stack, pid: int, mid: int, **params: object) -> int:
-    body = {"kind": "generate", "params": {"model_ids": [mid], "make_pairs": False, **params}}
+    body = {"kind": "generate", "params": {"model_ids": [mid], "make_pairs": False} | params}
     response = stack.post(f"/api/v1/projects/{pid}/jobs", body)
     assert response.status_code == 202, response.text
     return int(response.json()["id"])
@@ -169,3 +169,42 @@ def test_generate_job_tops_up_gold_pairs_to_the_rate(stack: Stack) -> None:
     assert again.status_code == 200 and again.json() == {
         "created": 0, "pair_ids": [], "gold_pairs": gold
     }
+
+
+@pytest.mark.slow
+def test_one_bad_model_ends_partial_with_pairs_for_the_good_ones(stack: Stack) -> None:
+    # The lead launches before the checks ran (no worker yet): the bad model is still pending.
+    stack.workers[-1].stop()
+    pid = stack.post("/api/v1/projects", {"name": "partial"}).json()["id"]
+    texts = [{"text": f"a green triangle number {i}"} for i in range(3)]
+    assert stack.post(f"/api/v1/projects/{pid}/prompts", {"prompts": texts}).status_code == 201
+    missing = "prefloop-test/no-such-model"
+    ids = []
+    tiny = str(stack.model_path)  # type: ignore[attr-defined]
+    for name, base, steps in (("tiny-a", tiny, 3), ("missing", missing, 3), ("tiny-b", tiny, 4)):
+        made = stack.post(f"/api/v1/projects/{pid}/models",
+                          {"name": name, "base": base, "params": {"steps": steps}})  # fmt: skip
+        assert made.status_code == 201 and made.json()["check_status"] == "pending"
+        ids.append(made.json()["id"])
+    job_id = _generate(stack, pid, ids[0], model_ids=ids, images_per_prompt=1, make_pairs=True)
+    stack.start_worker()
+    job = wait_job(stack.client, job_id, {}, 240)  # type: ignore[arg-type]
+    assert job["status"] == "partial", job
+    result = job["result"]
+    assert result["images"] == 6 and result["pairs"] == 3
+    assert [f["model_id"] for f in result["failed_models"]] == [ids[1]]
+    assert missing in job["error"] and "1 of 3 models failed" in job["error"]
+    images = _images(stack, pid)
+    assert {i["model_id"] for i in images} == {ids[0], ids[2]}
+    # The checks ran too: the good models are ready, the bad one failed with the loader's words.
+    def checked() -> list[dict]:  # type: ignore[type-arg]
+        models = stack.get(f"/api/v1/projects/{pid}/models").json()
+        return models if all(m["check_status"] != "pending" for m in models) else []
+
+    models = {m["id"]: m for m in wait_for(checked, 120, what="the model checks")}
+    assert [models[i]["check_status"] for i in ids] == ["ready", "failed", "ready"]
+    assert "cannot load model" in models[ids[1]]["check_error"]
+    # From now on the failed model cannot be picked.
+    again = stack.post(f"/api/v1/projects/{pid}/jobs",
+                       {"kind": "generate", "params": {"model_ids": ids}})  # fmt: skip
+    assert again.status_code == 409 and "failed its check" in again.text

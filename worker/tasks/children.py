@@ -150,6 +150,10 @@ def close_the_loop(
         select(RewardModel.id).where(RewardModel.project_id == parent.project_id).limit(1)
     )
     follow_ups: dict[str, Any] = {}
+    if parent.archived_at is not None:
+        # Archived while the child trained: the child is kept, nothing new is started with it.
+        ctx.log(f"parent model {parent.id} is archived: no evaluation or arena round queued")
+        return follow_ups
     if has_reward_model:
         evaluate = create_job(
             session,

@@ -23,7 +23,7 @@ from app.images.models import Image
 from app.images.service import store_image
 from app.jobs.kinds import GenerateParams
 from app.projects.models import Project, Prompt
-from worker.runner import JobCancelled, ProjectJobContext
+from worker.runner import JobCancelled, JobPartial, ProjectJobContext, TransientJobError
 from worker.seeds import seeds_by_prompt
 
 
@@ -113,11 +113,14 @@ def generate_images(
     *,
     batch_size: int | None = None,
     progress: tuple[float, float] = (0.0, 1.0),
+    failures: dict[int, str] | None = None,
 ) -> tuple[int, int]:
     """Generate every missing (prompt, model, seed) image; returns (created, skipped).
 
     `seeds`: the same seeds for every prompt, or {prompt id: its seeds}. Stops quietly between
-    batches when the job is cancelled (the caller raises).
+    batches when the job is cancelled (the caller raises). With `failures`, a model that fails
+    (will not load, or its sampler breaks) is recorded there as {model id: reason} and the other
+    models go on; without it, the failure ends the call.
     """
     from worker.generation import iter_generate
 
@@ -156,16 +159,25 @@ def generate_images(
                 should_cancel=lambda: ctx.cancel_requested,
             )
 
-        for _prompt, seed, image, choice in sample_with_policy(ctx, model, sample, items):
-            prompt_id, expected_seed = next(ids)
-            assert seed == expected_seed
-            created += _store(ctx, model, prompt_id, seed, image, choice)
-            finished += 1
-            # Throttled: a progress write per image would cost more than a small image.
-            if time.monotonic() - last_report > 0.5 or finished == total:
-                last_report = time.monotonic()
-                fraction = low + (high - low) * finished / max(total, 1)
-                ctx.progress(fraction, f"{finished} of {total} images")
+        try:
+            for _prompt, seed, image, choice in sample_with_policy(ctx, model, sample, items):
+                prompt_id, expected_seed = next(ids)
+                assert seed == expected_seed
+                created += _store(ctx, model, prompt_id, seed, image, choice)
+                finished += 1
+                # Throttled: a progress write per image would cost more than a small image.
+                if time.monotonic() - last_report > 0.5 or finished == total:
+                    last_report = time.monotonic()
+                    fraction = low + (high - low) * finished / max(total, 1)
+                    ctx.progress(fraction, f"{finished} of {total} images")
+        except (JobCancelled, TransientJobError):
+            raise
+        except Exception as exc:
+            if failures is None:
+                raise
+            reason = f"{type(exc).__name__}: {exc}"
+            failures[model.id] = reason
+            ctx.log(f"model {model.name} failed, the others go on: {reason}")
     return created, skipped
 
 
@@ -224,21 +236,44 @@ def generate(ctx: ProjectJobContext[GenerateParams]) -> dict[str, Any]:
     size = PAIR_ROUND_PROMPTS if make else len(prompts)
     rounds = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     created = skipped = pairs = 0
+    # One model that will not load must not cost the others their images and pairs; one whose
+    # check failed after the job was queued is not tried again.
+    failures: dict[int, str] = {
+        m.id: f"failed its check: {m.check_error}" for m in models if m.check_status == "failed"
+    }
     for index, chunk in enumerate(rounds):
         span = (index / len(rounds), (index + 1) / len(rounds))
+        working = [m for m in models if m.id not in failures]
         new, old = generate_images(
-            ctx, models, chunk, seeds, batch_size=params.batch_size, progress=span
-        )
+            ctx, working, chunk, seeds, batch_size=params.batch_size, progress=span,
+            failures=failures,
+        )  # fmt: skip
         created += new
         skipped += old
         if ctx.cancel_requested:
             raise JobCancelled()
+        good = [m.id for m in models if m.id not in failures]
+        if not good:
+            break
         if make:
             chunk_seeds = {pid: seeds[pid] for pid, _ in chunk}
-            pairs += _make_pairs(ctx, [m.id for m in models], chunk_seeds)
+            pairs += _make_pairs(ctx, good, chunk_seeds)
+    reasons = "; ".join(
+        f"model {m.id} ({m.name}): {failures[m.id]}" for m in models if m.id in failures
+    )
+    if len(failures) == len(models):
+        raise RuntimeError(reasons if len(models) > 1 else failures[models[0].id])
     gold = _top_up_gold(ctx)
     ctx.progress(1.0, f"{created} new images, {pairs} new pairs, {gold} new gold pairs")
-    return {"images": created, "skipped": skipped, "pairs": pairs, "gold_pairs": gold}
+    result: dict[str, Any] = {
+        "images": created, "skipped": skipped, "pairs": pairs, "gold_pairs": gold,
+    }  # fmt: skip
+    if failures:
+        result["failed_models"] = [
+            {"model_id": model_id, "reason": reason} for model_id, reason in failures.items()
+        ]
+        raise JobPartial(result, f"{len(failures)} of {len(models)} models failed: {reasons}")
+    return result
 
 
 def _top_up_gold(ctx: ProjectJobContext[Any]) -> int:

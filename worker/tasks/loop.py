@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from app.generators.models import ModelVersion
 from app.jobs.kinds import TrainLoopParams
-from app.jobs.models import Job
+from app.jobs.models import TERMINAL, Job
 from app.jobs.service import create_job
 from app.pairs.active import latest_reward_model
 from app.pairs.models import Pair
@@ -97,9 +97,6 @@ def stop_reason(
 # --- sub-jobs ---------------------------------------------------------------------------------
 
 
-_TERMINAL = ("succeeded", "failed", "cancelled")
-
-
 def run_subjob(ctx: ProjectJobContext[Any], job_id: int, *, poll: float = 1.0) -> dict[str, Any]:
     """Run a queued job here (or wait for whoever claimed it) and return its result."""
     name = f"{ctx.worker}/sub"
@@ -108,7 +105,7 @@ def run_subjob(ctx: ProjectJobContext[Any], job_id: int, *, poll: float = 1.0) -
             job = session.get(Job, job_id)
             assert job is not None
             status = job.status
-        if status in _TERMINAL:
+        if status in TERMINAL:
             break
         if status == "queued":
             runner.execute(job_id, name=name)
