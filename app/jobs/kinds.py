@@ -80,7 +80,7 @@ class CheckModelParams(JobParams):
 
 
 def check_check_model(
-    session: Session, project_id: int | None, params: CheckModelParams
+    session: Session, project_id: int, params: CheckModelParams
 ) -> list[dict[str, Any]]:
     # A failed or archived model may be checked again (that is how a fixed model comes back).
     return check_model_ids(session, project_id, [params.model_id], usable=False)

@@ -57,7 +57,7 @@ def _errors(exc: ValidationError) -> dict[str, str]:
 
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
-    items = []
+    items: list[dict[str, Any]] = []
     for project in service.projects_for(session, user):
         role = membership_role(session, user, project.id)
         lead = role in ("admin", "lead") and user.role in ("admin", "lead")

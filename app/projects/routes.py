@@ -94,7 +94,7 @@ def prompt_for(session: Any, user: User, prompt_id: int) -> Prompt:
     if prompt is None:
         raise HTTPException(404, f"prompt {prompt_id} not found")
     get_project_for(session, user, prompt.project_id, lead=True)
-    return prompt  # type: ignore[no-any-return]
+    return prompt
 
 
 def prompt_public(prompt: Prompt) -> PromptPublic:

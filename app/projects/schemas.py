@@ -133,14 +133,14 @@ class PromptUpdate(BaseModel):
     @field_validator("text")
     @classmethod
     def _not_blank(cls, value: str | None) -> str | None:
-        return None if value is None else PromptIn._not_blank(value)  # type: ignore[call-arg]
+        return None if value is None else PromptIn._not_blank(value)
 
     @field_validator("tags")
     @classmethod
     def _clean_tags(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        value = PromptIn._no_nul(value)  # type: ignore[call-arg]
+        value = PromptIn._no_nul(value)
         # Blank tags and repeats carry nothing (the form splits on commas).
         return list(dict.fromkeys(t.strip() for t in value if t.strip()))
 
