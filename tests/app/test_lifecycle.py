@@ -26,7 +26,7 @@ from app.projects.models import Project, Prompt
 from app.projects.schemas import ProjectCreate
 from app.projects.service import add_member, create_project
 from tests.app.test_authz_matrix import tiny_png
-from tests.app.test_dashboard import _lead_client
+from tests.factories import lead_client as _lead_client
 from tests.support import bearer
 
 

@@ -16,7 +16,7 @@ from app.pairs.models import Pair
 from app.projects.service import add_member, project_settings
 from app.votes.models import Vote
 from app.votes.sitting import SESSION_GAP, gold_record, session_votes
-from tests.app.test_pairs import build_world
+from tests.factories import build_world
 from tests.support import bearer
 
 
@@ -108,7 +108,7 @@ def test_gold_streak_and_accuracy_shown_only_when_revealed(client, db, make_user
 
 
 def test_lead_sets_the_session_target_on_the_settings_page(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
-    from tests.app.test_dashboard import _lead_client
+    from tests.factories import lead_client as _lead_client
 
     w = build_world(db, make_user, n_prompts=1)
     client, lead, csrf = _lead_client(client, make_user)
