@@ -180,7 +180,11 @@ class Http:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(
-        self, method: str, path: str, body: bytes = b"", ctype: str = "application/json",
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        ctype: str = "application/json",
         extra: str = "",
     ) -> tuple[int, bytes, float]:
         """(status, body, ms from issuing the request to the last byte of the answer)."""
@@ -333,7 +337,11 @@ async def page_cycle(
 
 
 async def annotator(
-    n: int, args: argparse.Namespace, world: dict[str, Any], port: int, stop: asyncio.Event,
+    n: int,
+    args: argparse.Namespace,
+    world: dict[str, Any],
+    port: int,
+    stop: asyncio.Event,
     tally: Tally,
 ) -> None:
     rng = random.Random(n)
@@ -531,7 +539,9 @@ SELECT id FROM v
 """
 
 
-async def ceiling(url: str, world: dict[str, Any], conns: int, annotators: int, seconds: float) -> float:
+async def ceiling(
+    url: str, world: dict[str, Any], conns: int, annotators: int, seconds: float
+) -> float:
     pool: asyncio.Queue[psycopg.AsyncConnection[Any]] = asyncio.Queue()
     for _ in range(conns):
         pool.put_nowait(await psycopg.AsyncConnection.connect(url, autocommit=True))
@@ -553,8 +563,13 @@ async def ceiling(url: str, world: dict[str, Any], conns: int, annotators: int, 
                 continue
             conn = await pool.get()
             try:
-                params = {"pair": row[0], "project": world["project_id"], "user": user,
-                          "left": row[1], "key": uuid.uuid4().hex}
+                params = {
+                    "pair": row[0],
+                    "project": world["project_id"],
+                    "user": user,
+                    "left": row[1],
+                    "key": uuid.uuid4().hex,
+                }
                 if await (await conn.execute(VOTE, params)).fetchone():
                     done += 1
             finally:
@@ -577,8 +592,15 @@ def pct(values: list[float], q: float) -> float | None:
     return round(statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1], 1)
 
 
-async def drive(args: argparse.Namespace, world: dict[str, Any], port: int, seconds: float,
-                tally: Tally, on_start: Any = None, on_stop: Any = None) -> float:
+async def drive(
+    args: argparse.Namespace,
+    world: dict[str, Any],
+    port: int,
+    seconds: float,
+    tally: Tally,
+    on_start: Any = None,
+    on_stop: Any = None,
+) -> float:
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(annotator(n, args, world, port, stop, tally))
@@ -628,10 +650,24 @@ def run_size(args: argparse.Namespace, pairs: int) -> dict[str, Any]:
         )
         with open(log_path, "wb") as log:
             server = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "app.main:create_app", "--factory",
-                 "--port", str(port), "--workers", str(args.workers), "--no-access-log",
-                 "--log-level", "warning"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "app.main:create_app",
+                    "--factory",
+                    "--port",
+                    str(port),
+                    "--workers",
+                    str(args.workers),
+                    "--no-access-log",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 90
         while True:
@@ -651,7 +687,11 @@ def run_size(args: argparse.Namespace, pairs: int) -> dict[str, Any]:
         world_run = dict(world)
         elapsed = asyncio.run(
             drive(
-                args, world_run, port, args.seconds, tally,
+                args,
+                world_run,
+                port,
+                args.seconds,
+                tally,
                 on_start=lambda: snaps.__setitem__("a", snapshot(server.pid, url, name)),
                 on_stop=lambda: snaps.__setitem__("b", snapshot(server.pid, url, name)),
             )
@@ -722,8 +762,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes")
     parser.add_argument("--pairs", default="6000", help="comma-separated project sizes")
     parser.add_argument("--k", type=int, default=3)
-    parser.add_argument("--ceiling", type=float, default=10.0,
-                        help="seconds of the SQL ceiling run (0: skip)")
+    parser.add_argument(
+        "--ceiling", type=float, default=10.0, help="seconds of the SQL ceiling run (0: skip)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.saturate:
@@ -744,7 +785,8 @@ def main() -> None:
     if len(results) > 1:
         small, large = results[0], results[-1]
         report["postgres_cpu_growth"] = round(
-            large["cpu_ms_per_cycle"]["postgres"] / max(small["cpu_ms_per_cycle"]["postgres"], 1e-9),
+            large["cpu_ms_per_cycle"]["postgres"]
+            / max(small["cpu_ms_per_cycle"]["postgres"], 1e-9),
             2,
         )
     text = json.dumps(report, indent=2)
@@ -752,7 +794,11 @@ def main() -> None:
     if args.json:
         args.json.write_text(text + "\n")
     ok = all(
-        not r["errors"] and r["acknowledged_equals_rows"] and r["over_k"] == 0 and r["duplicates"] == 0 and r["server_tracebacks"] == 0
+        not r["errors"]
+        and r["acknowledged_equals_rows"]
+        and r["over_k"] == 0
+        and r["duplicates"] == 0
+        and r["server_tracebacks"] == 0
         for r in results
     )
     raise SystemExit(0 if ok else 1)
