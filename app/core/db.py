@@ -137,3 +137,17 @@ def get_session(
 # scope="function": commit before the response is sent, so whatever a client was told is saved
 # really is in the database (and its next request sees it).
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+@contextmanager
+def request_session(request: Request) -> Iterator[Session]:
+    """The request's unit of work for a route that needs the database on some paths only (so
+    it does not take `SessionDep`); it honours an override of `get_session` as injection does.
+    Blocking: use it from a worker thread."""
+    override = request.app.dependency_overrides.get(get_session)
+    if override is None:
+        with session_scope() as session:
+            yield session
+    else:
+        with contextmanager(override)() as session:
+            yield session

@@ -55,29 +55,40 @@ def same_origin(request: Request) -> bool:
     return origin.split("://", 1)[-1] == host
 
 
-async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
-    # Async only for the CSRF form read; the database lookups run in the threadpool, since one
-    # blocking the event loop while the pool is exhausted stalls every request of the process.
+def lookup_auth(session: Session, request: Request) -> Auth | None:
+    """Who sent this request (Bearer token or session cookie), without the CSRF check; raises
+    401 for a token that is invalid or revoked. Blocking: call it from a worker thread."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
-        user = await run_in_threadpool(users.user_for_token, session, header[7:].strip())
+        user = users.user_for_token(session, header[7:].strip())
         if user is None:
             raise HTTPException(401, "invalid or revoked token", {"WWW-Authenticate": "Bearer"})
         return Auth(user=user, via="token")
     cookie = request.cookies.get(SESSION_COOKIE)
     if not cookie:
         return None
-    user_session = await run_in_threadpool(users.session_for_token, session, cookie)
+    user_session = users.session_for_token(session, cookie)
     if user_session is None:
         return None
     user_session.user.token_project_id = None  # type: ignore[attr-defined]
+    return Auth(user=user_session.user, via="session", user_session=user_session)
+
+
+async def optional_auth(request: Request, session: SessionDep) -> Auth | None:
+    # Async only for the CSRF form read; the database lookups run in the threadpool, since one
+    # blocking the event loop while the pool is exhausted stalls every request of the process.
+    if not request.headers.get("authorization") and not request.cookies.get(SESSION_COOKIE):
+        return None
+    auth = await run_in_threadpool(lookup_auth, session, request)
+    if auth is None or auth.user_session is None:
+        return auth
     # Cookie-authenticated writes need the synchronizer token and a same-origin request.
     if request.method not in SAFE_METHODS and (
-        not same_origin(request) or not await _csrf_ok(request, user_session)
+        not same_origin(request) or not await _csrf_ok(request, auth.user_session)
     ):
         raise HTTPException(403, "CSRF check failed: missing or wrong CSRF token")
-    request.state.user_session = user_session
-    return Auth(user=user_session.user, via="session", user_session=user_session)
+    request.state.user_session = auth.user_session
+    return auth
 
 
 OptionalAuth = Annotated[Auth | None, Depends(optional_auth)]

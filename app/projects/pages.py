@@ -22,7 +22,7 @@ from app.dashboard import service as dashboard
 from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_form
 from app.generators import service as generators
 from app.generators.schemas import GenerationParams, ModelCreate
-from app.pairs.service import gold_count, top_up_gold
+from app.pairs.gold import gold_count, top_up_gold
 from app.projects import service, uploads
 from app.projects.models import Membership, Project, Prompt
 from app.projects.schemas import ProjectCreate, ProjectSettings, PromptIn

@@ -31,7 +31,7 @@ from app.core.db import utcnow
 from app.core.deps import membership_role
 from app.core.health import VOTES
 from app.pairs.models import Pair, Reservation
-from app.pairs.service import (
+from app.pairs.scheduler import (
     bound_lock_waits,
     live_reservations_by_others,
     load_pair_for_update,

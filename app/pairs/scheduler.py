@@ -1,0 +1,460 @@
+"""The pair scheduler: which pair an annotator sees next (building pairs: `app.pairs.building`;
+gold pairs: `app.pairs.gold`; the order of candidates: `app.pairs.ordering`).
+
+Rules of `next_pair`:
+- never a pair the annotator already voted on (a skip counts as seen);
+- a pair takes at most `votes_wanted` (k) annotators: its votes plus the live reservations of
+  other annotators must stay below k for it to be served; serving reserves a slot for
+  `reservation_minutes`, with a random left image per assignment;
+- pairs with the fewest votes + live reservations come first; for projects with active
+  sampling on, the active order (a parameter, default `app.pairs.active.active_order`)
+  reorders the candidates;
+- gold pairs are served at the project's `gold_rate`, at most once per annotator, and are not
+  capped at k: they measure annotators, so every annotator should meet them;
+- asking again while holding a live reservation returns the same pair and side.
+
+Concurrency: on Postgres the candidate pair row is locked with `FOR NO KEY UPDATE SKIP LOCKED`
+and the capacity is checked again, in a fresh statement, once the lock is held, so concurrent
+annotators cannot push a pair past k. The scheduler never waits on a pair lock: when every
+open candidate is locked by someone else it looks again a few times, then raises `PairsBusy`
+(the API answers 503 with Retry-After) rather than block a web thread. Other lock waits are
+bounded by `lock_timeout`, so a stalled request can never wedge the others. SQLite serialises
+writers: the first write of the unit of work (deleting the annotator's expired reservations)
+takes the database write lock.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, false, func, select, text, update
+from sqlalchemy.orm import Session, aliased
+
+from app.core.db import utcnow
+from app.images.models import Image
+from app.pairs.models import Pair, Reservation
+from app.pairs.ordering import Candidate, CandidateOrder, fewest_votes_first
+from app.projects.models import Project, Prompt
+from app.projects.service import project_settings
+from app.users.models import User
+from app.votes.models import Vote
+
+# How many candidate pairs one scheduling decision looks at (fewest votes first).
+CANDIDATE_WINDOW = 64
+# Candidates tried per look, and looks (with a short pause between) when all were locked.
+MAX_TRIES = 24
+LOOKS = 4
+# Longest wait for a row lock in the scheduler and the vote path (Postgres).
+LOCK_TIMEOUT_MS = 3000
+
+
+class PairsBusy(Exception):
+    """Every open pair was being handed out or voted on at that moment: ask again shortly."""
+
+
+@dataclass(frozen=True)
+class ServedPair:
+    """A pair reserved for one annotator. `is_gold` is internal: never send it to annotators."""
+
+    pair_id: int
+    prompt: str
+    left_image_id: str
+    right_image_id: str
+    expires_at: dt.datetime
+    is_gold: bool
+    # Content hashes of the images, for signed image URLs.
+    left_sha256: str = ""
+    right_sha256: str = ""
+
+
+def order_for(project: Project, active: CandidateOrder | None = None) -> CandidateOrder:
+    """The order for this project: `active` (default `app.pairs.active.active_order`) when the
+    project has `active_sampling` on, else fewest votes first.
+
+    An active order gets capacity-checked candidates; it may reorder or drop them, and is
+    expected to honour the project's `random_floor` itself.
+    """
+    if project_settings(project).active_sampling:
+        if active is not None:
+            return active
+        from app.pairs.active import active_order  # it builds on the scheduler's modules
+
+        return active_order
+    return fewest_votes_first
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def _live_others(annotator_id: int, now: dt.datetime, pair_id: Any = Pair.id) -> Any:
+    return (
+        select(func.count())
+        .select_from(Reservation)
+        .where(
+            Reservation.pair_id == pair_id,
+            Reservation.expires_at > now,
+            Reservation.annotator_id != annotator_id,
+        )
+        .scalar_subquery()
+    )
+
+
+def live_reservations_by_others(
+    session: Session, *, pair_id: int, annotator_id: int, now: dt.datetime
+) -> int:
+    return int(session.scalar(select(_live_others(annotator_id, now, pair_id))) or 0)
+
+
+def load_pair_for_update(session: Session, pair_id: int) -> Pair | None:
+    """The pair, locked against concurrent schedulers and votes until the transaction ends."""
+    if _is_postgres(session):
+        # NO KEY UPDATE: does not block the key-share locks taken by inserts referencing the pair.
+        return session.get(
+            Pair, pair_id, with_for_update={"key_share": True}, populate_existing=True
+        )
+    # SQLite has no row locks: a write takes the database write lock for the transaction.
+    session.execute(
+        update(Pair).where(Pair.id == pair_id).values(vote_count=Pair.vote_count),
+        execution_options={"synchronize_session": False},
+    )
+    return session.get(Pair, pair_id, populate_existing=True)
+
+
+def _try_lock(session: Session, pair_id: int) -> bool:
+    if not _is_postgres(session):
+        return load_pair_for_update(session, pair_id) is not None
+    stmt = (
+        select(Pair.id).where(Pair.id == pair_id).with_for_update(key_share=True, skip_locked=True)
+    )
+    return session.scalar(stmt) is not None
+
+
+def _candidates(
+    session: Session,
+    *,
+    project_id: int,
+    annotator_id: int,
+    gold: bool,
+    now: dt.datetime,
+    window: int,
+    exclude: Sequence[int] = (),
+) -> list[Candidate]:
+    reserved = _live_others(annotator_id, now)
+    voted = (
+        select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator_id).exists()
+    )
+    stmt = select(
+        Pair.id,
+        Pair.prompt_id,
+        Pair.image_a_id,
+        Pair.image_b_id,
+        Pair.purpose,
+        Pair.is_gold,
+        Pair.vote_count,
+        Pair.votes_wanted,
+        reserved,
+    ).where(Pair.project_id == project_id, Pair.is_gold == gold, ~voted)
+    if not gold:
+        stmt = stmt.where(
+            Pair.vote_count < Pair.votes_wanted, Pair.vote_count + reserved < Pair.votes_wanted
+        )
+    if exclude:
+        stmt = stmt.where(Pair.id.not_in(list(exclude)))
+    stmt = stmt.order_by(Pair.vote_count).limit(window)
+    return [Candidate(*row) for row in session.execute(stmt)]
+
+
+def _still_open(
+    session: Session, cand: Candidate, annotator_id: int, now: dt.datetime
+) -> tuple[str, str, str] | None:
+    """(prompt text, content hashes of images a and b) if the pair is still open for this
+    annotator, else None.
+
+    Runs as a fresh statement after the lock, so it sees what others have just committed.
+    """
+    voted = (
+        select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator_id).exists()
+    )
+    image_a, image_b = aliased(Image), aliased(Image)
+    row = session.execute(
+        select(
+            Pair.vote_count,
+            Pair.votes_wanted,
+            _live_others(annotator_id, now),
+            voted,
+            Prompt.text,
+            image_a.sha256,
+            image_b.sha256,
+        )
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(image_a, image_a.id == Pair.image_a_id)
+        .join(image_b, image_b.id == Pair.image_b_id)
+        .where(Pair.id == cand.pair_id)
+    ).one_or_none()
+    if row is None:
+        return None
+    vote_count, votes_wanted, reserved, already_voted, prompt, sha_a, sha_b = row
+    if already_voted or not (cand.is_gold or vote_count + reserved < votes_wanted):
+        return None
+    return prompt, sha_a, sha_b
+
+
+def _drop_reservations(session: Session, annotator_id: int, *, expired_before: dt.datetime) -> None:
+    session.execute(
+        delete(Reservation).where(
+            Reservation.annotator_id == annotator_id, Reservation.expires_at <= expired_before
+        ),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def _held(
+    session: Session, *, project_id: int, annotator_id: int, now: dt.datetime
+) -> tuple[ServedPair | None, list[int]]:
+    """(the live reservation of this annotator in the project, pairs of its expired ones)."""
+    image_a, image_b = aliased(Image), aliased(Image)
+    rows = session.execute(
+        select(
+            Reservation.pair_id,
+            Reservation.left_image_id,
+            Reservation.expires_at,
+            Pair.image_a_id,
+            Pair.image_b_id,
+            Pair.is_gold,
+            Prompt.text,
+            image_a.sha256,
+            image_b.sha256,
+        )
+        .join(Pair, Pair.id == Reservation.pair_id)
+        .join(Prompt, Prompt.id == Pair.prompt_id)
+        .join(image_a, image_a.id == Pair.image_a_id)
+        .join(image_b, image_b.id == Pair.image_b_id)
+        .where(Reservation.annotator_id == annotator_id, Pair.project_id == project_id)
+        .order_by(Reservation.created_at.desc())
+    ).all()
+    live = None
+    expired = []
+    for pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b in rows:
+        if expires_at <= now:
+            expired.append(pair_id)
+        elif live is None:
+            on_a = left == a
+            live = ServedPair(
+                pair_id,
+                prompt,
+                left,
+                b if on_a else a,
+                expires_at,
+                is_gold,
+                sha_a if on_a else sha_b,
+                sha_b if on_a else sha_a,
+            )
+    return live, expired
+
+
+def _reserve(
+    session: Session,
+    cand: Candidate,
+    found: tuple[str, str, str],
+    *,
+    annotator_id: int,
+    minutes: float,
+    now: dt.datetime,
+    rng: random.Random,
+) -> ServedPair:
+    prompt, sha_a, sha_b = found
+    on_a = rng.random() < 0.5
+    left, right = (cand.image_a_id, cand.image_b_id) if on_a else (cand.image_b_id, cand.image_a_id)
+    expires_at = now + dt.timedelta(minutes=minutes)
+    session.add(
+        Reservation(
+            pair_id=cand.pair_id,
+            annotator_id=annotator_id,
+            left_image_id=left,
+            created_at=now,
+            expires_at=expires_at,
+        )
+    )
+    session.flush()
+    return ServedPair(
+        cand.pair_id,
+        prompt,
+        left,
+        right,
+        expires_at,
+        cand.is_gold,
+        sha_a if on_a else sha_b,
+        sha_b if on_a else sha_a,
+    )
+
+
+def _serve_from(
+    session: Session,
+    ordered: list[Candidate],
+    *,
+    annotator_id: int,
+    minutes: float,
+    now: dt.datetime,
+    rng: random.Random,
+) -> tuple[ServedPair | None, int]:
+    """Reserve the first candidate that can be locked and is still open; (served, locked)."""
+    locked = 0
+    for cand in ordered[:MAX_TRIES]:
+        if not _try_lock(session, cand.pair_id):
+            locked += 1
+            continue
+        found = _still_open(session, cand, annotator_id, now)
+        if found is not None:
+            served = _reserve(
+                session, cand, found, annotator_id=annotator_id, minutes=minutes, now=now, rng=rng
+            )
+            return served, locked
+    return None, locked
+
+
+def bound_lock_waits(session: Session) -> None:
+    """Cap row-lock waits for the rest of this transaction (Postgres; SQLite has busy_timeout)."""
+    if _is_postgres(session):
+        session.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
+
+
+def next_pair(
+    session: Session,
+    *,
+    project: Project,
+    annotator: User,
+    now: dt.datetime | None = None,
+    rng: random.Random | None = None,
+    order: CandidateOrder | None = None,
+    active_order: CandidateOrder | None = None,
+    window: int = CANDIDATE_WINDOW,
+) -> ServedPair | None:
+    """Reserve and return the next pair for this annotator, or None when nothing is left.
+
+    `order` reorders the capacity-checked candidates whatever the project's settings (default:
+    `order_for(project, active_order)`: `active_order` for projects with active sampling on);
+    `rng` picks gold-or-not and the left side.
+    """
+    now = now or utcnow()
+    rng = rng or random.Random()
+    settings = project_settings(project)
+    bound_lock_waits(session)
+    if _is_postgres(session):
+        # Serialises this annotator's own concurrent requests (one live reservation each).
+        session.execute(
+            select(User.id).where(User.id == annotator.id).with_for_update(key_share=True)
+        )
+    else:
+        # The first write of the unit of work takes SQLite's write lock: schedulers queue here.
+        _drop_reservations(session, annotator.id, expired_before=now)
+    held, expired = _held(session, project_id=project.id, annotator_id=annotator.id, now=now)
+    if held is not None:
+        return held
+    if expired:
+        # Lapsed ones would collide with a new reservation of the same pair.
+        _drop_reservations(session, annotator.id, expired_before=now)
+    gold_first = settings.gold_rate > 0 and rng.random() < settings.gold_rate
+    tiers = [True, False] if gold_first else [False]
+    for look in range(LOOKS):
+        locked = 0
+        for gold in tiers:
+            candidates = _candidates(
+                session,
+                project_id=project.id,
+                annotator_id=annotator.id,
+                gold=gold,
+                now=now,
+                window=window,
+            )
+            if not candidates:
+                continue
+            ordering = fewest_votes_first if gold else (order or order_for(project, active_order))
+            served, skipped = _serve_from(
+                session,
+                ordering(session, project, candidates, annotator),
+                annotator_id=annotator.id,
+                minutes=settings.reservation_minutes,
+                now=now,
+                rng=rng,
+            )
+            if served is not None:
+                return served
+            locked += skipped
+        if not locked:
+            return None
+        # Locks are held for a few milliseconds: look again rather than wait on one.
+        time.sleep(0.005 * 2**look)
+    raise PairsBusy("every open pair is being handed out right now; ask again in a second")
+
+
+def peek_candidate(
+    session: Session,
+    *,
+    project: Project,
+    annotator: User,
+    exclude: Sequence[int],
+    now: dt.datetime | None = None,
+    active_order: CandidateOrder | None = None,
+) -> Candidate | None:
+    """The pair likely to come next, without reserving it (for preloading its images)."""
+    now = now or utcnow()
+    candidates = _candidates(
+        session,
+        project_id=project.id,
+        annotator_id=annotator.id,
+        gold=False,
+        now=now,
+        window=CANDIDATE_WINDOW,
+        exclude=exclude,
+    )
+    if not candidates:
+        return None
+    first = order_for(project, active_order)(session, project, candidates, annotator)
+    return first[0] if first else None
+
+
+def peek_next(
+    session: Session,
+    *,
+    project: Project,
+    annotator: User,
+    exclude: Sequence[int],
+    now: dt.datetime | None = None,
+    active_order: CandidateOrder | None = None,
+) -> tuple[str, str] | None:
+    """The images of the pair likely to come next, without reserving it (for preloading)."""
+    cand = peek_candidate(
+        session,
+        project=project,
+        annotator=annotator,
+        exclude=exclude,
+        now=now,
+        active_order=active_order,
+    )
+    return (cand.image_a_id, cand.image_b_id) if cand else None
+
+
+def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
+    """Open non-gold pairs this annotator has not voted on (reservations of others ignored)."""
+    voted = (
+        select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator.id).exists()
+    )
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Pair)
+            .where(
+                Pair.project_id == project.id,
+                Pair.is_gold == false(),
+                Pair.vote_count < Pair.votes_wanted,
+                ~voted,
+            )
+        )
+        or 0
+    )
