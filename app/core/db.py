@@ -81,9 +81,22 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+# Longest wait for a row lock of the platform's own database sessions (Postgres): a stalled
+# transaction can never wedge the others; the waiter fails (503 with Retry-After on the web).
+LOCK_TIMEOUT_MS = 3000
+
+
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
-    return make_engine(get_settings().sqlalchemy_url)
+    url = get_settings().sqlalchemy_url
+    if url.startswith("sqlite"):
+        return make_engine(url)
+    # Set once per connection, instead of a SET LOCAL round trip in every hot transaction;
+    # `lock_timeout_ms` tells `bound_lock_waits` that it is in force.
+    engine = make_engine(
+        url, connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"}
+    )
+    return engine.execution_options(lock_timeout_ms=LOCK_TIMEOUT_MS)
 
 
 @lru_cache(maxsize=1)

@@ -133,6 +133,16 @@ def token_project(user: User) -> int | None:
     return getattr(user, "token_project_id", None)
 
 
+def project_role(user: User, project_id: int, member_role: str | None) -> str | None:
+    """The user's standing in a project given their active membership's role (or None)."""
+    scope = token_project(user)
+    if scope is not None and scope != project_id:
+        return None
+    if user.role == "admin":
+        return "admin"
+    return member_role
+
+
 def membership_role(session: Session, user: User, project_id: int) -> str | None:
     """'admin', 'lead', 'annotator' or None: what this user may do in the project.
 
@@ -140,10 +150,8 @@ def membership_role(session: Session, user: User, project_id: int) -> str | None
     confined to one project.
     """
     scope = token_project(user)
-    if scope is not None and scope != project_id:
-        return None
-    if user.role == "admin":
-        return "admin"
+    if (scope is not None and scope != project_id) or user.role == "admin":
+        return project_role(user, project_id, None)
     return session.scalar(
         select(Membership.role).where(
             Membership.project_id == project_id,
@@ -155,10 +163,21 @@ def membership_role(session: Session, user: User, project_id: int) -> str | None
 
 def get_project_for(session: Session, user: User, project_id: int, *, lead: bool) -> Project:
     """The project, if the user may see it: 404 if it does not exist, 403 if not allowed."""
-    project = session.get(Project, project_id)
-    if project is None:
+    # The project and the membership in one statement (every project route runs this).
+    row = session.execute(
+        select(Project, Membership.role)
+        .outerjoin(
+            Membership,
+            (Membership.project_id == Project.id)
+            & (Membership.user_id == user.id)
+            & Membership.is_active.is_(True),
+        )
+        .where(Project.id == project_id)
+    ).one_or_none()
+    if row is None:
         raise HTTPException(404, f"project {project_id} not found")
-    role = membership_role(session, user, project_id)
+    project, member_role = row
+    role = project_role(user, project_id, member_role)
     if role is None:
         raise HTTPException(403, "not a member of this project")
     if lead and (role not in ("admin", "lead") or user.role not in ("admin", "lead")):

@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import delete, false, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from app.core.db import utcnow
+from app.core.db import LOCK_TIMEOUT_MS, utcnow
 from app.images.models import Image
 from app.pairs.models import Pair, Reservation
 from app.pairs.ordering import Candidate, CandidateOrder, fewest_votes_first
@@ -49,8 +49,6 @@ CANDIDATE_WINDOW = 64
 # Candidates tried per look, and looks (with a short pause between) when all were locked.
 MAX_TRIES = 24
 LOOKS = 4
-# Longest wait for a row lock in the scheduler and the vote path (Postgres).
-LOCK_TIMEOUT_MS = 3000
 
 
 class PairsBusy(Exception):
@@ -88,7 +86,7 @@ def order_for(project: Project, active: CandidateOrder | None = None) -> Candida
     return fewest_votes_first
 
 
-def _is_postgres(session: Session) -> bool:
+def is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
@@ -113,7 +111,7 @@ def live_reservations_by_others(
 
 def load_pair_for_update(session: Session, pair_id: int) -> Pair | None:
     """The pair, locked against concurrent schedulers and votes until the transaction ends."""
-    if _is_postgres(session):
+    if is_postgres(session):
         # NO KEY UPDATE: does not block the key-share locks taken by inserts referencing the pair.
         return session.get(
             Pair, pair_id, with_for_update={"key_share": True}, populate_existing=True
@@ -127,7 +125,7 @@ def load_pair_for_update(session: Session, pair_id: int) -> Pair | None:
 
 
 def _try_lock(session: Session, pair_id: int) -> bool:
-    if not _is_postgres(session):
+    if not is_postgres(session):
         return load_pair_for_update(session, pair_id) is not None
     stmt = (
         select(Pair.id).where(Pair.id == pair_id).with_for_update(key_share=True, skip_locked=True)
@@ -319,9 +317,14 @@ def _serve_from(
 
 
 def bound_lock_waits(session: Session) -> None:
-    """Cap row-lock waits for the rest of this transaction (Postgres; SQLite has busy_timeout)."""
-    if _is_postgres(session):
-        session.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
+    """Cap row-lock waits for the rest of this transaction (Postgres; SQLite has busy_timeout).
+
+    Connections of `get_engine` have the cap from the start: no statement then."""
+    if not is_postgres(session):
+        return
+    if session.connection().get_execution_options().get("lock_timeout_ms") == LOCK_TIMEOUT_MS:
+        return
+    session.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
 
 
 def next_pair(
@@ -345,7 +348,7 @@ def next_pair(
     rng = rng or random.Random()
     settings = project_settings(project)
     bound_lock_waits(session)
-    if _is_postgres(session):
+    if is_postgres(session):
         # Serialises this annotator's own concurrent requests (one live reservation each).
         session.execute(
             select(User.id).where(User.id == annotator.id).with_for_update(key_share=True)

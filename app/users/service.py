@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager
 
 from app.core import security
 from app.core.db import utcnow
@@ -170,10 +170,12 @@ def revoke_token(session: Session, user: User, token_id: int) -> ApiToken | None
 
 
 def user_for_token(session: Session, token: str) -> User | None:
+    # The user comes in the same statement (the hot path counts round trips).
     row = session.scalar(
-        select(ApiToken).where(
-            ApiToken.token_hash == security.hash_token(token), ApiToken.revoked_at.is_(None)
-        )
+        select(ApiToken)
+        .options(contains_eager(ApiToken.user))
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == security.hash_token(token), ApiToken.revoked_at.is_(None))
     )
     if row is None or not row.user.is_active:
         return None
@@ -205,7 +207,10 @@ def start_session(
 
 def session_for_token(session: Session, token: str) -> UserSession | None:
     row = session.scalar(
-        select(UserSession).where(UserSession.token_hash == security.hash_token(token))
+        select(UserSession)
+        .options(contains_eager(UserSession.user))
+        .join(User, User.id == UserSession.user_id)
+        .where(UserSession.token_hash == security.hash_token(token))
     )
     if row is None or row.expires_at < utcnow() or not row.user.is_active:
         return None
