@@ -47,7 +47,10 @@ from typing import Any
 
 import psycopg
 
+# The code under test: this checkout, or `--repo PATH` (a baseline export, for before/after).
 REPO = Path(__file__).resolve().parents[1]
+if "--repo" in sys.argv:
+    REPO = Path(sys.argv[sys.argv.index("--repo") + 1]).resolve()
 sys.path.insert(0, str(REPO))
 
 ADMIN_URL = os.environ.get("PREFLOOP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -665,7 +668,7 @@ def run_size(args: argparse.Namespace, pairs: int) -> dict[str, Any]:
                     "warning",
                 ],
                 cwd=REPO,
-                env=env,
+                env={**env, "PYTHONPATH": str(REPO)},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -750,6 +753,30 @@ def run_size(args: argparse.Namespace, pairs: int) -> dict[str, Any]:
     return result
 
 
+def compare(args: argparse.Namespace) -> None:
+    """Before and after in one run: the baseline's code, then this checkout's, per size."""
+    argv = sys.argv[1:]
+    i = argv.index("--baseline")
+    del argv[i : i + 2]
+    if "--json" in argv:
+        j = argv.index("--json")
+        del argv[j : j + 2]
+    report: dict[str, Any] = {"load_avg_before": round(os.getloadavg()[0], 2), "sizes": []}
+    for size in args.pairs.split(","):
+        entry: dict[str, Any] = {"pairs": int(size)}
+        for label, repo in (("before", args.baseline), ("after", Path(__file__).parents[1])):
+            out = Path(tempfile.mkstemp(suffix=".json")[1])
+            cmd = [sys.executable, __file__, *argv, "--pairs", size, "--repo", str(repo)]
+            subprocess.run([*cmd, "--json", str(out)], check=False, stdout=subprocess.DEVNULL)
+            entry[label] = json.loads(out.read_text() or "{}")
+        report["sizes"].append(entry)
+    report["load_avg_after"] = round(os.getloadavg()[0], 2)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
@@ -766,7 +793,16 @@ def main() -> None:
         "--ceiling", type=float, default=10.0, help="seconds of the SQL ceiling run (0: skip)"
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--repo", type=Path, help="run this checkout's code (default: this one)")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of the code before: each size runs it first, then this one",
+    )
     args = parser.parse_args()
+    if args.baseline:
+        compare(args)
+        return
     if args.saturate:
         args.think = 0.0
     os.environ.setdefault("PREFLOOP_SECRET_KEY", "bench-" + uuid.uuid4().hex)

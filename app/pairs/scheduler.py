@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session, aliased
 
 from app.core.db import LOCK_TIMEOUT_MS, utcnow
 from app.images.models import Image
-from app.pairs.models import Pair, Reservation
+from app.pairs.models import Pair, PairCount, Reservation
 from app.pairs.ordering import Candidate, CandidateOrder, fewest_votes_first
 from app.projects.models import Project, Prompt
 from app.projects.service import project_settings
@@ -215,9 +215,13 @@ def _drop_reservations(session: Session, annotator_id: int, *, expired_before: d
 def _held(
     session: Session, *, project_id: int, annotator_id: int, now: dt.datetime
 ) -> tuple[ServedPair | None, list[int]]:
-    """(the live reservation of this annotator in the project, pairs of its expired ones)."""
+    """(the live reservation of this annotator in the project, pairs of its expired ones).
+
+    On Postgres the same statement locks the annotator's row, which serialises the annotator's
+    own concurrent requests (one live reservation each).
+    """
     image_a, image_b = aliased(Image), aliased(Image)
-    rows = session.execute(
+    stmt = (
         select(
             Reservation.pair_id,
             Reservation.left_image_id,
@@ -229,16 +233,22 @@ def _held(
             image_a.sha256,
             image_b.sha256,
         )
-        .join(Pair, Pair.id == Reservation.pair_id)
-        .join(Prompt, Prompt.id == Pair.prompt_id)
-        .join(image_a, image_a.id == Pair.image_a_id)
-        .join(image_b, image_b.id == Pair.image_b_id)
-        .where(Reservation.annotator_id == annotator_id, Pair.project_id == project_id)
+        .select_from(User)
+        .outerjoin(Reservation, Reservation.annotator_id == User.id)
+        .outerjoin(Pair, (Pair.id == Reservation.pair_id) & (Pair.project_id == project_id))
+        .outerjoin(Prompt, Prompt.id == Pair.prompt_id)
+        .outerjoin(image_a, image_a.id == Pair.image_a_id)
+        .outerjoin(image_b, image_b.id == Pair.image_b_id)
+        .where(User.id == annotator_id)
         .order_by(Reservation.created_at.desc())
-    ).all()
+    )
+    if is_postgres(session):
+        stmt = stmt.with_for_update(of=User, key_share=True)
     live = None
     expired = []
-    for pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b in rows:
+    for pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b in session.execute(stmt):
+        if pair_id is None or a is None:  # no reservation, or one in another project
+            continue
         if expires_at <= now:
             expired.append(pair_id)
         elif live is None:
@@ -256,30 +266,73 @@ def _held(
     return live, expired
 
 
-def _reserve(
+# Check again, on a pair just locked, that it is open for this annotator, and reserve it: one
+# statement, whose snapshot is taken after the lock, so it sees what others committed before.
+_RESERVE_IF_OPEN = text(
+    """
+    WITH still_open AS (
+      SELECT p.id, pr.text, ia.sha256 AS sha_a, ib.sha256 AS sha_b
+      FROM pairs p
+      JOIN prompts pr ON pr.id = p.prompt_id
+      JOIN images ia ON ia.id = p.image_a_id
+      JOIN images ib ON ib.id = p.image_b_id
+      WHERE p.id = :pair_id
+        AND NOT EXISTS (
+          SELECT 1 FROM votes v WHERE v.pair_id = p.id AND v.annotator_id = :annotator_id)
+        AND (p.is_gold OR p.vote_count + (
+          SELECT count(*) FROM reservations r
+          WHERE r.pair_id = p.id AND r.expires_at > :now AND r.annotator_id <> :annotator_id
+        ) < p.votes_wanted)
+    ), reserved AS (
+      INSERT INTO reservations (pair_id, annotator_id, left_image_id, created_at, expires_at)
+      SELECT id, :annotator_id, :left_image_id, :now, :expires_at FROM still_open
+    )
+    SELECT text, sha_a, sha_b FROM still_open
+    """
+)
+
+
+def _reserve_if_open(
     session: Session,
     cand: Candidate,
-    found: tuple[str, str, str],
     *,
     annotator_id: int,
     minutes: float,
     now: dt.datetime,
     rng: random.Random,
-) -> ServedPair:
-    prompt, sha_a, sha_b = found
+) -> ServedPair | None:
     on_a = rng.random() < 0.5
     left, right = (cand.image_a_id, cand.image_b_id) if on_a else (cand.image_b_id, cand.image_a_id)
     expires_at = now + dt.timedelta(minutes=minutes)
-    session.add(
-        Reservation(
-            pair_id=cand.pair_id,
-            annotator_id=annotator_id,
-            left_image_id=left,
-            created_at=now,
-            expires_at=expires_at,
+    if not is_postgres(session):
+        found = _still_open(session, cand, annotator_id, now)
+        if found is None:
+            return None
+        session.add(
+            Reservation(
+                pair_id=cand.pair_id,
+                annotator_id=annotator_id,
+                left_image_id=left,
+                created_at=now,
+                expires_at=expires_at,
+            )
         )
-    )
-    session.flush()
+        session.flush()
+    else:
+        row = session.execute(
+            _RESERVE_IF_OPEN,
+            {
+                "pair_id": cand.pair_id,
+                "annotator_id": annotator_id,
+                "left_image_id": left,
+                "now": now,
+                "expires_at": expires_at,
+            },
+        ).one_or_none()
+        if row is None:
+            return None
+        found = (row[0], row[1], row[2])
+    prompt, sha_a, sha_b = found
     return ServedPair(
         cand.pair_id,
         prompt,
@@ -307,11 +360,10 @@ def _serve_from(
         if not _try_lock(session, cand.pair_id):
             locked += 1
             continue
-        found = _still_open(session, cand, annotator_id, now)
-        if found is not None:
-            served = _reserve(
-                session, cand, found, annotator_id=annotator_id, minutes=minutes, now=now, rng=rng
-            )
+        served = _reserve_if_open(
+            session, cand, annotator_id=annotator_id, minutes=minutes, now=now, rng=rng
+        )
+        if served is not None:
             return served, locked
     return None, locked
 
@@ -348,12 +400,7 @@ def next_pair(
     rng = rng or random.Random()
     settings = project_settings(project)
     bound_lock_waits(session)
-    if is_postgres(session):
-        # Serialises this annotator's own concurrent requests (one live reservation each).
-        session.execute(
-            select(User.id).where(User.id == annotator.id).with_for_update(key_share=True)
-        )
-    else:
+    if not is_postgres(session):
         # The first write of the unit of work takes SQLite's write lock: schedulers queue here.
         _drop_reservations(session, annotator.id, expired_before=now)
     held, expired = _held(session, project_id=project.id, annotator_id=annotator.id, now=now)
@@ -443,8 +490,28 @@ def peek_next(
     return (cand.image_a_id, cand.image_b_id) if cand else None
 
 
+def _is_open() -> Any:
+    return (Pair.is_gold == false()) & (Pair.vote_count < Pair.votes_wanted)
+
+
 def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
-    """Open non-gold pairs this annotator has not voted on (reservations of others ignored)."""
+    """Open non-gold pairs this annotator has not voted on (reservations of others ignored).
+
+    On Postgres: the project's open pairs from its counter (`PairCount`) less those of them
+    this annotator voted on, so the cost follows the annotator's votes, not the project's size.
+    """
+    if is_postgres(session):
+        open_pairs = (
+            select(PairCount.open_pairs).where(PairCount.project_id == project.id).scalar_subquery()
+        )
+        voted_open = (
+            select(func.count())
+            .select_from(Vote)
+            .join(Pair, Pair.id == Vote.pair_id)
+            .where(Vote.annotator_id == annotator.id, Vote.project_id == project.id, _is_open())
+            .scalar_subquery()
+        )
+        return int(session.scalar(select(func.coalesce(open_pairs, 0) - voted_open)) or 0)
     voted = (
         select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator.id).exists()
     )
@@ -452,12 +519,7 @@ def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
         session.scalar(
             select(func.count())
             .select_from(Pair)
-            .where(
-                Pair.project_id == project.id,
-                Pair.is_gold == false(),
-                Pair.vote_count < Pair.votes_wanted,
-                ~voted,
-            )
+            .where(Pair.project_id == project.id, _is_open(), ~voted)
         )
         or 0
     )
