@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -161,18 +161,24 @@ def membership_role(session: Session, user: User, project_id: int) -> str | None
     )
 
 
+# Built once: constructing statements is a measurable share of a hot request's CPU.
+_PROJECT_AND_ROLE = (
+    select(Project, Membership.role)
+    .outerjoin(
+        Membership,
+        (Membership.project_id == Project.id)
+        & (Membership.user_id == bindparam("user_id"))
+        & Membership.is_active.is_(True),
+    )
+    .where(Project.id == bindparam("project_id"))
+)
+
+
 def get_project_for(session: Session, user: User, project_id: int, *, lead: bool) -> Project:
     """The project, if the user may see it: 404 if it does not exist, 403 if not allowed."""
     # The project and the membership in one statement (every project route runs this).
     row = session.execute(
-        select(Project, Membership.role)
-        .outerjoin(
-            Membership,
-            (Membership.project_id == Project.id)
-            & (Membership.user_id == user.id)
-            & Membership.is_active.is_(True),
-        )
-        .where(Project.id == project_id)
+        _PROJECT_AND_ROLE, {"project_id": project_id, "user_id": user.id}
     ).one_or_none()
     if row is None:
         raise HTTPException(404, f"project {project_id} not found")

@@ -6,11 +6,13 @@ import asyncio
 import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
 from app.core.db import SessionDep, request_session
 from app.core.deps import CurrentUser, get_project_for, lookup_auth, membership_role
@@ -68,6 +70,35 @@ def _member_image(request: Request, image_id: str) -> Response:
     return _png(request, sha256, path)
 
 
+IMAGE_ROUTE = "/api/v1/images/{image_id}"
+_IMAGE_PREFIX = "/api/v1/images/"
+
+
+def signed_image_response(scope: Scope) -> Response | None:
+    """The answer to a GET of a valid signed image URL, or None (then routing goes on).
+
+    Called by the outermost middleware before routing and parameter validation: a signed URL
+    needs neither, and the pair's 2 images are half of the requests of a vote cycle.
+    """
+    path: str = scope["path"]
+    if scope["method"] not in ("GET", "HEAD") or not path.startswith(_IMAGE_PREFIX):
+        return None
+    image_id = path[len(_IMAGE_PREFIX) :]
+    query = scope.get("query_string", b"")
+    if b"s=" not in query or not _plausible(image_id):
+        return None
+    params = {k: v[0] for k, v in parse_qs(query.decode("latin-1")).items()}
+    sha256 = verified_sha256(
+        image_id, u=params.get("u"), e=params.get("e"), h=params.get("h"), s=params.get("s")
+    )
+    if sha256 is None:
+        return None
+    file = get_media_store().path_for(f"{sha256[:2]}/{sha256[2:4]}/{sha256}.png")
+    if not file.exists():
+        return None
+    return _png(Request(scope), sha256, file)
+
+
 @router.get(
     "/images/{image_id}",
     response_class=FileResponse,
@@ -81,7 +112,8 @@ async def image_bytes(
     h: str | None = Query(default=None, description="signed URLs: the content hash"),
     s: str | None = Query(default=None, description="signed URLs: the signature"),
 ) -> Response:
-    """PNG bytes: through a signed URL from a served pair (no lookup), or for project members."""
+    """PNG bytes: through a signed URL from a served pair (no lookup; answered before routing by
+    `signed_image_response`, this is the fallback), or for project members."""
     sha256 = verified_sha256(image_id, u=u, e=e, h=h, s=s) if _plausible(image_id) else None
     if sha256 is not None:
         path = get_media_store().path_for(f"{sha256[:2]}/{sha256[2:4]}/{sha256}.png")

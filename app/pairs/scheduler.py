@@ -30,9 +30,10 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import delete, false, func, select, text, update
+from sqlalchemy import bindparam, delete, false, func, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from app.core.db import LOCK_TIMEOUT_MS, utcnow
@@ -133,17 +134,12 @@ def _try_lock(session: Session, pair_id: int) -> bool:
     return session.scalar(stmt) is not None
 
 
-def _candidates(
-    session: Session,
-    *,
-    project_id: int,
-    annotator_id: int,
-    gold: bool,
-    now: dt.datetime,
-    window: int,
-    exclude: Sequence[int] = (),
-) -> list[Candidate]:
-    reserved = _live_others(annotator_id, now)
+@lru_cache(maxsize=8)
+def _candidates_stmt(gold: bool, exclude: bool) -> Any:
+    # Built once per shape (the hot path pays for statement construction otherwise); the
+    # values are bound parameters.
+    annotator_id = bindparam("annotator_id")
+    reserved = _live_others(annotator_id, bindparam("now"))
     voted = (
         select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator_id).exists()
     )
@@ -157,15 +153,36 @@ def _candidates(
         Pair.vote_count,
         Pair.votes_wanted,
         reserved,
-    ).where(Pair.project_id == project_id, Pair.is_gold == gold, ~voted)
+    ).where(Pair.project_id == bindparam("project_id"), Pair.is_gold == gold, ~voted)
     if not gold:
         stmt = stmt.where(
             Pair.vote_count < Pair.votes_wanted, Pair.vote_count + reserved < Pair.votes_wanted
         )
     if exclude:
-        stmt = stmt.where(Pair.id.not_in(list(exclude)))
-    stmt = stmt.order_by(Pair.vote_count).limit(window)
-    return [Candidate(*row) for row in session.execute(stmt)]
+        stmt = stmt.where(Pair.id.not_in(bindparam("exclude", expanding=True)))
+    return stmt.order_by(Pair.vote_count).limit(bindparam("window"))
+
+
+def _candidates(
+    session: Session,
+    *,
+    project_id: int,
+    annotator_id: int,
+    gold: bool,
+    now: dt.datetime,
+    window: int,
+    exclude: Sequence[int] = (),
+) -> list[Candidate]:
+    params: dict[str, Any] = {
+        "annotator_id": annotator_id,
+        "now": now,
+        "project_id": project_id,
+        "window": window,
+    }
+    if exclude:
+        params["exclude"] = list(exclude)
+    stmt = _candidates_stmt(gold, bool(exclude))
+    return [Candidate(*row) for row in session.execute(stmt, params)]
 
 
 def _still_open(
@@ -212,14 +229,8 @@ def _drop_reservations(session: Session, annotator_id: int, *, expired_before: d
     )
 
 
-def _held(
-    session: Session, *, project_id: int, annotator_id: int, now: dt.datetime
-) -> tuple[ServedPair | None, list[int]]:
-    """(the live reservation of this annotator in the project, pairs of its expired ones).
-
-    On Postgres the same statement locks the annotator's row, which serialises the annotator's
-    own concurrent requests (one live reservation each).
-    """
+@lru_cache(maxsize=2)
+def _held_stmt(lock: bool) -> Any:
     image_a, image_b = aliased(Image), aliased(Image)
     stmt = (
         select(
@@ -235,18 +246,32 @@ def _held(
         )
         .select_from(User)
         .outerjoin(Reservation, Reservation.annotator_id == User.id)
-        .outerjoin(Pair, (Pair.id == Reservation.pair_id) & (Pair.project_id == project_id))
+        .outerjoin(
+            Pair, (Pair.id == Reservation.pair_id) & (Pair.project_id == bindparam("project_id"))
+        )
         .outerjoin(Prompt, Prompt.id == Pair.prompt_id)
         .outerjoin(image_a, image_a.id == Pair.image_a_id)
         .outerjoin(image_b, image_b.id == Pair.image_b_id)
-        .where(User.id == annotator_id)
+        .where(User.id == bindparam("annotator_id"))
         .order_by(Reservation.created_at.desc())
     )
-    if is_postgres(session):
-        stmt = stmt.with_for_update(of=User, key_share=True)
+    return stmt.with_for_update(of=User, key_share=True) if lock else stmt
+
+
+def _held(
+    session: Session, *, project_id: int, annotator_id: int, now: dt.datetime
+) -> tuple[ServedPair | None, list[int]]:
+    """(the live reservation of this annotator in the project, pairs of its expired ones).
+
+    On Postgres the same statement locks the annotator's row, which serialises the annotator's
+    own concurrent requests (one live reservation each).
+    """
+    stmt = _held_stmt(is_postgres(session))
+    params = {"project_id": project_id, "annotator_id": annotator_id}
     live = None
     expired = []
-    for pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b in session.execute(stmt):
+    for row in session.execute(stmt, params):
+        pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b = row
         if pair_id is None or a is None:  # no reservation, or one in another project
             continue
         if expires_at <= now:

@@ -22,8 +22,10 @@ import datetime as dt
 import logging
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import delete, func, or_, select, text
+from sqlalchemy import bindparam, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, make_transient_to_detached
 from sqlalchemy.orm.attributes import set_committed_value
@@ -136,6 +138,22 @@ def _has_room(session: Session, pair: Pair, annotator_id: int, now: dt.datetime)
     return pair.vote_count + others < pair.votes_wanted
 
 
+# Built once: constructing statements is a measurable share of a hot request's CPU.
+_PAIR_IN_PROJECT = (
+    select(Pair, Project, Membership.role)
+    .join(Project, Project.id == Pair.project_id)
+    .outerjoin(
+        Membership,
+        (Membership.project_id == Pair.project_id)
+        & (Membership.user_id == bindparam("user_id"))
+        & Membership.is_active.is_(True),
+    )
+    .where(Pair.id == bindparam("pair_id"))
+    # NO KEY UPDATE: does not block the key-share locks taken by inserts referencing the pair.
+    .with_for_update(of=Pair, key_share=True)
+)
+
+
 def _pair_in_project(
     session: Session, pair_id: int, annotator: User
 ) -> tuple[Pair, Project, str | None] | None:
@@ -152,18 +170,9 @@ def _pair_in_project(
         return pair, project, membership_role(session, annotator, pair.project_id)
     bound_lock_waits(session)
     row = session.execute(
-        select(Pair, Project, Membership.role)
-        .join(Project, Project.id == Pair.project_id)
-        .outerjoin(
-            Membership,
-            (Membership.project_id == Pair.project_id)
-            & (Membership.user_id == annotator.id)
-            & Membership.is_active.is_(True),
-        )
-        .where(Pair.id == pair_id)
-        # NO KEY UPDATE: does not block the key-share locks taken by inserts referencing the pair.
-        .with_for_update(of=Pair, key_share=True)
-        .execution_options(populate_existing=True)
+        _PAIR_IN_PROJECT,
+        {"pair_id": pair_id, "user_id": annotator.id},
+        execution_options={"populate_existing": True},
     ).one_or_none()
     if row is None:
         return None
@@ -182,6 +191,29 @@ class _Standing:
     has_reservation: bool
 
 
+@lru_cache(maxsize=2)
+def _standing_stmt(with_key: bool) -> Any:
+    annotator_id, pair_id = bindparam("annotator_id"), bindparam("pair_id")
+    mine = Vote.annotator_id == annotator_id
+    same = Vote.pair_id == pair_id
+    if with_key:
+        same = or_(same, Vote.idempotency_key == bindparam("idempotency_key"))
+    recent = (
+        Vote.project_id == bindparam("project_id"),
+        Vote.created_at > bindparam("since"),
+        mine,
+    )
+    reservation = (Reservation.pair_id == pair_id, Reservation.annotator_id == annotator_id)
+    return select(
+        select(Vote.id).where(mine, same).exists().label("seen"),
+        # The (project_id, created_at) index bounds this by the project's recent votes.
+        select(func.count()).select_from(Vote).where(*recent).scalar_subquery(),
+        select(func.min(Vote.created_at)).where(*recent).scalar_subquery(),
+        select(Reservation.expires_at).where(*reservation).scalar_subquery(),
+        select(Reservation.pair_id).where(*reservation).exists(),
+    )
+
+
 def _standing(
     session: Session,
     *,
@@ -191,22 +223,15 @@ def _standing(
     idempotency_key: str | None,
     since: dt.datetime,
 ) -> _Standing:
-    mine = Vote.annotator_id == annotator_id
-    same = Vote.pair_id == pair_id
+    params: dict[str, Any] = {
+        "pair_id": pair_id,
+        "project_id": project_id,
+        "annotator_id": annotator_id,
+        "since": since,
+    }
     if idempotency_key is not None:
-        same = or_(same, Vote.idempotency_key == idempotency_key)
-    recent = (Vote.project_id == project_id, Vote.created_at > since, mine)
-    reservation = (Reservation.pair_id == pair_id, Reservation.annotator_id == annotator_id)
-    row = session.execute(
-        select(
-            select(Vote.id).where(mine, same).exists().label("seen"),
-            # The (project_id, created_at) index bounds this by the project's recent votes.
-            select(func.count()).select_from(Vote).where(*recent).scalar_subquery(),
-            select(func.min(Vote.created_at)).where(*recent).scalar_subquery(),
-            select(Reservation.expires_at).where(*reservation).scalar_subquery(),
-            select(Reservation.pair_id).where(*reservation).exists(),
-        )
-    ).one()
+        params["idempotency_key"] = idempotency_key
+    row = session.execute(_standing_stmt(idempotency_key is not None), params).one()
     oldest = row[2]
     if oldest is not None and oldest.tzinfo is None:  # SQLite gives naive datetimes here
         oldest = oldest.replace(tzinfo=dt.UTC)
