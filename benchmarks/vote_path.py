@@ -589,9 +589,9 @@ async def ceiling(
 # --- one run ------------------------------------------------------------------------------------
 
 
-def pct(values: list[float], q: float) -> float | None:
+def pct(values: list[float], q: float) -> float:
     if len(values) < 2:
-        return None
+        return float("nan")
     return round(statistics.quantiles(values, n=1000, method="inclusive")[int(q * 10) - 1], 1)
 
 
