@@ -81,7 +81,8 @@ def verified_sha256(
     now: float | None = None,
 ) -> str | None:
     """The image's content hash if the URL's signature holds and has not expired, else None."""
-    if not (u and e and h and s) or not (u.isdigit() and e.isdigit()):
+    # isascii: str.isdigit() accepts digits such as '²' that int() refuses.
+    if not (u and e and h and s) or not all(x.isascii() and x.isdigit() for x in (u, e)):
         return None
     if len(h) != 64 or not _HEX.issuperset(h) or len(s) != 32:
         return None

@@ -93,3 +93,4 @@ def test_signatures_expire_and_stay_stable_within_a_window() -> None:
     assert signing.verified_sha256("img1", **q, now=expires) is None  # type: ignore[arg-type]
     assert signing.verified_sha256("img2", **q, now=now) is None  # type: ignore[arg-type]
     assert signing.verified_sha256("img1", **{**q, "u": "8"}, now=now) is None  # type: ignore[arg-type]
+    assert signing.verified_sha256("img1", **{**q, "u": "²"}, now=now) is None  # type: ignore[arg-type]
