@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,6 @@ import psycopg
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.vote_path import Tally as VotePathTally  # noqa: E402
 from benchmarks.vote_path import free_port, pct, populate  # noqa: E402
 
 PG_ADMIN_URL = os.environ.get("PREFLOOP_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -82,7 +81,13 @@ class Connection:
 
 
 @dataclass
-class Tally(VotePathTally):
+class Tally:
+    next_ms: list[float] = field(default_factory=list)
+    vote_ms: list[float] = field(default_factory=list)
+    acked: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    empty: int = 0
+    busy: int = 0
     # Votes resent after a 503 with the same idempotency key.
     vote_retries: int = 0
 
@@ -270,7 +275,8 @@ def run_load(
         upgrade_head(url.replace("postgresql://", "postgresql+psycopg://"))
         # Enough pairs that nobody runs dry: a closed loop votes a few hundred times a second.
         wanted = pairs or max(2000, int(annotators * (seconds + warmup_s) * 2 / k))
-        project_id, tokens = populate(url, annotators=annotators, pairs=wanted, k=k)
+        world = populate(url, tmp / "media", annotators=annotators, pairs=wanted, k=k)
+        project_id, tokens = world["project_id"], world["tokens"]
         port = free_port()
         env = {k_: v for k_, v in os.environ.items() if not k_.startswith("PREFLOOP_")}
         env.update(

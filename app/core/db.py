@@ -81,9 +81,22 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     return create_engine(url, **kwargs)
 
 
+# Longest wait for a row lock of the platform's own database sessions (Postgres): a stalled
+# transaction can never wedge the others; the waiter fails (503 with Retry-After on the web).
+LOCK_TIMEOUT_MS = 3000
+
+
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
-    return make_engine(get_settings().sqlalchemy_url)
+    url = get_settings().sqlalchemy_url
+    if url.startswith("sqlite"):
+        return make_engine(url)
+    # Set once per connection, instead of a SET LOCAL round trip in every hot transaction;
+    # `lock_timeout_ms` tells `bound_lock_waits` that it is in force.
+    engine = make_engine(
+        url, connect_args={"connect_timeout": 5, "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}"}
+    )
+    return engine.execution_options(lock_timeout_ms=LOCK_TIMEOUT_MS)
 
 
 @lru_cache(maxsize=1)
@@ -140,3 +153,17 @@ def get_session(
 # scope="function": commit before the response is sent, so whatever a client was told is saved
 # really is in the database (and its next request sees it).
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+@contextmanager
+def request_session(request: Request) -> Iterator[Session]:
+    """The request's unit of work for a route that needs the database on some paths only (so
+    it does not take `SessionDep`); it honours an override of `get_session` as injection does.
+    Blocking: use it from a worker thread."""
+    override = request.app.dependency_overrides.get(get_session)
+    if override is None:
+        with session_scope() as session:
+            yield session
+    else:
+        with contextmanager(override)() as session:
+            yield session

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
 
-from app.core.db import SessionDep
-from app.core.deps import CurrentUser, get_project_for, membership_role
+from app.core.db import SessionDep, request_session
+from app.core.deps import CurrentUser, get_project_for, lookup_auth, membership_role
 from app.core.storage import get_media_store
 from app.images.models import Image
 from app.images.service import image_url
+from app.images.signing import verified_sha256
 from app.projects.models import Prompt
 
 router = APIRouter(prefix="/api/v1", tags=["images"])
@@ -31,27 +37,93 @@ class BlindFileResponse(FileResponse):
         self.headers.setdefault("content-length", str(stat_result.st_size))
 
 
-@router.get("/images/{image_id}", response_class=FileResponse)
-def image_bytes(
-    image_id: str, request: Request, session: SessionDep, user: CurrentUser
-) -> Response:
+def _plausible(image_id: str) -> bool:
     # Ids are short hex strings; anything else (NUL bytes, traversal, overlong) is unknown.
-    plausible = len(image_id) <= 32 and image_id.isascii() and image_id.isalnum()
-    image = session.get(Image, image_id) if plausible else None
-    # Unknown and forbidden look the same, so ids cannot be probed.
-    if image is None or membership_role(session, user, image.project_id) is None:
-        raise HTTPException(404, "image not found")
+    return len(image_id) <= 32 and image_id.isascii() and image_id.isalnum()
+
+
+def _png(request: Request, sha256: str, path: Path) -> Response:
+    # Content-addressed, so the bytes behind an id never change.
+    headers = {"Cache-Control": "private, max-age=86400", "ETag": f'"{sha256}"'}
+    if request.headers.get("if-none-match") == headers["ETag"]:
+        return Response(status_code=304, headers=headers)
+    return BlindFileResponse(path, media_type="image/png", headers=headers)
+
+
+def _member_image(request: Request, image_id: str) -> Response:
+    """The unsigned way: the caller must be a member of the image's project."""
+    with request_session(request) as session:
+        auth = lookup_auth(session, request)
+        if auth is None:
+            raise HTTPException(401, "authentication required", {"WWW-Authenticate": "Bearer"})
+        image = session.get(Image, image_id) if _plausible(image_id) else None
+        # Unknown and forbidden look the same, so ids cannot be probed.
+        if image is None or membership_role(session, auth.user, image.project_id) is None:
+            raise HTTPException(404, "image not found")
+        sha256, key = image.sha256, image.storage_key
     try:
-        path = get_media_store().path_for(image.storage_key)
+        path = get_media_store().path_for(key)
     except FileNotFoundError:
         raise HTTPException(404, "image not found") from None
     if not path.exists():
         raise HTTPException(404, "image file missing")
-    # Content-addressed, so the bytes behind an id never change.
-    headers = {"Cache-Control": "private, max-age=86400", "ETag": f'"{image.sha256}"'}
-    if request.headers.get("if-none-match") == headers["ETag"]:
-        return Response(status_code=304, headers=headers)
-    return BlindFileResponse(path, media_type="image/png", headers=headers)
+    return _png(request, sha256, path)
+
+
+IMAGE_ROUTE = "/api/v1/images/{image_id}"
+_IMAGE_PREFIX = "/api/v1/images/"
+
+
+def signed_image_response(scope: Scope) -> Response | None:
+    """The answer to a GET of a valid signed image URL, or None (then routing goes on).
+
+    Called by the outermost middleware before routing and parameter validation: a signed URL
+    needs neither, and the pair's 2 images are half of the requests of a vote cycle.
+    """
+    path: str = scope["path"]
+    if scope["method"] not in ("GET", "HEAD") or not path.startswith(_IMAGE_PREFIX):
+        return None
+    image_id = path[len(_IMAGE_PREFIX) :]
+    query = scope.get("query_string", b"")
+    if b"s=" not in query or not _plausible(image_id):
+        return None
+    params = {k: v[0] for k, v in parse_qs(query.decode("latin-1")).items()}
+    sha256 = verified_sha256(
+        image_id, u=params.get("u"), e=params.get("e"), h=params.get("h"), s=params.get("s")
+    )
+    if sha256 is None:
+        return None
+    file = get_media_store().path_for(f"{sha256[:2]}/{sha256[2:4]}/{sha256}.png")
+    if not file.exists():
+        return None
+    return _png(Request(scope), sha256, file)
+
+
+@router.get(
+    "/images/{image_id}",
+    response_class=FileResponse,
+    responses={404: {"description": "unknown image, not a member, or an invalid signature"}},
+)
+async def image_bytes(
+    image_id: str,
+    request: Request,
+    u: str | None = Query(default=None, description="signed URLs: the annotator"),
+    e: str | None = Query(default=None, description="signed URLs: expiry (Unix time)"),
+    h: str | None = Query(default=None, description="signed URLs: the content hash"),
+    s: str | None = Query(default=None, description="signed URLs: the signature"),
+) -> Response:
+    """PNG bytes: through a signed URL from a served pair (no lookup; answered before routing by
+    `signed_image_response`, this is the fallback), or for project members."""
+    sha256 = verified_sha256(image_id, u=u, e=e, h=h, s=s) if _plausible(image_id) else None
+    if sha256 is not None:
+        path = get_media_store().path_for(f"{sha256[:2]}/{sha256[2:4]}/{sha256}.png")
+        if path.exists():
+            return _png(request, sha256, path)
+    slots: asyncio.Semaphore | None = getattr(request.app.state, "db_slots", None)
+    if slots is None:
+        return await run_in_threadpool(_member_image, request, image_id)
+    async with slots:
+        return await run_in_threadpool(_member_image, request, image_id)
 
 
 @router.get("/projects/{project_id}/images")

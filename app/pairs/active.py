@@ -1,6 +1,6 @@
 """Active pair sampling: serve first the pairs whose outcome the current fit knows least.
 
-For projects with the `active_sampling` setting, the scheduler (`app.pairs.service.order_for`)
+For projects with the `active_sampling` setting, the scheduler (`app.pairs.scheduler.order_for`)
 orders its capacity-checked candidates with `active_order`:
 
 - with probability `random_floor` (project setting, default 0.2) the candidates come in a
@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 
 from app.core.storage import MediaStore
 from app.images.models import Image
-from app.pairs.service import Candidate, fewest_votes_first
+from app.pairs.ordering import Candidate, fewest_votes_first
 from app.projects.models import Project
 from app.projects.service import project_settings
 from app.ratings.models import Rating, RewardImageScore, RewardModel
@@ -211,5 +211,5 @@ class ActiveOrder:
         return most_uncertain_first(base, uncertainty)
 
 
-# What `app.pairs.service.order_for` serves projects with `active_sampling` on.
+# What `app.pairs.scheduler.order_for` serves projects with `active_sampling` on.
 active_order = ActiveOrder()

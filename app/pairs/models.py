@@ -52,3 +52,19 @@ class Reservation(Base):
     left_image_id: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class PairCount(Base):
+    """Open regular pairs of a project (not gold, fewer votes than wanted).
+
+    On Postgres a trigger on `pairs` keeps it in the same transaction as every change to a pair
+    (migration 0005), so the vote page's "pairs left" reads one row instead of counting the
+    project's pairs; SQLite counts them.
+    """
+
+    __tablename__ = "pair_counts"
+
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), primary_key=True
+    )
+    open_pairs: Mapped[int] = mapped_column(Integer, default=0)

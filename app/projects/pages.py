@@ -23,7 +23,7 @@ from app.dashboard.forms import PostedForm, errors_by_field, fields_for, parse_f
 from app.generators import service as generators
 from app.generators.models import ModelVersion
 from app.generators.schemas import GenerationParams, ModelCreate, ModelUpdate
-from app.pairs.service import gold_count, top_up_gold
+from app.pairs.gold import gold_count, top_up_gold
 from app.projects import lifecycle, service, uploads
 from app.projects.models import Membership, Project, Prompt
 from app.projects.schemas import (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, delete, func, select
+from sqlalchemy.orm import Session, contains_eager
 
 from app.core import security
 from app.core.db import utcnow
@@ -169,12 +169,24 @@ def revoke_token(session: Session, user: User, token_id: int) -> ApiToken | None
     return row
 
 
+# Built once, the user in the same statement: every authenticated request runs one of these.
+_TOKEN_WITH_USER = (
+    select(ApiToken)
+    .options(contains_eager(ApiToken.user))
+    .join(User, User.id == ApiToken.user_id)
+    .where(ApiToken.token_hash == bindparam("token_hash"), ApiToken.revoked_at.is_(None))
+)
+_SESSION_WITH_USER = (
+    select(UserSession)
+    .options(contains_eager(UserSession.user))
+    .join(User, User.id == UserSession.user_id)
+    .where(UserSession.token_hash == bindparam("token_hash"))
+)
+
+
 def user_for_token(session: Session, token: str) -> User | None:
-    row = session.scalar(
-        select(ApiToken).where(
-            ApiToken.token_hash == security.hash_token(token), ApiToken.revoked_at.is_(None)
-        )
-    )
+    # The user comes in the same statement (the hot path counts round trips).
+    row = session.scalar(_TOKEN_WITH_USER, {"token_hash": security.hash_token(token)})
     if row is None or not row.user.is_active:
         return None
     now = utcnow()
@@ -205,9 +217,7 @@ def start_session(
 
 
 def session_for_token(session: Session, token: str) -> UserSession | None:
-    row = session.scalar(
-        select(UserSession).where(UserSession.token_hash == security.hash_token(token))
-    )
+    row = session.scalar(_SESSION_WITH_USER, {"token_hash": security.hash_token(token)})
     if row is None or row.expires_at < utcnow() or not row.user.is_active:
         return None
     return row

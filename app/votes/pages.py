@@ -22,9 +22,10 @@ from app.core.db import SessionDep, utcnow
 from app.core.deps import PageUser, get_project_for
 from app.core.markdown import render_markdown
 from app.core.web import is_htmx, render
-from app.images.service import image_url
+from app.images.models import Image
+from app.images.signing import served_image_url
 from app.jobs.models import Job
-from app.pairs import service as pairs
+from app.pairs import scheduler as pairs
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
 from app.projects.service import project_settings
@@ -37,9 +38,8 @@ from app.votes.vocabulary import MAX_LATENCY_MS, Choice
 router = APIRouter(include_in_schema=False)
 
 
-
-def _side(image_id: str) -> dict[str, str]:
-    return {"image_id": image_id, "url": image_url(image_id)}
+def _side(image_id: str, sha256: str = "", annotator_id: int = 0) -> dict[str, str]:
+    return {"image_id": image_id, "url": served_image_url(image_id, sha256, annotator_id)}
 
 
 def _undo(
@@ -113,13 +113,25 @@ def _vote_context(
         pair = {
             "pair_id": served.pair_id,
             "prompt": served.prompt,
-            "left": _side(served.left_image_id),
-            "right": _side(served.right_image_id),
+            "left": _side(served.left_image_id, served.left_sha256, user.id),
+            "right": _side(served.right_image_id, served.right_sha256, user.id),
         }
-        peek = pairs.peek_next(
+        peek = pairs.peek_candidate(
             session, project=project, annotator=user, exclude=[served.pair_id], now=now
         )
-        preload = [image_url(i) for i in peek or ()]
+        if peek is not None:
+            # The URLs the next pair will be served with, so the preloaded copies are used.
+            shas = dict(
+                session.execute(
+                    select(Image.id, Image.sha256).where(
+                        Image.id.in_((peek.image_a_id, peek.image_b_id))
+                    )
+                ).all()
+            )
+            preload = [
+                served_image_url(i, shas.get(i, ""), user.id)
+                for i in (peek.image_a_id, peek.image_b_id)
+            ]
     # Only when nothing is left: say whether new pairs are on their way.
     generating = None if served is not None or busy else _generating(session, project.id, now)
     return {

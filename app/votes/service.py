@@ -22,22 +22,26 @@ import datetime as dt
 import logging
 import math
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
+from sqlalchemy.orm.attributes import set_committed_value
 
 from app.core.db import utcnow
-from app.core.deps import membership_role
+from app.core.deps import membership_role, project_role
 from app.core.health import VOTES
 from app.pairs.models import Pair, Reservation
-from app.pairs.service import (
+from app.pairs.scheduler import (
     bound_lock_waits,
+    is_postgres,
     live_reservations_by_others,
     load_pair_for_update,
     pairs_left,
 )
-from app.projects.models import Project
+from app.projects.models import Membership, Project
 from app.projects.service import project_settings
 from app.users.models import User
 from app.votes.models import Vote
@@ -50,7 +54,6 @@ from app.votes.vocabulary import (
 from app.votes.vocabulary import gold_correct as grade
 
 log = logging.getLogger("prefloop.votes")
-
 
 
 class VoteError(Exception):
@@ -86,33 +89,6 @@ class RateLimited(VoteError):
 
 def _is_replay(vote: Vote, *, pair_id: int, choice: str, left_image_id: str) -> bool:
     return vote.pair_id == pair_id and vote.choice == choice and vote.left_image_id == left_image_id
-
-
-def _check_rate(
-    session: Session, *, project_id: int, annotator_id: int, per_second: float, now: dt.datetime
-) -> None:
-    window = max(1.0, 1.0 / per_second)
-    allowed = max(1, math.floor(per_second * window))
-    since = now - dt.timedelta(seconds=window)
-    # The (project_id, created_at) index bounds this by the project's last second of votes.
-    count, oldest = session.execute(
-        select(func.count(), func.min(Vote.created_at)).where(
-            Vote.project_id == project_id,
-            Vote.created_at > since,
-            Vote.annotator_id == annotator_id,
-        )
-    ).one()
-    if count < allowed:
-        return
-    if oldest is not None and oldest.tzinfo is None:
-        oldest = oldest.replace(tzinfo=dt.UTC)
-    wait = (oldest + dt.timedelta(seconds=window) - now).total_seconds() if oldest else window
-    retry_after = max(1, math.ceil(wait))
-    log.info("votes.rate_limited annotator_id=%s project_id=%s", annotator_id, project_id)
-    raise RateLimited(
-        f"too many votes: this project allows {per_second:g} per second; retry in {retry_after} s",
-        retry_after=retry_after,
-    )
 
 
 def _existing(
@@ -162,6 +138,203 @@ def _has_room(session: Session, pair: Pair, annotator_id: int, now: dt.datetime)
     return pair.vote_count + others < pair.votes_wanted
 
 
+# Built once: constructing statements is a measurable share of a hot request's CPU.
+_PAIR_IN_PROJECT = (
+    select(Pair, Project, Membership.role)
+    .join(Project, Project.id == Pair.project_id)
+    .outerjoin(
+        Membership,
+        (Membership.project_id == Pair.project_id)
+        & (Membership.user_id == bindparam("user_id"))
+        & Membership.is_active.is_(True),
+    )
+    .where(Pair.id == bindparam("pair_id"))
+    # NO KEY UPDATE: does not block the key-share locks taken by inserts referencing the pair.
+    .with_for_update(of=Pair, key_share=True)
+)
+
+
+def _pair_in_project(
+    session: Session, pair_id: int, annotator: User
+) -> tuple[Pair, Project, str | None] | None:
+    """(the pair, locked until commit; its project; the annotator's role there), one statement.
+
+    Locked: concurrent votes and schedulers on this pair queue up behind us.
+    """
+    if not is_postgres(session):
+        pair = load_pair_for_update(session, pair_id)
+        if pair is None:
+            return None
+        project = session.get(Project, pair.project_id)
+        assert project is not None
+        return pair, project, membership_role(session, annotator, pair.project_id)
+    bound_lock_waits(session)
+    row = session.execute(
+        _PAIR_IN_PROJECT,
+        {"pair_id": pair_id, "user_id": annotator.id},
+        execution_options={"populate_existing": True},
+    ).one_or_none()
+    if row is None:
+        return None
+    pair, project, member_role = row
+    return pair, project, project_role(annotator, project.id, member_role)
+
+
+@dataclass(frozen=True)
+class _Standing:
+    """What a new vote is checked against, read in one statement."""
+
+    seen: bool  # a vote on this pair, or with this idempotency key, exists
+    recent: int  # the annotator's votes in the project within the rate window
+    oldest: dt.datetime | None
+    reservation_expires: dt.datetime | None
+    has_reservation: bool
+
+
+@lru_cache(maxsize=2)
+def _standing_stmt(with_key: bool) -> Any:
+    annotator_id: Any = bindparam("annotator_id")
+    pair_id: Any = bindparam("pair_id")
+    mine = Vote.annotator_id == annotator_id
+    same = Vote.pair_id == pair_id
+    if with_key:
+        same = or_(same, Vote.idempotency_key == bindparam("idempotency_key"))
+    recent = (
+        Vote.project_id == bindparam("project_id"),
+        Vote.created_at > bindparam("since"),
+        mine,
+    )
+    reservation = (Reservation.pair_id == pair_id, Reservation.annotator_id == annotator_id)
+    return select(
+        select(Vote.id).where(mine, same).exists().label("seen"),
+        # The (project_id, created_at) index bounds this by the project's recent votes.
+        select(func.count()).select_from(Vote).where(*recent).scalar_subquery(),
+        select(func.min(Vote.created_at)).where(*recent).scalar_subquery(),
+        select(Reservation.expires_at).where(*reservation).scalar_subquery(),
+        select(Reservation.pair_id).where(*reservation).exists(),
+    )
+
+
+def _standing(
+    session: Session,
+    *,
+    pair_id: int,
+    project_id: int,
+    annotator_id: int,
+    idempotency_key: str | None,
+    since: dt.datetime,
+) -> _Standing:
+    params: dict[str, Any] = {
+        "pair_id": pair_id,
+        "project_id": project_id,
+        "annotator_id": annotator_id,
+        "since": since,
+    }
+    if idempotency_key is not None:
+        params["idempotency_key"] = idempotency_key
+    row = session.execute(_standing_stmt(idempotency_key is not None), params).one()
+    oldest = row[2]
+    if oldest is not None and oldest.tzinfo is None:  # SQLite gives naive datetimes here
+        oldest = oldest.replace(tzinfo=dt.UTC)
+    expires = row[3]
+    if expires is not None and expires.tzinfo is None:
+        expires = expires.replace(tzinfo=dt.UTC)
+    return _Standing(bool(row[0]), int(row[1]), oldest, expires, bool(row[4]))
+
+
+def _rate_limited(per_second: float, standing: _Standing, now: dt.datetime) -> RateLimited | None:
+    window = max(1.0, 1.0 / per_second)
+    allowed = max(1, math.floor(per_second * window))
+    if standing.recent < allowed:
+        return None
+    oldest = standing.oldest
+    wait = (oldest + dt.timedelta(seconds=window) - now).total_seconds() if oldest else window
+    retry_after = max(1, math.ceil(wait))
+    return RateLimited(
+        f"too many votes: this project allows {per_second:g} per second; retry in {retry_after} s",
+        retry_after=retry_after,
+    )
+
+
+# Vote and release in one statement: the vote (or nothing, when a concurrent identical request
+# committed first), the pair's count when it is a preference, the annotator's reservation gone.
+_VOTE_AND_RELEASE = text(
+    """
+    WITH v AS (
+      INSERT INTO votes (pair_id, project_id, annotator_id, left_image_id, choice, latency_ms,
+                         idempotency_key, created_at)
+      VALUES (:pair_id, :project_id, :annotator_id, :left_image_id, :choice, :latency_ms,
+              :idempotency_key, :created_at)
+      ON CONFLICT DO NOTHING
+      RETURNING id
+    ), counted AS (
+      UPDATE pairs SET vote_count = vote_count + :counts
+      WHERE id = :pair_id AND :counts > 0 AND EXISTS (SELECT 1 FROM v)
+      RETURNING vote_count
+    ), released AS (
+      DELETE FROM reservations
+      WHERE pair_id = :pair_id AND annotator_id = :annotator_id AND EXISTS (SELECT 1 FROM v)
+    )
+    SELECT id, (SELECT vote_count FROM counted) FROM v
+    """
+)
+
+
+def _insert(session: Session, vote: Vote, pair: Pair, *, counts: bool) -> bool:
+    """Store the vote, count it on the pair, free the reservation; False if a concurrent
+    identical request stored its vote first (nothing written then)."""
+    if is_postgres(session):
+        params = {
+            c: getattr(vote, c)
+            for c in (
+                "pair_id",
+                "project_id",
+                "annotator_id",
+                "left_image_id",
+                "choice",
+                "latency_ms",
+                "idempotency_key",
+                "created_at",
+            )
+        }
+        row = session.execute(_VOTE_AND_RELEASE, {**params, "counts": int(counts)}).one_or_none()
+        if row is None:
+            return False
+        vote.id = row[0]
+        # The row is stored: make the object persistent without another round trip.
+        make_transient_to_detached(vote)
+        session.add(vote)
+        if counts:
+            set_committed_value(pair, "vote_count", row[1])
+        _forget_reservation(session, vote)
+        return True
+    try:
+        with session.begin_nested():
+            session.add(vote)
+            session.flush()
+    except IntegrityError:
+        return False
+    if counts:
+        pair.vote_count += 1
+    session.execute(
+        delete(Reservation).where(
+            Reservation.pair_id == vote.pair_id, Reservation.annotator_id == vote.annotator_id
+        ),
+        execution_options={"synchronize_session": False},
+    )
+    _forget_reservation(session, vote)
+    session.flush()
+    return True
+
+
+def _forget_reservation(session: Session, vote: Vote) -> None:
+    # Deleted in SQL: a copy of the row loaded earlier in this session must not outlive it.
+    key = session.identity_key(Reservation, (vote.pair_id, vote.annotator_id))
+    held = session.identity_map.get(key)
+    if held is not None:
+        session.expunge(held)
+
+
 def record_vote(
     session: Session,
     *,
@@ -184,45 +357,49 @@ def record_vote(
         raise InvalidVote(f"latency_ms must be between 0 and {MAX_LATENCY_MS}")
     if idempotency_key is not None and not 1 <= len(idempotency_key) <= 100:
         raise InvalidVote("idempotency_key must be 1 to 100 characters")
-    # Locked until commit: concurrent votes and schedulers on this pair queue up behind us.
-    bound_lock_waits(session)
-    pair = load_pair_for_update(session, pair_id)
-    if pair is None:
+    found = _pair_in_project(session, pair_id, annotator)
+    if found is None:
         raise PairNotFound(f"pair {pair_id} not found")
-    if membership_role(session, annotator, pair.project_id) is None:
+    pair, project, role = found
+    if role is None:
         raise NotAMember("not a member of this pair's project")
     if left_image_id not in (pair.image_a_id, pair.image_b_id):
         raise InvalidVote(f"left_image_id {left_image_id!r} is not an image of pair {pair_id}")
 
-    by_key, on_pair = _existing(
-        session, pair_id=pair_id, annotator_id=annotator.id, idempotency_key=idempotency_key
-    )
-    replay = _replay_or_conflict(
-        by_key, on_pair, pair_id=pair_id, choice=choice, left_image_id=left_image_id
-    )
-    if replay is not None:
-        return replay, False
-
-    project = session.get(Project, pair.project_id)
-    assert project is not None
     settings = project_settings(project)
-    _check_rate(
+    window = max(1.0, 1.0 / settings.votes_per_second)
+    standing = _standing(
         session,
+        pair_id=pair_id,
         project_id=project.id,
         annotator_id=annotator.id,
-        per_second=settings.votes_per_second,
-        now=now,
+        idempotency_key=idempotency_key,
+        since=now - dt.timedelta(seconds=window),
     )
+    if standing.seen:  # rare: a replay, or a second vote on the pair
+        by_key, on_pair = _existing(
+            session, pair_id=pair_id, annotator_id=annotator.id, idempotency_key=idempotency_key
+        )
+        replay = _replay_or_conflict(
+            by_key, on_pair, pair_id=pair_id, choice=choice, left_image_id=left_image_id
+        )
+        if replay is not None:
+            return replay, False
+
+    limited = _rate_limited(settings.votes_per_second, standing, now)
+    if limited is not None:
+        log.info("votes.rate_limited annotator_id=%s project_id=%s", annotator.id, project.id)
+        raise limited
     if latency_ms is not None and latency_ms < settings.min_view_ms:
         raise InvalidVote(
             f"latency_ms {latency_ms} is below this project's minimum viewing time of "
             f"{settings.min_view_ms} ms: look at both images before voting"
         )
-    reservation = session.get(Reservation, (pair_id, annotator.id))
-    if pair.is_gold and reservation is None:
+    if pair.is_gold and not standing.has_reservation:
         # A gold pair's id must not be answerable by someone who was never shown it.
         raise VoteConflict(f"pair {pair_id} was not served to you: ask for it with pairs/next")
-    holds_slot = reservation is not None and reservation.expires_at > now
+    expires = standing.reservation_expires
+    holds_slot = expires is not None and expires > now
     counts = picked.is_preference
     if counts and not holds_slot and not _has_room(session, pair, annotator.id, now):
         raise VoteConflict(f"pair {pair_id} already has the {pair.votes_wanted} votes it needs")
@@ -237,11 +414,7 @@ def record_vote(
         idempotency_key=idempotency_key,
         created_at=now,
     )
-    try:
-        with session.begin_nested():
-            session.add(vote)
-            session.flush()
-    except IntegrityError:
+    if not _insert(session, vote, pair, counts=counts):
         # A concurrent identical request committed first: answer with its vote.
         by_key, on_pair = _existing(
             session, pair_id=pair_id, annotator_id=annotator.id, idempotency_key=idempotency_key
@@ -250,13 +423,8 @@ def record_vote(
             by_key, on_pair, pair_id=pair_id, choice=choice, left_image_id=left_image_id
         )
         if replay is None:
-            raise
+            raise VoteConflict(f"vote on pair {pair_id} conflicts with one stored meanwhile")
         return replay, False
-    if counts:
-        pair.vote_count += 1
-    if reservation is not None:
-        session.delete(reservation)
-    session.flush()
     VOTES.labels(choice).inc()
     return vote, True
 

@@ -367,9 +367,5 @@ def test_default_order_without_active_sampling(db: Session, make_user: Any) -> N
     def custom(session, project, candidates, annotator):  # type: ignore[no-untyped-def]
         return candidates
 
-    service.set_active_order(custom)
-    try:
-        assert service.order_for(arena.project) is custom
-    finally:
-        service.set_active_order(None)
+    assert service.order_for(arena.project, custom) is custom
     assert service.order_for(arena.project) is active.active_order

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.core.db import utcnow
 from app.core.storage import get_media_store
 from app.images.models import Image
-from app.pairs import service
+from app.pairs import scheduler, service
 from app.pairs.models import Pair, Reservation
 from app.projects.service import add_member
 from app.votes.models import Vote
@@ -127,7 +127,8 @@ def test_next_pair_api_shape_and_blindness(client, db, make_user) -> None:  # ty
     assert set(body["left"]) == set(body["right"]) == {"image_id", "url"}
     assert body["prompt"] == "a red shape number 0"
     for side in ("left", "right"):
-        assert body[side]["url"] == f"/api/v1/images/{body[side]['image_id']}"
+        # A signed URL of the image, for this annotator (tests/app/test_image_urls.py).
+        assert body[side]["url"].startswith(f"/api/v1/images/{body[side]['image_id']}?u=")
     image_ids = {body["left"]["image_id"], body["right"]["image_id"]}
     pair = db.get(Pair, body["pair_id"])
     assert image_ids == {pair.image_a_id, pair.image_b_id}
@@ -302,11 +303,7 @@ def test_active_sampling_hook_reorders_candidates(db, make_user) -> None:  # typ
         seen.append([c.pair_id for c in candidates])
         return sorted(candidates, key=lambda c: -c.pair_id)
 
-    service.set_active_order(highest_id_first)
-    try:
-        served = service.next_pair(db, project=w.project, annotator=user)
-    finally:
-        service.set_active_order(None)
+    served = service.next_pair(db, project=w.project, annotator=user, active_order=highest_id_first)
     ids = sorted(p.id for p in pair_keys(db, w.project.id).values())
     assert served is not None and served.pair_id == ids[-1]
     assert sorted(seen[0]) == ids
@@ -348,7 +345,7 @@ def test_peek_and_pairs_left(db, make_user) -> None:  # type: ignore[no-untyped-
 def test_all_candidates_locked_is_busy_not_empty(client, db, make_user, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     w = build_world(db, make_user, n_prompts=2)
     user, token = w.annotators[0]
-    monkeypatch.setattr(service, "_try_lock", lambda session, pair_id: False)
+    monkeypatch.setattr(scheduler, "_try_lock", lambda session, pair_id: False)
     with pytest.raises(service.PairsBusy):
         service.next_pair(db, project=w.project, annotator=user)
     busy = client.get(f"/api/v1/projects/{w.project.id}/pairs/next", headers=bearer(token))

@@ -278,7 +278,7 @@ def generate(ctx: ProjectJobContext[GenerateParams]) -> dict[str, Any]:
 
 def _top_up_gold(ctx: ProjectJobContext[Any]) -> int:
     """Gold pairs for the project's `gold_rate`, now that the job's pairs exist."""
-    from app.pairs.service import top_up_gold
+    from app.pairs.gold import top_up_gold
 
     with ctx.session() as session:
         project = session.get_one(Project, ctx.project_id)
@@ -292,7 +292,7 @@ def _make_pairs(
     ctx: ProjectJobContext[Any], model_ids: list[int], seeds: Mapping[int, list[int]]
 ) -> int:
     """Pairs for this job's images: {prompt id: the seeds generated for it}."""
-    from app.pairs.service import make_pairs
+    from app.pairs.building import make_pairs
 
     with ctx.session() as session:
         project = session.get_one(Project, ctx.project_id)
