@@ -471,19 +471,20 @@ class RLTrainer:
         """PPO over the batch: K random timesteps per trajectory, ``minibatches`` steps a pass."""
         cfg = self.config
         n, steps_total = traj.latents.shape[0], len(self.timesteps)
+        k_steps = cfg.timesteps_per_trajectory
         sums = {"kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "loss": 0.0, "grad": 0.0}
         updates = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=self.gen)  # (n,)
             # Each trajectory trains K of its T transitions, a fresh draw per pass.
             picks = torch.stack(
-                [torch.randperm(steps_total, generator=self.gen)[: cfg.train_timesteps]
+                [torch.randperm(steps_total, generator=self.gen)[:k_steps]
                  for _ in range(n)]
             )  # (n, K) fmt: skip
             for rows in order.chunk(cfg.minibatches):
                 self.optimizer.zero_grad(set_to_none=True)
                 terms = {"kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "loss": 0.0}
-                for k in range(cfg.train_timesteps):
+                for k in range(k_steps):
                     columns = picks[rows, k]  # (b,)
                     log_prob, kl, old = self.transition_terms(traj, rows, columns)
                     ppo = ppo_clipped_loss(log_prob, old, advantages[rows].to(self.device),
@@ -491,7 +492,7 @@ class RLTrainer:
                     loss = ppo.loss + cfg.kl_coef * kl.mean()
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(f"loss is {float(loss)}", step)
-                    (loss / cfg.train_timesteps).backward()
+                    (loss / k_steps).backward()
                     terms["kl"] += float(kl.detach().mean())
                     terms["clip"] += float(ppo.clip_fraction)
                     terms["approx_kl"] += float(0.5 * ((log_prob.detach() - old) ** 2).mean())
@@ -504,7 +505,7 @@ class RLTrainer:
                     raise TrainingDiverged(f"gradient norm is {grad_norm}", step)
                 self.optimizer.step()
                 for key, value in terms.items():
-                    sums[key] += value / cfg.train_timesteps
+                    sums[key] += value / k_steps
                 sums["grad"] += grad_norm
                 updates += 1
         return StepMetrics(
