@@ -624,7 +624,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RLLoopConfig]:
                 rl[key] = value
         for item in args.rl:
             key, _, text = item.partition("=")
-            rl[key] = json.loads(text) if text[:1] in "0123456789-.[{tf" else text
+            rl[key] = json.loads(text) if text[:1] in "0123456789-.[{tfn" else text
         votes = args.votes if args.votes is not None else base.votes
         configs.append(replace(base, reward=args.reward, seed=args.seed, votes=votes, rl=rl,
                                rl_minutes=args.rl_minutes))  # fmt: skip
