@@ -30,6 +30,12 @@ This runs the platform's worker code in one process (no web server, database or 
 also runs on a machine with an accelerator and nothing else; the job path itself is tested in
 tests/e2e/test_rl_job.py.
 
+With the spatial reward model, on the 2 shared CPU cores at nice 19 (`--quick`: 600 votes,
+300 reward-model steps; RL every step, one update per batch, lr 3e-3, 78 steps in 48 wall
+minutes): the reward models were at chance on prompted position (test 0.49), so the probe
+reward did not rise and probe fidelity fell 3.2 points; the parent puts 0.125 of corner-prompt
+images in the named cell. The figures of an earlier round follow.
+
 Measured on one H200 (full size: 1 800 votes, 10 % flipped, 120 train prompts × 6 images,
 80 held-out test prompts × 3 held-out seeds; ten runs sharing the GPU, each RL phase capped at
 4 minutes ≈ 60–80 steps of 8 prompts × 8 images; win-rate at tolerance, prompt-clustered 95 %):
@@ -416,7 +422,7 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
     timer.lap("train_rl")
 
     # 5. the child as the platform loads it, on held-out prompts and seeds
-    child_spec = replace(spec, adapter=str(adapter))
+    child_spec = spec.model_copy(update={"adapter": str(adapter)})
     child_images = _generate(child_spec, load_pipeline(child_spec), test_p,
                              [s for _, s in test_items])  # fmt: skip
     parent_scores = np.array([score(p, im) for p, im in zip(test_p, parent_images, strict=True)])
