@@ -368,6 +368,9 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
         prep["rm_test_acc"],
     )
     timer.seconds.update(prep["seconds"])
+    log(f"[{name}] {votes} votes ({ties} ties, {flipped} flipped); reward models' accuracy on "
+        f"the parent's held-out test images {rm_test_acc[0]:.3f} / {rm_test_acc[1]:.3f}, "
+        f"their own test split {[t.test_accuracy for t in reward_models]}")  # fmt: skip
     timer.lap("cache")
     cpu_start = time.process_time() - prep["cpu_seconds"]
     test_items = [(p, s) for p in test_prompts for s in config.eval_seeds]
@@ -441,7 +444,7 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
         "preference": name,
         "reward_source": config.reward,
         "config": {**asdict(config), "eval_seeds": list(config.eval_seeds)},
-        "rl_config": asdict(rl_config),
+        "rl_config": rl_config.model_dump(mode="json"),
         "votes": votes,
         "vote_ties": ties,
         "votes_flipped": flipped,
@@ -652,6 +655,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} CPUs, {device}, load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="prefloop-rl-") as tmp:
+        # The child is reloaded as the platform loads one: its adapter must lie under a model
+        # root, so this run's scratch directory becomes one (beside the default roots).
+        from app.core.config import get_settings
+
+        roots = get_settings().resolved_model_roots
+        os.environ["PREFLOOP_MODEL_ROOTS"] = ",".join([*map(str, roots), tmp])
+        get_settings.cache_clear()
         for config in configs_from_args(args):
             results.append(run_loop(config, Path(tmp), log=lambda s: print(s, flush=True)))
             if args.out is not None:
