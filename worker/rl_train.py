@@ -6,7 +6,8 @@ score them with pluggable :class:`Scorer` s, turn the scores into advantages (GR
 normalisation or DDPO's per-prompt baseline), and update the policy with PPO's clipped
 objective on every denoising step of each trajectory (or K randomly chosen ones, Flow-GRPO's
 "denoising reduction", with ``train_timesteps``), plus ``kl_coef`` × the closed-form KL
-between the policy's and the parent's Gaussian transitions. With LoRA the parent is the same UNet with the adapter disabled.
+between the policy's and the parent's Gaussian transitions. With LoRA the parent is the same
+UNet with the adapter disabled.
 
 A probe set of held-out prompts with fixed noise is sampled every ``eval_every`` steps and
 scored by the primary reward, a guard reward (an independently trained reward model) and a
@@ -21,8 +22,8 @@ Where this differs from the papers:
 - DDPO (Black et al. 2023) trains every denoising step, has no groups and no KL term; here
   every step too by default (Flow-GRPO's random K of T, optional, lowered the toy reward where
   all T and one on-policy update per batch raised it), GRPO groups by default (DDPO's
-  per-prompt baseline is ``advantage="prompt"``) and a KL anchor (DPOK, Flow-GRPO). Its per-dimension mean of the
-  log-probability and the ±5 advantage clip are kept.
+  per-prompt baseline is ``advantage="prompt"``) and a KL anchor (DPOK, Flow-GRPO). Its
+  per-dimension mean of the log-probability and the ±5 advantage clip are kept.
 - DPOK (Fan et al. 2023) regularises with a KL bound summed over the whole chain and weighs
   reward and KL per step; here the closed-form KL of the equal-σ Gaussian transitions, averaged
   per dimension, only on the K trained transitions, as Flow-GRPO's code does.
