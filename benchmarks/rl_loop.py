@@ -30,6 +30,12 @@ This runs the platform's worker code in one process (no web server, database or 
 also runs on a machine with an accelerator and nothing else; the job path itself is tested in
 tests/e2e/test_rl_job.py.
 
+With the spatial reward model, on the 2 shared CPU cores at nice 19 (`--quick`: 600 votes,
+300 reward-model steps; RL every step, one update per batch, lr 3e-3, 78 steps in 48 wall
+minutes): the reward models were at chance on prompted position (test 0.49), so the probe
+reward did not rise and probe fidelity fell 3.2 points; the parent puts 0.125 of corner-prompt
+images in the named cell. The figures of an earlier round follow.
+
 Measured on one H200 (full size: 1 800 votes, 10 % flipped, 120 train prompts × 6 images,
 80 held-out test prompts × 3 held-out seeds; ten runs sharing the GPU, each RL phase capped at
 4 minutes ≈ 60–80 steps of 8 prompts × 8 images; win-rate at tolerance, prompt-clustered 95 %):
@@ -73,48 +79,48 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from worker.evaluation import compare, share  # noqa: E402
 from worker.toy.preferences import (  # noqa: E402
     NO_FOREGROUND,
     PREFERENCES,
-    get_preference,
+    Preference,
+    in_named_cell,
     prompt_fidelity,
     vote_from_scores,
 )
-from worker.toy.world import (  # noqa: E402
-    extract_position,
-    parse_prompt,
-    sample_prompts,
-)
+from worker.toy.world import parse_prompt, sample_prompts  # noqa: E402
 
 GOAL_WIN_RATE = 0.80
 GOAL_MAX_VOTES = 2000
 GOAL_POSITION_SHARE = 0.70
 GOAL_MINUTES = 45.0
-Score = Callable[[str, np.ndarray], float]
+GOAL_MAX_FIDELITY_DROP = 0.02
 
 
-# ---------------------------------------------------------------------------------------------
-# Preferences that may read the prompt
-
-
-def named_cell(prompt: str) -> tuple[str, str] | None:
-    """The (horizontal, vertical) cell a prompt names; an unnamed axis is its middle."""
-    spec = parse_prompt(prompt)
-    if spec.horizontal is None and spec.vertical is None:
-        return None
-    return spec.horizontal or "center", spec.vertical or "middle"
-
-
-def scorer_for(preference: str) -> Score:
-    """The preference's own score (worker.toy.preferences), taking (prompt, image)."""
-    pref = get_preference(preference)
-    return lambda prompt, image: pref.score(image, prompt)
-
-
-def position_share(prompts: Sequence[str], images: Sequence[np.ndarray]) -> float:
-    """Share of images whose shape sits in the cell the prompt names (both axes)."""
-    hits = [extract_position(im) == named_cell(p) for p, im in zip(prompts, images, strict=True)]
-    return float(np.mean(hits)) if hits else float("nan")
+def cell_shares(
+    prompts: Sequence[str], images: Sequence[np.ndarray], seed: int = 0
+) -> dict[str, dict[str, Any] | None]:
+    """Share of images whose shape sits in the cell the prompt names (prompt-clustered CI):
+    "named" on every axis the prompt names, over prompts naming a position; "both" over the
+    prompts naming both axes (a corner: chance 1/9) — the figure the goals are stated in."""
+    flags: list[bool] = []
+    clusters: list[str] = []
+    both_flags: list[bool] = []
+    both_clusters: list[str] = []
+    for prompt, image in zip(prompts, images, strict=True):
+        inside = in_named_cell(image, prompt)
+        if inside is None:
+            continue
+        flags.append(inside)
+        clusters.append(prompt)
+        spec = parse_prompt(prompt)
+        if spec.horizontal is not None and spec.vertical is not None:
+            both_flags.append(inside)
+            both_clusters.append(prompt)
+    return {
+        "named": share(flags, clusters, seed=seed).as_dict() if flags else None,
+        "both": share(both_flags, both_clusters, seed=seed).as_dict() if both_flags else None,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +147,8 @@ class RLLoopConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        get_preference(self.preference)  # a ValueError naming the known ones
+        if self.preference not in PREFERENCES:
+            raise ValueError(f"unknown preference {self.preference!r}; known: {list(PREFERENCES)}")
         if not 1 <= self.votes <= GOAL_MAX_VOTES:
             raise ValueError(f"votes must be in [1, {GOAL_MAX_VOTES}]")
 
@@ -171,7 +178,7 @@ def image_seed(prompt: str, index: int) -> int:
 
 def split_prompts(config: RLLoopConfig) -> tuple[list[str], list[str], list[str]]:
     """Train, validation (probe) and test prompts; no prompt in two of them."""
-    mention = get_preference(config.preference).mention or None
+    mention = PREFERENCES[config.preference].mention or None
     pool = sample_prompts(
         8 * (config.train_prompts + config.val_prompts + config.test_prompts),
         seed=config.seed,
@@ -190,38 +197,15 @@ def split_prompts(config: RLLoopConfig) -> tuple[list[str], list[str], list[str]
 # Measurement
 
 
-def clustered_win_rate(
-    outcomes: np.ndarray, clusters: Sequence[str], *, draws: int = 2000, seed: int = 0
-) -> dict[str, float]:
-    """Mean outcome with a bootstrap 95 % interval that resamples prompts, not images."""
-    outcomes = np.asarray(outcomes, dtype=np.float64)  # (N,)
-    keys = sorted(set(clusters))
-    index = {k: i for i, k in enumerate(keys)}
-    cluster_id = np.array([index[c] for c in clusters])  # (N,)
-    sums = np.bincount(cluster_id, weights=outcomes, minlength=len(keys))  # (K,)
-    counts = np.bincount(cluster_id, minlength=len(keys)).astype(np.float64)  # (K,)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(keys), size=(draws, len(keys)))  # (draws, K)
-    rates = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)  # (draws,)
-    return {
-        "win_rate": float(outcomes.mean()),
-        "ci_low": float(np.quantile(rates, 0.025)),
-        "ci_high": float(np.quantile(rates, 0.975)),
-        "n": int(outcomes.size),
-        "prompts": len(keys),
-        "wins": int((outcomes == 1).sum()),
-        "ties": int((outcomes == 0.5).sum()),
-        "losses": int((outcomes == 0).sum()),
-    }
-
-
 def reward_accuracy(model: Any, prompts: Sequence[str], images: Sequence[np.ndarray],
-                    score: Score, tol: float) -> float:  # fmt: skip
-    """Share of perceptibly different same-prompt pairs the reward model orders like the score."""
+                    pref: Preference) -> float:  # fmt: skip
+    """Share of perceptibly different same-prompt pairs the reward model orders like the
+    preference."""
     from worker.reward_model import score_images
 
+    tol = pref.tolerance
     predicted = score_images(model, list(prompts), list(images))  # (N,)
-    truth = np.array([score(p, im) for p, im in zip(prompts, images, strict=True)])
+    truth = np.array([pref.score(im, p) for p, im in zip(prompts, images, strict=True)])
     by_prompt: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         by_prompt.setdefault(p, []).append(i)
@@ -284,65 +268,113 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
     )
 
     name = config.preference
-    score = scorer_for(name)
-    tol = get_preference(name).tolerance
+    pref = PREFERENCES[name]
+    tol = pref.tolerance
+
+    def score(prompt: str, image: np.ndarray) -> float:
+        return pref.score(image, prompt)
+
     timer = Timer()
     cpu_start = time.process_time()
+    load_start = os.getloadavg()[0]
     train_prompts, val_prompts, test_prompts = split_prompts(config)
     spec = GeneratorSpec(base="toy", scheduler="ddim", steps=config.steps,
                          guidance_scale=config.guidance_scale)  # fmt: skip
     parent_pipe = load_pipeline(spec)
 
-    # 1. training images
-    items = [(p, image_seed(p, i)) for p in train_prompts for i in range(config.images_per_prompt)]
-    images = _generate(spec, parent_pipe, [p for p, _ in items], [s for _, s in items])
-    timer.lap("generate")
+    def prepare() -> dict[str, Any]:
+        """Votes, the two reward models and the parent's test images (cacheable: no RL)."""
+        # 1. training images
+        items = [
+            (p, image_seed(p, i)) for p in train_prompts for i in range(config.images_per_prompt)
+        ]
+        images = _generate(spec, parent_pipe, [p for p, _ in items], [s for _, s in items])
+        timer.lap("generate")
 
-    # 2. votes on pairs within a prompt
-    rng = np.random.default_rng(config.seed)
-    candidates = []
-    n = config.images_per_prompt
-    for k in range(len(train_prompts)):
-        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-        for pick in rng.permutation(len(pairs))[: config.pairs_per_prompt]:
-            i, j = pairs[int(pick)]
-            candidates.append((k * n + i, k * n + j))
-    rng.shuffle(candidates)
-    records, ties, flipped = [], 0, 0
-    for a, b in candidates[: config.votes]:
-        prompt = items[a][0]
-        sa, sb = score(prompt, images[a]), score(prompt, images[b])
-        choice = vote_from_scores(sa, sb, rng, config.flip_noise)
-        honest = vote_from_scores(sa, sb, rng)
-        if choice == "tie":
-            ties += 1
-            continue
-        flipped += choice != honest
-        records.append(PreferenceRecord(prompt, images[a], images[b],
-                                        1.0 if choice == "left" else 0.0))  # fmt: skip
-    votes = min(config.votes, len(candidates))
-    timer.lap("vote")
+        # 2. votes on pairs within a prompt
+        rng = np.random.default_rng(config.seed)
+        candidates = []
+        n = config.images_per_prompt
+        for k in range(len(train_prompts)):
+            pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+            for pick in rng.permutation(len(pairs))[: config.pairs_per_prompt]:
+                i, j = pairs[int(pick)]
+                candidates.append((k * n + i, k * n + j))
+        rng.shuffle(candidates)
+        records, ties, flipped = [], 0, 0
+        for a, b in candidates[: config.votes]:
+            prompt = items[a][0]
+            sa, sb = score(prompt, images[a]), score(prompt, images[b])
+            choice = vote_from_scores(sa, sb, rng, config.flip_noise)
+            honest = vote_from_scores(sa, sb, rng)
+            if choice == "tie":
+                ties += 1
+                continue
+            flipped += choice != honest
+            records.append(PreferenceRecord(prompt, images[a], images[b],
+                                            1.0 if choice == "left" else 0.0))  # fmt: skip
+        votes = min(config.votes, len(candidates))
+        timer.lap("vote")
 
-    # 3. reward model and guard
-    dataset = PreferenceDataset(records)
-    reward_models = []
-    for offset in (0, 1):
-        trained = train_reward_model(
-            dataset,
-            RewardTrainConfig(steps=config.reward_steps, seed=config.seed + offset),
-            device="cuda" if torch.cuda.is_available() else "cpu",
-        )
-        reward_models.append(trained)
-    timer.lap("train_reward")
+        # 3. reward model and guard
+        dataset = PreferenceDataset(records)
+        reward_models = []
+        for offset in (0, 1):
+            trained = train_reward_model(
+                dataset,
+                RewardTrainConfig(steps=config.reward_steps, seed=config.seed + offset),
+                device="cuda" if torch.cuda.is_available() else "cpu",
+            )
+            reward_models.append(trained)
+        timer.lap("train_reward")
 
-    # Parent images on held-out test prompts and seeds (also the reward models' test set).
+        # Parent images on held-out test prompts and seeds (also the reward models' test set).
+        test_items = [(p, s) for p in test_prompts for s in config.eval_seeds]
+        test_p = [p for p, _ in test_items]
+        parent_images = _generate(spec, parent_pipe, test_p, [s for _, s in test_items])
+        rm_test_acc = [
+            reward_accuracy(t.model.eval(), test_p, parent_images, pref) for t in reward_models
+        ]
+        timer.lap("evaluate_parent")
+
+        return {
+            "votes": votes, "ties": ties, "flipped": flipped, "reward_models": reward_models,
+            "parent_images": parent_images, "rm_test_acc": rm_test_acc,
+            "seconds": dict(timer.seconds), "cpu_seconds": time.process_time() - cpu_start,
+        }  # fmt: skip
+
+    # Exploring RL settings re-runs only RL: RL_LOOP_CACHE keeps the phases before it, and the
+    # figures still count their CPU time, measured when they ran.
+    cache_root = os.environ.get("RL_LOOP_CACHE")
+    cached = None
+    if cache_root:
+        fields = {
+            k: v for k, v in asdict(config).items() if k not in ("rl", "rl_minutes", "reward")
+        }
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
+        cached = Path(cache_root) / f"prepare-{name}-{digest.hexdigest()[:16]}.pt"
+    if cached is not None and cached.exists():
+        prep = torch.load(cached, weights_only=False)
+        log(f"[{name}] votes, reward models and parent images from {cached}")
+    else:
+        prep = prepare()
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(prep, cached)
+    votes, ties, flipped = prep["votes"], prep["ties"], prep["flipped"]
+    reward_models, parent_images, rm_test_acc = (
+        prep["reward_models"],
+        prep["parent_images"],
+        prep["rm_test_acc"],
+    )
+    timer.seconds.update(prep["seconds"])
+    log(f"[{name}] {votes} votes ({ties} ties, {flipped} flipped); reward models' accuracy on "
+        f"the parent's held-out test images {rm_test_acc[0]:.3f} / {rm_test_acc[1]:.3f}, "
+        f"their own test split {[t.test_accuracy for t in reward_models]}")  # fmt: skip
+    timer.lap("cache")
+    cpu_start = time.process_time() - prep["cpu_seconds"]
     test_items = [(p, s) for p in test_prompts for s in config.eval_seeds]
     test_p = [p for p, _ in test_items]
-    parent_images = _generate(spec, parent_pipe, test_p, [s for _, s in test_items])
-    rm_test_acc = [
-        reward_accuracy(t.model.eval(), test_p, parent_images, score, tol) for t in reward_models
-    ]
-    timer.lap("evaluate_parent")
 
     # 4. RL
     if config.reward == "oracle":
@@ -379,8 +411,10 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
 
     def on_probe(p: Any) -> None:
         probes.append(asdict(p))
-        log(f"[{name}] probe step {p.step}: reward {p.reward:.3f} guard {p.guard:.3f} "
-            f"fidelity {p.fidelity:.3f}" + (f" STOP {p.stop_reason}" if p.stop_reason else ""))
+        log(
+            f"[{name}] probe step {p.step}: reward {p.reward:.3f} guard {p.guard:.3f} "
+            f"fidelity {p.fidelity:.3f}" + (f" STOP {p.stop_reason}" if p.stop_reason else "")
+        )
 
     deadline = time.monotonic() + 60 * config.rl_minutes if config.rl_minutes else math.inf
     result = train(rl_pipe, train_prompts, reward_scorer, rl_config, work / f"ckpt-{name}",
@@ -391,14 +425,18 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
     timer.lap("train_rl")
 
     # 5. the child as the platform loads it, on held-out prompts and seeds
-    child_spec = replace(spec, adapter=str(adapter))
+    child_spec = spec.model_copy(update={"adapter": str(adapter)})
     child_images = _generate(child_spec, load_pipeline(child_spec), test_p,
                              [s for _, s in test_items])  # fmt: skip
     parent_scores = np.array([score(p, im) for p, im in zip(test_p, parent_images, strict=True)])
     child_scores = np.array([score(p, im) for p, im in zip(test_p, child_images, strict=True)])
-    diff = child_scores - parent_scores
-    outcomes = np.where(diff > tol, 1.0, np.where(diff < -tol, 0.0, 0.5))
     valid = (parent_scores > NO_FOREGROUND / 2) & (child_scores > NO_FOREGROUND / 2)
+    judged = compare(
+        child_scores, parent_scores, test_p, tol, valid=valid,
+        parent_classes=[pref.klass(im, p) for p, im in zip(test_p, parent_images, strict=True)],
+        child_classes=[pref.klass(im, p) for p, im in zip(test_p, child_images, strict=True)],
+        seed=config.seed,
+    )  # fmt: skip
     timer.lap("evaluate_child")
     fid_parent = prompt_fidelity(test_p, parent_images).as_dict()
     fid_child = prompt_fidelity(test_p, child_images).as_dict()
@@ -406,19 +444,20 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
         "preference": name,
         "reward_source": config.reward,
         "config": {**asdict(config), "eval_seeds": list(config.eval_seeds)},
-        "rl_config": asdict(rl_config),
+        "rl_config": rl_config.model_dump(mode="json"),
         "votes": votes,
         "vote_ties": ties,
         "votes_flipped": flipped,
         "reward_val_accuracy": [t.val_accuracy for t in reward_models],
         "reward_test_accuracy": rm_test_acc,
-        "win": clustered_win_rate(outcomes, test_p, seed=config.seed),
+        "win": judged.as_dict(),
         "tolerance": tol,
-        "mean_score_change": float(diff[valid].mean()) if valid.any() else float("nan"),
+        "mean_score_change": judged.score_change,
+        "class_flip_rate": judged.class_flip_rate,
         "fidelity_parent": fid_parent["both"],
         "fidelity_child": fid_child["both"],
-        "position_share_parent": position_share(test_p, parent_images),
-        "position_share_child": position_share(test_p, child_images),
+        "cell_share_parent": cell_shares(test_p, parent_images, seed=config.seed),
+        "cell_share_child": cell_shares(test_p, child_images, seed=config.seed),
         "rl_steps": result.step,
         "guard_stop": result.guard_stop,
         "history": history,
@@ -426,13 +465,15 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
         "phase_seconds": timer.seconds,
         "total_seconds": sum(timer.seconds.values()),
         "cpu_seconds": time.process_time() - cpu_start,
+        "load_average": [load_start, os.getloadavg()[0]],
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
     w = figures["win"]
     log(f"[{name}] child wins {w['win_rate']:.1%} [{w['ci_low']:.1%}, {w['ci_high']:.1%}] "
         f"at tol {tol:.3g} (n {w['n']}); fidelity {figures['fidelity_parent']:.3f} -> "
-        f"{figures['fidelity_child']:.3f}; position share {figures['position_share_parent']:.3f}"
-        f" -> {figures['position_share_child']:.3f}")  # fmt: skip
+        f"{figures['fidelity_child']:.3f}; in the named cell (both axes) "
+        f"{both_share(figures, 'parent'):.3f} -> {both_share(figures, 'child'):.3f}; "
+        f"{figures['cpu_seconds'] / 60:.1f} CPU min")  # fmt: skip
     return figures
 
 
@@ -440,14 +481,22 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
 # Reporting
 
 
+def both_share(r: dict[str, Any], who: str) -> float:
+    """The in-named-cell share over prompts naming both axes (nan where none was judged)."""
+    shares = r.get(f"cell_share_{who}") or {}
+    both = shares.get("both")
+    return float(both["value"]) if both else float("nan")
+
+
 def goals(r: dict[str, Any]) -> dict[str, bool]:
     met = {
         "win_rate": r["win"]["win_rate"] >= GOAL_WIN_RATE,
         "votes": r["votes"] <= GOAL_MAX_VOTES,
         "minutes": r["cpu_seconds"] <= 60 * GOAL_MINUTES,
+        "fidelity": r["fidelity_parent"] - r["fidelity_child"] <= GOAL_MAX_FIDELITY_DROP,
     }
     if r["preference"] == "prompted_position":
-        met["position_share"] = r["position_share_child"] >= GOAL_POSITION_SHARE
+        met["position_share"] = both_share(r, "child") >= GOAL_POSITION_SHARE
     return met
 
 
@@ -455,7 +504,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     head = (
         f"{'preference':<18} {'reward':<7} {'lr':>6} {'votes':>5} {'win@tol [95% CI]':>22} "
         f"{'n':>4} "
-        f"{'Δscore':>8} {'fid':>11} {'pos share':>11} {'RM acc':>11} {'steps':>5} "
+        f"{'Δscore':>8} {'fid':>11} {'cell both':>11} {'RM acc':>11} {'steps':>5} "
         f"{'cpu min':>7} {'wall':>6}  goals"
     )
     lines = [head, "-" * len(head)]
@@ -467,7 +516,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{w['win_rate']:>7.1%} [{w['ci_low']:>5.1%}, {w['ci_high']:>6.1%}] {w['n']:>4} "
             f"{r['mean_score_change']:>+8.4f} "
             f"{r['fidelity_parent']:.3f}>{r['fidelity_child']:.3f} "
-            f"{r['position_share_parent']:.2f}>{r['position_share_child']:.2f}  "
+            f"{both_share(r, 'parent'):.2f}>{both_share(r, 'child'):.2f}  "
             f"{r['reward_test_accuracy'][0]:.2f}/{r['reward_test_accuracy'][1]:.2f}   "
             f"{r['rl_steps']:>5} {r['cpu_seconds'] / 60:>7.1f} {r['total_seconds'] / 60:>5.1f}m  "
             + " ".join(f"{k}:{'ok' if v else 'MISS'}" for k, v in goals(r).items())
@@ -584,7 +633,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RLLoopConfig]:
                 rl[key] = value
         for item in args.rl:
             key, _, text = item.partition("=")
-            rl[key] = json.loads(text) if text[:1] in "0123456789-.[{tf" else text
+            rl[key] = json.loads(text) if text[:1] in "0123456789-.[{tfn" else text
         votes = args.votes if args.votes is not None else base.votes
         configs.append(replace(base, reward=args.reward, seed=args.seed, votes=votes, rl=rl,
                                rl_minutes=args.rl_minutes))  # fmt: skip
@@ -606,6 +655,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{os.cpu_count()} CPUs, {device}, load average {os.getloadavg()[0]:.1f}", flush=True)
     results = []
     with tempfile.TemporaryDirectory(prefix="prefloop-rl-") as tmp:
+        # The child is reloaded as the platform loads one: its adapter must lie under a model
+        # root, so this run's scratch directory becomes one (beside the default roots).
+        from app.core.config import get_settings
+
+        roots = get_settings().resolved_model_roots
+        os.environ["PREFLOOP_MODEL_ROOTS"] = ",".join([*map(str, roots), tmp])
+        get_settings.cache_clear()
         for config in configs_from_args(args):
             results.append(run_loop(config, Path(tmp), log=lambda s: print(s, flush=True)))
             if args.out is not None:

@@ -4,9 +4,10 @@ Each step: sample a group of G images for each of P prompts with the current pol
 stochastic DDIM sampler (:func:`worker.rl.ddim_step_with_logprob`, log-probabilities recorded),
 score them with pluggable :class:`Scorer` s, turn the scores into advantages (GRPO's group
 normalisation or DDPO's per-prompt baseline), and update the policy with PPO's clipped
-objective on K randomly chosen denoising steps per trajectory (Flow-GRPO's "denoising
-reduction"), plus ``kl_coef`` × the closed-form KL between the policy's and the parent's
-Gaussian transitions. With LoRA the parent is the same UNet with the adapter disabled.
+objective on every denoising step of each trajectory (or K randomly chosen ones, Flow-GRPO's
+"denoising reduction", with ``train_timesteps``), plus ``kl_coef`` × the closed-form KL
+between the policy's and the parent's Gaussian transitions. With LoRA the parent is the same
+UNet with the adapter disabled.
 
 A probe set of held-out prompts with fixed noise is sampled every ``eval_every`` steps and
 scored by the primary reward, a guard reward (an independently trained reward model) and a
@@ -18,10 +19,11 @@ Checkpoints (``ckpt_dir/step-XXXXXX``) hold the trainable weights, the optimizer
 state and the guard's record, so a resumed run continues bit for bit.
 
 Where this differs from the papers:
-- DDPO (Black et al. 2023) trains every denoising step, has no groups and no KL term; here K of
-  T steps (Flow-GRPO), GRPO groups by default (DDPO's per-prompt baseline is
-  ``advantage="prompt"``) and a KL anchor (DPOK, Flow-GRPO). Its per-dimension mean of the
-  log-probability and the ±5 advantage clip are kept.
+- DDPO (Black et al. 2023) trains every denoising step, has no groups and no KL term; here
+  every step too by default (Flow-GRPO's random K of T, optional, lowered the toy reward where
+  all T and one on-policy update per batch raised it), GRPO groups by default (DDPO's
+  per-prompt baseline is ``advantage="prompt"``) and a KL anchor (DPOK, Flow-GRPO). Its
+  per-dimension mean of the log-probability and the ±5 advantage clip are kept.
 - DPOK (Fan et al. 2023) regularises with a KL bound summed over the whole chain and weighs
   reward and KL per step; here the closed-form KL of the equal-σ Gaussian transitions, averaged
   per dimension, only on the K trained transitions, as Flow-GRPO's code does.
@@ -472,19 +474,20 @@ class RLTrainer:
         """PPO over the batch: K random timesteps per trajectory, ``minibatches`` steps a pass."""
         cfg = self.config
         n, steps_total = traj.latents.shape[0], len(self.timesteps)
+        k_steps = cfg.timesteps_per_trajectory
         sums = {"kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "loss": 0.0, "grad": 0.0}
         updates = 0
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(n, generator=self.gen)  # (n,)
             # Each trajectory trains K of its T transitions, a fresh draw per pass.
             picks = torch.stack(
-                [torch.randperm(steps_total, generator=self.gen)[: cfg.train_timesteps]
+                [torch.randperm(steps_total, generator=self.gen)[:k_steps]
                  for _ in range(n)]
             )  # (n, K) fmt: skip
             for rows in order.chunk(cfg.minibatches):
                 self.optimizer.zero_grad(set_to_none=True)
                 terms = {"kl": 0.0, "clip": 0.0, "approx_kl": 0.0, "loss": 0.0}
-                for k in range(cfg.train_timesteps):
+                for k in range(k_steps):
                     columns = picks[rows, k]  # (b,)
                     log_prob, kl, old = self.transition_terms(traj, rows, columns)
                     ppo = ppo_clipped_loss(log_prob, old, advantages[rows].to(self.device),
@@ -492,7 +495,7 @@ class RLTrainer:
                     loss = ppo.loss + cfg.kl_coef * kl.mean()
                     if not torch.isfinite(loss):
                         raise TrainingDiverged(f"loss is {float(loss)}", step)
-                    (loss / cfg.train_timesteps).backward()
+                    (loss / k_steps).backward()
                     terms["kl"] += float(kl.detach().mean())
                     terms["clip"] += float(ppo.clip_fraction)
                     terms["approx_kl"] += float(0.5 * ((log_prob.detach() - old) ** 2).mean())
@@ -505,7 +508,7 @@ class RLTrainer:
                     raise TrainingDiverged(f"gradient norm is {grad_norm}", step)
                 self.optimizer.step()
                 for key, value in terms.items():
-                    sums[key] += value / cfg.train_timesteps
+                    sums[key] += value / k_steps
                 sums["grad"] += grad_norm
                 updates += 1
         return StepMetrics(

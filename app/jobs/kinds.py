@@ -552,36 +552,59 @@ register_kind(
 )
 
 
+# The default online-RL recipe: what `train_rl` runs when a lead gives only `model_id` and a
+# reward model. RLTrainingParams defaults to it and the README states it (a test checks both);
+# chosen with benchmarks/rl_loop.py on the toy model (figures in the README). `train_timesteps`
+# None trains every sampled denoising step.
+RL_RECIPE: dict[str, Any] = {
+    "steps": 60,
+    "prompts_per_step": 8,
+    "group_size": 8,
+    "train_timesteps": None,
+    "minibatches": 1,
+    "learning_rate": 1e-3,
+    "kl_coef": 0.01,
+    "lora_targets": "attention+conv",
+    "lora_rank": 8,
+}
+
+
 class RLTrainingParams(JobParams):
     """The hyper-parameters of one online RL run (GRPO / DDPO with a KL anchor to the parent):
-    what `worker.rl_train` reads. Defaults: the toy recipe measured by benchmarks/rl_loop.py."""
+    what `worker.rl_train` reads. Defaults: RL_RECIPE and the guard's limits."""
 
-    steps: int = Field(default=60, ge=1, le=100_000, description="sample → score → update rounds")
-    prompts_per_step: int = Field(default=8, ge=1, le=1024)
+    steps: int = Field(
+        default=RL_RECIPE["steps"], ge=1, le=100_000, description="sample → score → update rounds"
+    )
+    prompts_per_step: int = Field(default=RL_RECIPE["prompts_per_step"], ge=1, le=1024)
     # G images per prompt (Flow-GRPO: 24 on SD3.5; DDPO: no groups).
-    group_size: int = Field(default=8, ge=1, le=256)
+    group_size: int = Field(default=RL_RECIPE["group_size"], ge=1, le=256)
     sample_steps: int = Field(default=10, ge=1, le=1000, description="denoising steps sampled")
     # DDIM stochasticity while training (DDPO: 1.0); the policy gradient needs η > 0.
     eta: float = Field(default=1.0, gt=0, le=1)
     # Classifier-free guidance while sampling and training; None: the model's own setting.
     guidance_scale: float | None = Field(default=None, ge=0)
     # K of the T denoising steps trained per trajectory, drawn at random per trajectory
-    # (Flow-GRPO's denoising reduction; DDPO trains all T).
-    train_timesteps: int = Field(default=4, ge=1, le=1000)
+    # (Flow-GRPO's denoising reduction); None: all T (DDPO). On the toy model a random 4 of 10
+    # with 4 minibatches lowered the reward where every step and one update raised it.
+    train_timesteps: int | None = Field(default=RL_RECIPE["train_timesteps"], ge=1, le=1000)
     ppo_epochs: int = Field(default=1, ge=1, le=100, description="passes over each batch")
-    # Optimizer steps per pass (the first is exactly on-policy). 4 rather than 2 and lr 1e-3
-    # rather than DDPO's 3e-4: on the toy "brighter" 98.5 % vs 89.0 % after the same 60–80
-    # steps (benchmarks/rl_loop.py).
-    minibatches: int = Field(default=4, ge=1, le=1024)
+    # Optimizer steps per pass; with 1 (the default) each batch gets one exactly on-policy
+    # update, so the clip range never binds.
+    minibatches: int = Field(default=RL_RECIPE["minibatches"], ge=1, le=1024)
     clip_range: float = Field(default=1e-3, gt=0, le=1, description="PPO ε on the ratio")
     adv_clip_max: float = Field(default=5.0, gt=0, description="advantages clipped to ±this")
     advantage: Literal["group", "prompt"] = "group"  # GRPO groups or DDPO per-prompt baseline
-    kl_coef: float = Field(default=0.01, ge=0, description="weight of KL(π_θ ‖ π_parent)")
-    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
+    kl_coef: float = Field(
+        default=RL_RECIPE["kl_coef"], ge=0, description="weight of KL(π_θ ‖ π_parent)"
+    )
+    learning_rate: float = Field(default=RL_RECIPE["learning_rate"], gt=0, le=1.0)
     weight_decay: float = Field(default=1e-4, ge=0, le=1.0)
     max_grad_norm: float = Field(default=1.0, ge=0)
-    lora_rank: int = Field(default=8, ge=0, le=256, description="0 = full fine-tuning")
-    lora_targets: LoraTargets = "attention+conv"
+    lora_rank: int = Field(
+        default=RL_RECIPE["lora_rank"], ge=0, le=256, description="0 = full fine-tuning"
+    )
+    lora_targets: LoraTargets = RL_RECIPE["lora_targets"]
     # Reward-hacking guard, on the probe set.
     eval_every: int = Field(default=10, ge=1)
     max_fidelity_drop: float = Field(default=0.05, ge=0, le=1)
@@ -592,13 +615,18 @@ class RLTrainingParams(JobParams):
 
     @model_validator(mode="after")
     def _consistent(self) -> RLTrainingParams:
-        if self.train_timesteps > self.sample_steps:
+        if self.train_timesteps is not None and self.train_timesteps > self.sample_steps:
             raise ValueError("train_timesteps must not exceed sample_steps")
         if self.advantage == "group" and self.group_size < 2:
             raise ValueError("group advantages need group_size ≥ 2")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("minibatches must divide prompts_per_step × group_size")
         return self
+
+    @property
+    def timesteps_per_trajectory(self) -> int:
+        """K: the denoising steps trained per sampled trajectory."""
+        return self.sample_steps if self.train_timesteps is None else self.train_timesteps
 
 
 class TrainRLParams(RLTrainingParams):

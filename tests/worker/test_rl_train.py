@@ -223,3 +223,24 @@ def test_job_params_are_the_trainer_config() -> None:
     assert params.guidance_scale is None
     with pytest.raises(ValueError, match="minibatches"):
         RLConfig(prompts_per_step=3, group_size=3, minibatches=2)
+
+
+def _recipe_item(key: str, value: object) -> str:
+    return f"`{key}={value:g}`" if isinstance(value, float) else f"`{key}={value}`"
+
+
+def test_defaults_are_the_documented_recipe() -> None:
+    from app.jobs.kinds import RL_RECIPE, TrainRLParams
+
+    # What a train_rl job runs with only model_id given: the job's params extend the trainer's
+    # config, so both default to the recipe the README documents.
+    job_defaults = TrainRLParams(model_id=1).model_dump()
+    assert {k: job_defaults[k] for k in RL_RECIPE} == RL_RECIPE
+    assert {k: getattr(RLConfig(), k) for k in RL_RECIPE} == RL_RECIPE
+    # train_timesteps None: every sampled denoising step trains; a number: that many of them.
+    assert RLConfig(sample_steps=6, train_timesteps=None).timesteps_per_trajectory == 6
+    assert RLConfig(sample_steps=6, train_timesteps=2).timesteps_per_trajectory == 2
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### The default RL recipe", 1)[1].split("\n#", 1)[0]
+    for key, value in RL_RECIPE.items():
+        assert _recipe_item(key, value) in section, key
