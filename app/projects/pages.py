@@ -276,7 +276,7 @@ def upload_prompts(
     project = get_project_for(session, user, project_id, lead=True)
     limit = get_settings().max_upload_bytes
     if pasted.strip():
-        return _paste_prompts(request, session, project, pasted, split, limit)
+        return _paste_prompts(request, session, user, project, pasted, split, limit)
     if file is None or not file.filename:
         errors = ["choose a file to upload, or paste prompts one per line"]
         return _prompts_page(request, session, project, upload_errors=errors, status_code=422)
@@ -301,7 +301,13 @@ def upload_prompts(
 
 
 def _paste_prompts(
-    request: Request, session: Session, project: Project, pasted: str, split: str, limit: int
+    request: Request,
+    session: Session,
+    user: User,
+    project: Project,
+    pasted: str,
+    split: str,
+    limit: int,
 ) -> Response:
     def refused(errors: list[str], status_code: int = 422) -> HTMLResponse:
         # What was pasted stays in the box to be corrected.
@@ -321,6 +327,8 @@ def _paste_prompts(
         return refused(exc.errors)
     prompts = [prompt.model_copy(update={"split": split}) for prompt in prompts]
     created = service.add_prompts(session, project=project, prompts=prompts)
+    record(session, actor=user, action="prompts.add", target=f"project:{project.id}",
+           project_id=project.id, details={"created": created, "source": "pasted"})  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/prompts?created={created}", status_code=303)
 
 

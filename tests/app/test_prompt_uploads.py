@@ -314,3 +314,8 @@ def test_prompts_pasted_one_per_line_into_a_split(client, db, make_user) -> None
                                 "split": "test"}, follow_redirects=False)  # fmt: skip
     assert ok.status_code == 303 and ok.headers["location"].endswith("created=2")
     assert stored() == [("a red cube", "test"), ("a blue ball", "test")]
+    from app.audit.models import AuditEvent
+
+    events = db.scalars(select(AuditEvent).where(AuditEvent.project_id == project.id)).all()
+    added = [e for e in events if e.action == "prompts.add"]
+    assert len(added) == 1 and added[0].details == {"created": 2, "source": "pasted"}
