@@ -59,7 +59,11 @@ def _gather_alphas(alphas_cumprod: Tensor, t: Tensor, like: Tensor) -> tuple[Ten
 
 
 def add_noise(alphas_cumprod: Tensor, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """Forward process q(x_t | x_0): x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, all (B, C, H, W)."""
+    """Forward process q(x_t | x_0): x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, all (B, C, H, W).
+
+    The scheduler's own `add_noise`/`get_velocity` compute in the latents' dtype; under mixed
+    precision the DPO loss needs them in float32, so this keeps the maths here, pinned equal to
+    DDPMScheduler's by tests/worker/test_dpo.py."""
     alpha, sigma = _gather_alphas(alphas_cumprod, t, x0)
     return (alpha * x0.float() + sigma * noise.float()).to(x0.dtype)
 

@@ -15,9 +15,7 @@ import io
 import logging
 import os
 import re
-import threading
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING, Any, get_args
 from pydantic import ConfigDict, Field, field_validator
 
 from app.generators.schemas import DType, GenerationParams
+from worker.cache import LoadedCache
 
 if TYPE_CHECKING:
     import torch
@@ -383,31 +382,15 @@ def load_pipeline(spec: GeneratorSpec, device: torch.device | str | None = None)
 # ---------------------------------------------------------------------------------------------
 # Per-process pipeline cache (LRU)
 
-_cache: OrderedDict[str, Any] = OrderedDict()
-_cache_lock = threading.Lock()
-
 
 def get_pipeline(spec: GeneratorSpec, *, max_cached: int = DEFAULT_MAX_CACHED) -> Any:
     """The cached pipeline for `spec`, loading it (and evicting the least recent) when needed."""
-    with _cache_lock:
-        pipe = _cache.get(spec.cache_key)
-        if pipe is not None:
-            _cache.move_to_end(spec.cache_key)
-            return pipe
-        # Evict before loading so that two large models never sit in memory together.
-        while len(_cache) >= max(max_cached, 1):
-            _cache.popitem(last=False)
-            _release_memory()
-        pipe = load_pipeline(spec)
-        _cache[spec.cache_key] = pipe
-        return pipe
+    return _cache.get(spec.cache_key, lambda: load_pipeline(spec), size=max_cached)
 
 
 def clear_cache() -> None:
     """Drop every cached pipeline."""
-    with _cache_lock:
-        _cache.clear()
-        _release_memory()
+    _cache.clear()
 
 
 def _release_memory() -> None:
@@ -419,6 +402,9 @@ def _release_memory() -> None:
 
         gc.collect()
         torch.cuda.empty_cache()
+
+
+_cache: LoadedCache[str, Any] = LoadedCache(DEFAULT_MAX_CACHED, on_evict=_release_memory)
 
 
 # ---------------------------------------------------------------------------------------------

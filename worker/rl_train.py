@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from app.core.storage import atomic_dir
 from app.generators.schemas import GenerationParams
 from app.jobs.kinds import RLTrainingParams
 from worker.lora import add_lora
@@ -481,8 +481,7 @@ class RLTrainer:
             order = torch.randperm(n, generator=self.gen)  # (n,)
             # Each trajectory trains K of its T transitions, a fresh draw per pass.
             picks = torch.stack(
-                [torch.randperm(steps_total, generator=self.gen)[:k_steps]
-                 for _ in range(n)]
+                [torch.randperm(steps_total, generator=self.gen)[:k_steps] for _ in range(n)]
             )  # (n, K) fmt: skip
             for rows in order.chunk(cfg.minibatches):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -540,22 +539,17 @@ class RLTrainer:
         """Write ``ckpt_dir/step-XXXXXX`` atomically."""
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         final = ckpt_dir / f"{CHECKPOINT_PREFIX}{step:06d}"
-        tmp = ckpt_dir / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        save_file({"gen": self.gen.get_state()}, str(tmp / "rng.safetensors"))
-        state = {
-            "step": step,
-            "config": self.config.model_dump(mode="json"),
-            "tracker": self.tracker.state_dict(),
-            **extra,
-        }
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        with atomic_dir(final) as tmp:
+            save_file(self.trainable_state(), str(tmp / "trainable.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file({"gen": self.gen.get_state()}, str(tmp / "rng.safetensors"))
+            state = {
+                "step": step,
+                "config": self.config.model_dump(mode="json"),
+                "tracker": self.tracker.state_dict(),
+                **extra,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
         return final
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:

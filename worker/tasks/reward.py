@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
-import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
 from app.ratings.models import RewardModel
 from app.ratings.snapshots import TrainingPair, create_snapshot, snapshot_for_job, snapshot_pairs
+from worker.cache import LoadedCache
 from worker.runner import ProjectJobContext
 
 if TYPE_CHECKING:
@@ -99,8 +99,7 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-_models: OrderedDict[tuple[int, str], RewardNet] = OrderedDict()
-_models_lock = threading.Lock()
+_models: LoadedCache[tuple[int, str], RewardNet] = LoadedCache(MODEL_CACHE_SIZE)
 
 
 def load_cached(store: MediaStore, row: RewardModel) -> RewardNet:
@@ -108,15 +107,7 @@ def load_cached(store: MediaStore, row: RewardModel) -> RewardNet:
     from worker.reward_model import load_reward_model
 
     key = (row.id, str(reward_model_dir(store, row)))
-    with _models_lock:
-        if key in _models:
-            _models.move_to_end(key)
-            return _models[key]
-        model = load_reward_model(key[1], device=_device())
-        _models[key] = model
-        while len(_models) > MODEL_CACHE_SIZE:
-            _models.popitem(last=False)
-        return model
+    return _models.get(key, lambda: load_reward_model(key[1], device=_device()))
 
 
 def score_arrays(
