@@ -222,14 +222,17 @@ def resolve(spec: SceneSpec, rng: np.random.Generator) -> Scene:
     def choose(value: str | None, options: tuple[str, ...]) -> str:
         return value if value is not None else str(options[rng.integers(len(options))])
 
+    # The draws keep this order (the random stream decides every scene of a seed).
+    shape = choose(spec.shape, SHAPES)
     colour, size = choose(spec.colour, COLOURS), choose(spec.size, SIZES)
+    shade = choose(spec.shade, SHADES)
     horizontal, vertical = choose(spec.horizontal, HORIZONTAL), choose(spec.vertical, VERTICAL)
     background = choose(spec.background, tuple(BACKGROUNDS))
     full = SceneSpec(
-        shape=choose(spec.shape, SHAPES),
+        shape=shape,
         colour=colour,
         size=size,
-        shade=choose(spec.shade, SHADES),
+        shade=shade,
         horizontal=horizontal,
         vertical=vertical,
         background=background,
