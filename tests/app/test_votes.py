@@ -96,7 +96,7 @@ def test_replays_answer_200_with_the_same_vote(client, db, make_user) -> None:  
         idempotency_key="abc",
     )
     assert reused.status_code == 409 and "idempotency key" in reused.json()["detail"]
-    assert count_votes(db) == 1
+    assert count_votes(db, project_id=w.project.id) == 1
 
 
 def test_refusals_404_403_422_401(client, db, make_user) -> None:  # type: ignore[no-untyped-def]
@@ -118,7 +118,7 @@ def test_refusals_404_403_422_401(client, db, make_user) -> None:  # type: ignor
     negative = vote(client, pid, token, choice="left", left_image_id=left, latency_ms=-5)
     assert negative.status_code == 422 and "latency_ms" in str(negative.json()["detail"])
     assert client.post(f"/api/v1/pairs/{pid}/votes", json={}).status_code == 401
-    assert count_votes(db) == 0
+    assert count_votes(db, project_id=w.project.id) == 0
 
 
 def test_service_rejects_bad_choice_directly(db, make_user) -> None:  # type: ignore[no-untyped-def]

@@ -209,10 +209,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.kill()
 
 
+def _populate(stack: Stack, **sizes: int) -> tuple[int, list[str]]:
+    """A project with open pairs, its images in the stack's media folder, and API tokens."""
+    world = populate(stack.db_url, stack.tmp / "media", **sizes)
+    return world["project_id"], world["tokens"]
+
+
 @pytest.mark.slow
 def test_redis_restart_loses_no_vote_and_no_job(tmp_path: Path, redis_server: RedisServer) -> None:
     with Stack(tmp_path, PREFLOOP_BROKER_URL=redis_server.url) as stack:
-        project_id, tokens = populate(stack.db_url, annotators=3, pairs=300, k=3)
+        project_id, tokens = _populate(stack, annotators=3, pairs=300, k=3)
         with Voters(stack.base, tokens, project_id) as voters:
             wait_for(lambda: len(voters.acked) >= 5, 30, what="votes before the fault")
             redis_server.kill()
@@ -246,7 +252,7 @@ def test_database_outage_answers_503_and_recovers_without_restart(tmp_path: Path
         with stack:
             assert stack.serve is not None
             web = stack.serve.children()
-            project_id, tokens = populate(stack.db_url, annotators=1, pairs=20, k=3)
+            project_id, tokens = _populate(stack, annotators=1, pairs=20, k=3)
             annotator = httpx.Client(base_url=stack.base, headers=bearer(tokens[0]), timeout=20)
             next_pair = f"/api/v1/projects/{project_id}/pairs/next"
             dashboard = f"/projects/{project_id}"
@@ -317,7 +323,7 @@ def test_database_outage_answers_503_and_recovers_without_restart(tmp_path: Path
 def test_web_killed_after_commit_retry_gets_the_original_vote(tmp_path: Path) -> None:
     with Stack(tmp_path, PREFLOOP_FAULT_INJECTION="1") as stack:
         assert stack.serve is not None
-        project_id, tokens = populate(stack.db_url, annotators=1, pairs=20, k=3)
+        project_id, tokens = _populate(stack, annotators=1, pairs=20, k=3)
         annotator = httpx.Client(base_url=stack.base, headers=bearer(tokens[0]), timeout=20)
         served = annotator.get(f"/api/v1/projects/{project_id}/pairs/next").json()
         path = f"/api/v1/pairs/{served['pair_id']}/votes"
