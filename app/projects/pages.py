@@ -3,6 +3,8 @@ annotators (invite links, deactivation). Forms post here and errors come back in
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any, get_args
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, UploadFile
@@ -55,6 +57,38 @@ def _errors(exc: ValidationError) -> dict[str, str]:
     return errors_by_field([dict(e) for e in exc.errors()])
 
 
+def _message(error: Mapping[str, Any]) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _nested_errors(exc: ValidationError, nested: str, prefix: str = "") -> dict[str, str]:
+    """Errors keyed by form field: a field of the `nested` model (settings, params) by its own
+    name after `prefix`, as its form input is named."""
+    errors: dict[str, str] = {}
+    for error in exc.errors():
+        loc = [str(p) for p in error["loc"]]
+        key = prefix + loc[1] if loc[0] == nested and len(loc) > 1 else loc[0]
+        errors[key] = _message(error)
+    return errors
+
+
+# A tab's page renderer with its request, session and project already bound.
+Page = Callable[..., HTMLResponse]
+
+
+def _invalid(page: Page, exc: ValidationError, lead: str, *, locs: bool = True) -> HTMLResponse:
+    """The tab again, saying why an edit was refused (its fields name themselves with `locs`)."""
+    problems = "; ".join(
+        f"{'.'.join(map(str, e['loc']))}: {_message(e)}" if locs else _message(e)
+        for e in exc.errors()
+    )
+    return page(action_error=lead + problems, status_code=422)
+
+
+def _refused(page: Page, exc: DomainError) -> HTMLResponse:
+    return page(action_error=exc.detail, status_code=http_status(exc))
+
+
 @router.get("/", response_class=HTMLResponse)
 def home(request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
     items: list[dict[str, Any]] = []
@@ -104,11 +138,7 @@ def create_project(
     try:
         data = ProjectCreate.model_validate(values)
     except ValidationError as exc:
-        errors = {}
-        for error in exc.errors():
-            loc = [str(p) for p in error["loc"]]
-            key = loc[1] if loc[0] == "settings" and len(loc) > 1 else loc[0]
-            errors[key] = str(error["msg"]).removeprefix("Value error, ")
+        errors = _nested_errors(exc, "settings")
         return _new_project_page(request, values, {**errors, **problems}, 422)
     if problems:
         return _new_project_page(request, values, problems, 422)
@@ -216,6 +246,7 @@ def edit_prompt_page(
     """Edit a prompt's text, split and tags (comma-separated), or (un)archive it."""
     project = get_project_for(session, user, project_id, lead=True)
     prompt = _prompt_of(session, project, prompt_id)
+    page = partial(_prompts_page, request, session, project)
     body: dict[str, Any] = {}
     for key in ("text", "split"):
         if form.get(key) is not None:
@@ -228,16 +259,9 @@ def edit_prompt_page(
         data = PromptUpdate.model_validate(body)
         changes = lifecycle.update_prompt(session, prompt=prompt, data=data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        message = f"prompt {prompt_id} not changed: {problems}"
-        return _prompts_page(request, session, project, action_error=message, status_code=422)
+        return _invalid(page, exc, f"prompt {prompt_id} not changed: ")
     except DomainError as exc:
-        return _prompts_page(
-            request, session, project, action_error=exc.detail, status_code=http_status(exc)
-        )
+        return _refused(page, exc)
     record(session, actor=user, action="prompt.update", target=f"prompt:{prompt.id}",
            project_id=project.id, details=changes)  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/prompts#prompt-{prompt.id}", status_code=303)
@@ -252,9 +276,7 @@ def delete_prompt_page(
     try:
         lifecycle.delete_prompt(session, prompt=prompt)
     except DomainError as exc:
-        return _prompts_page(
-            request, session, project, action_error=exc.detail, status_code=http_status(exc)
-        )
+        return _refused(partial(_prompts_page, request, session, project), exc)
     record(session, actor=user, action="prompt.delete", target=f"prompt:{prompt_id}",
            project_id=project.id)  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/prompts", status_code=303)
@@ -395,10 +417,7 @@ def register_model(
     try:
         data = ModelCreate.model_validate(body)
     except ValidationError as exc:
-        for error in exc.errors():
-            loc = [str(p) for p in error["loc"]]
-            key = PARAMS_PREFIX + loc[1] if loc[0] == "params" and len(loc) > 1 else loc[0]
-            errors[key] = str(error["msg"]).removeprefix("Value error, ")
+        errors.update(_nested_errors(exc, "params", PARAMS_PREFIX))
         return _models_page(
             request, session, project, values=values, errors=errors, status_code=422
         )
@@ -439,6 +458,7 @@ def edit_model_page(
     """Rename a model version, or archive / unarchive it."""
     project = get_project_for(session, user, project_id, lead=True)
     model = _model_of(session, project, model_id)
+    page = partial(_models_page, request, session, project)
     body: dict[str, Any] = {}
     if form.get("name") is not None:
         body["name"] = str(form.get("name"))
@@ -449,14 +469,9 @@ def edit_model_page(
             session, model=model, data=ModelUpdate.model_validate(body)
         )
     except ValidationError as exc:
-        message = f"model {model_id} not changed: " + "; ".join(
-            str(e["msg"]).removeprefix("Value error, ") for e in exc.errors()
-        )
-        return _models_page(request, session, project, action_error=message, status_code=422)
+        return _invalid(page, exc, f"model {model_id} not changed: ", locs=False)
     except DomainError as exc:
-        return _models_page(
-            request, session, project, action_error=exc.detail, status_code=http_status(exc)
-        )
+        return _refused(page, exc)
     record(session, actor=user, action="model.update", target=f"model:{model.id}",
            project_id=project.id, details=changes)  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/models#model-{model.id}", status_code=303)
@@ -472,9 +487,7 @@ def delete_model_page(
     try:
         generators.delete_model(session, model=model)
     except DomainError as exc:
-        return _models_page(
-            request, session, project, action_error=exc.detail, status_code=http_status(exc)
-        )
+        return _refused(partial(_models_page, request, session, project), exc)
     record(session, actor=user, action="model.delete", target=f"model:{model_id}",
            project_id=project.id, details={"name": name})  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/models", status_code=303)
@@ -569,13 +582,8 @@ def edit_project_page(
             session, project=project, data=ProjectUpdate.model_validate(body)
         )
     except ValidationError as exc:
-        message = "not changed: " + "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {str(e['msg']).removeprefix('Value error, ')}"
-            for e in exc.errors()
-        )
-        return _settings_page(
-            request, session, project, None, {}, action_error=message, status_code=422
-        )
+        return _invalid(partial(_settings_page, request, session, project, None, {}), exc,
+                        "not changed: ")  # fmt: skip
     record(session, actor=user, action="project.update", target=f"project:{project.id}",
            project_id=project.id, details=changes)  # fmt: skip
     return RedirectResponse(f"/projects/{project.id}/settings#project", status_code=303)
@@ -590,10 +598,7 @@ def delete_project_page(
     try:
         lifecycle.delete_project(session, project=project)
     except DomainError as exc:
-        return _settings_page(
-            request, session, project, None, {}, action_error=exc.detail,
-            status_code=http_status(exc),
-        )  # fmt: skip
+        return _refused(partial(_settings_page, request, session, project, None, {}), exc)
     record(session, actor=user, action="project.delete", target=f"project:{project_id}",
            project_id=project_id, details={"name": name})  # fmt: skip
     return RedirectResponse("/", status_code=303)
