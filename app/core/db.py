@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, MetaData, create_engine, event
@@ -36,6 +36,17 @@ class Base(DeclarativeBase):
 
 def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class Archivable(Protocol):
+    archived_at: Any
+
+
+def set_archived(row: Archivable, archived: bool | None, changes: dict[str, Any]) -> None:
+    """(Un)archive `row` as an edit asks (None: leave it), noting a real change in `changes`."""
+    if archived is not None and archived != (row.archived_at is not None):
+        row.archived_at = utcnow() if archived else None
+        changes["archived"] = archived
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
-from app.core.db import utcnow
+from app.core.db import set_archived
 from app.core.errors import Conflict, Invalid
 from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic, ModelUpdate
@@ -32,6 +32,15 @@ class ModelUnusable(Conflict):
 
 class StillReferenced(Conflict):
     """A delete refused because something still refers to the thing (the detail says what)."""
+
+
+def delete_unreferenced(session: Session, row: Any, refs: list[str], refusal: str) -> None:
+    """Delete `row` unless `refs` names what still refers to it; `refusal` is the detail's
+    opening, followed by those references."""
+    if refs:
+        raise StillReferenced(f"{refusal} {'; '.join(refs)}; archive it instead")
+    session.delete(row)
+    session.flush()
 
 
 def _refuse_taken_name(session: Session, project_id: int, name: str, *, but: int = 0) -> None:
@@ -126,9 +135,7 @@ def update_model(session: Session, *, model: ModelVersion, data: ModelUpdate) ->
         _refuse_taken_name(session, model.project_id, data.name, but=model.id)
         changes["name"] = [model.name, data.name]
         model.name = data.name
-    if data.archived is not None and data.archived != (model.archived_at is not None):
-        model.archived_at = utcnow() if data.archived else None
-        changes["archived"] = data.archived
+    set_archived(model, data.archived, changes)
     session.flush()
     return changes
 
@@ -173,14 +180,8 @@ def _names_model(params: dict[str, Any], model_id: int) -> bool:
 
 
 def delete_model(session: Session, *, model: ModelVersion) -> None:
-    refs = model_references(session, model)
-    if refs:
-        raise StillReferenced(
-            f"model {model.id} ({model.name}) is still referenced by {'; '.join(refs)}; "
-            "archive it instead"
-        )
-    session.delete(model)
-    session.flush()
+    refusal = f"model {model.id} ({model.name}) is still referenced by"
+    delete_unreferenced(session, model, model_references(session, model), refusal)
 
 
 def to_public(model: ModelVersion) -> ModelPublic:

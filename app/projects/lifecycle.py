@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.core.db import utcnow
+from app.core.db import set_archived
 from app.core.errors import Conflict
-from app.generators.service import StillReferenced
+from app.generators.service import StillReferenced, delete_unreferenced
 from app.images.models import Image
 from app.jobs.models import Job
 from app.pairs.models import Pair
@@ -88,21 +88,14 @@ def update_prompt(session: Session, *, prompt: Prompt, data: PromptUpdate) -> di
     if data.tags is not None and data.tags != list(prompt.tags or []):
         changes["tags"] = data.tags
         prompt.tags = list(data.tags)
-    if data.archived is not None and data.archived != (prompt.archived_at is not None):
-        prompt.archived_at = utcnow() if data.archived else None
-        changes["archived"] = data.archived
+    set_archived(prompt, data.archived, changes)
     session.flush()
     return changes
 
 
 def delete_prompt(session: Session, *, prompt: Prompt) -> None:
-    refs = prompt_references(session, prompt)
-    if refs:
-        raise StillReferenced(
-            f"prompt {prompt.id} is still referenced by {'; '.join(refs)}; archive it instead"
-        )
-    session.delete(prompt)
-    session.flush()
+    refusal = f"prompt {prompt.id} is still referenced by"
+    delete_unreferenced(session, prompt, prompt_references(session, prompt), refusal)
 
 
 def search_prompts(
@@ -172,18 +165,11 @@ def update_project(session: Session, *, project: Project, data: ProjectUpdate) -
     if data.description is not None and data.description != project.description:
         changes["description"] = True
         project.description = data.description
-    if data.archived is not None and data.archived != (project.archived_at is not None):
-        project.archived_at = utcnow() if data.archived else None
-        changes["archived"] = data.archived
+    set_archived(project, data.archived, changes)
     session.flush()
     return changes
 
 
 def delete_project(session: Session, *, project: Project) -> None:
-    refs = project_references(session, project)
-    if refs:
-        raise StillReferenced(
-            f"project {project.id} ({project.name}) holds {'; '.join(refs)}; archive it instead"
-        )
-    session.delete(project)
-    session.flush()
+    refusal = f"project {project.id} ({project.name}) holds"
+    delete_unreferenced(session, project, project_references(session, project), refusal)
