@@ -3,6 +3,7 @@ schema, and a job's live page (status, progress, log, metric plots; htmx polling
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
@@ -327,40 +328,51 @@ def _job_context(session: Session, job: Job, *, error: str | None = None) -> dic
     }
 
 
+def _job_status(
+    request: Request,
+    session: Session,
+    job: Job,
+    *,
+    error: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    project = session.get(Project, job.project_id) if job.project_id is not None else None
+    ctx = {"project": project, **_job_context(session, job, error=error)}
+    template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
+    return render(request, template, ctx, status_code=status_code)
+
+
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
 def job_page(job_id: int, request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
+    return _job_status(request, session, job_for(session, user, job_id))
+
+
+def _act(
+    request: Request,
+    session: Session,
+    user: User,
+    job_id: int,
+    act: Callable[[Session, Job], object],
+    action: str,
+) -> Response:
+    """Cancel or retry from the job page; a refusal shows on the page with its status."""
     job = job_for(session, user, job_id)
-    project = session.get(Project, job.project_id) if job.project_id is not None else None
-    template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
-    return render(request, template, {"project": project, **_job_context(session, job)})
-
-
-def _after_action(request: Request, session: Session, job: Job, exc: DomainError) -> Response:
-    project = session.get(Project, job.project_id) if job.project_id is not None else None
-    ctx = {"project": project, **_job_context(session, job, error=str(exc.detail))}
-    template = "partials/job_status.html" if is_htmx(request) else "pages/job.html"
-    return render(request, template, ctx, status_code=http_status(exc))
+    try:
+        act(session, job)
+    except DomainError as exc:
+        return _job_status(
+            request, session, job, error=str(exc.detail), status_code=http_status(exc)
+        )
+    record(session, actor=user, action=action, target=f"job:{job.id}",
+           project_id=job.project_id)  # fmt: skip
+    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
 
 
 @router.post("/jobs/{job_id}/cancel", response_class=HTMLResponse)
 def cancel_job(job_id: int, request: Request, session: SessionDep, user: PageUser) -> Response:
-    job = job_for(session, user, job_id)
-    try:
-        service.request_cancel(session, job)
-    except DomainError as exc:
-        return _after_action(request, session, job, exc)
-    record(session, actor=user, action="job.cancel", target=f"job:{job.id}",
-           project_id=job.project_id)  # fmt: skip
-    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+    return _act(request, session, user, job_id, service.request_cancel, "job.cancel")
 
 
 @router.post("/jobs/{job_id}/retry", response_class=HTMLResponse)
 def retry_job(job_id: int, request: Request, session: SessionDep, user: PageUser) -> Response:
-    job = job_for(session, user, job_id)
-    try:
-        service.retry_job(session, job)
-    except DomainError as exc:
-        return _after_action(request, session, job, exc)
-    record(session, actor=user, action="job.retry", target=f"job:{job.id}",
-           project_id=job.project_id)  # fmt: skip
-    return RedirectResponse(f"/jobs/{job.id}", status_code=303)
+    return _act(request, session, user, job_id, service.retry_job, "job.retry")
