@@ -8,20 +8,14 @@ from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.core.db import SessionDep
-from app.core.deps import PageUser, token_project
+from app.core.deps import PageUser
 from app.core.web import render
 from app.users import service
 from app.users.invites import reset_path
 from app.users.models import ROLES, User
+from app.users.routes import account_owner, revoke_own_token
 
 router = APIRouter(include_in_schema=False)
-
-
-def _owner(user: User) -> User:
-    # See app.users.routes.account_owner: a project-confined token does not own the account.
-    if token_project(user) is not None:
-        raise HTTPException(403, "a project-confined token cannot manage the account")
-    return user
 
 
 def _tokens_page(
@@ -39,7 +33,7 @@ def _tokens_page(
 
 @router.get("/me/tokens", response_class=HTMLResponse)
 def tokens_page(request: Request, session: SessionDep, user: PageUser) -> HTMLResponse:
-    return _tokens_page(request, session, _owner(user))
+    return _tokens_page(request, session, account_owner(user))
 
 
 @router.post("/me/tokens", response_class=HTMLResponse)
@@ -49,7 +43,7 @@ def create_token(
     user: PageUser,
     name: str = Form(max_length=service.TOKEN_NAME_MAX),
 ) -> HTMLResponse:
-    _owner(user)
+    account_owner(user)
     if not name.strip():
         return _tokens_page(request, session, user, error="give the token a name", status_code=422)
     try:
@@ -68,16 +62,7 @@ def create_token(
 
 @router.post("/me/tokens/{token_id}/revoke")
 def revoke_token(token_id: int, session: SessionDep, user: PageUser) -> Response:
-    row = service.revoke_token(session, _owner(user), token_id)
-    if row is None:
-        raise HTTPException(404, f"token {token_id} not found")
-    record(
-        session,
-        actor=user,
-        action="token.revoke",
-        target=f"user:{user.id}",
-        details={"credential_id": row.id},
-    )
+    revoke_own_token(session, account_owner(user), token_id)
     return RedirectResponse("/me/tokens", status_code=303)
 
 
@@ -86,7 +71,7 @@ def revoke_token(token_id: int, session: SessionDep, user: PageUser) -> Response
 
 @router.get("/me/password", response_class=HTMLResponse)
 def password_page(request: Request, user: PageUser) -> HTMLResponse:
-    _owner(user)
+    account_owner(user)
     return render(request, "pages/my_password.html", {"problem": None, "done": False})
 
 
@@ -100,7 +85,7 @@ def change_password(
     confirm: str = Form(max_length=1000),
 ) -> HTMLResponse:
     """Change one's own password; the other browser sessions of the account end."""
-    _owner(user)
+    account_owner(user)
     problem = "the two new passwords differ" if password != confirm else None
     if problem is None:
         try:
@@ -122,7 +107,7 @@ def change_password(
 def _admin(user: User) -> User:
     if user.role != "admin":
         raise HTTPException(403, "this page is for admins")
-    return _owner(user)
+    return account_owner(user)
 
 
 def _users_page(

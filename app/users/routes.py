@@ -91,8 +91,8 @@ def create_my_token(body: TokenCreate, session: SessionDep, user: OwnerUser) -> 
     return _create(session, user, body.name, user)
 
 
-@router.delete("/me/tokens/{token_id}", status_code=204)
-def revoke_my_token(token_id: int, session: SessionDep, user: OwnerUser) -> Response:
+def revoke_own_token(session: Any, user: User, token_id: int) -> None:
+    """Revoke one of the account's own tokens (the API's and the tokens page's)."""
     row = service.revoke_token(session, user, token_id)
     if row is None:
         raise HTTPException(404, f"token {token_id} not found")
@@ -103,6 +103,11 @@ def revoke_my_token(token_id: int, session: SessionDep, user: OwnerUser) -> Resp
         target=f"user:{user.id}",
         details={"credential_id": row.id},
     )
+
+
+@router.delete("/me/tokens/{token_id}", status_code=204)
+def revoke_my_token(token_id: int, session: SessionDep, user: OwnerUser) -> Response:
+    revoke_own_token(session, user, token_id)
     return Response(status_code=204)
 
 
