@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy import bindparam, select
@@ -189,3 +189,20 @@ def get_project_for(session: Session, user: User, project_id: int, *, lead: bool
     if lead and (role not in ("admin", "lead") or user.role not in ("admin", "lead")):
         raise HTTPException(403, "this action needs the lead role in this project")
     return project
+
+
+class _InProject(Protocol):
+    project_id: Any
+
+
+Row = TypeVar("Row", bound=_InProject)
+
+
+def led_row(session: Session, user: User, kind: type[Row], row_id: int, noun: str) -> Row:
+    """A project's row (a prompt, a model version...), if the user leads its project: 404 for
+    an unknown id, then as get_project_for."""
+    row = session.get(kind, row_id)
+    if row is None:
+        raise HTTPException(404, f"{noun} {row_id} not found")
+    get_project_for(session, user, row.project_id, lead=True)
+    return row

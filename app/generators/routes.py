@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Response
+from fastapi import APIRouter, Response
 from sqlalchemy.orm import Session
 
 from app.audit.service import record
 from app.core.db import SessionDep
-from app.core.deps import CurrentUser, get_project_for
+from app.core.deps import CurrentUser, get_project_for, led_row
 from app.generators import service
 from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic, ModelUpdate
@@ -35,11 +35,7 @@ def list_models(project_id: int, session: SessionDep, user: CurrentUser) -> list
 
 def model_for(session: Session, user: User, model_id: int) -> ModelVersion:
     """The model version, if the user leads its project (404 for an unknown id)."""
-    model = session.get(ModelVersion, model_id)
-    if model is None:
-        raise HTTPException(404, f"model {model_id} not found")
-    get_project_for(session, user, model.project_id, lead=True)
-    return model
+    return led_row(session, user, ModelVersion, model_id, "model")
 
 
 @router.patch("/models/{model_id}", response_model=ModelPublic)

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 
 from app.audit.service import record
 from app.core.db import SessionDep
-from app.core.deps import CurrentUser, LeadUser, get_project_for
+from app.core.deps import CurrentUser, LeadUser, get_project_for, led_row
 from app.projects import lifecycle, service
 from app.projects.models import Prompt
 from app.projects.schemas import (
@@ -90,11 +90,7 @@ def delete_project(project_id: int, session: SessionDep, user: CurrentUser) -> R
 
 def prompt_for(session: Any, user: User, prompt_id: int) -> Prompt:
     """The prompt, if the user leads its project (404 for an unknown id)."""
-    prompt = session.get(Prompt, prompt_id)
-    if prompt is None:
-        raise HTTPException(404, f"prompt {prompt_id} not found")
-    get_project_for(session, user, prompt.project_id, lead=True)
-    return prompt
+    return led_row(session, user, Prompt, prompt_id, "prompt")
 
 
 def prompt_public(prompt: Prompt) -> PromptPublic:

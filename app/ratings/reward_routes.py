@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from sqlalchemy import select
 
 from app.core.db import SessionDep
-from app.core.deps import CurrentUser, get_project_for
+from app.core.deps import CurrentUser, get_project_for, led_row
 from app.ratings.models import RewardModel
 
 router = APIRouter(prefix="/api/v1", tags=["reward models"])
@@ -45,8 +45,5 @@ def list_reward_models(
 def get_reward_model(
     reward_model_id: int, session: SessionDep, user: CurrentUser
 ) -> dict[str, Any]:
-    row = session.get(RewardModel, reward_model_id)
-    if row is None:
-        raise HTTPException(404, f"reward model {reward_model_id} not found")
-    get_project_for(session, user, row.project_id, lead=True)
+    row = led_row(session, user, RewardModel, reward_model_id, "reward model")
     return reward_model_public(row)
