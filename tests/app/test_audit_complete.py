@@ -19,7 +19,7 @@ from app.projects.schemas import ProjectCreate
 from app.projects.service import create_project
 from app.users import service as users
 from app.users.models import User
-from tests.app.test_authz_matrix import (
+from tests.route_matrix import (
     ACCESS,
     ALLOWED,
     ROUTES,

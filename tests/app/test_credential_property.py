@@ -29,8 +29,8 @@ from app.core.security import hash_token
 from app.projects.service import add_member
 from app.users import service as users
 from app.users.models import ApiToken, User, UserSession
-from tests.app.test_authz_matrix import ROUTES, World, build_world, is_api, request_kwargs
 from tests.factories import Backend, user_factory
+from tests.route_matrix import ROUTES, World, build_world, is_api, request_kwargs
 from tests.support import REPO, base_env, bearer
 
 TOKEN_RE = re.compile(r"pfl_[A-Za-z0-9_-]{20,}")

@@ -36,7 +36,7 @@ from app.projects.models import Membership, Project, Prompt
 from app.ratings.models import Rating, RatingFit
 from app.users.models import User
 from app.votes.models import Vote
-from tests.app.test_authz_matrix import World, build_world
+from tests.route_matrix import World, build_world
 from tests.support import bearer
 
 TABLES = (Project, Prompt, Image, Pair, Vote, ModelVersion, User, Membership, RatingFit, Rating)

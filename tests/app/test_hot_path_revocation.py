@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 
 from app.projects.models import Membership
 from app.users.models import ApiToken
-from tests.app.test_pairs import build_world
+from tests.factories import build_world
 from tests.support import bearer
 
 

@@ -9,7 +9,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from sqlalchemy import event
 
 from app.images import signing
-from tests.app.test_pairs import build_world
+from tests.factories import build_world
 from tests.support import bearer
 
 

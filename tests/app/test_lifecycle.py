@@ -25,8 +25,8 @@ from app.pairs.service import make_pairs, next_pair
 from app.projects.models import Project, Prompt
 from app.projects.schemas import ProjectCreate
 from app.projects.service import add_member, create_project
-from tests.app.test_authz_matrix import tiny_png
 from tests.factories import lead_client as _lead_client
+from tests.factories import tiny_png
 from tests.support import bearer
 
 

@@ -12,7 +12,7 @@ from app.pairs.models import Pair, PairCount
 from app.projects.models import Project
 from app.votes import service as votes
 from app.votes.models import Vote
-from tests.app.test_pairs import build_world
+from tests.factories import build_world
 
 
 def recount(db: Session, project_id: int) -> int:

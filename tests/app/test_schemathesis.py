@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 
 from app.exports.routes import streaming_sessions
 from app.main import create_app
-from tests.app.test_authz_matrix import World, build_world
+from tests.route_matrix import World, build_world
 from tests.support import bearer
 
 EXAMPLES_PER_OPERATION = 30

@@ -17,7 +17,7 @@ from app.core.config import get_settings
 from app.core.deps import SESSION_COOKIE
 from app.users import service as users
 from app.users.invites import make_invite_token
-from tests.app.test_authz_matrix import (
+from tests.route_matrix import (
     ACCESS,
     ALLOWED,
     ROUTES,
