@@ -234,6 +234,15 @@ def _form_flag(value: Any) -> bool | None:
     return str(value).lower() in ("1", "true", "on", "yes")
 
 
+def _edit_body(form: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """What an edit form sent of `keys` and of its archived flag; what it left out stays."""
+    body: dict[str, Any] = {key: str(form.get(key)) for key in keys if form.get(key) is not None}
+    archived = _form_flag(form.get("archived"))
+    if archived is not None:
+        body["archived"] = archived
+    return body
+
+
 @router.post("/projects/{project_id}/prompts/{prompt_id}/edit", response_class=HTMLResponse)
 def edit_prompt_page(
     project_id: int,
@@ -247,14 +256,9 @@ def edit_prompt_page(
     project = get_project_for(session, user, project_id, lead=True)
     prompt = _prompt_of(session, project, prompt_id)
     page = partial(_prompts_page, request, session, project)
-    body: dict[str, Any] = {}
-    for key in ("text", "split"):
-        if form.get(key) is not None:
-            body[key] = str(form.get(key))
+    body = _edit_body(form, ("text", "split"))
     if form.get("tags") is not None:
         body["tags"] = str(form.get("tags")).split(",")
-    if _form_flag(form.get("archived")) is not None:
-        body["archived"] = _form_flag(form.get("archived"))
     try:
         data = PromptUpdate.model_validate(body)
         changes = lifecycle.update_prompt(session, prompt=prompt, data=data)
@@ -459,11 +463,7 @@ def edit_model_page(
     project = get_project_for(session, user, project_id, lead=True)
     model = _model_of(session, project, model_id)
     page = partial(_models_page, request, session, project)
-    body: dict[str, Any] = {}
-    if form.get("name") is not None:
-        body["name"] = str(form.get("name"))
-    if _form_flag(form.get("archived")) is not None:
-        body["archived"] = _form_flag(form.get("archived"))
+    body = _edit_body(form, ("name",))
     try:
         changes = generators.update_model(
             session, model=model, data=ModelUpdate.model_validate(body)
@@ -571,12 +571,7 @@ def edit_project_page(
 ) -> Response:
     """Rename the project, change its description, or archive / unarchive it."""
     project = get_project_for(session, user, project_id, lead=True)
-    body: dict[str, Any] = {}
-    for key in ("name", "description"):
-        if form.get(key) is not None:
-            body[key] = str(form.get(key))
-    if _form_flag(form.get("archived")) is not None:
-        body["archived"] = _form_flag(form.get("archived"))
+    body = _edit_body(form, ("name", "description"))
     try:
         changes = lifecycle.update_project(
             session, project=project, data=ProjectUpdate.model_validate(body)
