@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import click
 
 from app import __version__
-from app.core.config import SettingsError, get_settings
+from app.core.config import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -82,6 +82,10 @@ def version() -> None:
 def migrate(data_dir: Path | None) -> None:
     """Bring the database schema up to date (safe to run repeatedly)."""
     _use_data_dir(data_dir)
+    _upgrade()
+
+
+def _upgrade() -> Settings:
     from app.core.migrate import upgrade_head
 
     settings = get_settings()
@@ -89,6 +93,7 @@ def migrate(data_dir: Path | None) -> None:
         settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
     upgrade_head()
     click.echo("database is up to date")
+    return settings
 
 
 @main.command()
@@ -101,13 +106,8 @@ def bootstrap(data_dir: Path | None) -> None:
     """
     _use_data_dir(data_dir)
     from app.bootstrap import BootstrapError, ensure_admin
-    from app.core.migrate import upgrade_head
 
-    settings = get_settings()
-    if settings.is_sqlite:
-        settings.resolved_data_dir.mkdir(parents=True, exist_ok=True)
-    upgrade_head()
-    click.echo("database is up to date")
+    settings = _upgrade()
     try:
         admin = ensure_admin(settings)
     except BootstrapError as exc:
