@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from app.audit.service import record
 from app.core.config import get_settings
 from app.core.db import SessionDep
-from app.core.deps import PageUser, get_project_for, membership_role
+from app.core.deps import PageUser, Row, get_project_for, membership_role
 from app.core.errors import DomainError, http_status
 from app.core.storage import get_media_store
 from app.core.web import render
@@ -220,11 +220,12 @@ def prompts_page(
     )
 
 
-def _prompt_of(session: Session, project: Project, prompt_id: int) -> Prompt:
-    prompt = session.get(Prompt, prompt_id)
-    if prompt is None or prompt.project_id != project.id:
-        raise HTTPException(404, f"prompt {prompt_id} not found in this project")
-    return prompt
+def _row_of(session: Session, project: Project, kind: type[Row], row_id: int, noun: str) -> Row:
+    """A row of this project (the page's own), 404 otherwise."""
+    row = session.get(kind, row_id)
+    if row is None or row.project_id != project.id:
+        raise HTTPException(404, f"{noun} {row_id} not found in this project")
+    return row
 
 
 def _form_flag(value: Any) -> bool | None:
@@ -254,7 +255,7 @@ def edit_prompt_page(
 ) -> Response:
     """Edit a prompt's text, split and tags (comma-separated), or (un)archive it."""
     project = get_project_for(session, user, project_id, lead=True)
-    prompt = _prompt_of(session, project, prompt_id)
+    prompt = _row_of(session, project, Prompt, prompt_id, "prompt")
     page = partial(_prompts_page, request, session, project)
     body = _edit_body(form, ("text", "split"))
     if form.get("tags") is not None:
@@ -276,7 +277,7 @@ def delete_prompt_page(
     project_id: int, prompt_id: int, request: Request, session: SessionDep, user: PageUser
 ) -> Response:
     project = get_project_for(session, user, project_id, lead=True)
-    prompt = _prompt_of(session, project, prompt_id)
+    prompt = _row_of(session, project, Prompt, prompt_id, "prompt")
     try:
         lifecycle.delete_prompt(session, prompt=prompt)
     except DomainError as exc:
@@ -443,13 +444,6 @@ def register_model(
     return RedirectResponse(f"/projects/{project.id}/models?added={model.id}", status_code=303)
 
 
-def _model_of(session: Session, project: Project, model_id: int) -> ModelVersion:
-    model = session.get(ModelVersion, model_id)
-    if model is None or model.project_id != project.id:
-        raise HTTPException(404, f"model {model_id} not found in this project")
-    return model
-
-
 @router.post("/projects/{project_id}/models/{model_id}/edit", response_class=HTMLResponse)
 def edit_model_page(
     project_id: int,
@@ -461,7 +455,7 @@ def edit_model_page(
 ) -> Response:
     """Rename a model version, or archive / unarchive it."""
     project = get_project_for(session, user, project_id, lead=True)
-    model = _model_of(session, project, model_id)
+    model = _row_of(session, project, ModelVersion, model_id, "model")
     page = partial(_models_page, request, session, project)
     body = _edit_body(form, ("name",))
     try:
@@ -482,7 +476,7 @@ def delete_model_page(
     project_id: int, model_id: int, request: Request, session: SessionDep, user: PageUser
 ) -> Response:
     project = get_project_for(session, user, project_id, lead=True)
-    model = _model_of(session, project, model_id)
+    model = _row_of(session, project, ModelVersion, model_id, "model")
     name = model.name
     try:
         generators.delete_model(session, model=model)
