@@ -34,6 +34,22 @@ class StillReferenced(Conflict):
     """A delete refused because something still refers to the thing (the detail says what)."""
 
 
+def counted_references(session: Session, counts: Iterable[tuple[str, Any, Any]]) -> list[str]:
+    """Each (label, table, condition) that rows match, as "N label"."""
+    found = []
+    for label, table, condition in counts:
+        n = int(session.scalar(select(func.count()).select_from(table).where(condition)) or 0)
+        if n:
+            found.append(f"{n} {label}")
+    return found
+
+
+def naming_jobs(found: list[str], job_ids: Iterable[int]) -> list[str]:
+    """`found` and, when there are any, the jobs (whose params name the thing) by id."""
+    jobs = sorted(job_ids)
+    return [*found, f"jobs {', '.join(map(str, jobs))}"] if jobs else found
+
+
 def delete_unreferenced(session: Session, row: Any, refs: list[str], refusal: str) -> None:
     """Delete `row` unless `refs` names what still refers to it; `refusal` is the detail's
     opening, followed by those references."""
@@ -146,33 +162,23 @@ def model_references(session: Session, model: ModelVersion) -> list[str]:
     from app.jobs.models import Job
     from app.ratings.models import Rating
 
-    found = []
-    images = session.scalar(
-        select(func.count()).select_from(Image).where(Image.model_version_id == model.id)
+    found = counted_references(
+        session,
+        [
+            ("images", Image, Image.model_version_id == model.id),
+            ("child models", ModelVersion, ModelVersion.parent_id == model.id),
+            ("leaderboard ratings", Rating, Rating.model_version_id == model.id),
+        ],
     )
-    if images:
-        found.append(f"{images} images")
-    children = session.scalar(
-        select(func.count()).select_from(ModelVersion).where(ModelVersion.parent_id == model.id)
-    )
-    if children:
-        found.append(f"{children} child models")
-    ratings = session.scalar(
-        select(func.count()).select_from(Rating).where(Rating.model_version_id == model.id)
-    )
-    if ratings:
-        found.append(f"{ratings} leaderboard ratings")
     # Jobs name models inside their params; its own check jobs do not count.
-    jobs = [
+    jobs = (
         job_id
         for job_id, kind, params in session.execute(
             select(Job.id, Job.kind, Job.params).where(Job.project_id == model.project_id)
         )
         if kind != "check_model" and _names_model(params or {}, model.id)
-    ]
-    if jobs:
-        found.append(f"jobs {', '.join(map(str, sorted(jobs)))}")
-    return found
+    )
+    return naming_jobs(found, jobs)
 
 
 def _names_model(params: dict[str, Any], model_id: int) -> bool:

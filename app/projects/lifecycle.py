@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, select
 from sqlalchemy.orm import Session
 
 from app.core.db import set_archived
 from app.core.errors import Conflict
-from app.generators.service import StillReferenced, delete_unreferenced
+from app.generators.service import (
+    StillReferenced,
+    counted_references,
+    delete_unreferenced,
+    naming_jobs,
+)
 from app.images.models import Image
 from app.jobs.models import Job
 from app.pairs.models import Pair
@@ -34,36 +39,26 @@ def refuse_archived(project: Project) -> None:
         )
 
 
-def _count(session: Session, stmt: Any) -> int:
-    return int(session.scalar(stmt) or 0)
-
-
 # -- prompts ----------------------------------------------------------------------------------
 
 
 def prompt_references(session: Session, prompt: Prompt) -> list[str]:
     """What still refers to a prompt, in words; empty when it can be deleted or reworded."""
-    found = []
-    images = _count(
-        session, select(func.count()).select_from(Image).where(Image.prompt_id == prompt.id)
+    found = counted_references(
+        session,
+        [
+            ("images", Image, Image.prompt_id == prompt.id),
+            ("pairs", Pair, Pair.prompt_id == prompt.id),
+        ],
     )
-    if images:
-        found.append(f"{images} images")
-    pairs = _count(
-        session, select(func.count()).select_from(Pair).where(Pair.prompt_id == prompt.id)
-    )
-    if pairs:
-        found.append(f"{pairs} pairs")
-    jobs = [
+    jobs = (
         job_id
         for job_id, params in session.execute(
             select(Job.id, Job.params).where(Job.project_id == prompt.project_id)
         )
         if prompt.id in ((params or {}).get("prompt_ids") or [])
-    ]
-    if jobs:
-        found.append(f"jobs {', '.join(map(str, sorted(jobs)))}")
-    return found
+    )
+    return naming_jobs(found, jobs)
 
 
 def update_prompt(session: Session, *, prompt: Prompt, data: PromptUpdate) -> dict[str, Any]:
@@ -134,27 +129,15 @@ def search_prompts(
 def project_references(session: Session, project: Project) -> list[str]:
     """The work a project holds; empty when deleting it loses nothing but its setup (prompts,
     models, members), which goes with it."""
-    found = []
-    images = _count(
-        session, select(func.count()).select_from(Image).where(Image.project_id == project.id)
-    )
-    if images:
-        found.append(f"{images} images")
-    votes = _count(
-        session, select(func.count()).select_from(Vote).where(Vote.project_id == project.id)
-    )
-    if votes:
-        found.append(f"{votes} votes")
     # Model checks are part of the setup, not work.
-    jobs = _count(
+    return counted_references(
         session,
-        select(func.count())
-        .select_from(Job)
-        .where(Job.project_id == project.id, Job.kind != "check_model"),
+        [
+            ("images", Image, Image.project_id == project.id),
+            ("votes", Vote, Vote.project_id == project.id),
+            ("jobs", Job, and_(Job.project_id == project.id, Job.kind != "check_model")),
+        ],
     )
-    if jobs:
-        found.append(f"{jobs} jobs")
-    return found
 
 
 def update_project(session: Session, *, project: Project, data: ProjectUpdate) -> dict[str, Any]:
