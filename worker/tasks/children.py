@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,29 @@ def stopper(ctx: ProjectJobContext[Any], minutes: float | None) -> Callable[[], 
         return ctx.cancel_requested or timed_out
 
     return should_stop
+
+
+def step_reporter(ctx: ProjectJobContext[Any], start: float, steps: int) -> Callable[[Any], None]:
+    """A trainer's `on_metrics`: each step's metrics recorded, progress from `start` over 90%."""
+
+    def on_metrics(metrics: Any) -> None:
+        ctx.metrics(metrics.step, metrics.as_dict())
+        ctx.progress(start + 0.9 * metrics.step / steps, f"step {metrics.step}")
+
+    return on_metrics
+
+
+@contextmanager
+def naming_last_checkpoint(
+    diverged: type[Exception], checkpoints: Callable[[], list[Path]]
+) -> Iterator[None]:
+    """A diverged run fails its job naming the last good checkpoint, the one to go back to."""
+    try:
+        yield
+    except diverged as exc:
+        kept = checkpoints()
+        note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
+        raise RuntimeError(f"{exc}{note}") from None
 
 
 def stop_early(ctx: ProjectJobContext[Any], step: int, resumed_from: int) -> None:

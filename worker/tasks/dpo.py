@@ -20,9 +20,11 @@ from worker.pairs_source import collect_pairs, human_pairs, job_snapshot, record
 from worker.runner import ProjectJobContext
 from worker.tasks.children import (
     load_parent,
+    naming_last_checkpoint,
     register_child,
     resume_point,
     save_child_weights,
+    step_reporter,
     stop_early,
     stopper,
 )
@@ -121,22 +123,15 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
 
     should_stop = stopper(ctx, params.time_limit_minutes)
 
-    def on_metrics(metrics: Any) -> None:
-        ctx.metrics(metrics.step, metrics.as_dict())
-        ctx.progress(0.05 + 0.9 * metrics.step / params.steps, f"step {metrics.step}")
-
     def on_validation(metrics: Any) -> None:
         ctx.metrics(metrics.step, metrics.as_dict())
 
-    try:
+    on_metrics = step_reporter(ctx, 0.05, params.steps)
+    with naming_last_checkpoint(TrainingDiverged, lambda: list_checkpoints(ckpt_dir)):
         result = train(
             pipe, data, params, ckpt_dir, on_metrics=on_metrics, should_stop=should_stop,
             val_data=val_data, val_every=params.checkpoint_every, on_validation=on_validation,
         )  # fmt: skip
-    except TrainingDiverged as exc:
-        kept = list_checkpoints(ckpt_dir)
-        note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
-        raise RuntimeError(f"{exc}{note}") from None
     if result.stopped_early:
         stop_early(ctx, result.step, resumed_from)
     out_dir, as_adapter = save_child_weights(pipe, parent, params.lora_rank, work)

@@ -20,9 +20,11 @@ from app.ratings.models import RewardModel
 from worker.runner import ProjectJobContext
 from worker.tasks.children import (
     load_parent,
+    naming_last_checkpoint,
     register_child,
     resume_point,
     save_child_weights,
+    step_reporter,
     stop_early,
     stopper,
 )
@@ -125,24 +127,17 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
 
     should_stop = stopper(ctx, params.time_limit_minutes)
 
-    def on_metrics(metrics: Any) -> None:
-        ctx.metrics(metrics.step, metrics.as_dict())
-        ctx.progress(0.03 + 0.9 * metrics.step / config.steps, f"step {metrics.step}")
-
     def on_probe(probe_metrics: Any) -> None:
         ctx.metrics(probe_metrics.step, probe_metrics.as_dict())
         if probe_metrics.stop_reason:
             ctx.log(f"guard at step {probe_metrics.step}: {probe_metrics.stop_reason}")
 
-    try:
+    on_metrics = step_reporter(ctx, 0.03, config.steps)
+    with naming_last_checkpoint(TrainingDiverged, lambda: list_checkpoints(ckpt_dir)):
         result = train(
             pipe, train_prompts, reward, config, ckpt_dir,
             probe=probe, on_metrics=on_metrics, on_probe=on_probe, should_stop=should_stop,
         )  # fmt: skip
-    except TrainingDiverged as exc:
-        kept = list_checkpoints(ckpt_dir)
-        note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
-        raise RuntimeError(f"{exc}{note}") from None
     if result.stopped_early:
         stop_early(ctx, result.step, resumed_from)
     if result.guard_stop:
