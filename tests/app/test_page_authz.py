@@ -7,19 +7,18 @@ tested here as soon as it exists (and fails until it has a request body below, i
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from app.generators.models import ModelVersion
 from app.jobs.service import create_job
-from app.main import create_app
 from app.projects.models import Prompt
 from app.projects.schemas import ProjectCreate
 from app.projects.service import add_member, create_project
+from tests.route_matrix import ROLES
+from tests.route_matrix import ROUTES as ALL_ROUTES
 from tests.support import bearer
 
 # The annotator's own pages: every member may open them (tested with the vote page).
@@ -30,8 +29,6 @@ SCOPED = re.compile(
 )
 # Pages outside any project that only leads and admins may open.
 LEAD_ONLY = {"/projects/new"}
-
-ROLES = ("anonymous", "annotator", "other_lead", "lead", "admin")
 
 # What each writing route needs to get past input validation, so the answer is about access.
 BODIES: dict[tuple[str, str], dict[str, Any]] = {
@@ -65,21 +62,10 @@ QUERIES: dict[tuple[str, str], dict[str, str]] = {
 }
 
 
-def _all_routes(routes: Any, prefix: str = "") -> Iterator[tuple[str, str]]:
-    """(method, path) of every API route, through included routers however they are nested."""
-    for route in routes:
-        original = getattr(route, "original_router", None)
-        if original is not None:
-            context = getattr(route, "include_context", None)
-            yield from _all_routes(original.routes, prefix + (getattr(context, "prefix", "") or ""))
-        elif isinstance(route, APIRoute):
-            for method in sorted(route.methods - {"HEAD"}):
-                yield method, prefix + route.path
-
-
 def guarded_routes() -> list[tuple[str, str]]:
     routes = set()
-    for method, path in _all_routes(create_app().routes):
+    # The matrix's route list, narrowed to what belongs to one project or job.
+    for method, path in ALL_ROUTES:
         if path in LEAD_ONLY or (SCOPED.match(path) and not ANNOTATOR_PAGES.match(path)):
             routes.add((method, path))
     return sorted(routes)
