@@ -76,7 +76,7 @@ from worker.dpo import (
     per_sample_error,
     sft_loss,
 )
-from worker.lora import add_lora
+from worker.lora import add_lora, freeze_plain_unet
 from worker.lora import save_lora as _save_lora
 
 RECIPE = DPO_RECIPE  # the default recipe, defined with the job's params
@@ -451,17 +451,11 @@ class DPOTrainer:
                 self.unet, device_ids=[self.device] if self.device.type == "cuda" else None
             )
 
-    @property
-    def is_lora(self) -> bool:
-        return self.config.lora_rank > 0
-
     def _prepare_models(self) -> None:
         cfg = self.config
         unet = self.unet
-        if getattr(unet, "peft_config", None):
-            raise ValueError("the UNet already carries an adapter; load a fresh pipeline")
-        unet.requires_grad_(False)
-        if self.is_lora:
+        freeze_plain_unet(unet)
+        if cfg.lora_rank > 0:
             # The frozen base may live in low precision; the LoRA weights stay fp32.
             unet.to(device=self.device)
             if self.autocast_dtype != torch.float32:

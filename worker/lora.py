@@ -82,6 +82,15 @@ def lora_target_modules(unet: nn.Module, targets: LoraTargets | str) -> list[str
     return chosen
 
 
+def freeze_plain_unet(unet: nn.Module) -> None:
+    """Freeze every weight of a UNet about to be trained; the trainer then unfreezes what it
+    trains (a fresh adapter, or the whole UNet). One that already carries an adapter is refused:
+    its adapter would be trained, or stacked under a second one."""
+    if getattr(unet, "peft_config", None):
+        raise ValueError("the UNet already carries an adapter; load a fresh pipeline")
+    unet.requires_grad_(False)
+
+
 def add_lora(unet: nn.Module, targets: LoraTargets | str, rank: int) -> list[str]:
     """Add a fresh trainable adapter to ``unet``; returns the adapted module names.
 

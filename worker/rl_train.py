@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from app.core.storage import atomic_dir
 from app.generators.schemas import GenerationParams
 from app.jobs.kinds import RLTrainingParams
-from worker.lora import add_lora
+from worker.lora import add_lora, freeze_plain_unet
 from worker.rl import (
     PromptStatTracker,
     ddim_step_with_logprob,
@@ -337,18 +337,12 @@ class RLTrainer:
             weight_decay=config.weight_decay,
         )
 
-    @property
-    def is_lora(self) -> bool:
-        return self.config.lora_rank > 0
-
     def _prepare_models(self) -> None:
         cfg = self.config
         unet = self.unet
-        if getattr(unet, "peft_config", None):
-            raise ValueError("the UNet already carries an adapter; load a fresh pipeline")
-        unet.requires_grad_(False)
+        freeze_plain_unet(unet)
         unet.to(device=self.device, dtype=torch.float32)
-        if self.is_lora:
+        if cfg.lora_rank > 0:
             torch.manual_seed(cfg.seed)  # LoRA A init; B starts at zero, so θ = parent at step 0
             add_lora(unet, cfg.lora_targets, cfg.lora_rank)
         else:

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import select
 
@@ -64,29 +64,6 @@ def stopper(ctx: ProjectJobContext[Any], minutes: float | None) -> Callable[[], 
     return should_stop
 
 
-def step_reporter(ctx: ProjectJobContext[Any], start: float, steps: int) -> Callable[[Any], None]:
-    """A trainer's `on_metrics`: each step's metrics recorded, progress from `start` over 90%."""
-
-    def on_metrics(metrics: Any) -> None:
-        ctx.metrics(metrics.step, metrics.as_dict())
-        ctx.progress(start + 0.9 * metrics.step / steps, f"step {metrics.step}")
-
-    return on_metrics
-
-
-@contextmanager
-def naming_last_checkpoint(
-    diverged: type[Exception], checkpoints: Callable[[], list[Path]]
-) -> Iterator[None]:
-    """A diverged run fails its job naming the last good checkpoint, the one to go back to."""
-    try:
-        yield
-    except diverged as exc:
-        kept = checkpoints()
-        note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
-        raise RuntimeError(f"{exc}{note}") from None
-
-
 def stop_early(ctx: ProjectJobContext[Any], step: int, resumed_from: int) -> None:
     """A run that returned before its last step: cancelled, or back to the queue to resume."""
     if ctx.cancel_requested:
@@ -95,6 +72,49 @@ def stop_early(ctx: ProjectJobContext[Any], step: int, resumed_from: int) -> Non
     if step > resumed_from:
         raise TimeLimitReached(message)  # progress was made: not a failed attempt
     raise TransientJobError(message)
+
+
+class TrainingRun:
+    """A trainer's run inside its job: resumed from the newest checkpoint, stopped when the job
+    is cancelled or its soft time limit passes, and failed naming the last good checkpoint when
+    the trainer diverges. Built just before training (the time limit counts from here)."""
+
+    def __init__(
+        self,
+        ctx: ProjectJobContext[Any],
+        ckpt_dir: Path,
+        checkpoints: Callable[[Path], list[Path]],
+        diverged: type[Exception],
+        minutes: float | None,
+    ) -> None:
+        self.ctx = ctx
+        self._checkpoints = lambda: checkpoints(ckpt_dir)
+        self._diverged = diverged
+        self.resumed_from = resume_point(ctx, self._checkpoints())
+        self.should_stop = stopper(ctx, minutes)
+
+    def reporter(self, start: float, steps: int) -> Callable[[Any], None]:
+        """A trainer's `on_metrics`: records each step, progress from `start` over 90%."""
+
+        def on_metrics(metrics: Any) -> None:
+            self.ctx.metrics(metrics.step, metrics.as_dict())
+            self.ctx.progress(start + 0.9 * metrics.step / steps, f"step {metrics.step}")
+
+        return on_metrics
+
+    @contextmanager
+    def training(self) -> Iterator[None]:
+        try:
+            yield
+        except self._diverged as exc:
+            kept = self._checkpoints()
+            note = f"; last good checkpoint: {kept[-1].name}" if kept else ""
+            raise RuntimeError(f"{exc}{note}") from None
+
+    def finished(self, step: int, *, stopped_early: bool) -> None:
+        """The trainer returned: a run that stopped before its last step ends the job here."""
+        if stopped_early:
+            stop_early(self.ctx, step, self.resumed_from)
 
 
 def save_child_weights(
@@ -120,30 +140,41 @@ def save_child_weights(
     return out_dir, False
 
 
+class ChildParams(Protocol):
+    """What a job that trains a child says about it (TrainDPOParams, TrainRLParams)."""
+
+    model_id: int
+    name: str | None
+    closed_loop: bool
+
+
 def register_child(
     ctx: ProjectJobContext[Any],
-    parent_id: int,
+    params: ChildParams,
     out_dir: Path,
     as_adapter: bool,
     *,
-    name: str,
+    method: str,
     snapshot_id: int | None = None,
-    closed_loop: bool = True,
 ) -> tuple[int, dict[str, Any]]:
-    """The job's child model version (made once, even across retries) and its follow-up jobs."""
+    """The job's child model version (made once, even across retries) and its follow-up jobs.
+
+    Unless the job names it, the child is named after its parent, the method and the job
+    ("parent+dpo12").
+    """
     from worker.generation import sampling_free_params
 
     with ctx.session() as session:
-        parent = session.get(ModelVersion, parent_id)
+        parent = session.get(ModelVersion, params.model_id)
         if parent is None:
-            raise ValueError(f"the parent model {parent_id} no longer exists")
+            raise ValueError(f"the parent model {params.model_id} no longer exists")
         child = session.scalar(
             select(ModelVersion).where(ModelVersion.produced_by_job_id == ctx.job_id)
         )
         if child is None:
             child = ModelVersion(
                 project_id=parent.project_id,
-                name=name,
+                name=params.name or f"{parent.name}+{method}{ctx.job_id}",
                 base=parent.base if as_adapter else str(out_dir),
                 adapter=str(out_dir) if as_adapter else None,
                 # The child is the trained weights with plain sampling: a parent's best-of
@@ -157,7 +188,7 @@ def register_child(
             )
             session.add(child)
             session.flush()
-        follow_ups = close_the_loop(session, ctx, parent, child) if closed_loop else {}
+        follow_ups = close_the_loop(session, ctx, parent, child) if params.closed_loop else {}
         return child.id, follow_ups
 
 

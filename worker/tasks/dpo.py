@@ -18,16 +18,7 @@ from app.projects.service import project_settings
 from app.ratings.models import Snapshot
 from worker.pairs_source import collect_pairs, human_pairs, job_snapshot, record_sources
 from worker.runner import ProjectJobContext
-from worker.tasks.children import (
-    load_parent,
-    naming_last_checkpoint,
-    register_child,
-    resume_point,
-    save_child_weights,
-    step_reporter,
-    stop_early,
-    stopper,
-)
+from worker.tasks.children import TrainingRun, load_parent, register_child, save_child_weights
 from worker.tasks.generate import spec_for
 
 # Share of train-split prompts held out for validation when the project has no val prompts.
@@ -119,34 +110,25 @@ def train_dpo(ctx: ProjectJobContext[TrainDPOParams]) -> dict[str, Any]:
         f"tie policy {tie_policy} ({json.dumps(sources, sort_keys=True)})"
     )
 
-    resumed_from = resume_point(ctx, list_checkpoints(ckpt_dir))
-
-    should_stop = stopper(ctx, params.time_limit_minutes)
+    run = TrainingRun(ctx, ckpt_dir, list_checkpoints, TrainingDiverged, params.time_limit_minutes)
 
     def on_validation(metrics: Any) -> None:
         ctx.metrics(metrics.step, metrics.as_dict())
 
-    on_metrics = step_reporter(ctx, 0.05, params.steps)
-    with naming_last_checkpoint(TrainingDiverged, lambda: list_checkpoints(ckpt_dir)):
+    with run.training():
         result = train(
-            pipe, data, params, ckpt_dir, on_metrics=on_metrics, should_stop=should_stop,
-            val_data=val_data, val_every=params.checkpoint_every, on_validation=on_validation,
+            pipe, data, params, ckpt_dir, on_metrics=run.reporter(0.05, params.steps),
+            should_stop=run.should_stop, val_data=val_data, val_every=params.checkpoint_every,
+            on_validation=on_validation,
         )  # fmt: skip
-    if result.stopped_early:
-        stop_early(ctx, result.step, resumed_from)
+    run.finished(result.step, stopped_early=result.stopped_early)
     out_dir, as_adapter = save_child_weights(pipe, parent, params.lora_rank, work)
     del pipe
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     last = result.history[-1] if result.history else None
     child_id, follow_ups = register_child(
-        ctx,
-        params.model_id,
-        out_dir,
-        as_adapter,
-        name=params.name or f"{parent.name}+dpo{ctx.job_id}",
-        snapshot_id=snapshot_id,
-        closed_loop=params.closed_loop,
+        ctx, params, out_dir, as_adapter, method="dpo", snapshot_id=snapshot_id
     )
     return {
         "model_id": child_id,

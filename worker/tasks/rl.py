@@ -18,16 +18,7 @@ from app.pairs.active import latest_reward_model
 from app.projects.models import Prompt
 from app.ratings.models import RewardModel
 from worker.runner import ProjectJobContext
-from worker.tasks.children import (
-    load_parent,
-    naming_last_checkpoint,
-    register_child,
-    resume_point,
-    save_child_weights,
-    step_reporter,
-    stop_early,
-    stopper,
-)
+from worker.tasks.children import TrainingRun, load_parent, register_child, save_child_weights
 
 
 def _reward_models(
@@ -123,23 +114,20 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     ckpt_dir = work / "checkpoints"
     ctx.progress(0.01, "loading the parent model")
     pipe = load_parent(parent)
-    resumed_from = resume_point(ctx, list_checkpoints(ckpt_dir))
-
-    should_stop = stopper(ctx, params.time_limit_minutes)
+    run = TrainingRun(ctx, ckpt_dir, list_checkpoints, TrainingDiverged, params.time_limit_minutes)
 
     def on_probe(probe_metrics: Any) -> None:
         ctx.metrics(probe_metrics.step, probe_metrics.as_dict())
         if probe_metrics.stop_reason:
             ctx.log(f"guard at step {probe_metrics.step}: {probe_metrics.stop_reason}")
 
-    on_metrics = step_reporter(ctx, 0.03, config.steps)
-    with naming_last_checkpoint(TrainingDiverged, lambda: list_checkpoints(ckpt_dir)):
+    with run.training():
         result = train(
-            pipe, train_prompts, reward, config, ckpt_dir,
-            probe=probe, on_metrics=on_metrics, on_probe=on_probe, should_stop=should_stop,
+            pipe, train_prompts, reward, config, ckpt_dir, probe=probe,
+            on_metrics=run.reporter(0.03, config.steps), on_probe=on_probe,
+            should_stop=run.should_stop,
         )  # fmt: skip
-    if result.stopped_early:
-        stop_early(ctx, result.step, resumed_from)
+    run.finished(result.step, stopped_early=result.stopped_early)
     if result.guard_stop:
         ctx.log(f"stopped early by the reward-hacking guard: {result.guard_stop}")
     out_dir, as_adapter = save_child_weights(pipe, parent, config.lora_rank, work)
@@ -148,14 +136,7 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
 
     last = result.history[-1] if result.history else None
     probes = result.probes
-    child_id, follow_ups = register_child(
-        ctx,
-        params.model_id,
-        out_dir,
-        as_adapter,
-        name=params.name or f"{parent.name}+rl{ctx.job_id}",
-        closed_loop=params.closed_loop,
-    )
+    child_id, follow_ups = register_child(ctx, params, out_dir, as_adapter, method="rl")
     return {
         "model_id": child_id,
         "parent_id": params.model_id,
