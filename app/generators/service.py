@@ -14,6 +14,7 @@ from app.core.errors import Conflict, Invalid
 from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic, ModelUpdate
 from app.generators.sources import SourceError, resolve_sources
+from app.pairs.hiding import refresh_hidden
 from app.projects.models import Project
 from app.ratings.models import RewardModel
 
@@ -128,6 +129,7 @@ def update_model(session: Session, *, model: ModelVersion, data: ModelUpdate) ->
         model.name = data.name
     if data.archived is not None and data.archived != (model.archived_at is not None):
         model.archived_at = utcnow() if data.archived else None
+        refresh_hidden(session, project_id=model.project_id, model_id=model.id)
         changes["archived"] = data.archived
     session.flush()
     return changes

@@ -17,6 +17,7 @@ from app.core.errors import Conflict
 from app.generators.service import StillReferenced
 from app.images.models import Image
 from app.jobs.models import Job
+from app.pairs.hiding import refresh_hidden
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
 from app.projects.schemas import ProjectUpdate, PromptUpdate
@@ -90,6 +91,7 @@ def update_prompt(session: Session, *, prompt: Prompt, data: PromptUpdate) -> di
         prompt.tags = list(data.tags)
     if data.archived is not None and data.archived != (prompt.archived_at is not None):
         prompt.archived_at = utcnow() if data.archived else None
+        refresh_hidden(session, project_id=prompt.project_id, prompt_id=prompt.id)
         changes["archived"] = data.archived
     session.flush()
     return changes
