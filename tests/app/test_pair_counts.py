@@ -3,7 +3,6 @@ votes, gold, deletes, and archiving and unarchiving the prompts and models that 
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 from sqlalchemy import delete, false, func, select, update
@@ -22,7 +21,7 @@ from app.projects.schemas import PromptUpdate
 from app.votes import service as votes
 from app.votes.models import Vote
 from tests.app.test_pairs import build_world
-from tests.factories import Backend
+from tests.factories import Backend, user_maker
 
 
 def recount(db: Session, project_id: int) -> int:
@@ -106,17 +105,6 @@ def test_counter_follows_votes_changes_gold_and_deletes(db: Session, make_user: 
     assert db.scalar(select(PairCount).where(PairCount.project_id == other.project.id)) is None
 
 
-def _users(db: Session) -> Any:
-    """`make_user` on the given session (the SQLite backend has its own)."""
-    from app.users import service as users
-
-    def factory(role: str) -> tuple[Any, str]:
-        user = users.create_user(db, email=f"{role}-{uuid.uuid4().hex[:8]}@example.com", role=role)
-        return user, users.issue_token(db, user)
-
-    return factory
-
-
 def _open_by_archive(db: Session, project_id: int) -> tuple[set[int], dict[int, set[int]]]:
     """(pairs an archive hides, open pairs each annotator has not voted on), worked out in
     Python from the archived prompts and models rather than from the stored flag."""
@@ -150,7 +138,7 @@ def _open_by_archive(db: Session, project_id: int) -> tuple[set[int], dict[int, 
 
 def test_archives_hide_pairs_and_the_count_follows(backend: Backend) -> None:
     db = backend.db
-    w = build_world(db, _users(db), n_prompts=3, n_models=3, seeds=(0, 1), votes_per_pair=2,
+    w = build_world(db, user_maker(db), n_prompts=3, n_models=3, seeds=(0, 1), votes_per_pair=2,
                     votes_per_second=50)  # fmt: skip
     pid = w.project.id
     (a, _), (b, _) = w.annotators
