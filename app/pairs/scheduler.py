@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, delete, false, func, select, text, update
+from sqlalchemy import bindparam, delete, false, func, literal, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from app.core.db import LOCK_TIMEOUT_MS, utcnow
@@ -532,16 +532,10 @@ def _is_open() -> Any:
     )
 
 
-def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
-    """Open non-gold pairs this annotator has not voted on (reservations of others ignored;
-    hidden pairs, of archived prompts and models, are not open; an archived project has none).
-
-    On Postgres: the project's open pairs from its counter (`PairCount`) less those of them
-    this annotator voted on, so the cost follows the annotator's votes, not the project's size.
-    SQLite counts the project's open pairs.
-    """
+def pairs_left_count(session: Session, *, project: Project, annotator: User) -> Any:
+    """`pairs_left` as a scalar expression, for a statement that reads other figures with it."""
     if project.archived_at is not None:
-        return 0
+        return literal(0)
     if is_postgres(session):
         open_pairs = (
             select(PairCount.open_pairs).where(PairCount.project_id == project.id).scalar_subquery()
@@ -553,13 +547,28 @@ def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
             .where(Vote.annotator_id == annotator.id, Vote.project_id == project.id, _is_open())
             .scalar_subquery()
         )
-        return int(session.scalar(select(func.coalesce(open_pairs, 0) - voted_open)) or 0)
+        return func.coalesce(open_pairs, 0) - voted_open
     voted = (
         select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator.id).exists()
     )
-    exact = (
+    return (
         select(func.count())
         .select_from(Pair)
         .where(Pair.project_id == project.id, _is_open(), ~voted)
+        .scalar_subquery()
     )
-    return int(session.scalar(exact) or 0)
+
+
+def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
+    """Open non-gold pairs this annotator has not voted on (reservations of others ignored;
+    hidden pairs, of archived prompts and models, are not open; an archived project has none).
+
+    On Postgres: the project's open pairs from its counter (`PairCount`) less those of them
+    this annotator voted on, so the cost follows the annotator's votes, not the project's size.
+    SQLite counts the project's open pairs.
+    """
+    if project.archived_at is not None:
+        return 0
+    return int(
+        session.scalar(select(pairs_left_count(session, project=project, annotator=annotator))) or 0
+    )
