@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import exists, or_, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.images.models import Image
@@ -54,7 +54,10 @@ def refresh_hidden(
     with these ids, from the archived state now (flushed first), in the caller's transaction.
 
     Only pairs whose flag changes are written: on Postgres the counter's trigger moves the
-    project's open count by those alone.
+    project's open count by those alone. Refreshes of one project are serialised (an advisory
+    lock until the transaction ends): two archive changes at once, say a prompt archived while
+    a model is unarchived, would each compute the pairs they share from a state without the
+    other's change. SQLite serialises writers anyway.
     """
     scopes = []
     if prompt_id is not None:
@@ -66,6 +69,9 @@ def refresh_hidden(
         scopes.append(Pair.id.in_(list(pair_ids)))
     if not scopes:
         return
+    if session.get_bind().dialect.name == "postgresql":
+        key = func.hashtext(f"pairs.hidden:{project_id}")
+        session.execute(select(func.pg_advisory_xact_lock(key)))
     session.flush()
     hidden = archived_source()
     session.execute(
