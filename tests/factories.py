@@ -81,6 +81,16 @@ class World:
         return image
 
 
+def user_maker(db: Session) -> Any:
+    """`make_user` on a given session (the SQLite backend has its own): role -> (user, token)."""
+
+    def make(role: str) -> tuple[User, str]:
+        user = users.create_user(db, email=f"{role}-{uuid.uuid4().hex[:8]}@example.com", role=role)
+        return user, users.issue_token(db, user)
+
+    return make
+
+
 def build_world(
     db: Session,
     make_user: Any,

@@ -14,9 +14,11 @@ from functools import lru_cache
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, MetaData, create_engine, event
+from sqlalchemy import DateTime, Float, MetaData, create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
 from app.core.config import get_settings
@@ -66,6 +68,25 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+class epoch_seconds(FunctionElement[float]):  # noqa: N801 (an SQL function)
+    """Seconds since 1970 of a `UTCDateTime` value in SQL, on Postgres and SQLite alike, for
+    time differences inside a statement."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(epoch_seconds)
+def _epoch_seconds(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
+    return f"EXTRACT(EPOCH FROM {compiler.process(element.clauses, **kw)})"
+
+
+@compiles(epoch_seconds, "sqlite")
+def _epoch_seconds_sqlite(element: epoch_seconds, compiler: Any, **kw: Any) -> str:
+    # SQLite stores the naive UTC text; julianday reads it (2440587.5 is 1970-01-01).
+    return f"((julianday({compiler.process(element.clauses, **kw)}) - 2440587.5) * 86400.0)"
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:

@@ -14,6 +14,7 @@ from app.core.errors import Conflict, Invalid
 from app.generators.models import ModelVersion
 from app.generators.schemas import ModelCreate, ModelPublic, ModelUpdate
 from app.generators.sources import SourceError, resolve_sources
+from app.pairs.hiding import refresh_hidden
 from app.projects.models import Project
 from app.ratings.models import RewardModel
 
@@ -152,6 +153,8 @@ def update_model(session: Session, *, model: ModelVersion, data: ModelUpdate) ->
         changes["name"] = [model.name, data.name]
         model.name = data.name
     set_archived(model, data.archived, changes)
+    if "archived" in changes:
+        refresh_hidden(session, project_id=model.project_id, model_id=model.id)
     session.flush()
     return changes
 

@@ -22,6 +22,7 @@ from app.core.storage import MediaStore
 from app.images.models import Image
 from app.images.service import store_image
 from app.pairs.building import canonical
+from app.pairs.hiding import refresh_hidden
 from app.pairs.models import Pair
 from app.projects.models import Project
 from app.projects.service import project_settings
@@ -59,7 +60,9 @@ def create_gold_pairs(
     kind: str = "blur",
     seed: int = 0,
 ) -> list[Pair]:
-    """Store a degraded copy of each image and a gold pair whose expected winner is the original."""
+    """Store a degraded copy of each image and a gold pair whose expected winner is the original.
+
+    The pair of an image of an archived prompt or model is hidden, as its regular pairs are."""
     settings = project_settings(project)
     pairs: list[Pair] = []
     for n, image in enumerate(images):
@@ -89,6 +92,7 @@ def create_gold_pairs(
         session.add(pair)
         pairs.append(pair)
     session.flush()
+    refresh_hidden(session, project_id=project.id, pair_ids=[pair.id for pair in pairs])
     return pairs
 
 
@@ -110,9 +114,9 @@ def gold_count(session: Session, *, project_id: int) -> int:
 def top_up_gold(session: Session, store: MediaStore, *, project: Project) -> list[Pair]:
     """Create the gold pairs the project's `gold_rate` calls for and it does not have yet.
 
-    Sources are generated images that sit in a regular pair and are not already the original
-    of a gold pair; degradations alternate over `GOLD_KINDS`, picked in a fixed order so that
-    a re-run makes the same choices.
+    Sources are generated images that sit in a regular pair still served (not hidden) and are
+    not already the original of a gold pair; degradations alternate over `GOLD_KINDS`, picked
+    in a fixed order so that a re-run makes the same choices.
     """
     settings = project_settings(project)
     counts = dict(
@@ -136,6 +140,7 @@ def top_up_gold(session: Session, store: MediaStore, *, project: Project) -> lis
         .where(
             Pair.project_id == project.id,
             Pair.is_gold == false(),
+            Pair.hidden == false(),
             (Pair.image_a_id == Image.id) | (Pair.image_b_id == Image.id),
         )
         .exists()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, UniqueConstraint
+from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, UTCDateTime, utcnow
@@ -33,6 +33,9 @@ class Pair(Base):
     votes_wanted: Mapped[int] = mapped_column(Integer, default=3)
     # Counts only preference votes served through reservations; kept in step by the vote service.
     vote_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Its prompt or a model of one of its images is archived: kept for history and exports,
+    # never served nor counted open. Kept by `app.pairs.hiding` when either is (un)archived.
+    hidden: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -55,10 +58,10 @@ class Reservation(Base):
 
 
 class PairCount(Base):
-    """Open regular pairs of a project (not gold, fewer votes than wanted).
+    """Open regular pairs of a project (not gold, not hidden, fewer votes than wanted).
 
     On Postgres a trigger on `pairs` keeps it in the same transaction as every change to a pair
-    (migration 0005), so the vote page's "pairs left" reads one row instead of counting the
+    (migrations 0005, 0006), so the vote page's "pairs left" reads one row instead of counting the
     project's pairs; SQLite counts them.
     """
 

@@ -11,7 +11,9 @@ Rules of `next_pair`:
   reorders the candidates;
 - gold pairs are served at the project's `gold_rate`, at most once per annotator, and are not
   capped at k: they measure annotators, so every annotator should meet them;
-- asking again while holding a live reservation returns the same pair and side.
+- asking again while holding a live reservation returns the same pair and side;
+- hidden pairs (of an archived prompt or model: `app.pairs.hiding`) are never served, and an
+  archived project serves nothing.
 
 Concurrency: on Postgres the candidate pair row is locked with `FOR NO KEY UPDATE SKIP LOCKED`
 and the capacity is checked again, in a fresh statement, once the lock is held, so concurrent
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, false, func, select, text, update
+from sqlalchemy import bindparam, delete, false, func, literal, select, text, update
 from sqlalchemy.orm import Session, aliased
 
 from app.core.db import LOCK_TIMEOUT_MS, utcnow
@@ -135,41 +137,6 @@ def _try_lock(session: Session, pair_id: int) -> bool:
     return session.scalar(stmt) is not None
 
 
-def _hidden() -> Any:
-    """Pairs of an archived prompt or with an image of an archived model: kept for history and
-    exports, never served. Part of the candidate statement itself (no extra round trip)."""
-    from app.generators.models import ModelVersion  # generators imports pairs
-
-    archived_prompt = (
-        select(Prompt.id)
-        .where(Prompt.id == Pair.prompt_id, Prompt.archived_at.is_not(None))
-        .exists()
-    )
-    archived_model = (
-        select(Image.id)
-        .join(ModelVersion, ModelVersion.id == Image.model_version_id)
-        .where(
-            Image.id.in_([Pair.image_a_id, Pair.image_b_id]), ModelVersion.archived_at.is_not(None)
-        )
-        .exists()
-    )
-    return archived_prompt | archived_model
-
-
-def _has_archived(project_id: Any) -> Any:
-    from app.generators.models import ModelVersion
-
-    return (
-        select(Prompt.id)
-        .where(Prompt.project_id == project_id, Prompt.archived_at.is_not(None))
-        .exists()
-    ) | (
-        select(ModelVersion.id)
-        .where(ModelVersion.project_id == project_id, ModelVersion.archived_at.is_not(None))
-        .exists()
-    )
-
-
 @lru_cache(maxsize=8)
 def _candidates_stmt(gold: bool, exclude: bool) -> Any:
     # Built once per shape (the hot path pays for statement construction otherwise); the
@@ -189,7 +156,12 @@ def _candidates_stmt(gold: bool, exclude: bool) -> Any:
         Pair.vote_count,
         Pair.votes_wanted,
         reserved,
-    ).where(Pair.project_id == bindparam("project_id"), Pair.is_gold == gold, ~voted, ~_hidden())
+    ).where(
+        Pair.project_id == bindparam("project_id"),
+        Pair.is_gold == gold,
+        Pair.hidden == false(),
+        ~voted,
+    )
     if not gold:
         stmt = stmt.where(
             Pair.vote_count < Pair.votes_wanted, Pair.vote_count + reserved < Pair.votes_wanted
@@ -554,26 +526,16 @@ def peek_next(
 
 
 def _is_open() -> Any:
-    return (Pair.is_gold == false()) & (Pair.vote_count < Pair.votes_wanted)
-
-
-def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
-    """Open non-gold pairs this annotator has not voted on (reservations of others ignored).
-
-    On Postgres: the project's open pairs from its counter (`PairCount`) less those of them
-    this annotator voted on, so the cost follows the annotator's votes, not the project's size.
-    A project with archived prompts or models counts exactly instead (their pairs are not served
-    but the counter still holds them), in the same single statement.
-    """
-    voted = (
-        select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator.id).exists()
+    # What the counter's trigger counts (migration 0006).
+    return (
+        (Pair.is_gold == false()) & (Pair.hidden == false()) & (Pair.vote_count < Pair.votes_wanted)
     )
-    exact = (
-        select(func.count())
-        .select_from(Pair)
-        .where(Pair.project_id == project.id, _is_open(), ~voted, ~_hidden())
-        .scalar_subquery()
-    )
+
+
+def pairs_left_count(session: Session, *, project: Project, annotator: User) -> Any:
+    """`pairs_left` as a scalar expression, for a statement that reads other figures with it."""
+    if project.archived_at is not None:
+        return literal(0)
     if is_postgres(session):
         open_pairs = (
             select(PairCount.open_pairs).where(PairCount.project_id == project.id).scalar_subquery()
@@ -585,7 +547,28 @@ def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
             .where(Vote.annotator_id == annotator.id, Vote.project_id == project.id, _is_open())
             .scalar_subquery()
         )
-        counted = func.coalesce(open_pairs, 0) - voted_open
-        left = case((_has_archived(project.id), exact), else_=counted)
-        return int(session.scalar(select(left)) or 0)
-    return int(session.scalar(select(exact)) or 0)
+        return func.coalesce(open_pairs, 0) - voted_open
+    voted = (
+        select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator.id).exists()
+    )
+    return (
+        select(func.count())
+        .select_from(Pair)
+        .where(Pair.project_id == project.id, _is_open(), ~voted)
+        .scalar_subquery()
+    )
+
+
+def pairs_left(session: Session, *, project: Project, annotator: User) -> int:
+    """Open non-gold pairs this annotator has not voted on (reservations of others ignored;
+    hidden pairs, of archived prompts and models, are not open; an archived project has none).
+
+    On Postgres: the project's open pairs from its counter (`PairCount`) less those of them
+    this annotator voted on, so the cost follows the annotator's votes, not the project's size.
+    SQLite counts the project's open pairs.
+    """
+    if project.archived_at is not None:
+        return 0
+    return int(
+        session.scalar(select(pairs_left_count(session, project=project, annotator=annotator))) or 0
+    )

@@ -31,6 +31,7 @@ from app.pairs.scheduler import (
     next_pair,
     order_for,
     pairs_left,
+    pairs_left_count,
     peek_next,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "next_pair",
     "order_for",
     "pairs_left",
+    "pairs_left_count",
     "peek_next",
     "top_up_gold",
 ]

@@ -22,6 +22,7 @@ from app.generators.service import (
 )
 from app.images.models import Image
 from app.jobs.models import Job
+from app.pairs.hiding import refresh_hidden
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
 from app.projects.schemas import ProjectUpdate, PromptUpdate
@@ -84,6 +85,8 @@ def update_prompt(session: Session, *, prompt: Prompt, data: PromptUpdate) -> di
         changes["tags"] = data.tags
         prompt.tags = list(data.tags)
     set_archived(prompt, data.archived, changes)
+    if "archived" in changes:
+        refresh_hidden(session, project_id=prompt.project_id, prompt_id=prompt.id)
     session.flush()
     return changes
 

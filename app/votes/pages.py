@@ -32,7 +32,7 @@ from app.projects.service import project_settings
 from app.users.models import User
 from app.votes import service
 from app.votes.models import Vote
-from app.votes.sitting import gold_record, session_votes
+from app.votes.sitting import gold_record, sitting_votes
 from app.votes.vocabulary import MAX_LATENCY_MS, Choice
 
 router = APIRouter(include_in_schema=False)
@@ -54,28 +54,30 @@ def _undo(
     return {"id": last.id, "choice": Choice(last.choice).label, "seconds_left": int(left)}
 
 
-def _counts(session: Session, project: Project, user: User) -> dict[str, int]:
+def _figures(session: Session, project: Project, user: User, now: dt.datetime) -> dict[str, Any]:
+    """Votes given, pairs left, this session's votes against the lead's target, and the gold
+    record where revealed. Pairs left and the session's votes are read in one statement."""
+    settings = project_settings(project)
     given = session.scalar(
         select(func.count())
         .select_from(Vote)
         .where(Vote.project_id == project.id, Vote.annotator_id == user.id)
     )
-    return {
-        "votes_given": int(given or 0),
-        "pairs_left": pairs.pairs_left(session, project=project, annotator=user),
-    }
-
-
-def _sitting(session: Session, project: Project, user: User, now: dt.datetime) -> dict[str, Any]:
-    """This session's votes against the lead's target; the gold record only where revealed."""
-    settings = project_settings(project)
-    votes = session_votes(session, project_id=project.id, annotator_id=user.id, now=now)
+    left, sitting = session.execute(
+        select(
+            pairs.pairs_left_count(session, project=project, annotator=user),
+            sitting_votes(project_id=project.id, annotator_id=user.id, now=now),
+        )
+    ).one()
+    votes = int(sitting or 0)
     gold = (
         gold_record(session, project_id=project.id, annotator_id=user.id)
         if settings.reveal_gold
         else None
     )
     return {
+        "votes_given": int(given or 0),
+        "pairs_left": int(left or 0),
         "session_votes": votes,
         "session_target": settings.session_target,
         "target_met": 0 < settings.session_target <= votes,
@@ -147,8 +149,7 @@ def _vote_context(
         "error": error,
         "busy": busy,
         "generating": generating,
-        **_counts(session, project, user),
-        **_sitting(session, project, user, now),
+        **_figures(session, project, user, now),
     }
 
 
@@ -258,8 +259,7 @@ def change_form(
         "undo": None,
         "notice": None,
         "error": None,
-        **_counts(session, project, user),
-        **_sitting(session, project, user, utcnow()),
+        **_figures(session, project, user, utcnow()),
     }
     return _show(request, ctx)
 

@@ -18,12 +18,15 @@ from app.audit.models import AuditEvent
 from app.core.db import utcnow
 from app.core.storage import get_media_store
 from app.generators.models import ModelVersion
+from app.generators.schemas import ModelUpdate
+from app.generators.service import update_model
 from app.images.service import store_image
 from app.jobs.models import STATUSES, TERMINAL, Job
 from app.pairs.models import Pair, Reservation
-from app.pairs.service import make_pairs, next_pair
+from app.pairs.service import make_pairs, next_pair, pairs_left
+from app.projects.lifecycle import update_prompt
 from app.projects.models import Project, Prompt
-from app.projects.schemas import ProjectCreate
+from app.projects.schemas import ProjectCreate, PromptUpdate
 from app.projects.service import add_member, create_project
 from tests.factories import lead_client as _lead_client
 from tests.factories import tiny_png
@@ -286,6 +289,19 @@ def test_prompt_page_searches_edits_and_archives(
     assert client.post(f"{url}/{foreign.id}/delete", data={"csrf_token": csrf}).status_code == 404
 
 
+def _serve_all(db: Session, project: Project, annotator: Any) -> set[int]:
+    """Every pair the scheduler hands this annotator; the pairs are left as they were."""
+    served: set[int] = set()
+    while (pair := next_pair(db, project=project, annotator=annotator)) is not None:
+        served.add(pair.pair_id)
+        # As if voted to the full: the reservation goes, and so does the pair from the queue.
+        db.execute(Pair.__table__.update().where(Pair.id == pair.pair_id).values(vote_count=3))
+        db.execute(Reservation.__table__.delete().where(Reservation.pair_id == pair.pair_id))
+        assert len(served) < 20
+    db.execute(Pair.__table__.update().where(Pair.id.in_(served)).values(vote_count=0))
+    return served
+
+
 def test_archived_models_and_prompts_leave_new_pairs_and_serving(
     db: Session, make_user: Any
 ) -> None:
@@ -299,29 +315,47 @@ def test_archived_models_and_prompts_leave_new_pairs_and_serving(
                for k in range(2)]  # fmt: skip
     db.add_all([*models, *prompts])
     db.flush()
-    models[2].archived_at = utcnow()
+
+    def archive(thing: Any, archived: bool = True) -> None:
+        if isinstance(thing, Prompt):
+            update_prompt(db, prompt=thing, data=PromptUpdate(archived=archived))
+        else:
+            update_model(db, model=thing, data=ModelUpdate(archived=archived))
+
+    archive(models[2])
     images = [_image(db, project.id, p.id, m.id, seed=0) for p in prompts for m in models]
     made = make_pairs(db, project=project, images=images)
-    eval_pairs = [p for p in made if p.purpose == "eval"]
     # Only m0 vs m1, per prompt: the archived model's images are left out of new pairs.
-    assert len(eval_pairs) == 2
+    assert len(made) == 2 and all(p.purpose == "eval" for p in made)
     archived_images = {i.id for i in images if i.model_version_id == models[2].id}
     assert not any({p.image_a_id, p.image_b_id} & archived_images for p in made)
-    # Pairs made before archiving are kept but no longer served.
-    old = Pair(project_id=project.id, prompt_id=prompts[0].id, purpose="eval",
-               image_a_id=images[0].id, image_b_id=images[2].id, votes_wanted=3)  # fmt: skip
-    db.add(old)
-    prompts[1].archived_at = utcnow()
-    db.flush()
-    served = set()
-    while (pair := next_pair(db, project=project, annotator=annotator)) is not None:
-        served.add(pair.pair_id)
-        # As if voted to the full: the reservation goes, and so does the pair from the queue.
-        db.execute(Pair.__table__.update().where(Pair.id == pair.pair_id).values(vote_count=3))
-        db.execute(Reservation.__table__.delete().where(Reservation.pair_id == pair.pair_id))
-        assert len(served) < 10
-    assert served == {p.id for p in eval_pairs if p.prompt_id == prompts[0].id}
-    assert db.get(Pair, old.id) is not None
+    assert _serve_all(db, project, annotator) == {p.id for p in made}
+    # Back from the archive, the model's images take their pairs.
+    archive(models[2], False)
+    made += make_pairs(db, project=project, images=[i for i in images if i.id in archived_images])
+    assert len(made) == 6
+    by_prompt = {q.id: {p.id for p in made if p.prompt_id == q.id} for q in prompts}
+    with_m2 = {p.id for p in made if {p.image_a_id, p.image_b_id} & archived_images}
+    every = {p.id for p in made}
+    # Pairs made before archiving are kept but no longer served, whichever archive hides them;
+    # one archive lifted leaves hidden what the other still hides.
+    archive(models[2])
+    archive(prompts[1])
+    assert _serve_all(db, project, annotator) == by_prompt[prompts[0].id] - with_m2
+    archive(prompts[1], False)
+    assert _serve_all(db, project, annotator) == every - with_m2
+    archive(prompts[1])
+    archive(models[2], False)
+    assert _serve_all(db, project, annotator) == by_prompt[prompts[0].id]
+    archive(prompts[1], False)
+    assert _serve_all(db, project, annotator) == every
+    assert pairs_left(db, project=project, annotator=annotator) == 6
+    # An archived project serves nothing and has nothing left.
+    project.archived_at = utcnow()
+    assert _serve_all(db, project, annotator) == set()
+    assert pairs_left(db, project=project, annotator=annotator) == 0
+    kept = select(func.count()).select_from(Pair).where(Pair.project_id == project.id)
+    assert db.scalar(kept) == 6
 
 
 def test_projects_are_renamed_archived_and_deleted_only_when_empty(

@@ -4,10 +4,11 @@ the gold streak where the project reveals gold, and the Settings field for the t
 from __future__ import annotations
 
 import datetime as dt
+import random
 import re
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from app.core.db import utcnow
 from app.core.storage import get_media_store
@@ -15,8 +16,8 @@ from app.pairs import service as pairs
 from app.pairs.models import Pair
 from app.projects.service import add_member, project_settings
 from app.votes.models import Vote
-from app.votes.sitting import SESSION_GAP, gold_record, session_votes
-from tests.factories import build_world
+from app.votes.sitting import LOOK_BACK, SESSION_GAP, gold_record, session_votes
+from tests.factories import Backend, build_world, user_maker
 from tests.support import bearer
 
 
@@ -150,3 +151,43 @@ def test_empty_state_says_when_new_pairs_are_expected(client, db, make_user) -> 
     queued.kind = "fit_ratings"
     db.commit()
     assert "every 15 seconds" not in client.get(url, headers=bearer(token)).text
+
+
+def _walk(times: list[dt.datetime], now: dt.datetime, gap: dt.timedelta) -> int:
+    """The sitting rule spelled out: back from now, vote by vote, until a pause over `gap`."""
+    count, later = 0, now
+    for at in sorted((t for t in times if t >= now - LOOK_BACK), reverse=True):
+        if later - at > gap:
+            break
+        count += 1
+        later = at
+    return count
+
+
+def test_the_sitting_count_follows_the_rule_on_both_databases(backend: Backend) -> None:
+    db = backend.db
+    w = build_world(db, user_maker(db), n_prompts=10, n_models=2, seeds=(0, 1))
+    user, token = w.annotators[0]
+    regular = list(db.scalars(select(Pair).where(Pair.project_id == w.project.id)))
+    now = utcnow()
+    rng = random.Random(7)
+    for trial in range(12):
+        db.execute(delete(Vote).where(Vote.annotator_id == user.id))
+        # Pauses from seconds to hours, some twice the same time; the oldest past the look-back.
+        at, times = now - dt.timedelta(minutes=rng.choice([0, 5, 29, 31, 90])), []
+        for _ in range(rng.randint(0, len(regular))):
+            times.append(at)
+            at -= dt.timedelta(minutes=rng.choice([0, 0.5, 10, 29.5, 30.5, 45, 300]))
+        for pair, when in zip(regular, times, strict=False):
+            _vote(db, w, user, pair, "left", pair.image_a_id, when)
+        db.flush()
+        for gap in (SESSION_GAP, dt.timedelta(minutes=12)):
+            got = session_votes(db, project_id=w.project.id, annotator_id=user.id, now=now, gap=gap)
+            assert got == _walk(times, now, gap), (backend.name, trial, gap)
+    # The vote page reads the session's votes and the pairs left in one statement.
+    db.commit()
+    left = pairs.pairs_left(db, project=w.project, annotator=user)
+    page = backend.client.get(f"/projects/{w.project.id}/vote", headers=bearer(token))
+    assert page.status_code == 200, page.text
+    assert _counter(page.text, "session-votes") == str(_walk(times, utcnow(), SESSION_GAP))
+    assert _counter(page.text, "pairs-left") == str(left)
