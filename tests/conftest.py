@@ -70,6 +70,23 @@ def drop_database(name: str) -> None:
     _admin_exec(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files with a test marked `long` run first, longest first; the rest in their usual order.
+
+    Parallel runs hand out whole files (tests/run: `--dist loadfile --no-loadscope-reorder`),
+    so a file of several minutes started last would run alone at the end while the other
+    process idles. `long(seconds)` is the file's rough time on a quiet 2-core machine, only
+    used for this order, which is the same in every process.
+    """
+    weight: dict[Path, float] = {}
+    for item in items:
+        marker = item.get_closest_marker("long")
+        if marker is not None:
+            seconds = float(marker.args[0]) if marker.args else 60.0
+            weight[item.path] = max(weight.get(item.path, 0.0), seconds)
+    items.sort(key=lambda item: -weight.get(item.path, 0.0))  # stable: keeps the rest in order
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     from app.core.migrate import upgrade_head

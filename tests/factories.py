@@ -316,3 +316,42 @@ def vote_for_larger_shape(stack: Stack, pid: int, token: str, limit: int) -> int
         assert response.status_code == 201, response.text
         votes += 1
     return votes
+
+
+# --- reward models trained on one simulated preference --------------------------------------
+
+# The per-preference quality tests, in three files so that parallel runs share them out (each
+# training is about a CPU minute); a unit test checks the groups cover every preference.
+PREFERENCE_GROUPS: dict[str, tuple[str, ...]] = {
+    "geometry": ("larger", "left", "centered"),
+    "tone": ("brighter", "darker", "lighter"),
+    "prompted": ("prompted_position", "prompted_size", "prompted_colour"),
+}
+
+_preference_models: dict[str, Any] = {}
+
+
+def preference_reward_model(name: str) -> Any:
+    """A spatial toy reward model trained on ~2 000 noise-free votes of one preference (cached
+    per process): a `RewardTrainResult`."""
+    from worker.reward_model import RewardTrainConfig, train_reward_model
+    from worker.toy.preferences import PREFERENCES
+    from worker.toy.reward_data import LOOSE_ATTRIBUTES, disjoint_prompt_sets, simulated_pairs
+
+    if name not in _preference_models:
+        preference = PREFERENCES[name]
+        (prompts,) = disjoint_prompt_sets([1000], seed=1, mention=preference.mention or None)
+        # A colour preference needs images whose colour varies under one prompt.
+        loose = (*LOOSE_ATTRIBUTES, "colour") if name == "prompted_colour" else LOOSE_ATTRIBUTES
+        data = simulated_pairs(
+            lambda image, prompt: preference.score(image, prompt),
+            prompts,
+            2,
+            np.random.default_rng(0),
+            loose=loose,
+            tolerance=preference.tolerance,
+            keep_ties=False,
+        )
+        config = RewardTrainConfig(steps=700, batch_size=32, eval_every=50, patience=6, seed=0)
+        _preference_models[name] = train_reward_model(data, config)
+    return _preference_models[name]

@@ -116,6 +116,7 @@ def _leaks(db: Session, text: str, victim: Victim) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long(55)
 def test_no_route_gives_a_lead_anothers_credentials(backend: Backend) -> None:
     db, client = backend.db, backend.client
     make = user_factory(db)

@@ -169,6 +169,8 @@ def test_the_battery_covers_every_preference_and_the_planned_methods() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long(160)
+@pytest.mark.timeout(900)  # a DPO run of the default recipe: 3 min quiet, longer on a busy machine
 def test_votes_through_the_api_train_a_child_that_beats_its_parent(tmp_path: Path) -> None:
     config = quick_config(FAST_PREFERENCE)
     with Stack(tmp_path) as stack:

@@ -216,6 +216,7 @@ def _populate(stack: Stack, **sizes: int) -> tuple[int, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.long(100)
 def test_redis_restart_loses_no_vote_and_no_job(tmp_path: Path, redis_server: RedisServer) -> None:
     with Stack(tmp_path, PREFLOOP_BROKER_URL=redis_server.url) as stack:
         project_id, tokens = _populate(stack, annotators=3, pairs=300, k=3)

@@ -172,6 +172,7 @@ def test_generate_job_tops_up_gold_pairs_to_the_rate(stack: Stack) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long(55)
 def test_one_bad_model_ends_partial_with_pairs_for_the_good_ones(stack: Stack) -> None:
     # The lead launches before the checks ran (no worker yet): the bad model is still pending.
     stack.workers[-1].stop()

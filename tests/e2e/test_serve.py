@@ -102,6 +102,7 @@ def _last_lines(output: str, n: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long(100)
 def test_serve_prints_the_login_last_and_restarts_dead_children(tmp_path: Path) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"

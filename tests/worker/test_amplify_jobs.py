@@ -245,6 +245,7 @@ def test_generate_best_of_keeps_the_reward_models_favourite(project: dict[str, A
         assert made.provenance["best_of"]["reward_model_id"] == rm_id
 
 
+@pytest.mark.long(65)
 def test_train_loop_rounds_form_a_lineage_of_arena_models(project: dict[str, Any]) -> None:
     pid = project["project_id"]
     # A vote cast after the reward model was trained: round 1 retrains it first.

@@ -525,6 +525,7 @@ Path(sys.argv[3], f"losses-{rank}.json").write_text(json.dumps([m.loss for m in 
 
 
 @pytest.mark.slow
+@pytest.mark.long(100)
 def test_two_process_data_parallel_run(pipe_dirs, cached, tmp_path):
     """Two CPU processes under torchrun (gloo DDP): one shared set of metrics and checkpoints."""
     script = tmp_path / "ddp_train.py"

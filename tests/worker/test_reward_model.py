@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.factories import PREFERENCE_GROUPS
 from worker.reward_model import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -41,7 +42,6 @@ from worker.reward_model import (
 )
 from worker.toy import world
 from worker.toy.preferences import PREFERENCES
-from worker.toy.reward_data import LOOSE_ATTRIBUTES, disjoint_prompt_sets, simulated_pairs
 
 
 @pytest.fixture(autouse=True)
@@ -52,21 +52,17 @@ def _one_thread():
     yield
     torch.set_num_threads(previous)
 
-
 def _t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
-
 
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------
 
-
 def test_loss_on_a_clear_win_is_softplus_of_minus_the_margin():
     # -log sigmoid(1 - 0) = log(1 + e^-1)
     loss = preference_loss(_t(1.0), _t(0.0), _t(1.0))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-12)
-
 
 def test_tie_is_a_half_half_target():
     # 0.5 * log(1 + e^-1) + 0.5 * log(1 + e^1)
@@ -76,7 +72,6 @@ def test_tie_is_a_half_half_target():
     # A tie is best predicted by equal scores: ln 2, less than any unequal pair.
     assert preference_loss(_t(0.3), _t(0.3), _t(0.5)).item() == pytest.approx(math.log(2))
     assert loss.item() > math.log(2)
-
 
 def test_several_votes_give_their_empirical_share():
     assert label_from_votes(2, 1) == pytest.approx(2 / 3)
@@ -88,7 +83,6 @@ def test_several_votes_give_their_empirical_share():
     loss = preference_loss(_t(math.log(2)), _t(0.0), _t(2 / 3))
     entropy = -(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3)
     assert loss.item() == pytest.approx(entropy, abs=1e-12)
-
 
 def test_prompt_weights_are_one_over_the_prompt_count_normalised_over_the_batch():
     prompts = ["a red circle", "a red circle", "a blue square"]
@@ -112,7 +106,6 @@ def test_prompt_weights_are_one_over_the_prompt_count_normalised_over_the_batch(
     plain = (math.log(2) + math.log(1 + math.e**2) + math.log(4)) / 3
     assert preference_loss(scores0, scores1, labels).item() == pytest.approx(plain, abs=1e-12)
 
-
 def test_loss_gradient_pushes_the_preferred_score_up():
     scores0 = _t(0.0, 0.0).requires_grad_(True)
     scores1 = _t(0.0, 0.0).requires_grad_(True)
@@ -121,7 +114,6 @@ def test_loss_gradient_pushes_the_preferred_score_up():
     assert scores0.grad.tolist() == pytest.approx([-0.25, 0.0])
     assert scores1.grad.tolist() == pytest.approx([0.25, 0.0])
 
-
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
@@ -129,7 +121,6 @@ def test_loss_gradient_pushes_the_preferred_score_up():
 # p0 and labels (1: image0 preferred, 0: image1, 0.5: tie); |p0 - p1| = 0.8 0.1 0.1 0 0.6 0.2.
 P0 = np.array([0.9, 0.55, 0.45, 0.5, 0.2, 0.6])
 LABELS = np.array([1.0, 0.5, 0.5, 0.5, 1.0, 0.0])
-
 
 @pytest.mark.parametrize(
     ("threshold", "expected"),
@@ -149,7 +140,6 @@ LABELS = np.array([1.0, 0.5, 0.5, 0.5, 1.0, 0.0])
 def test_tie_aware_accuracy_hand_example(threshold, expected):
     assert tie_aware_accuracy(P0, LABELS, threshold) == pytest.approx(expected)
 
-
 def test_tie_threshold_is_chosen_on_the_grid_smallest_best():
     t, acc = choose_tie_threshold(P0, LABELS)
     # 0.6 and 0.7 both reach 5/6; the smaller wins.
@@ -158,17 +148,14 @@ def test_tie_threshold_is_chosen_on_the_grid_smallest_best():
     t, acc = choose_tie_threshold(np.array([0.9, 0.2]), np.array([1.0, 0.0]))
     assert (t, acc) == (0.0, 1.0)
 
-
 def test_soft_labels_count_by_their_majority():
     # 2/3 of votes for image0 is an image0 win for accuracy.
     assert tie_aware_accuracy(np.array([0.8]), np.array([2 / 3]), 0.0) == 1.0
     assert tie_aware_accuracy(np.array([0.8]), np.array([1 / 3]), 0.0) == 0.0
 
-
 def test_win_probability_is_the_logistic_of_the_score_difference():
     p = win_probability(np.array([1.0, 0.0, 800.0]), np.array([0.0, 0.0, 0.0]))
     assert p.tolist() == pytest.approx([1 / (1 + math.exp(-1)), 0.5, 1.0])
-
 
 def test_log_loss_hand_example():
     # (-ln 0.8 + ln 2) / 2: the tie's cross-entropy at p0 = 0.5 is ln 2.
@@ -176,7 +163,6 @@ def test_log_loss_hand_example():
     assert log_loss(np.array([0.8, 0.5]), np.array([1.0, 0.5])) == pytest.approx(expected)
     # Certainty in the wrong direction is clipped, not infinite.
     assert math.isfinite(log_loss(np.array([0.0]), np.array([1.0])))
-
 
 def test_expected_calibration_error_hand_example():
     p0 = np.array([0.05, 0.15, 0.12, 0.95, 0.85])
@@ -191,11 +177,9 @@ def test_expected_calibration_error_hand_example():
     two = expected_calibration_error(np.array([0.05, 0.95, 0.85]), np.array([0.0, 1.0, 1.0]), 2)
     assert two == pytest.approx(1 / 3 * 0.05 + 2 / 3 * 0.1)
 
-
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-
 
 def test_split_by_prompt_is_disjoint_complete_and_seeded():
     prompts = [f"prompt {i % 20}" for i in range(100)]
@@ -216,7 +200,6 @@ def test_split_by_prompt_is_disjoint_complete_and_seeded():
     with pytest.raises(ValueError):
         split_by_prompt(["a", "b"], 0.0, seed=0)
 
-
 def test_three_way_split_is_disjoint_and_extends_the_two_way_one():
     prompts = [f"prompt {i % 20}" for i in range(100)]
     train, val, test = split_three_ways(prompts, 0.25, 0.2, seed=3)
@@ -233,14 +216,12 @@ def test_three_way_split_is_disjoint_and_extends_the_two_way_one():
     with pytest.raises(ValueError, match="test_fraction"):
         split_three_ways(prompts, 0.5, 0.5, 0)
 
-
 def test_records_are_validated():
     image = np.zeros((4, 4, 3), dtype=np.uint8)
     with pytest.raises(ValueError):
         PreferenceRecord("p", image, image, 1.5)
     with pytest.raises(ValueError):
         PreferenceRecord("p", image[..., 0], image, 1.0)
-
 
 def test_images_to_tensor_scales_and_resizes():
     small = np.full((8, 8, 3), 255, dtype=np.uint8)
@@ -252,15 +233,12 @@ def test_images_to_tensor_scales_and_resizes():
     floats = np.full((8, 8, 3), 0.25, dtype=np.float32)
     assert images_to_tensor([floats])[0, 0, 0, 0].item() == 0.25
 
-
 # --------------------------------------------------------------------------------------------
 # Toy-world preference data
 # --------------------------------------------------------------------------------------------
 
-
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
-
 
 def _size_pairs(prompts: list[str], per_prompt: int, rng: np.random.Generator) -> PreferenceDataset:
     """Noise-free: the image with the larger rendered size class wins; equal classes tie."""
@@ -275,11 +253,9 @@ def _size_pairs(prompts: list[str], per_prompt: int, rng: np.random.Generator) -
             records.append(PreferenceRecord(prompt, images[0], images[1], label0))
     return PreferenceDataset(records)
 
-
 # The simulated annotator's utility: colour fidelity to the prompt plus a taste for large shapes.
 COLOUR_WEIGHT = 3.0
 AREA_WEIGHT = 10.0
-
 
 def _colour_pairs(
     prompts: list[str], per_prompt: int, rng: np.random.Generator
@@ -309,21 +285,17 @@ def _colour_pairs(
             p_area.append(_sigmoid(AREA_WEIGHT * (scenes[0].area - scenes[1].area)))
     return PreferenceDataset(records), np.array(p_true), np.array(p_area)
 
-
 def _disjoint_prompts(n: int, seed: int, exclude: set[str], mention: dict[str, float]) -> list[str]:
     return [p for p in dict.fromkeys(world.sample_prompts(n, seed, mention)) if p not in exclude]
-
 
 @pytest.fixture(scope="module")
 def small_toy_dataset() -> PreferenceDataset:
     prompts = sorted(set(world.sample_prompts(24, seed=5)))
     return _size_pairs(prompts, 2, np.random.default_rng(5))
 
-
 # --------------------------------------------------------------------------------------------
 # Toyconv training, persistence, scoring
 # --------------------------------------------------------------------------------------------
-
 
 @pytest.mark.slow
 def test_noise_free_size_preference_reaches_90_percent_held_out():
@@ -343,8 +315,8 @@ def test_noise_free_size_preference_reaches_90_percent_held_out():
     assert result.val_accuracy >= 0.90
     assert result.tie_threshold > 0.0  # same-size pairs are ties, so ties must be predicted
 
-
 @pytest.mark.slow
+@pytest.mark.long(110)
 def test_noisy_colour_preference_is_learned_well_above_chance():
     mention = {"shape": 1.0, "colour": 1.0, "size": 0.0}
     rng = np.random.default_rng(0)
@@ -373,7 +345,6 @@ def test_noisy_colour_preference_is_learned_well_above_chance():
     assert held_out >= 0.70
     # Beating a size-only judge means the score depends on the prompt's colour word.
     assert held_out >= prompt_blind + 0.08
-
 
 def test_early_stopping_keeps_the_best_validation_state(small_toy_dataset):
     # Random labels: validation loss cannot keep improving, so training stops early.
@@ -416,7 +387,6 @@ def test_early_stopping_keeps_the_best_validation_state(small_toy_dataset):
     assert result.test_accuracy == pytest.approx(again["accuracy"])
     assert result.test_loss == pytest.approx(again["loss"], rel=1e-5)
 
-
 @pytest.mark.parametrize("head", ["mlp", "cosine"])
 def test_toyconv_save_load_round_trip_gives_identical_scores(small_toy_dataset, tmp_path, head):
     config = RewardTrainConfig(steps=6, batch_size=8, eval_every=3, head=head, seed=2)
@@ -441,7 +411,6 @@ def test_toyconv_save_load_round_trip_gives_identical_scores(small_toy_dataset, 
     assert [p.name for p in tmp_path.iterdir()] == ["rm"]
     assert load_reward_model(target).encoder.vocab == ["red"]
 
-
 def test_score_images_batches_without_grad_and_keeps_the_mode(small_toy_dataset):
     model = build_reward_model(RewardTrainConfig(), small_toy_dataset.prompts)
     model.train()
@@ -459,14 +428,12 @@ def test_score_images_batches_without_grad_and_keeps_the_mode(small_toy_dataset)
     with pytest.raises(ValueError):
         score_images(model, prompts[:2], arrays)
 
-
 def test_unknown_words_and_empty_prompts_still_score(small_toy_dataset):
     model = build_reward_model(RewardTrainConfig(), ["a red circle"])
     images = [small_toy_dataset[0].image0] * 2
     scores = score_images(model, ["zzz qqq", ""], images)
     # Unknown words and the empty prompt both fall back to the reserved word slot 0.
     assert np.isfinite(scores).all()
-
 
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="backbone"):
@@ -476,11 +443,9 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="head"):
         build_reward_model(RewardTrainConfig(head="linear"), ["a"])
 
-
 # --------------------------------------------------------------------------------------------
 # CLIP backbone (tiny, random, built from a config)
 # --------------------------------------------------------------------------------------------
-
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
@@ -523,7 +488,6 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     CLIPImageProcessor(image_mean=mean, image_std=std).save_pretrained(path)
     return path
 
-
 @pytest.mark.parametrize("head", ["cosine", "mlp"])
 def test_tiny_clip_trains_scores_and_round_trips(small_toy_dataset, tiny_clip_dir, tmp_path, head):
     config = RewardTrainConfig(
@@ -556,7 +520,6 @@ def test_tiny_clip_trains_scores_and_round_trips(small_toy_dataset, tiny_clip_di
     loaded = load_reward_model(tmp_path / "clip-rm", device=model.device)
     assert np.array_equal(score_images(loaded, prompts, images, batch_size=4), scores)
 
-
 def test_clip_training_lowers_the_loss_on_a_learnable_preference(tiny_clip_dir):
     # Brighter image wins: a few full-batch steps must lower the training loss.
     rng = np.random.default_rng(0)
@@ -580,11 +543,9 @@ def test_clip_training_lowers_the_loss_on_a_learnable_preference(tiny_clip_dir):
     first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
     assert last < first
 
-
 # --------------------------------------------------------------------------------------------
 # The spatial toy backbone
 # --------------------------------------------------------------------------------------------
-
 
 def test_coordinate_channels_hand_values():
     grid = coordinate_channels(1, 2, 4, torch.device("cpu"))
@@ -592,12 +553,10 @@ def test_coordinate_channels_hand_values():
     assert grid[0, 0, 0].tolist() == pytest.approx([-0.75, -0.25, 0.25, 0.75])
     assert grid[0, 1, :, 0].tolist() == pytest.approx([-0.5, 0.5])
 
-
 def test_attention_pool_hand_values():
     features = torch.tensor([[[1.0, 3.0], [0.0, 10.0]]])  # (1, 2 channels, 2 positions)
     pooled = attention_pool(features, torch.tensor([[0.0, math.log(3.0)]]))  # weights 1/4, 3/4
     assert pooled[0].tolist() == pytest.approx([2.5, 7.5])
-
 
 def test_old_pooled_models_still_load(tmp_path):
     model = build_toyconv_model(["red", "left"], arch="pooled", embed_dim=32, head_hidden=64)
@@ -615,76 +574,6 @@ def test_old_pooled_models_still_load(tmp_path):
     with pytest.raises(ValueError, match="arch"):
         build_toyconv_model(["red"], arch="transformer")
 
-
-def _scorer(name: str):
-    preference = PREFERENCES[name]
-    return lambda image, prompt: preference.score(image, prompt)
-
-
-_trained: dict[str, object] = {}
-
-
-def _train_on(name: str):
-    """A spatial model trained on ~2 000 noise-free votes of one preference (cached)."""
-    if name not in _trained:
-        mention = PREFERENCES[name].mention or None
-        (prompts,) = disjoint_prompt_sets([1000], seed=1, mention=mention)
-        # A colour preference needs images whose colour varies under one prompt.
-        loose = (*LOOSE_ATTRIBUTES, "colour") if name == "prompted_colour" else LOOSE_ATTRIBUTES
-        data = simulated_pairs(
-            _scorer(name),
-            prompts,
-            2,
-            np.random.default_rng(0),
-            loose=loose,
-            tolerance=PREFERENCES[name].tolerance,
-            keep_ties=False,
-        )
-        config = RewardTrainConfig(steps=700, batch_size=32, eval_every=50, patience=6, seed=0)
-        _trained[name] = train_reward_model(data, config)
-    return _trained[name]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(PREFERENCES))
-def test_each_preference_is_learned_on_held_out_prompts(name):
-    # Votes are noise-free with the annotator's just-noticeable tolerance; imperceptible pairs
-    # are ties, left out as under the "drop" policy. Test prompts are never trained or
-    # validated on. Measured: 0.925 (lighter) to 0.997 (brighter); the pooled backbone reached
-    # 0.49 on "left" in a smaller run.
-    result = _train_on(name)
-    print(f"{name}: test accuracy {result.test_accuracy:.3f} on {result.n_test} pairs")
-    assert result.n_test >= 250
-    # Measured 0.925-0.997, except prompted colour at 0.846 (hue within 3 degrees of the named
-    # colour is a finer rule than the others; below the 0.9 goal, stated in the README).
-    assert result.test_accuracy >= (0.8 if name == "prompted_colour" else 0.9)
-
-
-def _shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
-    return np.roll(image, (dy, dx), axis=(0, 1))
-
-
-@pytest.mark.slow
-def test_a_shifted_copy_is_preferred_where_the_prompt_puts_it():
-    model = _train_on("prompted_position").model
-    rng = np.random.default_rng(7)
-    cases = [
-        ("on the left", (-4, 0), (4, 0)),
-        ("on the right", (4, 0), (-4, 0)),
-        ("at the top", (0, -4), (0, 4)),
-        ("at the bottom", (0, 4), (0, -4)),
-    ]
-    right = total = 0
-    for shape in world.SHAPES:
-        for colour in ("red", "blue", "green"):
-            spec = world.SceneSpec(shape, colour, "medium", "plain", "center", "middle", "gray")
-            image = world.degrade(world.render_scene(world.resolve(spec, rng)), rng)
-            for phrase, good, bad in cases:
-                prompt = f"a {colour} {shape} {phrase}"
-                s = score_images(
-                    model, [prompt, prompt], [_shifted(image, *good), _shifted(image, *bad)]
-                )
-                right += int(s[0] > s[1])
-                total += 1
-    print(f"shifted copies ordered as the prompt says: {right}/{total}")
-    assert right / total >= 0.9
+def test_the_preference_quality_files_cover_every_preference():
+    groups = [name for group in PREFERENCE_GROUPS.values() for name in group]
+    assert sorted(groups) == sorted(PREFERENCES)

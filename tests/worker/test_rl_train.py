@@ -147,6 +147,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long(80)
 def test_rl_raises_the_reward_and_the_guard_stops_a_hacked_run(tmp_path: Path) -> None:
     reward = BrightnessScorer()
     cfg = _tiny_config(

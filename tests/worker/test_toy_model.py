@@ -139,6 +139,7 @@ def test_same_seed_same_image(toy_pipe: StableDiffusionPipeline) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long(70)
 def test_shipped_model_draws_what_is_prompted(toy_pipe: StableDiffusionPipeline) -> None:
     report = evaluate_alignment(toy_pipe, n=200, seed=0)
     print("toy:", report.summary())
