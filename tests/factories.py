@@ -179,6 +179,7 @@ def lead_client(client: Any, make_user: Any) -> tuple[Any, User, str]:
 
 def user_factory(db: Session) -> Any:
     """make(role, email=None, password=None) -> (user, token) on this session, committed."""
+
     def make(role: str, email: str | None = None, password: str | None = None) -> Any:
         user = users.create_user(
             db, email=email or f"{role}-{uuid.uuid4().hex[:8]}@example.com", role=role,
@@ -320,38 +321,14 @@ def vote_for_larger_shape(stack: Stack, pid: int, token: str, limit: int) -> int
 
 # --- reward models trained on one simulated preference --------------------------------------
 
-# The per-preference quality tests, in three files so that parallel runs share them out (each
-# training is about a CPU minute); a unit test checks the groups cover every preference.
-PREFERENCE_GROUPS: dict[str, tuple[str, ...]] = {
-    "geometry": ("larger", "left", "centered"),
-    "tone": ("brighter", "darker", "lighter"),
-    "prompted": ("prompted_position", "prompted_size", "prompted_colour"),
-}
-
 _preference_models: dict[str, Any] = {}
 
 
 def preference_reward_model(name: str) -> Any:
-    """A spatial toy reward model trained on ~2 000 noise-free votes of one preference (cached
-    per process): a `RewardTrainResult`."""
-    from worker.reward_model import RewardTrainConfig, train_reward_model
-    from worker.toy.preferences import PREFERENCES
-    from worker.toy.reward_data import LOOSE_ATTRIBUTES, disjoint_prompt_sets, simulated_pairs
+    """`worker.toy.reward_data.train_on_preference(name)`, cached per process (a test file may
+    check one model several ways)."""
+    from worker.toy.reward_data import train_on_preference
 
     if name not in _preference_models:
-        preference = PREFERENCES[name]
-        (prompts,) = disjoint_prompt_sets([1000], seed=1, mention=preference.mention or None)
-        # A colour preference needs images whose colour varies under one prompt.
-        loose = (*LOOSE_ATTRIBUTES, "colour") if name == "prompted_colour" else LOOSE_ATTRIBUTES
-        data = simulated_pairs(
-            lambda image, prompt: preference.score(image, prompt),
-            prompts,
-            2,
-            np.random.default_rng(0),
-            loose=loose,
-            tolerance=preference.tolerance,
-            keep_ties=False,
-        )
-        config = RewardTrainConfig(steps=700, batch_size=32, eval_every=50, patience=6, seed=0)
-        _preference_models[name] = train_reward_model(data, config)
+        _preference_models[name] = train_on_preference(name)
     return _preference_models[name]

@@ -93,7 +93,8 @@ DPOConfig = DPOTrainingParams
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf or exceeded the explode threshold; the run was stopped."""
+    """A loss, reward or gradient became NaN/inf or exceeded the explode threshold; the run
+    stopped before the step touched the weights (DPO and RL alike)."""
 
     def __init__(self, reason: str, step: int) -> None:
         super().__init__(f"training diverged at step {step}: {reason}")

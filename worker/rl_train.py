@@ -59,6 +59,7 @@ from torch import Tensor, nn
 from app.core.storage import atomic_dir
 from app.generators.schemas import GenerationParams
 from app.jobs.kinds import RLTrainingParams
+from worker.dpo_train import TrainingDiverged
 from worker.lora import add_lora, freeze_plain_unet
 from worker.rl import (
     PromptStatTracker,
@@ -85,14 +86,6 @@ RLConfig = RLTrainingParams
 
 # Guidance when neither the run nor the model names one: the platform's sampling default.
 DEFAULT_GUIDANCE = GenerationParams().guidance_scale
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss or gradient became NaN/inf; the run stopped before touching the weights."""
-
-    def __init__(self, reason: str, step: int) -> None:
-        super().__init__(f"training diverged at step {step}: {reason}")
-        self.step = step
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,8 +386,8 @@ class PairDataParams(JobParams):
     reward_threshold: float = Field(default=0.75, ge=0.5, lt=1.0)
 
 
-class TrainDPOParams(DPOTrainingParams, PairDataParams):
-    """Diffusion-DPO on the project's votes, producing a child of `model_id`."""
+class ChildJobParams(JobParams):
+    """What every job that trains a child of `model_id` says about the child and its run."""
 
     model_id: int
     # A soft time limit: checkpoint and re-queue after this long; the next attempt resumes.
@@ -396,6 +396,10 @@ class TrainDPOParams(DPOTrainingParams, PairDataParams):
     # After success: evaluate child vs parent and enter the child into the arena.
     closed_loop: bool = True
     arena_images_per_prompt: int = Field(default=2, ge=1, le=16)
+
+
+class TrainDPOParams(DPOTrainingParams, PairDataParams, ChildJobParams):
+    """Diffusion-DPO on the project's votes, producing a child of `model_id`."""
 
 
 class EvaluateParams(JobParams):
@@ -629,10 +633,9 @@ class RLTrainingParams(JobParams):
         return self.sample_steps if self.train_timesteps is None else self.train_timesteps
 
 
-class TrainRLParams(RLTrainingParams):
+class TrainRLParams(RLTrainingParams, ChildJobParams):
     """Online RL from the project's reward model, producing a child of `model_id`."""
 
-    model_id: int
     reward_model_id: int | None = Field(default=None, description="default: the latest")
     # A second, independently trained reward model watching for reward hacking on held-out
     # prompts; default: the newest other reward model of the project (none: fidelity only).
@@ -641,10 +644,6 @@ class TrainRLParams(RLTrainingParams):
     reward_weight: float = Field(default=1.0, ge=0)
     fidelity_weight: float = Field(default=0.0, ge=0)
     probe_prompts: int = Field(default=16, ge=1, le=1024)
-    time_limit_minutes: float | None = Field(default=None, gt=0)
-    name: str | None = Field(default=None, max_length=200)
-    closed_loop: bool = True
-    arena_images_per_prompt: int = Field(default=2, ge=1, le=16)
 
 
 def check_train_rl(
@@ -681,9 +680,7 @@ def check_train_rl(
     if params.reward_weight == 0 and params.fidelity_weight == 0:
         errors.append({"loc": ["params", "reward_weight"], "msg": "every scorer weight is 0"})
     has_train_prompt = session.scalar(
-        select(Prompt.id)
-        .where(Prompt.project_id == project_id, Prompt.split == "train")
-        .limit(1)
+        select(Prompt.id).where(Prompt.project_id == project_id, Prompt.split == "train").limit(1)
     )
     if has_train_prompt is None:
         errors.append({"loc": ["params"], "msg": "the project has no train-split prompts"})

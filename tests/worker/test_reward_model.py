@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from tests.factories import PREFERENCE_GROUPS
 from worker.reward_model import (
     CONFIG_FILE,
     MODEL_FILE,
@@ -41,7 +40,6 @@ from worker.reward_model import (
     win_probability,
 )
 from worker.toy import world
-from worker.toy.preferences import PREFERENCES
 
 
 @pytest.fixture(autouse=True)
@@ -573,7 +571,3 @@ def test_old_pooled_models_still_load(tmp_path):
     )
     with pytest.raises(ValueError, match="arch"):
         build_toyconv_model(["red"], arch="transformer")
-
-def test_the_preference_quality_files_cover_every_preference():
-    groups = [name for group in PREFERENCE_GROUPS.values() for name in group]
-    assert sorted(groups) == sorted(PREFERENCES)

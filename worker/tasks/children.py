@@ -11,12 +11,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import select
 
 from app.core.storage import atomic_dir
 from app.generators.models import ModelVersion
+from app.jobs.kinds import ChildJobParams
 from app.jobs.service import create_job
 from app.projects.models import Prompt
 from app.ratings.models import RewardModel
@@ -140,17 +141,9 @@ def save_child_weights(
     return out_dir, False
 
 
-class ChildParams(Protocol):
-    """What a job that trains a child says about it (TrainDPOParams, TrainRLParams)."""
-
-    model_id: int
-    name: str | None
-    closed_loop: bool
-
-
 def register_child(
     ctx: ProjectJobContext[Any],
-    params: ChildParams,
+    params: ChildJobParams,
     out_dir: Path,
     as_adapter: bool,
     *,

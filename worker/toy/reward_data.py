@@ -18,7 +18,7 @@ import numpy as np
 from worker.toy import world
 
 if TYPE_CHECKING:
-    from worker.reward_model import PreferenceDataset
+    from worker.reward_model import PreferenceDataset, RewardTrainResult
 
 # Attributes the loose generator draws at random whatever the prompt says.
 LOOSE_ATTRIBUTES: tuple[str, ...] = ("size", "shade", "horizontal", "vertical", "background")
@@ -92,3 +92,44 @@ def disjoint_prompt_sets(
         out.append(prompts[start : start + size])
         start += size
     return out
+
+
+def preference_votes(
+    name: str, n_prompts: int = 1000, pairs_per_prompt: int = 2
+) -> PreferenceDataset:
+    """Noise-free votes of one preference of `worker.toy.preferences` at its just-noticeable
+    tolerance, imperceptible pairs left out (the "drop" policy): ~2 000 pairs by default."""
+    from worker.toy.preferences import PREFERENCES
+
+    preference = PREFERENCES[name]
+    (prompts,) = disjoint_prompt_sets([n_prompts], seed=1, mention=preference.mention or None)
+    # A colour preference needs images whose colour varies under one prompt.
+    loose = (*LOOSE_ATTRIBUTES, "colour") if name == "prompted_colour" else LOOSE_ATTRIBUTES
+    return simulated_pairs(
+        lambda image, prompt: preference.score(image, prompt),
+        prompts,
+        pairs_per_prompt,
+        np.random.default_rng(0),
+        loose=loose,
+        tolerance=preference.tolerance,
+        keep_ties=False,
+    )
+
+
+# How the per-preference quality checks train (tests and benchmarks/reward_preferences.py):
+# early stopping on validation loss usually ends between steps 300 and 700.
+PREFERENCE_TRAINING: dict[str, int] = {
+    "steps": 700,
+    "batch_size": 32,
+    "eval_every": 50,
+    "patience": 6,
+    "seed": 0,
+}
+
+
+def train_on_preference(name: str) -> RewardTrainResult:
+    """The spatial toy reward model trained on `preference_votes(name)` (test prompts held out;
+    `test_accuracy` is the figure the quality checks report)."""
+    from worker.reward_model import RewardTrainConfig, train_reward_model
+
+    return train_reward_model(preference_votes(name), RewardTrainConfig(**PREFERENCE_TRAINING))

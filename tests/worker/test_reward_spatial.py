@@ -1,7 +1,9 @@
-"""Reward-model quality per simulated preference: what the prompt names (position, size, colour).
+"""The toy reward model sees position: the preferences a pooled backbone could not learn.
 
 Votes are noise-free with the annotator's just-noticeable tolerance; imperceptible pairs are
-ties, left out as under the "drop" policy. Test prompts are never trained or validated on.
+ties, left out as under the "drop" policy. Test prompts are never trained or validated on. The
+same check for every preference of `worker/toy/preferences.py` is a benchmark
+(`benchmarks/reward_preferences.py`, a CPU minute each; figures in the README).
 """
 
 from __future__ import annotations
@@ -9,21 +11,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.factories import PREFERENCE_GROUPS, preference_reward_model
+from tests.factories import preference_reward_model
 from worker.reward_model import score_images
 from worker.toy import world
 
-pytestmark = [pytest.mark.slow, pytest.mark.long(210), pytest.mark.usefixtures("one_torch_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.long(150), pytest.mark.usefixtures("one_torch_thread")]
 
 
-@pytest.mark.parametrize("name", PREFERENCE_GROUPS["prompted"])
-def test_each_preference_is_learned_on_held_out_prompts(name: str) -> None:
-    # Measured: prompted position 0.974, size 0.928, colour 0.846. Hue within 3 degrees of
-    # the named colour is a finer rule than the others: below the 0.9 goal, stated in the README.
+@pytest.mark.parametrize("name", ["left", "prompted_position"])
+def test_a_position_preference_is_learned_on_held_out_prompts(name: str) -> None:
+    # Measured: left 0.982, prompted position 0.974; the pooled backbone reached 0.49 on "left".
     result = preference_reward_model(name)
     print(f"{name}: test accuracy {result.test_accuracy:.3f} on {result.n_test} pairs")
     assert result.n_test >= 250
-    assert result.test_accuracy >= (0.8 if name == "prompted_colour" else 0.9)
+    assert result.test_accuracy >= 0.9
 
 
 def _shifted(image: np.ndarray, dx: int, dy: int) -> np.ndarray:
