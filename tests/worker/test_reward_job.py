@@ -147,7 +147,7 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
     job = run_job(pid, "train_reward", {"steps": 200, "batch_size": 32, "seed": 0})
     result = job.result
     # Image ids are random, so each run orients and orders the same pairs differently and the
-    # figures move a little. Measured over 6 runs: validation 0.931-0.958, test 0.882-0.938,
+    # figures move a little. Measured over 5 runs: validation 0.931-0.958, test 0.882-0.938,
     # fresh prompts 0.921-0.938 (about 70, 70 and 120 pairs); a model that learned nothing
     # scores 0.3-0.5. The bounds leave room for that spread, not for a broken model.
     print(f"train_reward: validation tie-aware accuracy {result['val_accuracy']:.3f}")
