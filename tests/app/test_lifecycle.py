@@ -403,6 +403,9 @@ def test_project_page_renames_archives_and_deletes(
     db.commit()
     settings = client.get(f"/projects/{project.id}/settings").text
     assert 'id="project"' in settings and 'data-action="archive"' in settings
+    # The project section is drawn once, in the page; the title is text only.
+    assert settings.count('id="project"') == 1
+    assert "<title>Kept · settings · prefloop</title>" in settings
     edit = client.post(f"/projects/{project.id}/edit", follow_redirects=False,
                        data={"csrf_token": csrf, "name": "Kept, renamed"})  # fmt: skip
     assert edit.status_code == 303
