@@ -44,6 +44,19 @@ class Archivable(Protocol):
     archived_at: Any
 
 
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def advisory_lock(session: Session, key: str) -> None:
+    """Take a lock named `key` until the transaction ends, on Postgres (SQLite serialises
+    writers anyway): for writes that must take turns but share no row to lock."""
+    if is_postgres(session):
+        from sqlalchemy import func, select
+
+        session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+
+
 def set_archived(row: Archivable, archived: bool | None, changes: dict[str, Any]) -> None:
     """(Un)archive `row` as an edit asks (None: leave it), noting a real change in `changes`."""
     if archived is not None and archived != (row.archived_at is not None):

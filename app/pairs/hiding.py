@@ -17,9 +17,10 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import exists, func, or_, select, update
+from sqlalchemy import exists, or_, select, update
 from sqlalchemy.orm import Session
 
+from app.core.db import advisory_lock
 from app.images.models import Image
 from app.pairs.models import Pair
 from app.projects.models import Prompt
@@ -69,9 +70,7 @@ def refresh_hidden(
         scopes.append(Pair.id.in_(list(pair_ids)))
     if not scopes:
         return
-    if session.get_bind().dialect.name == "postgresql":
-        key = func.hashtext(f"pairs.hidden:{project_id}")
-        session.execute(select(func.pg_advisory_xact_lock(key)))
+    advisory_lock(session, f"pairs.hidden:{project_id}")
     session.flush()
     hidden = archived_source()
     session.execute(

@@ -38,7 +38,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, false, func, literal, select, text, update
 from sqlalchemy.orm import Session, aliased
 
-from app.core.db import LOCK_TIMEOUT_MS, utcnow
+from app.core.db import LOCK_TIMEOUT_MS, is_postgres, utcnow
 from app.images.models import Image
 from app.pairs.models import Pair, PairCount, Reservation
 from app.pairs.ordering import Candidate, CandidateOrder, fewest_votes_first
@@ -87,10 +87,6 @@ def order_for(project: Project, active: CandidateOrder | None = None) -> Candida
 
         return active_order
     return fewest_votes_first
-
-
-def is_postgres(session: Session) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
 
 
 def _live_others(annotator_id: Any, now: Any, pair_id: Any = Pair.id) -> Any:

@@ -8,7 +8,7 @@ from sqlalchemy import bindparam, delete, func, select
 from sqlalchemy.orm import Session, contains_eager
 
 from app.core import security
-from app.core.db import utcnow
+from app.core.db import advisory_lock, utcnow
 from app.users.models import ROLES, ApiToken, LoginAttempt, User, UserSession
 
 
@@ -236,9 +236,8 @@ def claim_login_attempt(session: Session, keys: list[str], *, limit: int) -> lis
     (forget_login_attempt) if the login succeeds; raises TooManyAttempts past the limit.
     """
     keys = sorted({key[:400] for key in keys})
-    if session.get_bind().dialect.name == "postgresql":
-        for key in keys:
-            session.execute(select(func.pg_advisory_xact_lock(func.hashtext("login:" + key))))
+    for key in keys:
+        advisory_lock(session, "login:" + key)
     rows = [LoginAttempt(key=key) for key in keys]
     session.add_all(rows)
     session.flush()
