@@ -33,9 +33,9 @@ Methods: `dpo_votes` (train_dpo on the votes with the job's defaults — the lea
 `--steps`/`--beta`/... override them); `dpo_votes_reward` (train_dpo `data: votes+reward`: the
 votes plus on-policy best-vs-worst pairs the reward model labels); `iterative_x3` (train_loop,
 3 rounds, stopping on validation prompts added for it; the last accepted child is judged);
-`best_of_4` (no training: the parent sampling best of 4 by the reward model; its cost is at test
-time); `rl` (train_rl: GRPO from the reward model with a KL anchor to the parent, the job's
-defaults).
+`best_of_4` and `best_of_16` (no training: the parent sampling best of 4 or 16 by the reward
+model; the cost is at test time); `rl` (train_rl: GRPO from the reward model with a KL anchor
+to the parent, the job's defaults).
 
 Printed: one table per method and the goals (for every preference a method reaching ≥ 80 %
 win-rate at tolerance from ≤ 2 000 votes and ≤ 30 CPU minutes with fidelity drop ≤ 2 points;
@@ -696,29 +696,38 @@ def iterative_x3(
     return MethodRun(child, info)
 
 
-def best_of_4(
-    stack: Stack, project: Project, config: LoopConfig, reward: dict[str, Any], timer: PhaseTimer
-) -> MethodRun:
-    """No training: the parent's weights, sampling best of 4 by the reward model."""
-    with timer.phase("method:register"):
-        policy = _checked(
-            stack.post(
-                f"/api/v1/projects/{project.id}/models",
-                {
-                    "name": "toy+best-of-4",
-                    "base": "toy",
-                    "params": {
-                        **config.model_params,
-                        "best_of": 4,
-                        "reward_model_id": reward["reward_model_id"],
+def best_of(n: int) -> MethodFn:
+    """No training: the parent's weights, sampling best of n by the reward model."""
+
+    def make(
+        stack: Stack,
+        project: Project,
+        config: LoopConfig,
+        reward: dict[str, Any],
+        timer: PhaseTimer,
+    ) -> MethodRun:
+        with timer.phase("method:register"):
+            policy = _checked(
+                stack.post(
+                    f"/api/v1/projects/{project.id}/models",
+                    {
+                        "name": f"toy+best-of-{n}",
+                        "base": "toy",
+                        "params": {
+                            **config.model_params,
+                            "best_of": n,
+                            "reward_model_id": reward["reward_model_id"],
+                        },
+                        "parent_id": project.model_id,
                     },
-                    "parent_id": project.model_id,
-                },
-            ),
-            201,
-        )
-    # Its cost is at test time (4 samples per image, in the evaluate phase), not in training.
-    return MethodRun(policy["id"], {"best_of": 4, "reward_model_id": reward["reward_model_id"]})
+                ),
+                201,
+            )
+        # Its cost is at test time (n samples per image, in the evaluate phase), not in training.
+        return MethodRun(policy["id"], {"best_of": n, "reward_model_id": reward["reward_model_id"]})
+
+    make.__doc__ = f"No training: the parent sampling best of {n} by the reward model."
+    return make
 
 
 def rl(
@@ -746,7 +755,9 @@ METHODS: dict[str, MethodFn | None] = {
     "dpo_votes": dpo_votes,
     "dpo_votes_reward": dpo_votes_reward,
     "iterative_x3": iterative_x3,
-    "best_of_4": best_of_4,
+    "best_of_4": best_of(4),
+    # Test-time alignment at a larger budget: how far the reward model alone carries the parent.
+    "best_of_16": best_of(16),
     "rl": rl,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)

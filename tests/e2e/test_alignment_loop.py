@@ -161,7 +161,8 @@ def test_the_battery_covers_every_preference_and_the_planned_methods() -> None:
     configs = configs_from_args(parse_args(["--quick", "--method", "dpo_votes"]))
     assert [c.preference for c in configs] == list(PREFERENCES)
     assert {"prompted_position", "prompted_size"} <= set(PREFERENCES)
-    assert {"dpo_votes", "dpo_votes_reward", "iterative_x3", "best_of_4", "rl"} <= set(METHODS)
+    methods = {"dpo_votes", "dpo_votes_reward", "iterative_x3", "best_of_4", "best_of_16", "rl"}
+    assert methods <= set(METHODS)
     # Without overrides the loop trains DPO with the job's defaults: the lead's path.
     lead = configs_from_args(parse_args(["--preference", "left"]))[0]
     assert set(dpo_params(lead, 7)) == {"model_id", "seed", "closed_loop"}
