@@ -130,6 +130,8 @@ class LoopConfig:
     )
     # train_dpo params beyond model_id; empty: the job's defaults (what a lead gets).
     dpo: dict[str, Any] = field(default_factory=dict)
+    # train_rl params beyond model_id and the reward model; empty: the job's defaults.
+    rl: dict[str, Any] = field(default_factory=dict)
     reward_steps: int | None = None  # None: the train_reward job's default
     seed: int = 0
 
@@ -302,10 +304,10 @@ def create_project(stack: Stack, config: LoopConfig, name: str) -> Project:
     return Project(pid, model["id"], tokens, train, test)
 
 
-def run_job(
+def finished_job(
     stack: Stack, project_id: int, kind: str, params: dict[str, Any], timeout: float
 ) -> dict[str, Any]:
-    """Create a job, wait for it, return its result (RuntimeError with its error otherwise)."""
+    """Create a job, wait for it, return it whole (RuntimeError with its error otherwise)."""
     job = _checked(
         stack.post(f"/api/v1/projects/{project_id}/jobs", {"kind": kind, "params": params}), 202
     )
@@ -313,7 +315,14 @@ def run_job(
     done = wait_job(stack.client, job["id"], {}, timeout)
     if done["status"] != "succeeded":
         raise RuntimeError(f"{kind} job {job['id']} {done['status']}: {done.get('error')}")
-    return dict(done["result"] or {})
+    return dict(done)
+
+
+def run_job(
+    stack: Stack, project_id: int, kind: str, params: dict[str, Any], timeout: float
+) -> dict[str, Any]:
+    """Create a job, wait for it, return its result (RuntimeError with its error otherwise)."""
+    return dict(finished_job(stack, project_id, kind, params, timeout)["result"] or {})
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -739,14 +748,25 @@ def rl(
     params = {
         "model_id": project.model_id,
         "reward_model_id": reward["reward_model_id"],
+        **config.rl,
         "seed": config.seed,
         # The evaluation below is launched explicitly, on held-out seeds; no arena images.
         "closed_loop": False,
     }
     with timer.phase("method:train_rl"):
-        job = run_job(stack, project.id, "train_rl", params, timeout=4 * 7200)
+        done = finished_job(stack, project.id, "train_rl", params, timeout=4 * 7200)
+    job = dict(done["result"] or {})
     keys = ("model_id", "steps", "stopped_by_guard", "guard_stop", "final_reward_mean", "final_kl")
-    return MethodRun(job["model_id"], {k: job.get(k) for k in keys})
+    info = {k: job.get(k) for k in keys}
+    # The training curve, for the reader: reward and KL at every step, probe reward when probed.
+    info["trace"] = rl_trace(done.get("metrics") or {})
+    return MethodRun(job["model_id"], info)
+
+
+def rl_trace(metrics: dict[str, list[list[float]]]) -> dict[str, list[list[float]]]:
+    """A job's reward, KL and probe series ([step, value] points), for the reader."""
+    keys = ("reward_mean", "kl", "probe_reward", "probe_guard", "probe_fidelity")
+    return {k: metrics[k] for k in keys if k in metrics}
 
 
 # The table's methods; None would mark a method whose child-making is not written yet (the
@@ -1003,6 +1023,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank")
     parser.add_argument("--batch", type=int, default=None, help="pairs per DPO step")
+    parser.add_argument("--rl-steps", type=int, default=None, help="train_rl steps")
+    parser.add_argument("--rl-lr", type=float, default=None, help="train_rl learning rate")
+    parser.add_argument("--rl-kl", type=float, default=None, help="train_rl kl_coef")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a reduced loop (smoke run)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure as JSON")
@@ -1037,6 +1060,15 @@ def configs_from_args(args: argparse.Namespace) -> list[LoopConfig]:
         )
         if value is not None
     }
+    rl = {
+        key: value
+        for key, value in (
+            ("steps", args.rl_steps),
+            ("learning_rate", args.rl_lr),
+            ("kl_coef", args.rl_kl),
+        )
+        if value is not None
+    }
     methods = tuple(dict.fromkeys(args.method or ["dpo_votes"]))
     configs = []
     for name in dict.fromkeys(names):
@@ -1047,6 +1079,7 @@ def configs_from_args(args: argparse.Namespace) -> list[LoopConfig]:
                 seed=args.seed,
                 methods=methods,
                 dpo={**config.dpo, **dpo},
+                rl={**config.rl, **rl},
                 **sizes,
             )
         )
