@@ -59,6 +59,14 @@ naming both axes: 0.12 → 0.11); prompted_size 49.3 % [48.0, 50.7] 146, 0 %, 67
 prompted_colour 50.7 % [48.7, 52.3] 144, 0 %, 65.7 %. Fidelity moved by ≤ 1.1 points; reward-model
 validation accuracy 0.54–0.81; 1.0–1.4 CPU minutes per method (7–14 min wall under that load).
 No preference reaches 80 %; what the parent already holds (oracle best-of-4) is 66–79 %.
+
+Full size with every job's defaults (`--train-prompts 200`: 2 000 votes; 80 held-out prompts × 5
+seeds; the README's table, *The alignment battery at full size*): ≥ 80 % within 2 points of
+fidelity for darker (`dpo_votes` 98.8 %), and for left, centered, brighter and darker with
+`best_of_16` (86.5, 90.8, 86.4, 90.1 %); larger 74.1 % and prompted position 78.2 % at best
+(named cell 0.16 → 0.57); prompted size, lighter and prompted colour ≤ 67 % (reward models
+0.54–0.62: the parent already draws what these prompts name). `rl` at 60 and 180 steps: 50.5 and
+48.8 % on prompted position.
 """
 
 from __future__ import annotations
