@@ -1034,6 +1034,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rl-steps", type=int, default=None, help="train_rl steps")
     parser.add_argument("--rl-lr", type=float, default=None, help="train_rl learning rate")
     parser.add_argument("--rl-kl", type=float, default=None, help="train_rl kl_coef")
+    parser.add_argument(
+        "--rl-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other train_rl param (JSON value), e.g. eta=0.3 (repeatable)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="a reduced loop (smoke run)")
     parser.add_argument("--json", type=Path, default=None, help="write every figure as JSON")
@@ -1077,6 +1084,9 @@ def configs_from_args(args: argparse.Namespace) -> list[LoopConfig]:
         )
         if value is not None
     }
+    for item in args.rl_set:
+        key, _, value = item.partition("=")
+        rl[key] = json.loads(value)
     methods = tuple(dict.fromkeys(args.method or ["dpo_votes"]))
     configs = []
     for name in dict.fromkeys(names):
