@@ -1005,6 +1005,22 @@ def format_tables(results: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def key_value(text: str) -> tuple[str, Any]:
+    """An argparse type for KEY=VALUE: VALUE read as JSON when it is JSON, else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def given(pairs: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+    """The (name, value) pairs whose value was given on the command line (not None)."""
+    return {key: value for key, value in pairs if value is not None}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -1038,6 +1054,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rl-set",
         action="append",
         default=[],
+        type=key_value,
         metavar="KEY=VALUE",
         help="any other train_rl param (JSON value), e.g. eta=0.3 (repeatable)",
     )
@@ -1051,9 +1068,8 @@ def configs_from_args(args: argparse.Namespace) -> list[LoopConfig]:
     names: list[str] = []
     for name in args.preference or ["all"]:
         names += list(PREFERENCES) if name == "all" else [name]
-    sizes = {
-        key: value
-        for key, value in (
+    sizes = given(
+        (
             ("votes", args.votes),
             ("flip_noise", args.flip_noise),
             ("train_prompts", args.train_prompts),
@@ -1062,31 +1078,20 @@ def configs_from_args(args: argparse.Namespace) -> list[LoopConfig]:
             ("eval_images_per_prompt", args.eval_images),
             ("reward_steps", args.reward_steps),
         )
-        if value is not None
-    }
-    dpo = {
-        key: value
-        for key, value in (
+    )
+    dpo = given(
+        (
             ("steps", args.steps),
             ("beta", args.beta),
             ("learning_rate", args.lr),
             ("lora_rank", args.rank),
             ("batch_size", args.batch),
         )
-        if value is not None
-    }
+    )
     rl = {
-        key: value
-        for key, value in (
-            ("steps", args.rl_steps),
-            ("learning_rate", args.rl_lr),
-            ("kl_coef", args.rl_kl),
-        )
-        if value is not None
+        **given((("steps", args.rl_steps), ("learning_rate", args.rl_lr), ("kl_coef", args.rl_kl))),
+        **dict(args.rl_set),
     }
-    for item in args.rl_set:
-        key, _, value = item.partition("=")
-        rl[key] = json.loads(value)
     methods = tuple(dict.fromkeys(args.method or ["dpo_votes"]))
     configs = []
     for name in dict.fromkeys(names):

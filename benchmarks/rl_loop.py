@@ -79,6 +79,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.alignment_loop import key_value  # noqa: E402
 from worker.evaluation import compare, share  # noqa: E402
 from worker.toy.preferences import (  # noqa: E402
     NO_FOREGROUND,
@@ -605,7 +606,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--prompts-per-step", type=int, default=None)
     parser.add_argument("--group-size", type=int, default=None)
-    parser.add_argument("--rl", action="append", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--rl", action="append", default=[], metavar="KEY=VALUE", type=key_value,
                         help="any other RLConfig field, e.g. --rl minibatches=4")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rl-minutes", type=float, default=None, help="cap on the RL phase")
@@ -631,9 +632,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RLLoopConfig]:
                            ("group_size", args.group_size)):  # fmt: skip
             if value is not None:
                 rl[key] = value
-        for item in args.rl:
-            key, _, text = item.partition("=")
-            rl[key] = json.loads(text) if text[:1] in "0123456789-.[{tfn" else text
+        rl.update(dict(args.rl))
         votes = args.votes if args.votes is not None else base.votes
         configs.append(replace(base, reward=args.reward, seed=args.seed, votes=votes, rl=rl,
                                rl_minutes=args.rl_minutes))  # fmt: skip
