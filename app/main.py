@@ -20,7 +20,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import __version__
 from app.core.config import get_settings
-from app.core.db import get_engine, pool_capacity
+from app.core.db import (
+    UNAVAILABLE_DETAIL,
+    UNAVAILABLE_RETRY_AFTER,
+    get_engine,
+    pool_capacity,
+)
 from app.core.deps import LoginRequired
 from app.core.errors import DomainError, http_status
 from app.core.guard import RequestGuard, parse_proxies
@@ -155,6 +160,10 @@ def create_app() -> FastAPI:
     ):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(shared_dir("static"))), name="static")
+    from app.votes.fast_lane import FastLane
+
+    # Innermost of the middlewares: the guard's checks apply to the fast lane's requests too.
+    app.add_middleware(FastLane)
     app.add_middleware(
         RequestGuard,
         max_body=settings.max_upload_bytes,
@@ -177,9 +186,9 @@ def create_app() -> FastAPI:
         # So is an overload that leaves no pooled connection free within the pool timeout.
         log.error("web.database_unavailable path=%s error=%s", request.url.path, type(exc).__name__)
         return JSONResponse(
-            {"detail": "database temporarily unavailable; retry shortly"},
+            {"detail": UNAVAILABLE_DETAIL},
             status_code=503,
-            headers={"Retry-After": "5"},
+            headers={"Retry-After": UNAVAILABLE_RETRY_AFTER},
         )
 
     @app.exception_handler(DataError)

@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # Reverse proxies whose X-Forwarded-For is believed (comma-separated addresses or CIDR
     # networks). Unset: none, and the client address is the connection's peer.
     trusted_proxies: str = ""
+    # The annotator API's plain requests on asyncpg, past FastAPI and the ORM (Postgres only;
+    # app.votes.fast_lane). Off: every request takes the full stack.
+    fast_lane: bool = True
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -130,6 +130,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
 # transaction can never wedge the others; the waiter fails (503 with Retry-After on the web).
 LOCK_TIMEOUT_MS = 3000
 
+# The answer when the database is down or every pooled connection stays busy: temporary, so
+# clients are told when to come back rather than shown a 500.
+UNAVAILABLE_DETAIL = "database temporarily unavailable; retry shortly"
+UNAVAILABLE_RETRY_AFTER = "5"
+
 
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:

@@ -41,10 +41,22 @@ class Candidate:
 CandidateOrder = Callable[[Session, Project, list[Candidate], User], list[Candidate]]
 
 
+_SPREAD_MUL, _SPREAD_ANNOTATOR, _SPREAD_ADD, _SPREAD_MOD = 2654435761, 40503, 0x9E3779B9, 4294967291
+
+
 def _spread(pair_id: int, annotator_id: int) -> int:
     # A per-annotator shuffle that is stable between requests: annotators asking at the same
     # moment try different pairs first, and a peek predicts what the next request will serve.
-    return ((pair_id * 2654435761) ^ (annotator_id * 40503 + 0x9E3779B9)) % 4294967291
+    mixed = (pair_id * _SPREAD_MUL) ^ (annotator_id * _SPREAD_ANNOTATOR + _SPREAD_ADD)
+    return mixed % _SPREAD_MOD
+
+
+def spread_sql(pair_id: str, annotator_id: str) -> str:
+    """`_spread` as a Postgres expression over two integer expressions (`#` is XOR)."""
+    return (
+        f"((({pair_id})::bigint * {_SPREAD_MUL}) # (({annotator_id})::bigint * "
+        f"{_SPREAD_ANNOTATOR} + {_SPREAD_ADD})) % {_SPREAD_MOD}"
+    )
 
 
 def fewest_votes_first(

@@ -28,10 +28,16 @@ router = APIRouter(prefix="/api/v1", tags=["annotators"])
 FAULT_EXIT_PREFIX = "fault-exit-after-commit-"
 
 
+def fault_exit_wanted(idempotency_key: str | None) -> bool:
+    return (
+        os.environ.get("PREFLOOP_FAULT_INJECTION") == "1"
+        and idempotency_key is not None
+        and idempotency_key.startswith(FAULT_EXIT_PREFIX)
+    )
+
+
 def _inject_exit_after_commit(session: Session, idempotency_key: str | None) -> None:
-    if os.environ.get("PREFLOOP_FAULT_INJECTION") != "1" or not idempotency_key:
-        return
-    if idempotency_key.startswith(FAULT_EXIT_PREFIX):
+    if fault_exit_wanted(idempotency_key):
         event.listen(session, "after_commit", lambda _session: os._exit(70), once=True)
 
 

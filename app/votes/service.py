@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -42,6 +43,7 @@ from app.pairs.scheduler import (
     pairs_left,
 )
 from app.projects.models import Membership, Project
+from app.projects.schemas import ProjectSettings
 from app.projects.service import project_settings
 from app.users.models import User
 from app.votes.models import Vote
@@ -181,7 +183,7 @@ def _pair_in_project(
 
 
 @dataclass(frozen=True)
-class _Standing:
+class Standing:
     """What a new vote is checked against, read in one statement."""
 
     seen: bool  # a vote on this pair, or with this idempotency key, exists
@@ -223,7 +225,7 @@ def _standing(
     annotator_id: int,
     idempotency_key: str | None,
     since: dt.datetime,
-) -> _Standing:
+) -> Standing:
     params: dict[str, Any] = {
         "pair_id": pair_id,
         "project_id": project_id,
@@ -239,10 +241,10 @@ def _standing(
     expires = row[3]
     if expires is not None and expires.tzinfo is None:
         expires = expires.replace(tzinfo=dt.UTC)
-    return _Standing(bool(row[0]), int(row[1]), oldest, expires, bool(row[4]))
+    return Standing(bool(row[0]), int(row[1]), oldest, expires, bool(row[4]))
 
 
-def _rate_limited(per_second: float, standing: _Standing, now: dt.datetime) -> RateLimited | None:
+def _rate_limited(per_second: float, standing: Standing, now: dt.datetime) -> RateLimited | None:
     window = max(1.0, 1.0 / per_second)
     allowed = max(1, math.floor(per_second * window))
     if standing.recent < allowed:
@@ -335,6 +337,59 @@ def _forget_reservation(session: Session, vote: Vote) -> None:
         session.expunge(held)
 
 
+def checked_input(choice: str, latency_ms: int | None, idempotency_key: str | None) -> Choice:
+    """The vote's choice, if the request's own fields are valid; raises `InvalidVote`."""
+    try:
+        picked = parse_choice(choice)
+    except ValueError as exc:
+        raise InvalidVote(str(exc)) from None
+    if latency_ms is not None and not 0 <= latency_ms <= MAX_LATENCY_MS:
+        raise InvalidVote(f"latency_ms must be between 0 and {MAX_LATENCY_MS}")
+    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 100:
+        raise InvalidVote("idempotency_key must be 1 to 100 characters")
+    return picked
+
+
+def rate_window(settings: ProjectSettings) -> float:
+    """Seconds over which the rate limit counts an annotator's votes."""
+    return max(1.0, 1.0 / settings.votes_per_second)
+
+
+def refusal(
+    *,
+    pair_id: int,
+    is_gold: bool,
+    votes_wanted: int,
+    settings: ProjectSettings,
+    standing: Standing,
+    latency_ms: int | None,
+    counts: bool,
+    has_room: Callable[[], bool],
+    now: dt.datetime,
+) -> VoteError | None:
+    """Why a new (not replayed) vote is refused, or None: the rules after the pair and the
+    annotator's standing are known (the JSON API's fast lane applies the same ones).
+
+    `has_room` is asked only when the vote takes a slot the annotator holds no reservation for.
+    """
+    limited = _rate_limited(settings.votes_per_second, standing, now)
+    if limited is not None:
+        return limited
+    if latency_ms is not None and latency_ms < settings.min_view_ms:
+        return InvalidVote(
+            f"latency_ms {latency_ms} is below this project's minimum viewing time of "
+            f"{settings.min_view_ms} ms: look at both images before voting"
+        )
+    if is_gold and not standing.has_reservation:
+        # A gold pair's id must not be answerable by someone who was never shown it.
+        return VoteConflict(f"pair {pair_id} was not served to you: ask for it with pairs/next")
+    expires = standing.reservation_expires
+    holds_slot = expires is not None and expires > now
+    if counts and not holds_slot and not has_room():
+        return VoteConflict(f"pair {pair_id} already has the {votes_wanted} votes it needs")
+    return None
+
+
 def record_vote(
     session: Session,
     *,
@@ -348,15 +403,8 @@ def record_vote(
 ) -> tuple[Vote, bool]:
     """Store one vote; returns (vote, created). Raises a `VoteError` subclass when refused."""
     now = now or utcnow()
-    try:
-        picked = parse_choice(choice)
-    except ValueError as exc:
-        raise InvalidVote(str(exc)) from None
+    picked = checked_input(choice, latency_ms, idempotency_key)
     choice = picked.value  # stored as the plain string
-    if latency_ms is not None and not 0 <= latency_ms <= MAX_LATENCY_MS:
-        raise InvalidVote(f"latency_ms must be between 0 and {MAX_LATENCY_MS}")
-    if idempotency_key is not None and not 1 <= len(idempotency_key) <= 100:
-        raise InvalidVote("idempotency_key must be 1 to 100 characters")
     found = _pair_in_project(session, pair_id, annotator)
     if found is None:
         raise PairNotFound(f"pair {pair_id} not found")
@@ -367,14 +415,13 @@ def record_vote(
         raise InvalidVote(f"left_image_id {left_image_id!r} is not an image of pair {pair_id}")
 
     settings = project_settings(project)
-    window = max(1.0, 1.0 / settings.votes_per_second)
     standing = _standing(
         session,
         pair_id=pair_id,
         project_id=project.id,
         annotator_id=annotator.id,
         idempotency_key=idempotency_key,
-        since=now - dt.timedelta(seconds=window),
+        since=now - dt.timedelta(seconds=rate_window(settings)),
     )
     if standing.seen:  # rare: a replay, or a second vote on the pair
         by_key, on_pair = _existing(
@@ -386,23 +433,22 @@ def record_vote(
         if replay is not None:
             return replay, False
 
-    limited = _rate_limited(settings.votes_per_second, standing, now)
-    if limited is not None:
-        log.info("votes.rate_limited annotator_id=%s project_id=%s", annotator.id, project.id)
-        raise limited
-    if latency_ms is not None and latency_ms < settings.min_view_ms:
-        raise InvalidVote(
-            f"latency_ms {latency_ms} is below this project's minimum viewing time of "
-            f"{settings.min_view_ms} ms: look at both images before voting"
-        )
-    if pair.is_gold and not standing.has_reservation:
-        # A gold pair's id must not be answerable by someone who was never shown it.
-        raise VoteConflict(f"pair {pair_id} was not served to you: ask for it with pairs/next")
-    expires = standing.reservation_expires
-    holds_slot = expires is not None and expires > now
     counts = picked.is_preference
-    if counts and not holds_slot and not _has_room(session, pair, annotator.id, now):
-        raise VoteConflict(f"pair {pair_id} already has the {pair.votes_wanted} votes it needs")
+    refused = refusal(
+        pair_id=pair_id,
+        is_gold=pair.is_gold,
+        votes_wanted=pair.votes_wanted,
+        settings=settings,
+        standing=standing,
+        latency_ms=latency_ms,
+        counts=counts,
+        has_room=lambda: _has_room(session, pair, annotator.id, now),
+        now=now,
+    )
+    if refused is not None:
+        if isinstance(refused, RateLimited):
+            log.info("votes.rate_limited annotator_id=%s project_id=%s", annotator.id, project.id)
+        raise refused
 
     vote = Vote(
         pair_id=pair_id,

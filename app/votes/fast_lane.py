@@ -1,0 +1,578 @@
+"""The JSON API's two hot requests on Postgres, answered without FastAPI's routing or the ORM.
+
+`GET /api/v1/projects/{id}/pairs/next` and `POST /api/v1/pairs/{id}/votes`, with the pair's two
+signed image GETs, are every request of an annotator's vote cycle. Through the full stack each
+costs milliseconds of Python (routing, dependency injection, a threadpool hop, an ORM unit of
+work) around statements Postgres answers in a fraction of that. The fast lane is a pure ASGI
+middleware that serves them on asyncpg (statements prepared once per connection):
+
+- next: who is asking (token → user, the user row locked, as the scheduler does), the project,
+  the membership and the live reservation in one statement; then the open candidate with the
+  fewest votes + live reservations, locked SKIP LOCKED, and the scheduler's own
+  reserve-if-open statement.
+- vote: who is asking, the pair (locked), the project's settings, the membership and the
+  annotator's standing in one statement; then the vote service's vote-and-release statement.
+
+It serves the plain cases only and hands every other request to the full application,
+unchanged: cookie logins, projects with active sampling, replays, every refusal (bad token,
+not a member, conflicts, rate limit...), nothing left to serve, every candidate locked, any
+database error before the commit. The rules it applies are the services' own
+(`app.votes.service.refusal` and `checked_input`, `app.core.deps.project_role`,
+`app.pairs.ordering.spread_sql`, the scheduler's statements), so a request gets the same answer
+either way; tests/app/test_fast_lane.py drives one scenario through both and compares.
+
+Off on SQLite, with `PREFLOOP_FAST_LANE=0`, and where a test overrides the request session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.core.config import get_settings
+from app.core.db import LOCK_TIMEOUT_MS, UNAVAILABLE_DETAIL, UNAVAILABLE_RETRY_AFTER, get_session
+from app.core.deps import project_role
+from app.core.health import VOTES
+from app.pairs.ordering import spread_sql
+from app.pairs.routes import to_public
+from app.pairs.scheduler import _RESERVE_IF_OPEN, CANDIDATE_WINDOW, ServedPair
+from app.projects.schemas import ProjectSettings
+from app.projects.settings import load_settings
+from app.users.service import LAST_USED_RESOLUTION
+from app.votes.routes import fault_exit_wanted
+from app.votes.schemas import VoteCreate
+from app.votes.service import _VOTE_AND_RELEASE, Standing, checked_input, rate_window, refusal
+
+log = logging.getLogger("prefloop.fast_lane")
+
+# Nine digits: an id that fits Postgres' integer; longer ones go the long way (422 there).
+_NEXT = re.compile(r"/api/v1/projects/([0-9]{1,9})/pairs/next")
+_VOTE = re.compile(r"/api/v1/pairs/([0-9]{1,9})/votes")
+NEXT_ROUTE = "/api/v1/projects/{project_id}/pairs/next"
+VOTE_ROUTE = "/api/v1/pairs/{pair_id}/votes"
+# A vote's body is a few hundred bytes; anything larger is not a plain vote.
+MAX_BODY = 4096
+# Connections per web process: what its requests can use at once. Waiting longer than the
+# timeout for one answers 503, as an exhausted pool does on the long way.
+POOL_SIZE = 10
+ACQUIRE_TIMEOUT_S = 10.0
+# Candidates tried per tier when the locked one turned out full meanwhile.
+MAX_TRIES = 8
+
+
+def numbered(sql: str) -> str:
+    """A statement written with `:name` parameters (SQLAlchemy `text`) in asyncpg's `$n` style;
+    names in order of first use, so the service's statement is written once."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return re.sub(r"(?<![:\w]):([a-z_]+)", number, sql)
+
+
+def parameter_names(sql: str) -> list[str]:
+    return list(dict.fromkeys(re.findall(r"(?<![:\w]):([a-z_]+)", sql)))
+
+
+def _who(*, now: str, resolution: str, lock: str = "") -> str:
+    """The CTEs naming who asks: the token's user (the token unrevoked) and, at most once per
+    `LAST_USED_RESOLUTION`, the token's last use noted, as `users.service.user_for_token` does.
+    $1 is the token's hash; `now` and `resolution` name the other parameters."""
+    return f"""
+  tok AS (
+    SELECT t.id, t.user_id, t.project_id AS scope, u.role, u.is_active
+    FROM api_tokens t JOIN users u ON u.id = t.user_id
+    WHERE t.token_hash = $1 AND t.revoked_at IS NULL {lock}
+  ), touched AS (
+    UPDATE api_tokens SET last_used_at = {now}::timestamptz
+    WHERE id = (SELECT id FROM tok)
+      AND (last_used_at IS NULL
+           OR last_used_at <= {now}::timestamptz - make_interval(secs => {resolution}))
+  )
+"""
+
+
+# $1 token hash, $2 project, $3 now, $4 last-used resolution (s). The user row is locked, which
+# serialises one annotator's own concurrent requests, as the scheduler's `_held` does.
+NEXT_WHO = (
+    "WITH"
+    + _who(now="$3", resolution="$4", lock="FOR NO KEY UPDATE OF u")
+    + """
+SELECT tok.user_id, tok.role, tok.is_active, tok.scope,
+       pj.id, pj.archived_at IS NOT NULL, pj.settings::text, m.role,
+       h.pair_id, h.left_image_id, h.expires_at, h.image_a_id, h.image_b_id, h.is_gold,
+       h.text, h.sha_a, h.sha_b,
+       EXISTS (SELECT 1 FROM reservations x
+               WHERE x.annotator_id = tok.user_id AND x.expires_at <= $3)
+FROM tok
+LEFT JOIN projects pj ON pj.id = $2
+LEFT JOIN memberships m ON m.project_id = pj.id AND m.user_id = tok.user_id AND m.is_active
+LEFT JOIN LATERAL (
+  SELECT r.pair_id, r.left_image_id, r.expires_at, p.image_a_id, p.image_b_id, p.is_gold,
+         pr.text, ia.sha256 AS sha_a, ib.sha256 AS sha_b
+  FROM reservations r
+  JOIN pairs p ON p.id = r.pair_id AND p.project_id = $2
+  JOIN prompts pr ON pr.id = p.prompt_id
+  JOIN images ia ON ia.id = p.image_a_id
+  JOIN images ib ON ib.id = p.image_b_id
+  WHERE r.annotator_id = tok.user_id AND r.expires_at > $3
+  ORDER BY r.created_at DESC LIMIT 1
+) h ON true
+"""
+)
+
+DROP_EXPIRED = "DELETE FROM reservations WHERE annotator_id = $1 AND expires_at <= $2"
+
+# The scheduler's candidates (`_candidates_stmt`: fewest votes first, a window of them) in its
+# order (`fewest_votes_first`: votes + live reservations of others, ties spread per annotator),
+# the first one not locked by someone else locked. $1 project, $2 annotator, $3 now, $4 gold
+# tier, $5 window, $6 pairs already tried.
+CANDIDATE = f"""
+SELECT p.id, p.image_a_id, p.image_b_id
+FROM pairs p JOIN (
+  SELECT c.id, c.vote_count + res.n AS load
+  FROM pairs c CROSS JOIN LATERAL (
+    SELECT count(*) AS n FROM reservations r
+    WHERE r.pair_id = c.id AND r.expires_at > $3 AND r.annotator_id <> $2
+  ) res
+  WHERE c.project_id = $1 AND c.is_gold = $4 AND NOT c.hidden
+    AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.pair_id = c.id AND v.annotator_id = $2)
+    AND NOT (c.id = ANY($6::int[]))
+    AND ($4 OR (c.vote_count < c.votes_wanted AND c.vote_count + res.n < c.votes_wanted))
+  ORDER BY c.vote_count LIMIT $5
+) k ON k.id = p.id
+ORDER BY k.load, {spread_sql("p.id", "$2")}
+LIMIT 1
+FOR NO KEY UPDATE OF p SKIP LOCKED
+"""
+
+RESERVE_NAMES = parameter_names(_RESERVE_IF_OPEN.text)
+RESERVE = numbered(_RESERVE_IF_OPEN.text)
+
+# $1 token hash, $2 pair, $3 idempotency key, $4 now, $5 the default votes per second, $6
+# last-used resolution (s). The rate window is read from the stored settings here and checked
+# against the validated settings in Python (a mismatch goes the long way).
+VOTE_WHO = (
+    "WITH"
+    + _who(now="$4", resolution="$6")
+    + """
+SELECT tok.user_id, tok.role, tok.is_active, tok.scope,
+       p.project_id, p.image_a_id, p.image_b_id, p.is_gold, p.vote_count, p.votes_wanted,
+       pj.settings::text, m.role, w.seconds,
+       EXISTS (SELECT 1 FROM votes v WHERE v.annotator_id = tok.user_id
+               AND (v.pair_id = p.id OR v.idempotency_key = $3)),
+       rate.recent, rate.oldest, r.expires_at, r.pair_id IS NOT NULL,
+       (SELECT count(*) FROM reservations o
+        WHERE o.pair_id = p.id AND o.expires_at > $4 AND o.annotator_id <> tok.user_id)
+FROM tok
+JOIN pairs p ON p.id = $2
+JOIN projects pj ON pj.id = p.project_id
+CROSS JOIN LATERAL (
+  SELECT greatest(1.0, 1.0 / coalesce((pj.settings->>'votes_per_second')::float8, $5))::float8
+         AS seconds
+) w
+CROSS JOIN LATERAL (
+  SELECT count(*) AS recent, min(v.created_at) AS oldest FROM votes v
+  WHERE v.project_id = p.project_id AND v.annotator_id = tok.user_id
+    AND v.created_at > $4::timestamptz - make_interval(secs => w.seconds)
+) rate
+LEFT JOIN memberships m
+  ON m.project_id = p.project_id AND m.user_id = tok.user_id AND m.is_active
+LEFT JOIN reservations r ON r.pair_id = p.id AND r.annotator_id = tok.user_id
+FOR NO KEY UPDATE OF p
+"""
+)
+
+VOTE_NAMES = parameter_names(_VOTE_AND_RELEASE.text)
+VOTE = numbered(_VOTE_AND_RELEASE.text)
+
+
+@lru_cache(maxsize=256)
+def _settings(raw: str | None) -> ProjectSettings:
+    return load_settings(json.loads(raw) if raw else None)
+
+
+class LongWay(Exception):
+    """Not a plain case: the full application answers this request."""
+
+
+@dataclass
+class _Route:
+    # What the metrics middleware reads from scope["route"].
+    path: str
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            header = value.decode("latin-1")
+            if header.lower().startswith("bearer "):
+                return header[7:].strip()
+            return None
+    return None
+
+
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
+    for name, value in scope["headers"]:
+        if name == wanted:
+            return bytes(value)
+    return None
+
+
+async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _replaying(messages: list[Message], receive: Receive) -> Receive:
+    """`receive` for the full application after the fast lane has read the body."""
+    pending = list(messages)
+
+    async def again() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()
+
+    return again
+
+
+class FastLane:
+    """ASGI middleware: the plain annotator requests on asyncpg, the rest to `app`."""
+
+    def __init__(self, app: ASGIApp, dsn: str | None = None) -> None:
+        self.app = app
+        # None: the settings' database, when it is Postgres and the lane is on.
+        self.dsn = dsn
+        self._pool: Any = None
+        self._pool_lock = asyncio.Lock()
+        # Tests count round trips through this: called with each statement sent.
+        self.on_statement: Callable[[str], None] | None = None
+
+    def _active(self, scope: Scope) -> bool:
+        if self.dsn is None:
+            settings = get_settings()
+            if settings.is_sqlite or not settings.fast_lane:
+                return False
+        app = scope.get("app")
+        # A test's request session (a rolled-back transaction) is invisible to other connections.
+        return app is None or get_session not in getattr(app, "dependency_overrides", {})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            method, path = scope["method"], scope["path"]
+            if method == "GET" and path.endswith("/pairs/next"):
+                match = _NEXT.fullmatch(path)
+                if match and self._active(scope):
+                    await self._next(scope, receive, send, int(match.group(1)))
+                    return
+            elif method == "POST" and path.endswith("/votes"):
+                match = _VOTE.fullmatch(path)
+                if match and self._active(scope):
+                    await self._vote(scope, receive, send, int(match.group(1)))
+                    return
+        await self.app(scope, receive, send)
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    async def pool(self) -> Any:
+        if self._pool is None:
+            async with self._pool_lock:
+                if self._pool is None:
+                    import asyncpg
+
+                    url = self.dsn or get_settings().sqlalchemy_url
+                    dsn = re.sub(r"^postgresql\+\w+://", "postgresql://", url)
+                    self._pool = await asyncpg.create_pool(
+                        dsn,
+                        min_size=0,
+                        max_size=POOL_SIZE,
+                        server_settings={"lock_timeout": str(LOCK_TIMEOUT_MS)},
+                    )
+        return self._pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    async def _fetchrow(self, conn: Any, sql: str, *args: Any) -> Any:
+        if self.on_statement is not None:
+            self.on_statement(sql)
+        return await conn.fetchrow(sql, *args)
+
+    async def _execute(self, conn: Any, sql: str, *args: Any) -> None:
+        if self.on_statement is not None:
+            self.on_statement(sql)
+        await conn.execute(sql, *args)
+
+    async def _unavailable(self, send: Send) -> None:
+        body = json.dumps({"detail": UNAVAILABLE_DETAIL}).encode()
+        await _answer(send, 503, body, [(b"retry-after", UNAVAILABLE_RETRY_AFTER.encode())])
+
+    # --- GET /api/v1/projects/{project_id}/pairs/next ---------------------------------------
+
+    async def _next(self, scope: Scope, receive: Receive, send: Send, project_id: int) -> None:
+        token = _bearer(scope)
+        if not token:
+            await self.app(scope, receive, send)
+            return
+        scope["route"] = _Route(NEXT_ROUTE)
+        try:
+            pool = await self.pool()
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                served = await self._serve(conn, token, project_id)
+        except TimeoutError:
+            await self._unavailable(send)
+            return
+        except LongWay:
+            served = None
+        except Exception:  # noqa: BLE001 - any database trouble: the long way decides
+            log.warning("fast_lane.next_failed project_id=%s", project_id, exc_info=True)
+            served = None
+        if served is None:
+            await self.app(scope, receive, send)
+            return
+        pair, annotator_id = served
+        body = to_public(pair, annotator_id).model_dump_json().encode()
+        await _answer(send, 200, body, [])
+
+    async def _serve(self, conn: Any, token: str, project_id: int) -> tuple[ServedPair, int]:
+        from app.core.security import hash_token
+
+        now = dt.datetime.now(dt.UTC)
+        if self.on_statement is not None:
+            self.on_statement("BEGIN")
+        async with conn.transaction():
+            row = await self._fetchrow(
+                conn,
+                NEXT_WHO,
+                hash_token(token),
+                project_id,
+                now,
+                LAST_USED_RESOLUTION.total_seconds(),
+            )
+            if row is None or not row[2] or row[4] is None or row[5]:
+                raise LongWay  # unknown token, inactive user, unknown or archived project
+            user_id = row[0]
+            user = SimpleNamespace(role=row[1], token_project_id=row[3])
+            if project_role(user, project_id, row[7]) is None:  # type: ignore[arg-type]
+                raise LongWay
+            settings = _settings(row[6])
+            if settings.active_sampling:
+                raise LongWay
+            if row[8] is not None:  # the annotator's live reservation: the same pair again
+                pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b = row[8:17]
+                on_a = left == a
+                held = ServedPair(
+                    pair_id,
+                    prompt,
+                    left,
+                    b if on_a else a,
+                    expires_at,
+                    is_gold,
+                    sha_a if on_a else sha_b,
+                    sha_b if on_a else sha_a,
+                )
+                self._commit_mark()
+                return held, user_id
+            if row[17]:
+                # Lapsed ones would collide with a new reservation of the same pair.
+                await self._execute(conn, DROP_EXPIRED, user_id, now)
+            gold_first = settings.gold_rate > 0 and random.random() < settings.gold_rate
+            for gold in (True, False) if gold_first else (False,):
+                served = await self._reserve(conn, project_id, user_id, gold, settings, now)
+                if served is not None:
+                    self._commit_mark()
+                    return served, user_id
+        # Nothing plain to serve (none left, or all locked this instant): the scheduler's
+        # looks, 204 and 503 are the long way's.
+        raise LongWay
+
+    def _commit_mark(self) -> None:
+        if self.on_statement is not None:
+            self.on_statement("COMMIT")
+
+    async def _reserve(
+        self,
+        conn: Any,
+        project_id: int,
+        user_id: int,
+        gold: bool,
+        settings: ProjectSettings,
+        now: dt.datetime,
+    ) -> ServedPair | None:
+        tried: list[int] = []
+        for _ in range(MAX_TRIES):
+            cand = await self._fetchrow(
+                conn, CANDIDATE, project_id, user_id, now, gold, CANDIDATE_WINDOW, tried
+            )
+            if cand is None:
+                return None
+            pair_id, a, b = cand
+            on_a = random.random() < 0.5
+            left, right = (a, b) if on_a else (b, a)
+            expires_at = now + dt.timedelta(minutes=settings.reservation_minutes)
+            values = {
+                "pair_id": pair_id,
+                "annotator_id": user_id,
+                "left_image_id": left,
+                "now": now,
+                "expires_at": expires_at,
+            }
+            found = await self._fetchrow(conn, RESERVE, *(values[n] for n in RESERVE_NAMES))
+            if found is not None:
+                prompt, sha_a, sha_b = found
+                return ServedPair(
+                    pair_id,
+                    prompt,
+                    left,
+                    right,
+                    expires_at,
+                    gold,
+                    sha_a if on_a else sha_b,
+                    sha_b if on_a else sha_a,
+                )
+            tried.append(pair_id)
+        return None
+
+    # --- POST /api/v1/pairs/{pair_id}/votes -------------------------------------------------
+
+    async def _vote(self, scope: Scope, receive: Receive, send: Send, pair_id: int) -> None:
+        token = _bearer(scope)
+        content_type = _header(scope, b"content-type") or b""
+        if not token or not content_type.startswith(b"application/json"):
+            await self.app(scope, receive, send)
+            return
+        messages: list[Message] = []
+        body = b""
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY or not message.get("more_body", False):
+                break
+        again = _replaying(messages, receive)
+        try:
+            last = messages[-1]
+            if len(body) > MAX_BODY or last["type"] != "http.request" or last.get("more_body"):
+                raise LongWay
+            data = VoteCreate.model_validate_json(body)
+            picked = checked_input(data.choice, data.latency_ms, data.idempotency_key)
+        except (LongWay, ValidationError, ValueError):
+            await self.app(scope, again, send)
+            return
+        scope["route"] = _Route(VOTE_ROUTE)
+        try:
+            pool = await self.pool()
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                vote_id = await self._store(conn, token, pair_id, data, picked.is_preference)
+        except TimeoutError:
+            await self._unavailable(send)
+            return
+        except LongWay:
+            vote_id = None
+        except Exception:  # noqa: BLE001 - any database trouble: the long way decides
+            # A commit that failed to answer may have landed: the long way then finds the vote
+            # stored and answers it as a replay.
+            log.warning("fast_lane.vote_failed pair_id=%s", pair_id, exc_info=True)
+            vote_id = None
+        if vote_id is None:
+            await self.app(scope, again, send)
+            return
+        VOTES.labels(data.choice.value).inc()
+        if fault_exit_wanted(data.idempotency_key):
+            os._exit(70)
+        await _answer(send, 201, json.dumps({"vote_id": vote_id}).encode(), [])
+
+    async def _store(
+        self, conn: Any, token: str, pair_id: int, data: VoteCreate, counts: bool
+    ) -> int:
+        from app.core.security import hash_token
+
+        now = dt.datetime.now(dt.UTC)
+        default_rate = ProjectSettings.model_fields["votes_per_second"].default
+        if self.on_statement is not None:
+            self.on_statement("BEGIN")
+        async with conn.transaction():
+            row = await self._fetchrow(
+                conn,
+                VOTE_WHO,
+                hash_token(token),
+                pair_id,
+                data.idempotency_key,
+                now,
+                float(default_rate),
+                LAST_USED_RESOLUTION.total_seconds(),
+            )
+            if row is None or not row[2]:
+                raise LongWay  # unknown token, inactive user, unknown pair
+            (user_id, role, _, scope_id, project_id, a, b, is_gold, vote_count, wanted) = row[:10]
+            settings_raw, member_role, window, seen, recent, oldest = row[10:16]
+            expires, has_reservation, others = row[16:19]
+            user = SimpleNamespace(role=role, token_project_id=scope_id)
+            if project_role(user, project_id, member_role) is None:  # type: ignore[arg-type]
+                raise LongWay
+            if data.left_image_id not in (a, b) or seen:
+                raise LongWay  # 422, or a replay / second vote: answered the long way
+            settings = _settings(settings_raw)
+            if window != rate_window(settings):
+                raise LongWay  # stored settings the statement read otherwise than Python
+            standing = Standing(False, recent, oldest, expires, has_reservation)
+            refused = refusal(
+                pair_id=pair_id,
+                is_gold=is_gold,
+                votes_wanted=wanted,
+                settings=settings,
+                standing=standing,
+                latency_ms=data.latency_ms,
+                counts=counts,
+                has_room=lambda: is_gold or vote_count + others < wanted,
+                now=now,
+            )
+            if refused is not None:
+                raise LongWay
+            values = {
+                "pair_id": pair_id,
+                "project_id": project_id,
+                "annotator_id": user_id,
+                "left_image_id": data.left_image_id,
+                "choice": data.choice.value,
+                "latency_ms": data.latency_ms,
+                "idempotency_key": data.idempotency_key,
+                "created_at": now,
+                "counts": int(counts),
+            }
+            stored = await self._fetchrow(conn, VOTE, *(values[n] for n in VOTE_NAMES))
+            if stored is None:
+                raise LongWay  # a concurrent identical request won: a replay
+            self._commit_mark()
+            return int(stored[0])
