@@ -116,5 +116,14 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+_store_of: tuple[object, MediaStore] | None = None
+
+
 def get_media_store() -> MediaStore:
-    return MediaStore(get_settings().resolved_media_dir)
+    global _store_of
+    settings = get_settings()
+    # Resolving the directory costs system calls, and the image route asks on every request:
+    # once per settings object.
+    if _store_of is None or _store_of[0] is not settings:
+        _store_of = (settings, MediaStore(settings.resolved_media_dir))
+    return _store_of[1]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -42,11 +44,55 @@ def _plausible(image_id: str) -> bool:
     return len(image_id) <= 32 and image_id.isascii() and image_id.isalnum()
 
 
+# Images up to this size are answered from memory, without FileResponse's thread hops. Files are
+# content-addressed, so a copy never goes stale; a pair's images are fetched by each of its k
+# annotators, and the toy model's or a thumbnail's are a few KB.
+SMALL_IMAGE_BYTES = 256 * 1024
+IMAGE_CACHE_BYTES = 32 * 1024 * 1024
+
+
+class _SmallImages:
+    """Least recently used image bytes by content hash, at most `limit` bytes in all."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.items: OrderedDict[str, bytes] = OrderedDict()
+        # The member route answers from threadpool threads, the signed one from the event loop.
+        self.lock = threading.Lock()
+
+    def get(self, sha256: str, path: Path) -> bytes | None:
+        """The file's bytes if it is small (cached from now on), None for a large one; raises
+        FileNotFoundError for a missing file."""
+        with self.lock:
+            data = self.items.get(sha256)
+            if data is not None:
+                self.items.move_to_end(sha256)
+                return data
+        if path.stat().st_size > SMALL_IMAGE_BYTES:
+            return None
+        data = path.read_bytes()
+        with self.lock:
+            if sha256 not in self.items:
+                self.items[sha256] = data
+                self.size += len(data)
+            while self.size > self.limit:
+                _, dropped = self.items.popitem(last=False)
+                self.size -= len(dropped)
+        return data
+
+
+_small_images = _SmallImages(IMAGE_CACHE_BYTES)
+
+
 def _png(request: Request, sha256: str, path: Path) -> Response:
     # Content-addressed, so the bytes behind an id never change.
     headers = {"Cache-Control": "private, max-age=86400", "ETag": f'"{sha256}"'}
     if request.headers.get("if-none-match") == headers["ETag"]:
         return Response(status_code=304, headers=headers)
+    data = _small_images.get(sha256, path)
+    if data is not None:
+        return Response(data, media_type="image/png", headers=headers)
     return BlindFileResponse(path, media_type="image/png", headers=headers)
 
 
@@ -94,9 +140,10 @@ def signed_image_response(scope: Scope) -> Response | None:
     if sha256 is None:
         return None
     file = get_media_store().path_for(f"{sha256[:2]}/{sha256[2:4]}/{sha256}.png")
-    if not file.exists():
+    try:
+        return _png(Request(scope), sha256, file)
+    except FileNotFoundError:
         return None
-    return _png(Request(scope), sha256, file)
 
 
 @router.get(

@@ -206,9 +206,7 @@ def test_every_other_request_goes_the_long_way_with_its_body(fresh: Any) -> None
             await client.post(votes, json={**plain, "latency_ms": 100}, headers=bearer(token))
         ).status_code
         got["not its image"] = (
-            await client.post(
-                votes, json={**plain, "left_image_id": "ffff"}, headers=bearer(token)
-            )
+            await client.post(votes, json={**plain, "left_image_id": "ffff"}, headers=bearer(token))
         ).status_code
         got["unknown choice"] = (
             await client.post(votes, json={**plain, "choice": "maybe"}, headers=bearer(token))
@@ -253,9 +251,9 @@ def test_every_other_request_goes_the_long_way_with_its_body(fresh: Any) -> None
             .values(is_active=False)
         )
         session.execute(
-            update(ApiToken).where(ApiToken.user_id == w.annotators[2][0].id).values(
-                revoked_at=dt.datetime.now(dt.UTC)
-            )
+            update(ApiToken)
+            .where(ApiToken.user_id == w.annotators[2][0].id)
+            .values(revoked_at=dt.datetime.now(dt.UTC))
         )
         session.commit()
     recorder.seen.clear()
@@ -319,7 +317,6 @@ def test_spread_in_sql_equals_the_python_order(fresh: Any) -> None:
     ids = [(1, 1), (7, 3), (2**31 - 1, 2**31 - 1), (123456, 987), (99, 2**20)]
     with factory() as session:
         for pair_id, annotator_id in ids:
-
             got = session.scalar(
                 text(f"SELECT {spread_sql(':p', ':a')}"), {"p": pair_id, "a": annotator_id}
             )
