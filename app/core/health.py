@@ -24,6 +24,11 @@ LATENCY = Histogram(
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 VOTES = Counter("prefloop_votes_total", "Votes recorded", ["choice"])
+# The annotator API's plain requests answered by app.votes.fast_lane ("lane"), and those it
+# handed to the full application ("long"): a high share of the latter costs CPU.
+FAST_LANE = Counter(
+    "prefloop_fast_lane_requests_total", "Annotator API requests by path", ["request", "way"]
+)
 JOBS = Gauge("prefloop_jobs", "Jobs by status", ["status"])
 WORKER_AGE = Gauge("prefloop_worker_heartbeat_age_seconds", "Seconds since a worker reported in")
 

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.core.config import get_settings
 from app.core.db import LOCK_TIMEOUT_MS, UNAVAILABLE_DETAIL, UNAVAILABLE_RETRY_AFTER, get_session
 from app.core.deps import project_role
-from app.core.health import VOTES
+from app.core.health import FAST_LANE, VOTES
 from app.pairs.ordering import spread_sql
 from app.pairs.routes import to_public
 from app.pairs.scheduler import _RESERVE_IF_OPEN, CANDIDATE_WINDOW, ServedPair
@@ -378,8 +378,10 @@ class FastLane:
             log.warning("fast_lane.next_failed project_id=%s", project_id, exc_info=True)
             served = None
         if served is None:
+            FAST_LANE.labels("next", "long").inc()
             await self.app(scope, receive, send)
             return
+        FAST_LANE.labels("next", "lane").inc()
         pair, annotator_id = served
         body = to_public(pair, annotator_id).model_dump_json().encode()
         await _answer(send, 200, body, [])
@@ -511,6 +513,7 @@ class FastLane:
             data = VoteCreate.model_validate_json(body)
             picked = checked_input(data.choice, data.latency_ms, data.idempotency_key)
         except (LongWay, ValidationError, ValueError):
+            FAST_LANE.labels("vote", "long").inc()
             await self.app(scope, again, send)
             return
         scope["route"] = _Route(VOTE_ROUTE)
@@ -529,8 +532,10 @@ class FastLane:
             log.warning("fast_lane.vote_failed pair_id=%s", pair_id, exc_info=True)
             vote_id = None
         if vote_id is None:
+            FAST_LANE.labels("vote", "long").inc()
             await self.app(scope, again, send)
             return
+        FAST_LANE.labels("vote", "lane").inc()
         VOTES.labels(data.choice.value).inc()
         if fault_exit_wanted(data.idempotency_key):
             os._exit(70)
