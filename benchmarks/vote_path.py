@@ -130,6 +130,10 @@ def populate(
                 " now() FROM generate_series(1, %s) AS n",
                 (tag, i, project_id, prompt_id, models[i], files[i][0], files[i][1], pairs),
             )
+        # The open-pair counter's row trigger (migration 0006) would update one row once per
+        # pair in a single transaction, slower with every row; it is set once here instead
+        # (every pair is open: not gold, not hidden, no votes yet).
+        conn.execute("SET LOCAL session_replication_role = replica")
         conn.execute(
             "INSERT INTO pairs (project_id, prompt_id, image_a_id, image_b_id, purpose, is_gold,"
             " votes_wanted, vote_count, created_at)"
@@ -138,6 +142,11 @@ def populate(
             "       FROM generate_series(1, %s) AS n) AS s",
             (project_id, prompt_id, k, tag, tag, pairs),
         )
+        conn.execute(
+            "INSERT INTO pair_counts (project_id, open_pairs) VALUES (%s, %s)",
+            (project_id, pairs),
+        )
+        conn.execute("SET LOCAL session_replication_role = origin")
         users = []
         for n in range(annotators):
             uid = conn.execute(

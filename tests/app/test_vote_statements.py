@@ -1,6 +1,10 @@
 """SQL statements per vote cycle (next pair + vote + the pair's 2 images): a budget that fails
 when the hot path grows round trips again (benchmarks/vote_path.py measures what they cost).
 
+These are the full application's statements: on Postgres its plain JSON API requests are
+answered by the fast lane, whose own budget (next 3, vote 2) is in tests/app/test_fast_lane.py;
+these counts hold for every request it hands on, for SQLite, and for the vote page.
+
 Counted with the engine's `before_cursor_execute` event, after warming up. The tests' session
 runs inside a rolled-back transaction, where each request's unit of work is a savepoint: savepoint
 statements are left out (the hot path on Postgres uses none); BEGIN and COMMIT are not cursor
