@@ -143,7 +143,7 @@ DROP_EXPIRED = "DELETE FROM reservations WHERE annotator_id = $1 AND expires_at 
 # The scheduler's candidates (`_candidates_stmt`: fewest votes first, a window of them) in its
 # order (`fewest_votes_first`: votes + live reservations of others, ties spread per annotator),
 # the first one not locked by someone else locked. $1 project, $2 annotator, $3 now, $4 gold
-# tier, $5 window, $6 pairs already tried.
+# tier, $5 pairs already tried; the window is a constant, so one generic plan serves every call.
 CANDIDATE = f"""
 WITH ordered AS MATERIALIZED (
   SELECT ARRAY(
@@ -155,9 +155,9 @@ WITH ordered AS MATERIALIZED (
       ) res
       WHERE c.project_id = $1 AND c.is_gold = $4 AND NOT c.hidden
         AND NOT EXISTS (SELECT 1 FROM votes v WHERE v.pair_id = c.id AND v.annotator_id = $2)
-        AND NOT (c.id = ANY($6::int[]))
+        AND NOT (c.id = ANY($5::int[]))
         AND ($4 OR (c.vote_count < c.votes_wanted AND c.vote_count + res.n < c.votes_wanted))
-      ORDER BY c.vote_count LIMIT $5
+      ORDER BY c.vote_count LIMIT {CANDIDATE_WINDOW}
     ) w
     ORDER BY w.load, {spread_sql("w.id", "$2")}
   ) AS ids
@@ -453,7 +453,7 @@ class FastLane:
         tried: list[int] = []
         for _ in range(MAX_TRIES):
             cand = await self._fetchrow(
-                conn, CANDIDATE, project_id, user_id, now, gold, CANDIDATE_WINDOW, tried
+                conn, CANDIDATE, project_id, user_id, now, gold, tried
             )
             if cand is None:
                 return None

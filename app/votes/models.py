@@ -16,6 +16,8 @@ class Vote(Base):
         UniqueConstraint("pair_id", "annotator_id"),
         UniqueConstraint("annotator_id", "idempotency_key"),
         Index("ix_votes_project_created", "project_id", "created_at"),
+        # The rate limit's count of an annotator's last votes in a project (migration 0007).
+        Index("ix_votes_annotator_recent", "annotator_id", "project_id", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
