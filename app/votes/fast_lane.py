@@ -142,7 +142,7 @@ DROP_EXPIRED = "DELETE FROM reservations WHERE annotator_id = $1 AND expires_at 
 
 # The scheduler's candidates (`_candidates_stmt`: fewest votes first, a window of them) in its
 # order (`fewest_votes_first`: votes + live reservations of others, ties spread per annotator),
-# the first one not locked by someone else locked. $1 project, $2 annotator, $3 now, $4 gold
+# the first one no one else holds locked. $1 project, $2 annotator, $3 now, $4 gold
 # tier, $5 pairs already tried; the window is a constant, so one generic plan serves every call.
 CANDIDATE = f"""
 WITH ordered AS MATERIALIZED (
@@ -328,6 +328,9 @@ class FastLane:
                         min_size=0,
                         max_size=self.pool_size,
                         reset=_no_session_state,
+                        # A database that does not answer fails the lane fast: the request
+                        # then goes the long way, which says 503.
+                        timeout=5,
                         # Postgres' own choice between custom and generic plans: forcing
                         # generic plans cost 15-20 % more database CPU per cycle, forcing
                         # custom ones 30 % (benchmarks/vote_path.py's ceiling, same run).
