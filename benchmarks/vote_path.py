@@ -660,7 +660,7 @@ async def own_ceiling(
         while time.perf_counter() < stop:
             async with pool.acquire() as conn:
                 try:
-                    pair, _ = await lane.serve(conn, token, world["project_id"])
+                    pair = (await lane.serve(conn, token, world["project_id"])).pair
                 except LongWay:
                     await asyncio.sleep(0.01)
                     continue

@@ -538,22 +538,28 @@ def _is_open() -> Any:
     )
 
 
+def counted_pairs_left(project_id: Any, annotator_id: Any) -> Any:
+    """Postgres' `pairs_left` of a live project: its open pairs from the counter (`PairCount`)
+    less those of them the annotator voted on. Values or bound parameters."""
+    open_pairs = (
+        select(PairCount.open_pairs).where(PairCount.project_id == project_id).scalar_subquery()
+    )
+    voted_open = (
+        select(func.count())
+        .select_from(Vote)
+        .join(Pair, Pair.id == Vote.pair_id)
+        .where(Vote.annotator_id == annotator_id, Vote.project_id == project_id, _is_open())
+        .scalar_subquery()
+    )
+    return func.coalesce(open_pairs, 0) - voted_open
+
+
 def pairs_left_count(session: Session, *, project: Project, annotator: User) -> Any:
     """`pairs_left` as a scalar expression, for a statement that reads other figures with it."""
     if project.archived_at is not None:
         return literal(0)
     if is_postgres(session):
-        open_pairs = (
-            select(PairCount.open_pairs).where(PairCount.project_id == project.id).scalar_subquery()
-        )
-        voted_open = (
-            select(func.count())
-            .select_from(Vote)
-            .join(Pair, Pair.id == Vote.pair_id)
-            .where(Vote.annotator_id == annotator.id, Vote.project_id == project.id, _is_open())
-            .scalar_subquery()
-        )
-        return func.coalesce(open_pairs, 0) - voted_open
+        return counted_pairs_left(project.id, annotator.id)
     voted = (
         select(Vote.id).where(Vote.pair_id == Pair.id, Vote.annotator_id == annotator.id).exists()
     )

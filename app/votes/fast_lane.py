@@ -38,14 +38,18 @@ from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.core.config import get_settings
 from app.core.db import LOCK_TIMEOUT_MS, UNAVAILABLE_DETAIL, UNAVAILABLE_RETRY_AFTER, get_session
-from app.core.deps import project_role
+from app.core.deps import CSRF_HEADER, SESSION_COOKIE, project_role, same_origin
 from app.core.health import FAST_LANE, VOTES
+from app.core.security import hash_token, tokens_equal
+from app.images.signing import served_image_url
 from app.pairs.ordering import spread_sql
 from app.pairs.routes import to_public
 from app.pairs.scheduler import _RESERVE_IF_OPEN, CANDIDATE_WINDOW, ServedPair
@@ -55,13 +59,16 @@ from app.users.service import LAST_USED_RESOLUTION
 from app.votes.routes import fault_exit_wanted
 from app.votes.schemas import VoteCreate
 from app.votes.service import _VOTE_AND_RELEASE, Standing, checked_input, rate_window, refusal
+from app.votes.vocabulary import Choice
 
 log = logging.getLogger("prefloop.fast_lane")
 
 # Nine digits: an id that fits Postgres' integer; longer ones go the long way (422 there).
 _NEXT = re.compile(r"/api/v1/projects/([0-9]{1,9})/pairs/next")
 _VOTE = re.compile(r"/api/v1/pairs/([0-9]{1,9})/votes")
+_PAGE_VOTE = re.compile(r"/projects/([0-9]{1,9})/vote")
 NEXT_ROUTE = "/api/v1/projects/{project_id}/pairs/next"
+PAGE_VOTE_ROUTE = "/projects/{project_id}/vote"
 VOTE_ROUTE = "/api/v1/pairs/{pair_id}/votes"
 # A vote's body is a few hundred bytes; anything larger is not a plain vote.
 MAX_BODY = 4096
@@ -91,13 +98,25 @@ def parameter_names(sql: str) -> list[str]:
     return list(dict.fromkeys(re.findall(r"(?<![:\w]):([a-z_]+)", sql)))
 
 
-def _who(*, now: str, resolution: str, lock: str = "") -> str:
-    """The CTEs naming who asks: the token's user (the token unrevoked) and, at most once per
-    `LAST_USED_RESOLUTION`, the token's last use noted, as `users.service.user_for_token` does.
-    $1 is the token's hash; `now` and `resolution` name the other parameters."""
+def _who(*, via: str, now: str, resolution: str, lock: str = "") -> str:
+    """The CTEs naming who asks, by API token or browser login ($1: its hash), with the login's
+    CSRF token (`csrf`). A token must be unrevoked, and its last use is noted at most once per
+    `LAST_USED_RESOLUTION`, as `users.service.user_for_token` does; a login must not have
+    expired (`session_for_token`). `now` and `resolution` name the other parameters."""
+    if via == "session":
+        return f"""
+  tok AS (
+    SELECT s.id, s.user_id, NULL::integer AS scope, u.role, u.is_active, s.csrf_token AS csrf
+    FROM user_sessions s JOIN users u ON u.id = s.user_id
+    WHERE s.token_hash = $1 AND s.expires_at >= {now}::timestamptz {lock}
+  ), touched AS (
+    -- A login notes no last use; this keeps the parameters those of the token statement.
+    SELECT {now}::timestamptz, {resolution}::float8
+  )
+"""
     return f"""
   tok AS (
-    SELECT t.id, t.user_id, t.project_id AS scope, u.role, u.is_active
+    SELECT t.id, t.user_id, t.project_id AS scope, u.role, u.is_active, NULL::text AS csrf
     FROM api_tokens t JOIN users u ON u.id = t.user_id
     WHERE t.token_hash = $1 AND t.revoked_at IS NULL {lock}
   ), touched AS (
@@ -109,18 +128,21 @@ def _who(*, now: str, resolution: str, lock: str = "") -> str:
 """
 
 
+VIAS = ("token", "session")
+
 # $1 token hash, $2 project, $3 now, $4 last-used resolution (s). The user row is locked, which
 # serialises one annotator's own concurrent requests, as the scheduler's `_held` does.
-NEXT_WHO = (
-    "WITH"
-    + _who(now="$3", resolution="$4", lock="FOR NO KEY UPDATE OF u")
+NEXT_WHO = {
+    via: "WITH"
+    + _who(via=via, now="$3", resolution="$4", lock="FOR NO KEY UPDATE OF u")
     + """
 SELECT tok.user_id, tok.role, tok.is_active, tok.scope,
        pj.id, pj.archived_at IS NOT NULL, pj.settings::text, m.role,
        h.pair_id, h.left_image_id, h.expires_at, h.image_a_id, h.image_b_id, h.is_gold,
        h.text, h.sha_a, h.sha_b,
        EXISTS (SELECT 1 FROM reservations x
-               WHERE x.annotator_id = tok.user_id AND x.expires_at <= $3)
+               WHERE x.annotator_id = tok.user_id AND x.expires_at <= $3),
+       tok.csrf
 FROM tok
 LEFT JOIN projects pj ON pj.id = $2
 LEFT JOIN memberships m ON m.project_id = pj.id AND m.user_id = tok.user_id AND m.is_active
@@ -136,7 +158,8 @@ LEFT JOIN LATERAL (
   ORDER BY r.created_at DESC LIMIT 1
 ) h ON true
 """
-)
+    for via in VIAS
+}
 
 DROP_EXPIRED = "DELETE FROM reservations WHERE annotator_id = $1 AND expires_at <= $2"
 
@@ -144,7 +167,7 @@ DROP_EXPIRED = "DELETE FROM reservations WHERE annotator_id = $1 AND expires_at 
 # order (`fewest_votes_first`: votes + live reservations of others, ties spread per annotator),
 # the first one no one else holds locked. $1 project, $2 annotator, $3 now, $4 gold
 # tier, $5 pairs already tried; the window is a constant, so one generic plan serves every call.
-CANDIDATE = f"""
+ORDERED = f"""
 WITH ordered AS MATERIALIZED (
   SELECT ARRAY(
     SELECT w.id FROM (
@@ -162,6 +185,10 @@ WITH ordered AS MATERIALIZED (
     ORDER BY w.load, {spread_sql("w.id", "$2")}
   ) AS ids
 )
+"""
+CANDIDATE = (
+    ORDERED
+    + """
 SELECT p.id, p.image_a_id, p.image_b_id
 FROM pairs p
 WHERE p.id = ANY((SELECT ids FROM ordered)::int[])
@@ -169,6 +196,48 @@ ORDER BY array_position((SELECT ids FROM ordered)::int[], p.id)
 LIMIT 1
 FOR NO KEY UPDATE OF p SKIP LOCKED
 """
+)
+# The vote page's preload: the pair likely to come next (`scheduler.peek_candidate`), nothing
+# locked or reserved; same parameters, $5 the pair just served.
+PEEK = (
+    ORDERED
+    + """
+SELECT p.image_a_id, p.image_b_id, ia.sha256, ib.sha256
+FROM pairs p
+JOIN images ia ON ia.id = p.image_a_id
+JOIN images ib ON ib.id = p.image_b_id
+WHERE p.id = ((SELECT ids FROM ordered)::int[])[1]
+"""
+)
+
+
+def _compiled(stmt: Any) -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
+    """A SQLAlchemy statement as asyncpg SQL, and the positional values for given parameters
+    (the statement's own constants included): services' statements are written once."""
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect
+
+    compiled = stmt.compile(dialect=dialect())
+    order = list(compiled.positiontup or [])
+
+    def values(given: dict[str, Any]) -> list[Any]:
+        bound = compiled.construct_params(given)
+        return [bound[name] for name in order]
+
+    return compiled.string, values
+
+
+def _page_counters() -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
+    from sqlalchemy import DateTime, Integer, bindparam
+
+    from app.pairs.scheduler import counted_pairs_left
+    from app.votes.pages import counters
+
+    project_id = bindparam("project_id", type_=Integer)
+    annotator_id = bindparam("annotator_id", type_=Integer)
+    now = bindparam("now", type_=DateTime(timezone=True))
+    left = counted_pairs_left(project_id, annotator_id)
+    return _compiled(counters(project_id, annotator_id, now, left))
+
 
 RESERVE_NAMES = parameter_names(_RESERVE_IF_OPEN.text)
 RESERVE = numbered(_RESERVE_IF_OPEN.text)
@@ -176,9 +245,9 @@ RESERVE = numbered(_RESERVE_IF_OPEN.text)
 # $1 token hash, $2 pair, $3 idempotency key, $4 now, $5 the default votes per second, $6
 # last-used resolution (s). The rate window is read from the stored settings here and checked
 # against the validated settings in Python (a mismatch goes the long way).
-VOTE_WHO = (
-    "WITH"
-    + _who(now="$4", resolution="$6")
+VOTE_WHO = {
+    via: "WITH"
+    + _who(via=via, now="$4", resolution="$6")
     + """
 SELECT tok.user_id, tok.role, tok.is_active, tok.scope,
        p.project_id, p.image_a_id, p.image_b_id, p.is_gold, p.vote_count, p.votes_wanted,
@@ -187,7 +256,8 @@ SELECT tok.user_id, tok.role, tok.is_active, tok.scope,
                AND (v.pair_id = p.id OR v.idempotency_key = $3)),
        rate.recent, rate.oldest, r.expires_at, r.pair_id IS NOT NULL,
        (SELECT count(*) FROM reservations o
-        WHERE o.pair_id = p.id AND o.expires_at > $4 AND o.annotator_id <> tok.user_id)
+        WHERE o.pair_id = p.id AND o.expires_at > $4 AND o.annotator_id <> tok.user_id),
+       tok.csrf
 FROM tok
 JOIN pairs p ON p.id = $2
 JOIN projects pj ON pj.id = p.project_id
@@ -205,7 +275,8 @@ LEFT JOIN memberships m
 LEFT JOIN reservations r ON r.pair_id = p.id AND r.annotator_id = tok.user_id
 FOR NO KEY UPDATE OF p
 """
-)
+    for via in VIAS
+}
 
 VOTE_NAMES = parameter_names(_VOTE_AND_RELEASE.text)
 VOTE = numbered(_VOTE_AND_RELEASE.text)
@@ -220,6 +291,51 @@ async def _no_session_state(conn: Any) -> None:
     """The pool's reset on release. The lane leaves no session state behind (no SET, LISTEN,
     cursor or advisory lock; an open transaction is still rolled back by the pool), so the
     default reset query would be one more round trip per request for nothing."""
+
+
+@dataclass(frozen=True)
+class Served:
+    pair: ServedPair
+    annotator_id: int
+    settings: ProjectSettings
+
+
+@dataclass(frozen=True)
+class Stored:
+    vote_id: int
+    annotator_id: int
+    created_at: dt.datetime
+    settings: ProjectSettings
+
+
+# The vote form's fields (app.votes.pages.cast_vote); any other field goes the long way.
+_PAGE_FIELDS = frozenset(
+    {"pair_id", "left_image_id", "choice", "latency_ms", "idempotency_key", "csrf_token"}
+)
+
+
+def _page_vote_fields(fields: dict[str, str]) -> VoteCreate:
+    """The vote page's form as the API's vote body; raises LongWay or ValidationError where the
+    page's own reading (`app.votes.pages.cast_vote`) could differ."""
+    from app.votes.pages import _latency
+
+    pair_id, latency = fields.get("pair_id", ""), fields.get("latency_ms", "")
+    if not (pair_id.isascii() and pair_id.isdigit() and len(pair_id) <= 9) or len(latency) > 12:
+        raise LongWay
+    key = fields.get("idempotency_key", "")
+    return VoteCreate.model_validate(
+        {
+            "choice": fields.get("choice", ""),
+            "left_image_id": fields.get("left_image_id", ""),
+            "latency_ms": _latency(latency),
+            "idempotency_key": key or None,
+        }
+    )
+
+
+@lru_cache(maxsize=1)
+def _counters() -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
+    return _page_counters()
 
 
 class LongWay(Exception):
@@ -262,6 +378,34 @@ async def _answer(send: Send, status: int, body: bytes, headers: list[tuple[byte
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+async def _read_body(receive: Receive) -> tuple[bytes | None, Receive]:
+    """(the whole body, or None when it is larger than MAX_BODY or cut short; a `receive` that
+    gives the full application the same messages again)."""
+    messages: list[Message] = []
+    body = b""
+    while True:
+        message = await receive()
+        messages.append(message)
+        if message["type"] != "http.request":
+            break
+        body += message.get("body", b"")
+        if len(body) > MAX_BODY or not message.get("more_body", False):
+            break
+    last = messages[-1]
+    whole = len(body) <= MAX_BODY and last["type"] == "http.request" and not last.get("more_body")
+    return (body if whole else None), _replaying(messages, receive)
+
+
+def _form(body: bytes) -> dict[str, str] | None:
+    """A urlencoded form with each field once, or None."""
+    try:
+        pairs = parse_qsl(body.decode("ascii"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        return None
+    fields = dict(pairs)
+    return fields if len(fields) == len(pairs) else None
 
 
 def _replaying(messages: list[Message], receive: Receive) -> Receive:
@@ -310,6 +454,11 @@ class FastLane:
                 match = _VOTE.fullmatch(path)
                 if match and self._active(scope):
                     await self._vote(scope, receive, send, int(match.group(1)))
+                    return
+            elif method == "POST" and path.endswith("/vote"):
+                match = _PAGE_VOTE.fullmatch(path)
+                if match and _header(scope, b"hx-request") == b"true" and self._active(scope):
+                    await self._page_vote(scope, receive, send, int(match.group(1)))
                     return
         await self.app(scope, receive, send)
 
@@ -382,23 +531,22 @@ class FastLane:
             await self.app(scope, receive, send)
             return
         FAST_LANE.labels("next", "lane").inc()
-        pair, annotator_id = served
-        body = to_public(pair, annotator_id).model_dump_json().encode()
+        body = to_public(served.pair, served.annotator_id).model_dump_json().encode()
         await _answer(send, 200, body, [])
 
-    async def serve(self, conn: Any, token: str, project_id: int) -> tuple[ServedPair, int]:
-        """Reserve the annotator's next pair: (the pair, the annotator's id). Raises `LongWay`
-        when the request is not a plain one (nothing is written then)."""
-        from app.core.security import hash_token
-
+    async def serve(
+        self, conn: Any, credential: str, project_id: int, *, via: str = "token"
+    ) -> Served:
+        """Reserve the annotator's next pair. Raises `LongWay` when the request is not a plain
+        one (nothing is written then). `credential`: the API token or login cookie (`via`)."""
         now = dt.datetime.now(dt.UTC)
         if self.on_statement is not None:
             self.on_statement("BEGIN")
         async with conn.transaction():
             row = await self._fetchrow(
                 conn,
-                NEXT_WHO,
-                hash_token(token),
+                NEXT_WHO[via],
+                hash_token(credential),
                 project_id,
                 now,
                 LAST_USED_RESOLUTION.total_seconds(),
@@ -426,7 +574,7 @@ class FastLane:
                     sha_b if on_a else sha_a,
                 )
                 self._commit_mark()
-                return held, user_id
+                return Served(held, user_id, settings)
             if row[17]:
                 # Lapsed ones would collide with a new reservation of the same pair.
                 await self._execute(conn, DROP_EXPIRED, user_id, now)
@@ -435,7 +583,7 @@ class FastLane:
                 served = await self._reserve(conn, project_id, user_id, gold, settings, now)
                 if served is not None:
                     self._commit_mark()
-                    return served, user_id
+                    return Served(served, user_id, settings)
         # Nothing plain to serve (none left, or all locked this instant): the scheduler's
         # looks, 204 and 503 are the long way's.
         raise LongWay
@@ -495,20 +643,9 @@ class FastLane:
         if not token or not content_type.startswith(b"application/json"):
             await self.app(scope, receive, send)
             return
-        messages: list[Message] = []
-        body = b""
-        while True:
-            message = await receive()
-            messages.append(message)
-            if message["type"] != "http.request":
-                break
-            body += message.get("body", b"")
-            if len(body) > MAX_BODY or not message.get("more_body", False):
-                break
-        again = _replaying(messages, receive)
+        body, again = await _read_body(receive)
         try:
-            last = messages[-1]
-            if len(body) > MAX_BODY or last["type"] != "http.request" or last.get("more_body"):
+            if body is None:
                 raise LongWay
             data = VoteCreate.model_validate_json(body)
             picked = checked_input(data.choice, data.latency_ms, data.idempotency_key)
@@ -520,7 +657,8 @@ class FastLane:
         try:
             pool = await self.pool()
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                vote_id = await self.store(conn, token, pair_id, data, picked.is_preference)
+                stored = await self.store(conn, token, pair_id, data, picked.is_preference)
+                vote_id: int | None = stored.vote_id
         except TimeoutError:
             await self._unavailable(send)
             return
@@ -542,11 +680,21 @@ class FastLane:
         await _answer(send, 201, json.dumps({"vote_id": vote_id}).encode(), [])
 
     async def store(
-        self, conn: Any, token: str, pair_id: int, data: VoteCreate, counts: bool
-    ) -> int:
-        """Store a plain new vote: its id. Raises `LongWay` otherwise (nothing written then)."""
-        from app.core.security import hash_token
+        self,
+        conn: Any,
+        credential: str,
+        pair_id: int,
+        data: VoteCreate,
+        counts: bool,
+        *,
+        via: str = "token",
+        csrf: str | None = None,
+        project_id: int | None = None,
+    ) -> Stored:
+        """Store a plain new vote. Raises `LongWay` otherwise (nothing written then).
 
+        A browser login (`via` "session") must send its CSRF token (`csrf`); `project_id`, when
+        given, is the project the pair must belong to (the vote page's)."""
         now = dt.datetime.now(dt.UTC)
         default_rate = ProjectSettings.model_fields["votes_per_second"].default
         if self.on_statement is not None:
@@ -554,8 +702,8 @@ class FastLane:
         async with conn.transaction():
             row = await self._fetchrow(
                 conn,
-                VOTE_WHO,
-                hash_token(token),
+                VOTE_WHO[via],
+                hash_token(credential),
                 pair_id,
                 data.idempotency_key,
                 now,
@@ -564,11 +712,15 @@ class FastLane:
             )
             if row is None or not row[2]:
                 raise LongWay  # unknown token, inactive user, unknown pair
-            (user_id, role, _, scope_id, project_id, a, b, is_gold, vote_count, wanted) = row[:10]
+            (user_id, role, _, scope_id, in_project, a, b, is_gold, vote_count, wanted) = row[:10]
             settings_raw, member_role, window, seen, recent, oldest = row[10:16]
-            expires, has_reservation, others = row[16:19]
+            expires, has_reservation, others, expected_csrf = row[16:20]
+            if via == "session" and not (csrf and tokens_equal(csrf, expected_csrf)):
+                raise LongWay  # the long way refuses it (403)
+            if project_id is not None and in_project != project_id:
+                raise LongWay
             user = SimpleNamespace(role=role, token_project_id=scope_id)
-            if project_role(user, project_id, member_role) is None:  # type: ignore[arg-type]
+            if project_role(user, in_project, member_role) is None:  # type: ignore[arg-type]
                 raise LongWay
             if data.left_image_id not in (a, b) or seen:
                 raise LongWay  # 422, or a replay / second vote: answered the long way
@@ -591,7 +743,7 @@ class FastLane:
                 raise LongWay
             values = {
                 "pair_id": pair_id,
-                "project_id": project_id,
+                "project_id": in_project,
                 "annotator_id": user_id,
                 "left_image_id": data.left_image_id,
                 "choice": data.choice.value,
@@ -604,4 +756,126 @@ class FastLane:
             if stored is None:
                 raise LongWay  # a concurrent identical request won: a replay
             self._commit_mark()
-            return int(stored[0])
+            return Stored(int(stored[0]), user_id, now, settings)
+
+    # --- POST /projects/{project_id}/vote (the vote page, htmx) ------------------------------
+
+    async def _page_vote(self, scope: Scope, receive: Receive, send: Send, project_id: int) -> None:
+        request = Request(scope)
+        cookie = request.cookies.get(SESSION_COOKIE)
+        form = request.headers.get("content-type", "").startswith(
+            "application/x-www-form-urlencoded"
+        )
+        if not cookie or not form or not same_origin(request):
+            await self.app(scope, receive, send)
+            return
+        body, again = await _read_body(receive)
+        fields = _form(body) if body is not None else None
+        try:
+            if fields is None or not _PAGE_FIELDS.issuperset(fields):
+                raise LongWay
+            vote = _page_vote_fields(fields)
+            picked = checked_input(vote.choice, vote.latency_ms, vote.idempotency_key)
+        except (LongWay, ValidationError, ValueError):
+            FAST_LANE.labels("page", "long").inc()
+            await self.app(scope, again, send)
+            return
+        csrf = request.headers.get(CSRF_HEADER) or fields.get("csrf_token")
+        scope["route"] = _Route(PAGE_VOTE_ROUTE)
+        html = None
+        try:
+            pool = await self.pool()
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                html = await self._page_answer(
+                    conn, cookie, project_id, int(fields["pair_id"]), vote, picked, csrf
+                )
+        except TimeoutError:
+            await self._unavailable(send)
+            return
+        except LongWay:
+            pass
+        except Exception:  # noqa: BLE001 - any database trouble: the long way decides
+            log.warning("fast_lane.page_vote_failed project_id=%s", project_id, exc_info=True)
+        if html is None:
+            # Also after the vote was stored: the long way finds it and answers it as a replay.
+            FAST_LANE.labels("page", "long").inc()
+            await self.app(scope, again, send)
+            return
+        FAST_LANE.labels("page", "lane").inc()
+        body_out = html.encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/html; charset=utf-8"),
+                    (b"content-length", str(len(body_out)).encode()),
+                    # Same URL serves a full page or an htmx partial (app.core.web.render).
+                    (b"vary", b"HX-Request"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body_out})
+
+    async def _page_answer(
+        self,
+        conn: Any,
+        cookie: str,
+        project_id: int,
+        pair_id: int,
+        vote: VoteCreate,
+        choice: Choice,
+        csrf: str | None,
+    ) -> str:
+        """Store the vote, serve the next pair and render the vote area, as
+        `app.votes.pages.cast_vote` does; raises `LongWay` where that is not plain."""
+        from app.core.web import templates
+        from app.votes import pages
+
+        stored = await self.store(
+            conn,
+            cookie,
+            pair_id,
+            vote,
+            choice.is_preference,
+            via="session",
+            csrf=csrf,
+            project_id=project_id,
+        )
+        VOTES.labels(choice.value).inc()
+        settings = stored.settings
+        if settings.reveal_gold:
+            raise LongWay  # the gold record is the long way's
+        served = await self.serve(conn, cookie, project_id, via="session")
+        pair, annotator_id = served.pair, served.annotator_id
+        now = dt.datetime.now(dt.UTC)
+        sql, values = _counters()
+        given, left, sitting = await self._fetchrow(
+            conn, sql, *values({"project_id": project_id, "annotator_id": annotator_id, "now": now})
+        )
+        peek = await self._fetchrow(
+            conn, PEEK, project_id, annotator_id, now, False, [pair.pair_id]
+        )
+        preload = (
+            [
+                served_image_url(peek[0], peek[2] or "", annotator_id),
+                served_image_url(peek[1], peek[3] or "", annotator_id),
+            ]
+            if peek is not None
+            else []
+        )
+        ctx = pages.vote_context(
+            project=SimpleNamespace(id=project_id),
+            settings=settings,
+            pair=pages.served_pair(pair, annotator_id),
+            preload=preload,
+            undo=pages.undo_offer(settings, stored.vote_id, choice.value, stored.created_at, now),
+            notice=pages.saved_notice(choice.value),
+            error=None,
+            busy=False,
+            generating=None,
+            figures=pages.figures_given(settings, given=given, left=left, sitting=sitting),
+        )
+        ctx["csrf_token"] = csrf
+        return str(templates.get_template("partials/vote_area.html").render(ctx))
+

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from functools import lru_cache
 from typing import Any
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse
+from markupsafe import Markup
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -28,6 +30,7 @@ from app.jobs.models import Job
 from app.pairs import scheduler as pairs
 from app.pairs.models import Pair
 from app.projects.models import Project, Prompt
+from app.projects.schemas import ProjectSettings
 from app.projects.service import project_settings
 from app.users.models import User
 from app.votes import service
@@ -42,39 +45,30 @@ def _side(image_id: str, sha256: str = "", annotator_id: int = 0) -> dict[str, s
     return {"image_id": image_id, "url": served_image_url(image_id, sha256, annotator_id)}
 
 
+def undo_offer(
+    settings: ProjectSettings, vote_id: int, choice: str, cast_at: dt.datetime, now: dt.datetime
+) -> dict[str, Any] | None:
+    """The "change your last vote" offer for the annotator's latest vote, while it lasts."""
+    left = settings.change_vote_seconds - (now - cast_at).total_seconds()
+    if left <= 0:
+        return None
+    return {"id": vote_id, "choice": Choice(choice).label, "seconds_left": int(left)}
+
+
 def _undo(
     session: Session, project: Project, user: User, now: dt.datetime
 ) -> dict[str, Any] | None:
     last = service.last_vote(session, project_id=project.id, annotator_id=user.id)
     if last is None:
         return None
-    left = project_settings(project).change_vote_seconds - (now - last.created_at).total_seconds()
-    if left <= 0:
-        return None
-    return {"id": last.id, "choice": Choice(last.choice).label, "seconds_left": int(left)}
+    return undo_offer(project_settings(project), last.id, last.choice, last.created_at, now)
 
 
-def _figures(session: Session, project: Project, user: User, now: dt.datetime) -> dict[str, Any]:
-    """Votes given, pairs left, this session's votes against the lead's target, and the gold
-    record where revealed. Pairs left and the session's votes are read in one statement."""
-    settings = project_settings(project)
-    given = session.scalar(
-        select(func.count())
-        .select_from(Vote)
-        .where(Vote.project_id == project.id, Vote.annotator_id == user.id)
-    )
-    left, sitting = session.execute(
-        select(
-            pairs.pairs_left_count(session, project=project, annotator=user),
-            sitting_votes(project_id=project.id, annotator_id=user.id, now=now),
-        )
-    ).one()
+def figures_given(
+    settings: ProjectSettings, *, given: Any, left: Any, sitting: Any, gold: Any = None
+) -> dict[str, Any]:
+    """The vote page's counters from their raw values."""
     votes = int(sitting or 0)
-    gold = (
-        gold_record(session, project_id=project.id, annotator_id=user.id)
-        if settings.reveal_gold
-        else None
-    )
     return {
         "votes_given": int(given or 0),
         "pairs_left": int(left or 0),
@@ -85,14 +79,49 @@ def _figures(session: Session, project: Project, user: User, now: dt.datetime) -
     }
 
 
-def _instructions(project: Project, *, min_view: bool = True) -> dict[str, Any]:
-    """The project's question and guidelines, and how long the controls stay inert."""
+def counters(project_id: Any, annotator_id: Any, now: Any, pairs_left: Any) -> Any:
+    """Votes given, pairs left (`pairs_left`: the scheduler's expression) and the session's votes
+    in one statement; values or bound parameters."""
+    given = (
+        select(func.count())
+        .select_from(Vote)
+        .where(Vote.project_id == project_id, Vote.annotator_id == annotator_id)
+        .scalar_subquery()
+    )
+    sitting = sitting_votes(project_id=project_id, annotator_id=annotator_id, now=now)
+    return select(given, pairs_left, sitting)
+
+
+def _figures(session: Session, project: Project, user: User, now: dt.datetime) -> dict[str, Any]:
+    """Votes given, pairs left, this session's votes against the lead's target, and the gold
+    record where revealed. The counters are read in one statement."""
     settings = project_settings(project)
+    left = pairs.pairs_left_count(session, project=project, annotator=user)
+    given, left, sitting = session.execute(counters(project.id, user.id, now, left)).one()
+    gold = (
+        gold_record(session, project_id=project.id, annotator_id=user.id)
+        if settings.reveal_gold
+        else None
+    )
+    return figures_given(settings, given=given, left=left, sitting=sitting, gold=gold)
+
+
+def instructions(settings: ProjectSettings, *, min_view: bool = True) -> dict[str, Any]:
+    """The project's question and guidelines, and how long the controls stay inert."""
     return {
         "question": settings.question,
-        "guidelines": render_markdown(settings.guidelines),
+        "guidelines": _guidelines(settings.guidelines),
         "min_view_ms": settings.min_view_ms if min_view else 0,
     }
+
+
+@lru_cache(maxsize=64)
+def _guidelines(source: str) -> Markup:
+    return render_markdown(source)
+
+
+def _instructions(project: Project, *, min_view: bool = True) -> dict[str, Any]:
+    return instructions(project_settings(project), min_view=min_view)
 
 
 def _vote_context(
@@ -112,12 +141,7 @@ def _vote_context(
     pair = None
     preload: list[str] = []
     if served is not None:
-        pair = {
-            "pair_id": served.pair_id,
-            "prompt": served.prompt,
-            "left": _side(served.left_image_id, served.left_sha256, user.id),
-            "right": _side(served.right_image_id, served.right_sha256, user.id),
-        }
+        pair = served_pair(served, user.id)
         peek = pairs.peek_candidate(
             session, project=project, annotator=user, exclude=[served.pair_id], now=now
         )
@@ -136,20 +160,58 @@ def _vote_context(
             ]
     # Only when nothing is left: say whether new pairs are on their way.
     generating = None if served is not None or busy else _generating(session, project.id, now)
+    return vote_context(
+        project=project,
+        settings=project_settings(project),
+        pair=pair,
+        preload=preload,
+        undo=_undo(session, project, user, now),
+        notice=notice,
+        error=error,
+        busy=busy,
+        generating=generating,
+        figures=_figures(session, project, user, now),
+    )
+
+
+def served_pair(served: pairs.ServedPair, annotator_id: int) -> dict[str, Any]:
+    """A served pair as the vote page shows it."""
+    return {
+        "pair_id": served.pair_id,
+        "prompt": served.prompt,
+        "left": _side(served.left_image_id, served.left_sha256, annotator_id),
+        "right": _side(served.right_image_id, served.right_sha256, annotator_id),
+    }
+
+
+def vote_context(
+    *,
+    project: Any,
+    settings: ProjectSettings,
+    pair: dict[str, Any] | None,
+    preload: list[str],
+    undo: dict[str, Any] | None,
+    notice: str | None,
+    error: str | None,
+    busy: bool,
+    generating: dict[str, Any] | None,
+    figures: dict[str, Any],
+) -> dict[str, Any]:
+    """What the vote area shows (the JSON API's fast lane renders it too)."""
     return {
         "project": project,
         "mode": "vote",
-        **_instructions(project),
+        **instructions(settings),
         "pair": pair,
         "action": f"/projects/{project.id}/vote",
         "idempotency_key": uuid.uuid4().hex,
         "preload": preload,
-        "undo": _undo(session, project, user, now),
+        "undo": undo,
         "notice": notice,
         "error": error,
         "busy": busy,
         "generating": generating,
-        **_figures(session, project, user, now),
+        **figures,
     }
 
 
@@ -225,8 +287,11 @@ def cast_vote(
         if exc.retry_after is not None:
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
-    notice = f"Saved: {Choice(vote.choice).label}."
-    return _show(request, _vote_context(session, project, user, notice=notice))
+    return _show(request, _vote_context(session, project, user, notice=saved_notice(vote.choice)))
+
+
+def saved_notice(choice: str) -> str:
+    return f"Saved: {Choice(choice).label}."
 
 
 @router.get("/projects/{project_id}/vote/change/{vote_id}", response_class=HTMLResponse)

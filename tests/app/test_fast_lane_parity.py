@@ -6,6 +6,7 @@ expiry times aside: random per database) and the stored votes must be the same.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,14 @@ import app.models  # noqa: F401 - every table, for the flush order
 from app.core.db import make_engine
 from app.core.migrate import upgrade_head
 from app.pairs.models import Pair
+from app.projects.service import add_member
 from app.votes.models import Vote
 from tests.conftest import REDIS_URL, create_database, drop_database
 from tests.factories import World, build_world, user_factory
-from tests.support import Proc, base_env, bearer, free_port, wait_for
+from tests.support import Proc, base_env, bearer, free_port, login, wait_for
+
+PAGE_EMAIL = "page-voter@example.com"
+PAGE_PASSWORD = "page-password-1"
 
 
 class Side:
@@ -35,7 +40,7 @@ class Side:
         self.engine = make_engine(sa_url)
         self.factory = sessionmaker(bind=self.engine, expire_on_commit=False)
         with self.factory() as session:
-            self.world = _world(session)
+            self.world, self.page_project = _world(session)
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
         env = base_env(
@@ -56,7 +61,7 @@ class Side:
         drop_database(self.name)
 
 
-def _world(session: Session) -> World:
+def _world(session: Session) -> tuple[World, int]:
     make = user_factory(session)
     world = build_world(
         session,
@@ -71,7 +76,22 @@ def _world(session: Session) -> World:
     # A member of another project only.
     other = build_world(session, make, n_prompts=1, n_models=2, n_annotators=1)
     world.annotators.append(other.annotators[0])
-    return world
+    # A project of its own for the vote page, with one annotator who has a password.
+    page = build_world(
+        session,
+        make,
+        n_prompts=3,
+        n_models=3,
+        n_annotators=0,
+        votes_per_pair=2,
+        min_view_ms=500,
+        votes_per_second=100,
+        change_vote_seconds=600,
+    )
+    page_user, _ = make("annotator", email=PAGE_EMAIL, password=PAGE_PASSWORD)
+    add_member(session, project=page.project, user=page_user, role="annotator")
+    session.commit()
+    return world, page.project.id
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +202,7 @@ def _stored(side: Side) -> list[tuple[int, int, str]]:
             select(Vote.pair_id, Vote.annotator_id, Vote.choice).order_by(Vote.id)
         ).all()
         counts = session.execute(select(Pair.id, Pair.vote_count).order_by(Pair.id)).all()
-    return [(p, names[a], c) for p, a, c in rows] + [(p, n, "count") for p, n in counts]
+    return [(p, names.get(a, -a), c) for p, a, c in rows] + [(p, n, "count") for p, n in counts]
 
 
 @pytest.mark.slow
@@ -195,3 +215,90 @@ def test_the_lane_answers_as_the_full_application(sides: tuple[Side, Side]) -> N
     # The script reached every kind of answer: served, stored, replayed, refused, done.
     assert {200, 201, 204, 401, 403, 404, 409, 422} <= statuses, statuses
     assert _stored(fast) == _stored(slow)
+    assert _lane_count(fast, "vote") > 10 and _lane_count(fast, "next") > 10
+    assert _lane_count(slow, "vote") == 0
+
+
+# What differs between two databases by chance: image ids and content hashes, idempotency keys
+# and CSRF tokens (random), expiry times and signatures of image URLs, and the seconds left to
+# change a vote (a second may tick between the two runs).
+_RANDOM = [
+    (re.compile(r"[0-9a-f]{32,64}"), "HEX"),
+    (re.compile(r"([?&](?:amp;)?e=)\d+"), r"\1E"),
+    (re.compile(r'(name="csrf_token" value=")[^"]*'), r"\1CSRF"),
+    (re.compile(r'(data-expires-in=")\d+'), r"\1S"),
+]
+
+
+def _page_shown(response: httpx.Response) -> tuple[int, str]:
+    text = response.text
+    for pattern, replacement in _RANDOM:
+        text = pattern.sub(replacement, text)
+    return response.status_code, text
+
+
+def _page_session(side: Side) -> list[tuple[str, int, str]]:
+    pid = side.page_project
+    log: list[tuple[str, int, str]] = []
+    with httpx.Client(base_url=side.base, timeout=30) as client:
+        csrf = login(client, PAGE_EMAIL, PAGE_PASSWORD)
+        htmx = {"HX-Request": "true", "X-CSRF-Token": csrf}
+        html = client.get(f"/projects/{pid}/vote", headers=htmx).text
+        choices = ["left", "right", "tie", "both_bad", "skip"]
+        for turn in range(12):
+            pair_id = re.search(r'name="pair_id" value="(\d+)"', html)
+            left = re.search(r'name="left_image_id" value="([0-9a-f]+)"', html)
+            key = re.search(r'name="idempotency_key" value="([0-9a-f]+)"', html)
+            if not (pair_id and left and key):
+                break
+            form = {
+                "pair_id": pair_id.group(1),
+                "left_image_id": left.group(1),
+                "choice": choices[turn % 5],
+                "latency_ms": "900",
+                "idempotency_key": key.group(1),
+            }
+            if turn == 2:  # refused: looked too briefly (422, the same pair again)
+                quick = client.post(
+                    f"/projects/{pid}/vote", data={**form, "latency_ms": "10"}, headers=htmx
+                )
+                log.append(("too quick", *_page_shown(quick)))
+            if turn == 4:  # refused: a wrong CSRF token (403)
+                forged = client.post(
+                    f"/projects/{pid}/vote", data=form, headers={**htmx, "X-CSRF-Token": "x"}
+                )
+                log.append(("forged", *_page_shown(forged)))
+            response = client.post(f"/projects/{pid}/vote", data=form, headers=htmx)
+            log.append((f"turn {turn}", *_page_shown(response)))
+            if turn == 6:  # the same form again: a replay, answered as saved
+                again = client.post(f"/projects/{pid}/vote", data=form, headers=htmx)
+                log.append(("replay", *_page_shown(again)))
+            html = response.text
+    return log
+
+
+@pytest.mark.slow
+def test_the_lane_renders_the_vote_page_as_the_full_application(
+    sides: tuple[Side, Side],
+) -> None:
+    fast, slow = sides
+    fast_log, slow_log = _page_session(fast), _page_session(slow)
+    assert [entry[:2] for entry in fast_log] == [entry[:2] for entry in slow_log]
+    for (label, _, fast_html), (_, _, slow_html) in zip(fast_log, slow_log, strict=True):
+        assert fast_html == slow_html, label
+    statuses = {status for _, status, _ in fast_log}
+    assert {200, 403, 422} <= statuses, statuses
+    assert any("Saved:" in html for _, _, html in fast_log)
+    assert _stored(fast) == _stored(slow)
+    # The plain votes took the lane (one web process: its counters are the server's).
+    saved = sum(1 for label, status, _ in fast_log if label.startswith("turn") and status == 200)
+    assert _lane_count(fast, "page") >= saved - 1 > 0
+    assert _lane_count(slow, "page") == 0
+
+
+def _lane_count(side: Side, request: str) -> float:
+    text = httpx.get(f"{side.base}/metrics", timeout=10).text
+    found = re.search(
+        rf'prefloop_fast_lane_requests_total{{request="{request}",way="lane"}} ([0-9.e+]+)', text
+    )
+    return float(found.group(1)) if found else 0.0
