@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 import app.models  # noqa: F401 - every table, for the flush order
@@ -321,3 +322,71 @@ def test_spread_in_sql_equals_the_python_order(fresh: Any) -> None:
                 text(f"SELECT {spread_sql(':p', ':a')}"), {"p": pair_id, "a": annotator_id}
             )
             assert got == _spread(pair_id, annotator_id)
+
+
+PAGE_BUDGET = 7  # vote 2 + next 3 + the page's counters 1 + the preload peek 1
+
+
+def test_a_vote_on_the_page_takes_the_lane_within_the_budget(fresh: Any) -> None:
+    from app.users.service import start_session
+
+    url, factory = fresh
+    w = _world(factory, votes_per_second=100, min_view_ms=0)
+    user = w.annotators[0][0]
+    with factory() as session:
+        cookie, login = start_session(session, session.get_one(type(user), user.id), days=1)
+        csrf = login.csrf_token
+        session.commit()
+    recorder = Recorder()
+    lane = FastLane(recorder, dsn=url)
+    sent = _counting(lane)
+    api = w.annotators[0][1]
+    page = f"/projects/{w.project.id}/vote"
+    headers = {"HX-Request": "true", "X-CSRF-Token": csrf, "Cookie": f"prefloop_session={cookie}"}
+
+    async def vote(client: httpx.AsyncClient) -> list[tuple[int, int, str]]:
+        got = []
+        pair = (
+            await client.get(f"/api/v1/projects/{w.project.id}/pairs/next", headers=bearer(api))
+        ).json()
+        for _ in range(3):
+            sent.clear()
+            response = await client.post(
+                page,
+                data={
+                    "pair_id": str(pair["pair_id"]),
+                    "left_image_id": pair["left"]["image_id"],
+                    "choice": "left",
+                    "latency_ms": "900",
+                    "idempotency_key": uuid.uuid4().hex,
+                },
+                headers=headers,
+            )
+            got.append((response.status_code, _sql(sent), response.text))
+            html = response.text
+
+            found = re.search(r'name="pair_id" value="(\d+)"', html)
+            left = re.search(r'name="left_image_id" value="([0-9a-f]+)"', html)
+            assert found and left, html
+            pair = {"pair_id": int(found.group(1)), "left": {"image_id": left.group(1)}}
+        # Without the CSRF token: the long way (which refuses it).
+        forged = await client.post(
+            page,
+            data={"pair_id": "1", "left_image_id": "a", "choice": "left"},
+            headers={**headers, "X-CSRF-Token": "forged"},
+        )
+        got.append((forged.status_code, 0, ""))
+        return got
+
+    got = _drive(lane, vote)
+    for status, count, html in got[:3]:
+        assert status == 200 and count <= PAGE_BUDGET, (status, count)
+        assert "Saved: Left." in html and 'name="pair_id"' in html
+        assert html.count('rel="preload"') == 2
+    assert got[3][0] == LONG_WAY
+    assert len(recorder.seen) == 1
+    with factory() as session:
+        n = session.scalar(
+            select(func.count()).select_from(Vote).where(Vote.annotator_id == user.id)
+        )
+    assert n == 3
