@@ -544,11 +544,13 @@ def counted_pairs_left(project_id: Any, annotator_id: Any) -> Any:
     open_pairs = (
         select(PairCount.open_pairs).where(PairCount.project_id == project_id).scalar_subquery()
     )
+    # Each of the annotator's votes looks its pair up (a subquery per vote): as a join,
+    # Postgres chose to merge through every pair of the project, a cost that grew with it.
+    pair_open = select(_is_open()).where(Pair.id == Vote.pair_id).scalar_subquery()
     voted_open = (
         select(func.count())
         .select_from(Vote)
-        .join(Pair, Pair.id == Vote.pair_id)
-        .where(Vote.annotator_id == annotator_id, Vote.project_id == project_id, _is_open())
+        .where(Vote.annotator_id == annotator_id, Vote.project_id == project_id, pair_open)
         .scalar_subquery()
     )
     return func.coalesce(open_pairs, 0) - voted_open
