@@ -1,25 +1,29 @@
-"""The JSON API's two hot requests on Postgres, answered without FastAPI's routing or the ORM.
+"""The annotator's hot requests on Postgres, answered without FastAPI's routing or the ORM.
 
-`GET /api/v1/projects/{id}/pairs/next` and `POST /api/v1/pairs/{id}/votes`, with the pair's two
-signed image GETs, are every request of an annotator's vote cycle. Through the full stack each
-costs milliseconds of Python (routing, dependency injection, a threadpool hop, an ORM unit of
-work) around statements Postgres answers in a fraction of that. The fast lane is a pure ASGI
+`GET /api/v1/projects/{id}/pairs/next` and `POST /api/v1/pairs/{id}/votes` (Bearer token), or
+the vote page's htmx `POST /projects/{id}/vote` (browser login), with the pair's two signed image
+GETs, are every request of an annotator's vote cycle. Through the full stack each costs
+milliseconds of Python (routing, dependency injection, a threadpool hop, an ORM unit of work)
+around statements Postgres answers in a fraction of that. The fast lane is a pure ASGI
 middleware that serves them on asyncpg (statements prepared once per connection):
 
-- next: who is asking (token → user, the user row locked, as the scheduler does), the project,
-  the membership and the live reservation in one statement; then the open candidate with the
-  fewest votes + live reservations, locked SKIP LOCKED, and the scheduler's own
+- next: who is asking (token or login → user, the user row locked, as the scheduler does), the
+  project, the membership and the live reservation in one statement; then the open candidate
+  with the fewest votes + live reservations, locked SKIP LOCKED, and the scheduler's own
   reserve-if-open statement.
 - vote: who is asking, the pair (locked), the project's settings, the membership and the
   annotator's standing in one statement; then the vote service's vote-and-release statement.
+- the page's vote: the two above in one transaction (after the login's CSRF and origin checks),
+  the page's counters and the preload peek, rendered by the page's own context builders.
 
 It serves the plain cases only and hands every other request to the full application,
-unchanged: cookie logins, projects with active sampling, replays, every refusal (bad token,
-not a member, conflicts, rate limit...), nothing left to serve, every candidate locked, any
-database error before the commit. The rules it applies are the services' own
-(`app.votes.service.refusal` and `checked_input`, `app.core.deps.project_role`,
-`app.pairs.ordering.spread_sql`, the scheduler's statements), so a request gets the same answer
-either way; tests/app/test_fast_lane.py drives one scenario through both and compares.
+unchanged: cookies on the API, projects with active sampling or revealed gold scores, replays,
+every refusal (bad credentials, not a member, conflicts, rate limit...), nothing left to serve,
+every candidate locked, any database error before the commit. The rules it applies are the
+services' own (`app.votes.service.refusal` and `checked_input`, `app.core.deps.project_role`,
+`app.pairs.ordering.spread_sql`, the scheduler's and the page's statements), so a request gets
+the same answer either way; tests/app/test_fast_lane_parity.py drives one session of each kind
+through both and compares.
 
 Off on SQLite, with `PREFLOOP_FAST_LANE=0`, and where a test overrides the request session.
 """
@@ -537,60 +541,63 @@ class FastLane:
     async def serve(
         self, conn: Any, credential: str, project_id: int, *, via: str = "token"
     ) -> Served:
-        """Reserve the annotator's next pair. Raises `LongWay` when the request is not a plain
-        one (nothing is written then). `credential`: the API token or login cookie (`via`)."""
-        now = dt.datetime.now(dt.UTC)
-        if self.on_statement is not None:
-            self.on_statement("BEGIN")
+        """Reserve the annotator's next pair in a transaction of its own. Raises `LongWay` when
+        the request is not a plain one (nothing is written then). `credential`: the API token or
+        login cookie (`via`)."""
+        self._mark("BEGIN")
         async with conn.transaction():
-            row = await self._fetchrow(
-                conn,
-                NEXT_WHO[via],
-                hash_token(credential),
-                project_id,
-                now,
-                LAST_USED_RESOLUTION.total_seconds(),
+            served = await self._serve_in(conn, credential, project_id, via=via)
+        self._mark("COMMIT")
+        return served
+
+    async def _serve_in(self, conn: Any, credential: str, project_id: int, *, via: str) -> Served:
+        now = dt.datetime.now(dt.UTC)
+        row = await self._fetchrow(
+            conn,
+            NEXT_WHO[via],
+            hash_token(credential),
+            project_id,
+            now,
+            LAST_USED_RESOLUTION.total_seconds(),
+        )
+        if row is None or not row[2] or row[4] is None or row[5]:
+            raise LongWay  # unknown token, inactive user, unknown or archived project
+        user_id = row[0]
+        user = SimpleNamespace(role=row[1], token_project_id=row[3])
+        if project_role(user, project_id, row[7]) is None:  # type: ignore[arg-type]
+            raise LongWay
+        settings = _settings(row[6])
+        if settings.active_sampling:
+            raise LongWay
+        if row[8] is not None:  # the annotator's live reservation: the same pair again
+            pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b = row[8:17]
+            on_a = left == a
+            held = ServedPair(
+                pair_id,
+                prompt,
+                left,
+                b if on_a else a,
+                expires_at,
+                is_gold,
+                sha_a if on_a else sha_b,
+                sha_b if on_a else sha_a,
             )
-            if row is None or not row[2] or row[4] is None or row[5]:
-                raise LongWay  # unknown token, inactive user, unknown or archived project
-            user_id = row[0]
-            user = SimpleNamespace(role=row[1], token_project_id=row[3])
-            if project_role(user, project_id, row[7]) is None:  # type: ignore[arg-type]
-                raise LongWay
-            settings = _settings(row[6])
-            if settings.active_sampling:
-                raise LongWay
-            if row[8] is not None:  # the annotator's live reservation: the same pair again
-                pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b = row[8:17]
-                on_a = left == a
-                held = ServedPair(
-                    pair_id,
-                    prompt,
-                    left,
-                    b if on_a else a,
-                    expires_at,
-                    is_gold,
-                    sha_a if on_a else sha_b,
-                    sha_b if on_a else sha_a,
-                )
-                self._commit_mark()
-                return Served(held, user_id, settings)
-            if row[17]:
-                # Lapsed ones would collide with a new reservation of the same pair.
-                await self._execute(conn, DROP_EXPIRED, user_id, now)
-            gold_first = settings.gold_rate > 0 and random.random() < settings.gold_rate
-            for gold in (True, False) if gold_first else (False,):
-                served = await self._reserve(conn, project_id, user_id, gold, settings, now)
-                if served is not None:
-                    self._commit_mark()
-                    return Served(served, user_id, settings)
+            return Served(held, user_id, settings)
+        if row[17]:
+            # Lapsed ones would collide with a new reservation of the same pair.
+            await self._execute(conn, DROP_EXPIRED, user_id, now)
+        gold_first = settings.gold_rate > 0 and random.random() < settings.gold_rate
+        for gold in (True, False) if gold_first else (False,):
+            served = await self._reserve(conn, project_id, user_id, gold, settings, now)
+            if served is not None:
+                return Served(served, user_id, settings)
         # Nothing plain to serve (none left, or all locked this instant): the scheduler's
         # looks, 204 and 503 are the long way's.
         raise LongWay
 
-    def _commit_mark(self) -> None:
+    def _mark(self, command: str) -> None:
         if self.on_statement is not None:
-            self.on_statement("COMMIT")
+            self.on_statement(command)
 
     async def _reserve(
         self,
@@ -695,68 +702,84 @@ class FastLane:
 
         A browser login (`via` "session") must send its CSRF token (`csrf`); `project_id`, when
         given, is the project the pair must belong to (the vote page's)."""
+        self._mark("BEGIN")
+        async with conn.transaction():
+            stored = await self._store_in(
+                conn, credential, pair_id, data, counts, via=via, csrf=csrf, project_id=project_id
+            )
+        self._mark("COMMIT")
+        return stored
+
+    async def _store_in(
+        self,
+        conn: Any,
+        credential: str,
+        pair_id: int,
+        data: VoteCreate,
+        counts: bool,
+        *,
+        via: str,
+        csrf: str | None,
+        project_id: int | None,
+    ) -> Stored:
         now = dt.datetime.now(dt.UTC)
         default_rate = ProjectSettings.model_fields["votes_per_second"].default
-        if self.on_statement is not None:
-            self.on_statement("BEGIN")
-        async with conn.transaction():
-            row = await self._fetchrow(
-                conn,
-                VOTE_WHO[via],
-                hash_token(credential),
-                pair_id,
-                data.idempotency_key,
-                now,
-                float(default_rate),
-                LAST_USED_RESOLUTION.total_seconds(),
-            )
-            if row is None or not row[2]:
-                raise LongWay  # unknown token, inactive user, unknown pair
-            (user_id, role, _, scope_id, in_project, a, b, is_gold, vote_count, wanted) = row[:10]
-            settings_raw, member_role, window, seen, recent, oldest = row[10:16]
-            expires, has_reservation, others, expected_csrf = row[16:20]
-            if via == "session" and not (csrf and tokens_equal(csrf, expected_csrf)):
-                raise LongWay  # the long way refuses it (403)
-            if project_id is not None and in_project != project_id:
-                raise LongWay
-            user = SimpleNamespace(role=role, token_project_id=scope_id)
-            if project_role(user, in_project, member_role) is None:  # type: ignore[arg-type]
-                raise LongWay
-            if data.left_image_id not in (a, b) or seen:
-                raise LongWay  # 422, or a replay / second vote: answered the long way
-            settings = _settings(settings_raw)
-            if window != rate_window(settings):
-                raise LongWay  # stored settings the statement read otherwise than Python
-            standing = Standing(False, recent, oldest, expires, has_reservation)
-            refused = refusal(
-                pair_id=pair_id,
-                is_gold=is_gold,
-                votes_wanted=wanted,
-                settings=settings,
-                standing=standing,
-                latency_ms=data.latency_ms,
-                counts=counts,
-                has_room=lambda: is_gold or vote_count + others < wanted,
-                now=now,
-            )
-            if refused is not None:
-                raise LongWay
-            values = {
-                "pair_id": pair_id,
-                "project_id": in_project,
-                "annotator_id": user_id,
-                "left_image_id": data.left_image_id,
-                "choice": data.choice.value,
-                "latency_ms": data.latency_ms,
-                "idempotency_key": data.idempotency_key,
-                "created_at": now,
-                "counts": int(counts),
-            }
-            stored = await self._fetchrow(conn, VOTE, *(values[n] for n in VOTE_NAMES))
-            if stored is None:
-                raise LongWay  # a concurrent identical request won: a replay
-            self._commit_mark()
-            return Stored(int(stored[0]), user_id, now, settings)
+        row = await self._fetchrow(
+            conn,
+            VOTE_WHO[via],
+            hash_token(credential),
+            pair_id,
+            data.idempotency_key,
+            now,
+            float(default_rate),
+            LAST_USED_RESOLUTION.total_seconds(),
+        )
+        if row is None or not row[2]:
+            raise LongWay  # unknown token, inactive user, unknown pair
+        (user_id, role, _, scope_id, in_project, a, b, is_gold, vote_count, wanted) = row[:10]
+        settings_raw, member_role, window, seen, recent, oldest = row[10:16]
+        expires, has_reservation, others, expected_csrf = row[16:20]
+        if via == "session" and not (csrf and tokens_equal(csrf, expected_csrf)):
+            raise LongWay  # the long way refuses it (403)
+        if project_id is not None and in_project != project_id:
+            raise LongWay
+        user = SimpleNamespace(role=role, token_project_id=scope_id)
+        if project_role(user, in_project, member_role) is None:  # type: ignore[arg-type]
+            raise LongWay
+        if data.left_image_id not in (a, b) or seen:
+            raise LongWay  # 422, or a replay / second vote: answered the long way
+        settings = _settings(settings_raw)
+        if window != rate_window(settings):
+            raise LongWay  # stored settings the statement read otherwise than Python
+        standing = Standing(False, recent, oldest, expires, has_reservation)
+        refused = refusal(
+            pair_id=pair_id,
+            is_gold=is_gold,
+            votes_wanted=wanted,
+            settings=settings,
+            standing=standing,
+            latency_ms=data.latency_ms,
+            counts=counts,
+            has_room=lambda: is_gold or vote_count + others < wanted,
+            now=now,
+        )
+        if refused is not None:
+            raise LongWay
+        values = {
+            "pair_id": pair_id,
+            "project_id": in_project,
+            "annotator_id": user_id,
+            "left_image_id": data.left_image_id,
+            "choice": data.choice.value,
+            "latency_ms": data.latency_ms,
+            "idempotency_key": data.idempotency_key,
+            "created_at": now,
+            "counts": int(counts),
+        }
+        stored = await self._fetchrow(conn, VOTE, *(values[n] for n in VOTE_NAMES))
+        if stored is None:
+            raise LongWay  # a concurrent identical request won: a replay
+        return Stored(int(stored[0]), user_id, now, settings)
 
     # --- POST /projects/{project_id}/vote (the vote page, htmx) ------------------------------
 
@@ -797,7 +820,7 @@ class FastLane:
         except Exception:  # noqa: BLE001 - any database trouble: the long way decides
             log.warning("fast_lane.page_vote_failed project_id=%s", project_id, exc_info=True)
         if html is None:
-            # Also after the vote was stored: the long way finds it and answers it as a replay.
+            # Where the vote was stored, the long way finds it and answers it as a replay.
             FAST_LANE.labels("page", "long").inc()
             await self.app(scope, again, send)
             return
@@ -832,30 +855,49 @@ class FastLane:
         from app.core.web import templates
         from app.votes import pages
 
-        stored = await self.store(
-            conn,
-            cookie,
-            pair_id,
-            vote,
-            choice.is_preference,
-            via="session",
-            csrf=csrf,
-            project_id=project_id,
-        )
+        # One transaction, as the page's own route: vote, next pair, counters and peek.
+        self._mark("BEGIN")
+        async with conn.transaction():
+            stored = await self._store_in(
+                conn,
+                cookie,
+                pair_id,
+                vote,
+                choice.is_preference,
+                via="session",
+                csrf=csrf,
+                project_id=project_id,
+            )
+            settings = stored.settings
+            try:
+                if settings.reveal_gold:
+                    raise LongWay  # the gold record is the long way's
+                served: Served | None = await self._serve_in(
+                    conn, cookie, project_id, via="session"
+                )
+            except LongWay:
+                # The vote stands (committed below); the long way then answers the request as
+                # the replay it is, with what comes next (nothing left, busy, new pairs coming).
+                served = None
+            if served is None:
+                stored_only = True
+            else:
+                stored_only = False
+                pair, annotator_id = served.pair, served.annotator_id
+                now = dt.datetime.now(dt.UTC)
+                sql, values = _counters()
+                given, left, sitting = await self._fetchrow(
+                    conn,
+                    sql,
+                    *values({"project_id": project_id, "annotator_id": annotator_id, "now": now}),
+                )
+                peek = await self._fetchrow(
+                    conn, PEEK, project_id, annotator_id, now, False, [pair.pair_id]
+                )
+        self._mark("COMMIT")
         VOTES.labels(choice.value).inc()
-        settings = stored.settings
-        if settings.reveal_gold:
-            raise LongWay  # the gold record is the long way's
-        served = await self.serve(conn, cookie, project_id, via="session")
-        pair, annotator_id = served.pair, served.annotator_id
-        now = dt.datetime.now(dt.UTC)
-        sql, values = _counters()
-        given, left, sitting = await self._fetchrow(
-            conn, sql, *values({"project_id": project_id, "annotator_id": annotator_id, "now": now})
-        )
-        peek = await self._fetchrow(
-            conn, PEEK, project_id, annotator_id, now, False, [pair.pair_id]
-        )
+        if stored_only:
+            raise LongWay
         preload = (
             [
                 served_image_url(peek[0], peek[2] or "", annotator_id),
