@@ -290,18 +290,33 @@ def _held(
         if expires_at <= now:
             expired.append(pair_id)
         elif live is None:
-            on_a = left == a
-            live = ServedPair(
-                pair_id,
-                prompt,
-                left,
-                b if on_a else a,
-                expires_at,
-                is_gold,
-                sha_a if on_a else sha_b,
-                sha_b if on_a else sha_a,
-            )
+            live = held_pair(pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b)
     return live, expired
+
+
+def held_pair(
+    pair_id: int,
+    left: str,
+    expires_at: dt.datetime,
+    a: str,
+    b: str,
+    is_gold: bool,
+    prompt: str,
+    sha_a: str,
+    sha_b: str,
+) -> ServedPair:
+    """A live reservation served again: the same pair, with the side it was shown on."""
+    on_a = left == a
+    return ServedPair(
+        pair_id,
+        prompt,
+        left,
+        b if on_a else a,
+        expires_at,
+        is_gold,
+        sha_a if on_a else sha_b,
+        sha_b if on_a else sha_a,
+    )
 
 
 # Check again, on a pair just locked, that it is open for this annotator, and reserve it: one

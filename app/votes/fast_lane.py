@@ -37,11 +37,11 @@ import logging
 import os
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 from pydantic import ValidationError
@@ -56,7 +56,7 @@ from app.core.security import hash_token, tokens_equal
 from app.images.signing import served_image_url
 from app.pairs.ordering import spread_sql
 from app.pairs.routes import to_public
-from app.pairs.scheduler import _RESERVE_IF_OPEN, CANDIDATE_WINDOW, ServedPair
+from app.pairs.scheduler import _RESERVE_IF_OPEN, CANDIDATE_WINDOW, ServedPair, held_pair
 from app.projects.schemas import ProjectSettings
 from app.projects.settings import load_settings
 from app.users.service import LAST_USED_RESOLUTION
@@ -66,6 +66,7 @@ from app.votes.service import _VOTE_AND_RELEASE, Standing, checked_input, rate_w
 from app.votes.vocabulary import Choice
 
 log = logging.getLogger("prefloop.fast_lane")
+T = TypeVar("T")
 
 # Nine digits: an id that fits Postgres' integer; longer ones go the long way (422 there).
 _NEXT = re.compile(r"/api/v1/projects/([0-9]{1,9})/pairs/next")
@@ -506,6 +507,41 @@ class FastLane:
             self.on_statement(sql)
         await conn.execute(sql, *args)
 
+    async def _through(
+        self,
+        request: str,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        work: Callable[[Any], Awaitable[T]],
+    ) -> T | None:
+        """Run `work` on a pooled connection and return its result, or None when the request
+        has been answered otherwise: by the full application when it is not a plain one
+        (`LongWay`) or the database failed before answering (a commit that failed to answer may
+        have landed: the long way then finds the vote and answers it as a replay), or with 503
+        when no connection came free in time."""
+        try:
+            pool = await self.pool()
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                result: T | None = await work(conn)
+        except TimeoutError:
+            await self._unavailable(send)
+            return None
+        except LongWay:
+            result = None
+        except Exception:  # noqa: BLE001 - any database trouble: the long way decides
+            log.warning("fast_lane.failed %s %s", request, scope["path"], exc_info=True)
+            result = None
+        if result is None:
+            await self._long_way(request, scope, receive, send)
+            return None
+        FAST_LANE.labels(request, "lane").inc()
+        return result
+
+    async def _long_way(self, request: str, scope: Scope, receive: Receive, send: Send) -> None:
+        FAST_LANE.labels(request, "long").inc()
+        await self.app(scope, receive, send)
+
     async def _unavailable(self, send: Send) -> None:
         body = json.dumps({"detail": UNAVAILABLE_DETAIL}).encode()
         await _answer(send, 503, body, [(b"retry-after", UNAVAILABLE_RETRY_AFTER.encode())])
@@ -518,23 +554,11 @@ class FastLane:
             await self.app(scope, receive, send)
             return
         scope["route"] = _Route(NEXT_ROUTE)
-        try:
-            pool = await self.pool()
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                served = await self.serve(conn, token, project_id)
-        except TimeoutError:
-            await self._unavailable(send)
-            return
-        except LongWay:
-            served = None
-        except Exception:  # noqa: BLE001 - any database trouble: the long way decides
-            log.warning("fast_lane.next_failed project_id=%s", project_id, exc_info=True)
-            served = None
+        served = await self._through(
+            "next", scope, receive, send, lambda conn: self.serve(conn, token, project_id)
+        )
         if served is None:
-            FAST_LANE.labels("next", "long").inc()
-            await self.app(scope, receive, send)
             return
-        FAST_LANE.labels("next", "lane").inc()
         body = to_public(served.pair, served.annotator_id).model_dump_json().encode()
         await _answer(send, 200, body, [])
 
@@ -570,19 +594,7 @@ class FastLane:
         if settings.active_sampling:
             raise LongWay
         if row[8] is not None:  # the annotator's live reservation: the same pair again
-            pair_id, left, expires_at, a, b, is_gold, prompt, sha_a, sha_b = row[8:17]
-            on_a = left == a
-            held = ServedPair(
-                pair_id,
-                prompt,
-                left,
-                b if on_a else a,
-                expires_at,
-                is_gold,
-                sha_a if on_a else sha_b,
-                sha_b if on_a else sha_a,
-            )
-            return Served(held, user_id, settings)
+            return Served(held_pair(*row[8:17]), user_id, settings)
         if row[17]:
             # Lapsed ones would collide with a new reservation of the same pair.
             await self._execute(conn, DROP_EXPIRED, user_id, now)
@@ -657,34 +669,22 @@ class FastLane:
             data = VoteCreate.model_validate_json(body)
             picked = checked_input(data.choice, data.latency_ms, data.idempotency_key)
         except (LongWay, ValidationError, ValueError):
-            FAST_LANE.labels("vote", "long").inc()
-            await self.app(scope, again, send)
+            await self._long_way("vote", scope, again, send)
             return
         scope["route"] = _Route(VOTE_ROUTE)
-        try:
-            pool = await self.pool()
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                stored = await self.store(conn, token, pair_id, data, picked.is_preference)
-                vote_id: int | None = stored.vote_id
-        except TimeoutError:
-            await self._unavailable(send)
+        stored = await self._through(
+            "vote",
+            scope,
+            again,
+            send,
+            lambda conn: self.store(conn, token, pair_id, data, picked.is_preference),
+        )
+        if stored is None:
             return
-        except LongWay:
-            vote_id = None
-        except Exception:  # noqa: BLE001 - any database trouble: the long way decides
-            # A commit that failed to answer may have landed: the long way then finds the vote
-            # stored and answers it as a replay.
-            log.warning("fast_lane.vote_failed pair_id=%s", pair_id, exc_info=True)
-            vote_id = None
-        if vote_id is None:
-            FAST_LANE.labels("vote", "long").inc()
-            await self.app(scope, again, send)
-            return
-        FAST_LANE.labels("vote", "lane").inc()
         VOTES.labels(data.choice.value).inc()
         if fault_exit_wanted(data.idempotency_key):
             os._exit(70)
-        await _answer(send, 201, json.dumps({"vote_id": vote_id}).encode(), [])
+        await _answer(send, 201, json.dumps({"vote_id": stored.vote_id}).encode(), [])
 
     async def store(
         self,
@@ -800,31 +800,22 @@ class FastLane:
             vote = _page_vote_fields(fields)
             picked = checked_input(vote.choice, vote.latency_ms, vote.idempotency_key)
         except (LongWay, ValidationError, ValueError):
-            FAST_LANE.labels("page", "long").inc()
-            await self.app(scope, again, send)
+            await self._long_way("page", scope, again, send)
             return
         csrf = request.headers.get(CSRF_HEADER) or fields.get("csrf_token")
         scope["route"] = _Route(PAGE_VOTE_ROUTE)
-        html = None
-        try:
-            pool = await self.pool()
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
-                html = await self._page_answer(
-                    conn, cookie, project_id, int(fields["pair_id"]), vote, picked, csrf
-                )
-        except TimeoutError:
-            await self._unavailable(send)
-            return
-        except LongWay:
-            pass
-        except Exception:  # noqa: BLE001 - any database trouble: the long way decides
-            log.warning("fast_lane.page_vote_failed project_id=%s", project_id, exc_info=True)
+        pair_id = int(fields["pair_id"])
+        # Where the vote was stored and no plain next pair follows, the long way finds the vote
+        # and answers it as a replay.
+        html = await self._through(
+            "page",
+            scope,
+            again,
+            send,
+            lambda conn: self._page_answer(conn, cookie, project_id, pair_id, vote, picked, csrf),
+        )
         if html is None:
-            # Where the vote was stored, the long way finds it and answers it as a replay.
-            FAST_LANE.labels("page", "long").inc()
-            await self.app(scope, again, send)
             return
-        FAST_LANE.labels("page", "lane").inc()
         body_out = html.encode()
         await send(
             {

@@ -27,6 +27,9 @@ from tests.conftest import REDIS_URL, create_database, drop_database
 from tests.factories import World, build_world, user_factory
 from tests.support import Proc, base_env, bearer, free_port, login, wait_for
 
+# k = 2 so that three annotators finish the pairs; a rate limit no scripted session reaches
+# (timing would decide it otherwise), and a viewing time the script's votes respect.
+SETTINGS: dict[str, Any] = {"votes_per_pair": 2, "min_view_ms": 500, "votes_per_second": 100}
 PAGE_EMAIL = "page-voter@example.com"
 PAGE_PASSWORD = "page-password-1"
 
@@ -63,30 +66,13 @@ class Side:
 
 def _world(session: Session) -> tuple[World, int]:
     make = user_factory(session)
-    world = build_world(
-        session,
-        make,
-        n_prompts=3,
-        n_models=3,
-        n_annotators=3,
-        votes_per_pair=2,
-        min_view_ms=500,
-        votes_per_second=100,
-    )
+    world = build_world(session, make, n_prompts=3, n_models=3, n_annotators=3, **SETTINGS)
     # A member of another project only.
     other = build_world(session, make, n_prompts=1, n_models=2, n_annotators=1)
     world.annotators.append(other.annotators[0])
     # A project of its own for the vote page, with one annotator who has a password.
     page = build_world(
-        session,
-        make,
-        n_prompts=3,
-        n_models=3,
-        n_annotators=0,
-        votes_per_pair=2,
-        min_view_ms=500,
-        votes_per_second=100,
-        change_vote_seconds=600,
+        session, make, n_prompts=3, n_models=3, n_annotators=0, change_vote_seconds=600, **SETTINGS
     )
     page_user, _ = make("annotator", email=PAGE_EMAIL, password=PAGE_PASSWORD)
     add_member(session, project=page.project, user=page_user, role="annotator")
