@@ -233,11 +233,17 @@ def _still_open(
     return prompt, sha_a, sha_b
 
 
+def expired_reservations(annotator_id: Any, before: Any) -> Any:
+    """The statement removing an annotator's reservations lapsed by `before` (values or bound
+    parameters)."""
+    return delete(Reservation).where(
+        Reservation.annotator_id == annotator_id, Reservation.expires_at <= before
+    )
+
+
 def _drop_reservations(session: Session, annotator_id: int, *, expired_before: dt.datetime) -> None:
     session.execute(
-        delete(Reservation).where(
-            Reservation.annotator_id == annotator_id, Reservation.expires_at <= expired_before
-        ),
+        expired_reservations(annotator_id, expired_before),
         execution_options={"synchronize_session": False},
     )
 

@@ -166,7 +166,6 @@ LEFT JOIN LATERAL (
     for via in VIAS
 }
 
-DROP_EXPIRED = "DELETE FROM reservations WHERE annotator_id = $1 AND expires_at <= $2"
 
 # The scheduler's candidates (`_candidates_stmt`: fewest votes first, a window of them) in its
 # order (`fewest_votes_first`: votes + live reservations of others, ties spread per annotator),
@@ -231,7 +230,24 @@ def _compiled(stmt: Any) -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
     return compiled.string, values
 
 
+@lru_cache(maxsize=1)
+def _drop_expired() -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
+    """The scheduler's removal of an annotator's lapsed reservations, compiled once."""
+    from sqlalchemy import DateTime, Integer, bindparam
+
+    from app.pairs.scheduler import expired_reservations
+
+    return _compiled(
+        expired_reservations(
+            bindparam("annotator_id", type_=Integer),
+            bindparam("before", type_=DateTime(timezone=True)),
+        )
+    )
+
+
+@lru_cache(maxsize=1)
 def _page_counters() -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
+    """The vote page's counters (`pages.counters`), compiled once."""
     from sqlalchemy import DateTime, Integer, bindparam
 
     from app.pairs.scheduler import counted_pairs_left
@@ -284,6 +300,7 @@ FOR NO KEY UPDATE OF p
 }
 
 VOTE_NAMES = parameter_names(_VOTE_AND_RELEASE.text)
+DEFAULT_VOTES_PER_SECOND = float(ProjectSettings.model_fields["votes_per_second"].default)
 VOTE = numbered(_VOTE_AND_RELEASE.text)
 
 
@@ -338,11 +355,6 @@ def _page_vote_fields(fields: dict[str, str]) -> VoteCreate:
     )
 
 
-@lru_cache(maxsize=1)
-def _counters() -> tuple[str, Callable[[dict[str, Any]], list[Any]]]:
-    return _page_counters()
-
-
 class LongWay(Exception):
     """Not a plain case: the full application answers this request."""
 
@@ -354,13 +366,9 @@ class _Route:
 
 
 def _bearer(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"authorization":
-            header = value.decode("latin-1")
-            if header.lower().startswith("bearer "):
-                return header[7:].strip()
-            return None
-    return None
+    """The Bearer token, read as `app.core.deps.lookup_auth` reads it."""
+    header = (_header(scope, b"authorization") or b"").decode("latin-1")
+    return header[7:].strip() if header.lower().startswith("bearer ") else None
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes | None:
@@ -597,7 +605,8 @@ class FastLane:
             return Served(held_pair(*row[8:17]), user_id, settings)
         if row[17]:
             # Lapsed ones would collide with a new reservation of the same pair.
-            await self._execute(conn, DROP_EXPIRED, user_id, now)
+            sql, values = _drop_expired()
+            await self._execute(conn, sql, *values({"annotator_id": user_id, "before": now}))
         gold_first = settings.gold_rate > 0 and random.random() < settings.gold_rate
         for gold in (True, False) if gold_first else (False,):
             served = await self._reserve(conn, project_id, user_id, gold, settings, now)
@@ -723,7 +732,6 @@ class FastLane:
         project_id: int | None,
     ) -> Stored:
         now = dt.datetime.now(dt.UTC)
-        default_rate = ProjectSettings.model_fields["votes_per_second"].default
         row = await self._fetchrow(
             conn,
             VOTE_WHO[via],
@@ -731,7 +739,7 @@ class FastLane:
             pair_id,
             data.idempotency_key,
             now,
-            float(default_rate),
+            DEFAULT_VOTES_PER_SECOND,
             LAST_USED_RESOLUTION.total_seconds(),
         )
         if row is None or not row[2]:
@@ -876,7 +884,7 @@ class FastLane:
                 stored_only = False
                 pair, annotator_id = served.pair, served.annotator_id
                 now = dt.datetime.now(dt.UTC)
-                sql, values = _counters()
+                sql, values = _page_counters()
                 given, left, sitting = await self._fetchrow(
                     conn,
                     sql,

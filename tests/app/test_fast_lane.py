@@ -390,3 +390,43 @@ def test_a_vote_on_the_page_takes_the_lane_within_the_budget(fresh: Any) -> None
             select(func.count()).select_from(Vote).where(Vote.annotator_id == user.id)
         )
     assert n == 3
+
+
+def test_a_lapsed_reservation_is_dropped_and_a_new_pair_served(fresh: Any) -> None:
+    url, factory = fresh
+    w = _world(factory, votes_per_second=100, min_view_ms=0)
+    user, token = w.annotators[0]
+    lane = FastLane(Recorder(), dsn=url)
+    sent = _counting(lane)
+    nxt = f"/api/v1/projects/{w.project.id}/pairs/next"
+
+    async def first(client: httpx.AsyncClient) -> int:
+        return int((await client.get(nxt, headers=bearer(token))).json()["pair_id"])
+
+    held = _drive(lane, first)
+    with factory() as session:
+        session.execute(
+            update(Reservation)
+            .where(Reservation.annotator_id == user.id)
+            .values(expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(minutes=1))
+        )
+        session.commit()
+    sent.clear()
+
+    async def again(client: httpx.AsyncClient) -> int:
+        response = await client.get(nxt, headers=bearer(token))
+        assert response.status_code == 200
+        return int(response.json()["pair_id"])
+
+    served = _drive(lane, again)
+    assert any(sql.startswith("DELETE FROM reservations") for sql in sent)
+    with factory() as session:
+        rows = session.execute(
+            select(Reservation.pair_id, Reservation.expires_at).where(
+                Reservation.annotator_id == user.id
+            )
+        ).all()
+    # The lapsed one is gone; the one served now is live (the same pair may come back).
+    assert [pair for pair, _ in rows] == [served]
+    assert all(expires > dt.datetime.now(dt.UTC) for _, expires in rows)
+    assert held > 0
