@@ -249,7 +249,14 @@ def _generate(spec: Any, pipe: Any, prompts: Sequence[str], seeds: Sequence[int]
     return out
 
 
-def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = print) -> dict:
+def run_loop(
+    config: RLLoopConfig,
+    work: Path,
+    log: Callable[[str], None] = print,
+    until: float | None = None,
+) -> dict:
+    """One preference's loop; `until` (a `time.time()` instant) also ends the RL phase, so that a
+    run bounded from outside still judges what it reached."""
     from worker.dpo_train import save_lora
     from worker.generation import GeneratorSpec, load_pipeline
     from worker.reward_model import (
@@ -418,15 +425,23 @@ def run_loop(config: RLLoopConfig, work: Path, log: Callable[[str], None] = prin
         )
 
     deadline = time.monotonic() + 60 * config.rl_minutes if config.rl_minutes else math.inf
+    if until is not None:
+        deadline = min(deadline, time.monotonic() + until - time.time())
     result = train(rl_pipe, train_prompts, reward_scorer, rl_config, work / f"ckpt-{name}",
                    probe=probe, on_metrics=on_metrics, on_probe=on_probe,
                    should_stop=lambda: time.monotonic() > deadline)  # fmt: skip
-    adapter = save_lora(rl_pipe.unet, work / f"adapter-{name}")
+    # The child as the job writes it: a LoRA as an adapter of the base, full fine-tuning as a
+    # whole pipeline.
+    if rl_config.lora_rank > 0:
+        adapter = save_lora(rl_pipe.unet, work / f"adapter-{name}")
+        child_spec = spec.model_copy(update={"adapter": str(adapter)})
+    else:
+        rl_pipe.save_pretrained(work / f"model-{name}", safe_serialization=True)
+        child_spec = spec.model_copy(update={"base": str(work / f"model-{name}")})
     del rl_pipe
     timer.lap("train_rl")
 
     # 5. the child as the platform loads it, on held-out prompts and seeds
-    child_spec = spec.model_copy(update={"adapter": str(adapter)})
     child_images = _generate(child_spec, load_pipeline(child_spec), test_p,
                              [s for _, s in test_items])  # fmt: skip
     parent_scores = np.array([score(p, im) for p, im in zip(test_p, parent_images, strict=True)])
@@ -503,8 +518,8 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'preference':<18} {'reward':<7} {'lr':>6} {'votes':>5} {'win@tol [95% CI]':>22} "
-        f"{'n':>4} "
+        f"{'preference':<18} {'reward':<7} {'rank':>4} {'lr':>6} {'votes':>5} "
+        f"{'win@tol [95% CI]':>22} {'n':>4} "
         f"{'Δscore':>8} {'fid':>11} {'cell both':>11} {'RM acc':>11} {'steps':>5} "
         f"{'cpu min':>7} {'wall':>6}  goals"
     )
@@ -512,7 +527,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         w = r["win"]
         lines.append(
-            f"{r['preference']:<18} {r['reward_source']:<7} "
+            f"{r['preference']:<18} {r['reward_source']:<7} {r['rl_config']['lora_rank']:>4} "
             f"{r['rl_config']['learning_rate']:>6.0e} {r['votes']:>5} "
             f"{w['win_rate']:>7.1%} [{w['ci_low']:>5.1%}, {w['ci_high']:>6.1%}] {w['n']:>4} "
             f"{r['mean_score_change']:>+8.4f} "
@@ -610,6 +625,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="any other RLConfig field, e.g. --rl minibatches=4")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rl-minutes", type=float, default=None, help="cap on the RL phase")
+    parser.add_argument("--rl-until", type=float, default=None, metavar="EPOCH",
+                        help="end RL by this Unix time (a run bounded from outside)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a reduced run for two CPU cores")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
@@ -662,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["PREFLOOP_MODEL_ROOTS"] = ",".join([*map(str, roots), tmp])
         get_settings.cache_clear()
         for config in configs_from_args(args):
-            results.append(run_loop(config, Path(tmp), log=lambda s: print(s, flush=True)))
+            log = lambda s: print(s, flush=True)  # noqa: E731
+            results.append(run_loop(config, Path(tmp), log=log, until=args.rl_until))
             if args.out is not None:
                 args.out.write_text(json.dumps(results, indent=2))
             if args.plot is not None:
