@@ -142,7 +142,10 @@ def run_point(point: Point) -> dict[str, Any]:
     weights = REPO / "worker" / "toy" / "weights" / "toy-v1"
     kind = "pos" if point.preference == "prompted_position" else "all"
     train_prompts, test_prompts = prompt_sets(point.preference, point.prompts, point.test_prompts)
-    parent = load_pipeline(weights)
+    # Everything on one device (a GPU where there is one): the trainer would otherwise move only
+    # the UNet there.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    parent = load_pipeline(weights, device=device)
     tag = f"{kind}-{point.prompts}x{point.images}"
     flat_prompts = [p for p in train_prompts for _ in range(point.images)]
     flat_seeds = [image_seed(p, i) for p in train_prompts for i in range(point.images)]
@@ -171,7 +174,7 @@ def run_point(point: Point) -> dict[str, Any]:
                 winners.append(w)
                 losers.append(lo)
 
-    t0 = time.process_time()
+    t0, wall0 = time.process_time(), time.perf_counter()
     latents = encode_images(parent, [_pil(im) for im in pool], 32)  # (N, C, h, w)
     embeds, _ = encode_prompts(parent, [*train_prompts, ""])  # (P + 1, L, D)
     data = CachedPairs(
@@ -192,10 +195,10 @@ def run_point(point: Point) -> dict[str, Any]:
         checkpoint_every=point.steps,
         seed=point.seed,
     )
-    child = load_pipeline(weights)
+    child = load_pipeline(weights, device=device)
     with tempfile.TemporaryDirectory() as ckpt:
-        result = train(child, data, config, Path(ckpt))
-    train_cpu = time.process_time() - t0
+        result = train(child, data, config, Path(ckpt), device=device)
+    train_cpu, train_wall = time.process_time() - t0, time.perf_counter() - wall0
     after = generate(child, test_flat, test_seeds)
 
     s_before = np.array(
@@ -222,6 +225,8 @@ def run_point(point: Point) -> dict[str, Any]:
         "final_loss": float(np.mean([m.loss for m in result.history[-20:]])),
         "final_implicit_acc": float(np.mean([m.implicit_acc for m in result.history[-20:]])),
         "train_cpu_s": train_cpu,
+        "train_wall_s": train_wall,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
     }
     if point.preference == "prompted_position":
         for name, images in (("in_cell_before", before), ("in_cell_after", after)):
