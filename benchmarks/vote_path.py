@@ -632,14 +632,19 @@ async def own_ceiling(
     annotators: int,
     seconds: float,
     on_window: Callable[[str], None],
+    flow: str = "api",
 ) -> dict[str, float] | None:
-    """The cycle's own SQL ceiling: the statements the platform sends for a cycle (the fast
-    lane's transactions, its rules included), driven over `conns` asyncpg connections with no
-    HTTP. None for code without a fast lane (a baseline)."""
+    """The cycle's own SQL ceiling: the statements the platform sends for a cycle of `flow`
+    (the fast lane's transactions, its rules included: for the page, vote + next pair +
+    counters + peek in one transaction), driven over `conns` asyncpg connections with no HTTP.
+    None for code without a fast lane (a baseline), or without the page's transaction."""
     try:
         from app.votes.fast_lane import FastLane, LongWay
         from app.votes.schemas import VoteCreate
+        from app.votes.service import checked_input
     except ImportError:
+        return None
+    if flow == "page" and not hasattr(FastLane, "turn_page"):
         return None
 
     async def no_app(scope: Any, receive: Any, send: Any) -> None:
@@ -655,6 +660,16 @@ async def own_ceiling(
     on_window("start")
     stop = time.perf_counter() + seconds
 
+    def plain_vote(left_image_id: int) -> VoteCreate:
+        return VoteCreate.model_validate(
+            {
+                "choice": "left",
+                "left_image_id": left_image_id,
+                "latency_ms": 900,
+                "idempotency_key": uuid.uuid4().hex,
+            }
+        )
+
     async def one(token: str) -> None:
         nonlocal done
         while time.perf_counter() < stop:
@@ -664,21 +679,40 @@ async def own_ceiling(
                 except LongWay:
                     await asyncio.sleep(0.01)
                     continue
-            vote = VoteCreate.model_validate(
-                {
-                    "choice": "left",
-                    "left_image_id": pair.left_image_id,
-                    "latency_ms": 900,
-                    "idempotency_key": uuid.uuid4().hex,
-                }
-            )
             async with pool.acquire() as conn:
-                await lane.store(conn, token, pair.pair_id, vote, True)
+                await lane.store(conn, token, pair.pair_id, plain_vote(pair.left_image_id), True)
+            done += 1
+
+    async def turns(cookie: str, csrf: str) -> None:
+        """The page's cycle: each vote's transaction also serves the next pair."""
+        nonlocal done
+        pair = None
+        while time.perf_counter() < stop:
+            async with pool.acquire() as conn:
+                try:
+                    if pair is None:
+                        served = await lane.serve(conn, cookie, world["project_id"], via="session")
+                        pair = served.pair
+                        continue
+                    vote = plain_vote(pair.left_image_id)
+                    picked = checked_input(vote.choice, vote.latency_ms, vote.idempotency_key)
+                    turn = await lane.turn_page(
+                        conn, cookie, world["project_id"], pair.pair_id, vote, picked, csrf
+                    )
+                except LongWay:
+                    pair = None
+                    await asyncio.sleep(0.01)
+                    continue
+            pair = turn.served.pair
             done += 1
 
     cpu = time.process_time()
     start = time.perf_counter()
-    await asyncio.gather(*(one(t) for t in world["tokens"][:annotators]))
+    if flow == "page":
+        pages = zip(world["cookies"][:annotators], world["csrfs"][:annotators], strict=True)
+        await asyncio.gather(*(turns(c, x) for c, x in pages))
+    else:
+        await asyncio.gather(*(one(t) for t in world["tokens"][:annotators]))
     elapsed = time.perf_counter() - start
     cpu = time.process_time() - cpu
     on_window("stop")
@@ -849,7 +883,7 @@ def run_size(args: argparse.Namespace, pairs: int) -> dict[str, Any]:
                 db_cpu_at[when] = {p: cpu_seconds(p) for p in backends(url, name)}
 
             own = asyncio.run(
-                own_ceiling(url, bare, conns, args.annotators, args.ceiling, on_window)
+                own_ceiling(url, bare, conns, args.annotators, args.ceiling, on_window, args.flow)
             )
             if own is not None:
                 before, after = db_cpu_at["start"], db_cpu_at["stop"]

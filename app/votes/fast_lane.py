@@ -330,6 +330,20 @@ class Stored:
     settings: ProjectSettings
 
 
+@dataclass(frozen=True)
+class PageTurn:
+    """What the vote page's one transaction read: the stored vote, the next pair, the page's
+    counters and the preload peek (image ids and hashes, or None)."""
+
+    stored: Stored
+    served: Served
+    given: int
+    left: int
+    sitting: int
+    peek: Any
+    now: dt.datetime
+
+
 # The vote form's fields (app.votes.pages.cast_vote); any other field goes the long way.
 _PAGE_FIELDS = frozenset(
     {"pair_id", "left_image_id", "choice", "latency_ms", "idempotency_key", "csrf_token"}
@@ -839,7 +853,7 @@ class FastLane:
         )
         await send({"type": "http.response.body", "body": body_out})
 
-    async def _page_answer(
+    async def turn_page(
         self,
         conn: Any,
         cookie: str,
@@ -848,13 +862,11 @@ class FastLane:
         vote: VoteCreate,
         choice: Choice,
         csrf: str | None,
-    ) -> str:
-        """Store the vote, serve the next pair and render the vote area, as
-        `app.votes.pages.cast_vote` does; raises `LongWay` where that is not plain."""
-        from app.core.web import templates
-        from app.votes import pages
-
-        # One transaction, as the page's own route: vote, next pair, counters and peek.
+    ) -> PageTurn:
+        """The vote page's transaction, as `app.votes.pages.cast_vote` runs it: store the vote,
+        serve the next pair, read the counters and the preload peek. Raises `LongWay` where that
+        is not plain; where the vote was stored but no plain next pair follows, the vote is
+        committed first (the long way then answers the request as the replay it is)."""
         self._mark("BEGIN")
         async with conn.transaction():
             stored = await self._store_in(
@@ -867,23 +879,16 @@ class FastLane:
                 csrf=csrf,
                 project_id=project_id,
             )
-            settings = stored.settings
+            turn: PageTurn | None = None
             try:
-                if settings.reveal_gold:
+                if stored.settings.reveal_gold:
                     raise LongWay  # the gold record is the long way's
-                served: Served | None = await self._serve_in(
-                    conn, cookie, project_id, via="session"
-                )
+                served = await self._serve_in(conn, cookie, project_id, via="session")
             except LongWay:
-                # The vote stands (committed below); the long way then answers the request as
-                # the replay it is, with what comes next (nothing left, busy, new pairs coming).
-                served = None
-            if served is None:
-                stored_only = True
+                pass  # the vote stands (committed below)
             else:
-                stored_only = False
-                pair, annotator_id = served.pair, served.annotator_id
                 now = dt.datetime.now(dt.UTC)
+                annotator_id = served.annotator_id
                 sql, values = _page_counters()
                 given, left, sitting = await self._fetchrow(
                     conn,
@@ -891,12 +896,31 @@ class FastLane:
                     *values({"project_id": project_id, "annotator_id": annotator_id, "now": now}),
                 )
                 peek = await self._fetchrow(
-                    conn, PEEK, project_id, annotator_id, now, False, [pair.pair_id]
+                    conn, PEEK, project_id, annotator_id, now, False, [served.pair.pair_id]
                 )
+                turn = PageTurn(stored, served, given, left, sitting, peek, now)
         self._mark("COMMIT")
         VOTES.labels(choice.value).inc()
-        if stored_only:
+        if turn is None:
             raise LongWay
+        return turn
+
+    async def _page_answer(
+        self,
+        conn: Any,
+        cookie: str,
+        project_id: int,
+        pair_id: int,
+        vote: VoteCreate,
+        choice: Choice,
+        csrf: str | None,
+    ) -> str:
+        """The vote area after `turn_page`, rendered from the page's own context builder."""
+        from app.core.web import templates
+        from app.votes import pages
+
+        turn = await self.turn_page(conn, cookie, project_id, pair_id, vote, choice, csrf)
+        settings, annotator_id, peek = turn.stored.settings, turn.served.annotator_id, turn.peek
         preload = (
             [
                 served_image_url(peek[0], peek[2] or "", annotator_id),
@@ -908,15 +932,18 @@ class FastLane:
         ctx = pages.vote_context(
             project=SimpleNamespace(id=project_id),
             settings=settings,
-            pair=pages.served_pair(pair, annotator_id),
+            pair=pages.served_pair(turn.served.pair, annotator_id),
             preload=preload,
-            undo=pages.undo_offer(settings, stored.vote_id, choice.value, stored.created_at, now),
+            undo=pages.undo_offer(
+                settings, turn.stored.vote_id, choice.value, turn.stored.created_at, turn.now
+            ),
             notice=pages.saved_notice(choice.value),
             error=None,
             busy=False,
             generating=None,
-            figures=pages.figures_given(settings, given=given, left=left, sitting=sitting),
+            figures=pages.figures_given(
+                settings, given=turn.given, left=turn.left, sitting=turn.sitting
+            ),
         )
         ctx["csrf_token"] = csrf
         return str(templates.get_template("partials/vote_area.html").render(ctx))
-
