@@ -70,6 +70,17 @@ def ddim_sigma(abar_t: Tensor, abar_prev: Tensor, eta: float) -> Tensor:
     return eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()
 
 
+def timestep_weights(sigmas: Tensor, mode: str) -> Tensor:
+    """Per-transition weights of the policy loss, (T,) → (T,): all 1 ("uniform"), or σ_t over
+    the mean σ ("sigma"), which offsets the 1/σ_t scale of a log-prob's gradient."""
+    sigmas = sigmas.float()
+    if mode == "uniform":
+        return torch.ones_like(sigmas)
+    if mode == "sigma":
+        return sigmas / sigmas.mean()
+    raise ValueError(f"unknown timestep weighting {mode!r}; known: uniform, sigma")
+
+
 def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """Per-sample log N(x; mean, std²) averaged over the non-batch dims: (B, ...) → (B,)."""
     std = torch.as_tensor(std, dtype=torch.float32, device=x.device)

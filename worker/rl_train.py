@@ -63,10 +63,12 @@ from worker.dpo_train import TrainingDiverged
 from worker.lora import add_lora, freeze_plain_unet
 from worker.rl import (
     PromptStatTracker,
+    ddim_sigma,
     ddim_step_with_logprob,
     gaussian_kl_equal_std,
     group_advantages,
     ppo_clipped_loss,
+    timestep_weights,
 )
 
 CHECKPOINT_PREFIX = "step-"
@@ -312,6 +314,9 @@ class RLTrainer:
         self.abar_prev = torch.where(
             prev >= 0, abar[prev.clamp(min=0)], scheduler.final_alpha_cumprod.float()
         )  # (T,)
+        self.step_weights = timestep_weights(
+            ddim_sigma(self.abar_t, self.abar_prev, config.eta), config.timestep_weighting
+        )  # (T,)
         sample = pipe.unet.config.sample_size
         self.latent_hw = (sample, sample) if isinstance(sample, int) else tuple(sample)
         height, width = (s * pipe.vae_scale_factor for s in self.latent_hw)
@@ -476,7 +481,9 @@ class RLTrainer:
                 for k in range(k_steps):
                     columns = picks[rows, k]  # (b,)
                     log_prob, kl, old = self.transition_terms(traj, rows, columns)
-                    ppo = ppo_clipped_loss(log_prob, old, advantages[rows].to(self.device),
+                    # A positive weight scales PPO's max(−A·ρ, −A·clip(ρ)) as it scales A.
+                    weighted = advantages[rows] * self.step_weights[columns]  # (b,)
+                    ppo = ppo_clipped_loss(log_prob, old, weighted.to(self.device),
                                            cfg.clip_range)  # fmt: skip
                     loss = ppo.loss + cfg.kl_coef * kl.mean()
                     if not torch.isfinite(loss):

@@ -565,6 +565,7 @@ RL_RECIPE: dict[str, Any] = {
     "prompts_per_step": 8,
     "group_size": 8,
     "train_timesteps": None,
+    "timestep_weighting": "uniform",
     "minibatches": 1,
     "learning_rate": 1e-3,
     "kl_coef": 0.01,
@@ -592,6 +593,12 @@ class RLTrainingParams(JobParams):
     # (Flow-GRPO's denoising reduction); None: all T (DDPO). On the toy model a random 4 of 10
     # with 4 minibatches lowered the reward where every step and one update raised it.
     train_timesteps: int | None = Field(default=RL_RECIPE["train_timesteps"], ge=1, le=1000)
+    # How the trained transitions of a trajectory weigh in the policy loss. A transition's
+    # log-prob gradient scales as 1/σ_t, so with "uniform" the last, nearly noise-free steps
+    # (σ ≈ 0.02–0.04 of 10 DDIM steps) carry 10–15× the gradient of the early ones that decide
+    # the layout; "sigma" weighs each by σ_t / mean σ, evening them out (TempFlow-GRPO's
+    # noise-aware weighting, in spirit).
+    timestep_weighting: Literal["uniform", "sigma"] = RL_RECIPE["timestep_weighting"]
     ppo_epochs: int = Field(default=1, ge=1, le=100, description="passes over each batch")
     # Optimizer steps per pass; with 1 (the default) each batch gets one exactly on-policy
     # update, so the clip range never binds.

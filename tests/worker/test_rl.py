@@ -14,9 +14,11 @@ from worker.rl import (
     ddim_sigma,
     ddim_step_with_logprob,
     gaussian_kl_equal_std,
+    gaussian_log_prob,
     group_advantages,
     ppo_clipped_loss,
     predicted_epsilon,
+    timestep_weights,
 )
 
 
@@ -154,6 +156,40 @@ def test_ppo_clipped_objective_by_hand() -> None:
     logp = torch.zeros(3, requires_grad=True)
     ppo_clipped_loss(logp, logp.detach(), torch.tensor([1.0, -2.0, 0.5]), 0.1).loss.backward()
     torch.testing.assert_close(logp.grad, torch.tensor([-1.0, 2.0, -0.5]) / 3)
+
+
+def test_timestep_weights_by_hand() -> None:
+    sigmas = torch.tensor([0.6, 0.3, 0.3])  # mean 0.4
+    torch.testing.assert_close(timestep_weights(sigmas, "uniform"), torch.ones(3))
+    torch.testing.assert_close(timestep_weights(sigmas, "sigma"), torch.tensor([1.5, 0.75, 0.75]))
+    with pytest.raises(ValueError, match="uniform, sigma"):
+        timestep_weights(sigmas, "late")
+
+
+def test_sigma_weighting_evens_out_the_log_prob_gradient_across_steps() -> None:
+    # d/dμ log N(x; μ, σ²) = (x − μ)/σ² = ε/σ for x = μ + σε: a late step (small σ) pulls 1/σ
+    # harder; weighted by σ the pulls of all steps have the size of ε.
+    sigmas = torch.tensor([0.8, 0.2, 0.04])
+    eps = torch.tensor([1.0, 1.0, 1.0])
+    mean = torch.zeros(3, 1, 1, 1, requires_grad=True)
+    x = (sigmas * eps).reshape(3, 1, 1, 1)
+    log_prob = gaussian_log_prob(x, mean, sigmas.reshape(3, 1, 1, 1))  # (3,)
+    weights = timestep_weights(sigmas, "sigma")
+    (weights * log_prob).sum().backward()
+    assert mean.grad is not None
+    torch.testing.assert_close(mean.grad.flatten(), eps / sigmas.mean())
+
+
+def test_weighted_advantages_scale_each_ppo_term() -> None:
+    # The trainer weighs a transition by scaling its advantage: for w > 0,
+    # max(−wAρ, −wA·clip(ρ)) = w·max(−Aρ, −A·clip(ρ)).
+    old = torch.zeros(3)
+    new = torch.log(torch.tensor([1.5, 0.5, 1.05]))
+    adv = torch.tensor([1.0, -1.0, 2.0])
+    w = torch.tensor([2.0, 0.5, 1.0])
+    per_term = torch.tensor([-1.2, 0.8, -2.1])  # max(−Aρ, −A·clip(ρ, 0.8, 1.2)) by hand
+    out = ppo_clipped_loss(new, old, adv * w, clip_range=0.2)
+    assert float(out.loss) == pytest.approx(float((w * per_term).mean()), rel=1e-6)
 
 
 def test_kl_closed_form_and_zero_for_equal_means() -> None:
