@@ -34,27 +34,20 @@ With the spatial reward model, on the 2 shared CPU cores at nice 19 (`--quick`: 
 300 reward-model steps; RL every step, one update per batch, lr 3e-3, 78 steps in 48 wall
 minutes): the reward models were at chance on prompted position (test 0.49), so the probe
 reward did not rise and probe fidelity fell 3.2 points; the parent puts 0.125 of corner-prompt
-images in the named cell. The figures of an earlier round follow.
+images in the named cell.
 
-Measured on one H200 (full size: 1 800 votes, 10 % flipped, 120 train prompts × 6 images,
-80 held-out test prompts × 3 held-out seeds; ten runs sharing the GPU, each RL phase capped at
-4 minutes ≈ 60–80 steps of 8 prompts × 8 images; win-rate at tolerance, prompt-clustered 95 %):
-- "brighter": 98.5 % [96.9, 99.8] with lr 1e-3 and 4 minibatches (89.0 % [84.8, 93.1] with
-  DDPO's 3e-4 and 2), fidelity 0.982 → 0.982; reward-model test accuracy 0.92.
-- "darker": 100 % [100, 100] (lr 3e-4), fidelity 0.982 → 0.978; reward model 0.95.
-- "larger": 57.5 % [53.8, 61.3] (lr 1e-3), 63.7 % [59.0, 68.5] (3e-3, fidelity −3.3 points)
-  although its reward model orders test pairs right 91 % of the time: 80 steps move the size
-  too little. "centered": 55.6 % (3e-3, stopped by the fidelity guard).
-- "left" and prompted position: the learned reward models are blind to position (test accuracy
-  0.45–0.50, issue 12's global pooling), so RL on them cannot move position: 50.0 % and
-  48.5–49.0 %, named-cell share 0.09 → 0.07. With the preference itself as the reward
-  (oracle) "left" reaches 68.5 % [65.6, 71.5] at lr 3e-3 in 79 steps; prompted position
-  50.6 %, share 0.09 → 0.10 — binding position words to layout needs more than 80 steps.
-- "lighter": 35.4 % — its reward model is wrong (test accuracy 0.57–0.61) and the guard,
-  trained on the same votes, is wrong the same way: RL follows the reward the votes gave.
-On the 2 shared CPU cores (`--quick --rl-minutes 10`, load average 15): 12 RL steps of 4 × 8
-images, "brighter" 48.3 % [41.7, 55.0] at tolerance (mean score +0.026), 2.4 CPU minutes in
-20.5 wall minutes: the process got an eighth of a core, and 12 steps do not reach the goal.
+Measured on one H200 with today's defaults and the spatial reward model (full size: 1 800 votes,
+10 % flipped, 120 train prompts × 6 images, 80 held-out test prompts × 3 held-out seeds; twelve
+runs sharing the GPU, each RL phase bounded at about 5 minutes; `benchmarks/device_run.sh`,
+results in benchmarks/results/2026-11-27-h200/ and the README): "darker" 100 % and "brighter"
+99.4 % at tolerance but 2.6–3.1 points of fidelity lost; every spatial and prompt-conditional
+preference 47–53 %, although the reward model orders the parent's held-out images by position
+(left 0.99, centered 0.90, prompted position 0.83); with the preference itself as the reward
+"left" 57.5 % in 112 steps, prompted position 49.8 % (LoRA, 107 steps) and 51.7 % (whole UNet,
+134 steps), named cell 0.085 → 0.085.
+On the 2 shared CPU cores (`--quick --rl-minutes 10`, load average 15, an earlier round): 12 RL
+steps of 4 × 8 images, "brighter" 48.3 % [41.7, 55.0] at tolerance (mean score +0.026), 2.4 CPU
+minutes in 20.5 wall minutes: 12 steps do not reach the goal.
 """
 
 from __future__ import annotations
