@@ -16,6 +16,10 @@ alphas, t the current and s the previous (less noisy) timestep::
 η = 0 is deterministic DDIM (no log-probability), η = 1 is DDPM's posterior variance. With
 v-prediction the network output converts to ε̂ = √ᾱ_t·v + √(1−ᾱ_t)·x_t.
 
+With a differentiable reward (a reward model) the chain can instead be trained by the reward's
+own gradient, the sample reparameterised as x_s = μ_θ + σ_t·z with z fixed
+(:func:`reward_backprop_loss`; AlignProp, Prabhudesai et al. 2023; DRaFT, Clark et al. 2023).
+
 Log-probabilities are averaged over the latent's dimensions (C·H·W), as in DDPO's and
 Flow-GRPO's code: a per-dimension scale keeps PPO ratios near 1 and makes the clip range
 independent of the resolution. The KL term uses the same per-dimension average.
@@ -226,3 +230,18 @@ def ppo_clipped_loss(
     return PPOOutput(
         loss=torch.maximum(unclipped, clipped).mean(), ratio=ratio, clip_fraction=clip_fraction
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward backpropagation
+
+
+def reward_backprop_loss(rewards: Tensor, kl: Tensor, kl_coef: float) -> Tensor:
+    """AlignProp / DRaFT with DPOK's anchor: −mean(r) + kl_coef · mean(KL), a scalar.
+
+    ``rewards`` (B,) carry gradients through the decoder and the whole sampling chain back to
+    the policy; ``kl`` (T, B) holds each transition's KL to the parent at the policy's own
+    states. The KL is averaged over transitions, as the policy-gradient objective averages it
+    over the trained ones, so ``kl_coef`` means the same in both.
+    """
+    return -rewards.float().mean() + kl_coef * kl.float().mean()

@@ -9,6 +9,14 @@ objective on every denoising step of each trajectory (or K randomly chosen ones,
 between the policy's and the parent's Gaussian transitions. With LoRA the parent is the same
 UNet with the adapter disabled.
 
+With ``objective="reward_backprop"`` the step is instead AlignProp / DRaFT: the G chains per
+prompt are sampled with gradients (each stochastic step reparameterised, its noise fixed),
+decoded, scored by a differentiable reward (a reward model), and the policy follows the reward's
+gradient through the whole chain, with the same KL anchor at the chain's own states. Policy
+gradients need only reward values and credit each transition by its noise; a reward model's
+gradient says directly which way each pixel should move, so a layout decided in the first
+denoising steps gets a signal there.
+
 A probe set of held-out prompts with fixed noise is sampled every ``eval_every`` steps and
 scored by the primary reward, a guard reward (an independently trained reward model) and a
 prompt-fidelity scorer: when the primary reward's gain outruns the guard's by more than
@@ -48,7 +56,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -68,6 +76,7 @@ from worker.rl import (
     gaussian_kl_equal_std,
     group_advantages,
     ppo_clipped_loss,
+    reward_backprop_loss,
     timestep_weights,
 )
 
@@ -102,22 +111,39 @@ class Scorer(Protocol):
     def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor: ...
 
 
+class DifferentiableScorer(Scorer, Protocol):
+    """A scorer whose scores carry gradients back to the images (reward backpropagation)."""
+
+    def differentiable(self, prompts: Sequence[str], images: Tensor) -> Tensor: ...
+
+
+def is_differentiable(scorer: Scorer) -> bool:
+    """Whether ``scorer`` can score with gradients (WeightedSum: every part can)."""
+    if isinstance(scorer, WeightedSum):
+        return all(is_differentiable(part) for part, _ in scorer.parts)
+    return callable(getattr(scorer, "differentiable", None))
+
+
 class RewardModelScorer:
     """A project reward model (:class:`worker.reward_model.RewardModel`) as a scorer."""
 
     def __init__(self, model: Any, name: str = "reward") -> None:
-        self.model = model.eval()
+        self.model = model.eval().requires_grad_(False)
         self.name = name
 
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+    def differentiable(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        """(B,) scores of (B, 3, H, W) images in [0, 1], with gradients to the images."""
         from worker.reward_model import resize_center_crop
 
         size = getattr(self.model.encoder, "input_size", None)
-        pixels = images.float().cpu()  # (B, 3, H, W)
+        pixels = images.float()  # (B, 3, H, W)
         if size is not None:
             pixels = resize_center_crop(pixels, size)
-        return self.model.score(list(prompts), pixels).float().cpu()  # (B,)
+        return self.model.score(list(prompts), pixels).float()  # (B,)
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        return self.differentiable(prompts, images.cpu()).cpu()  # (B,)
 
 
 class ToyFidelityScorer:
@@ -147,6 +173,15 @@ class WeightedSum:
         total = torch.zeros(images.shape[0])
         for scorer, weight in self.parts:
             total = total + weight * scorer(prompts, images).float()
+        return total  # (B,)
+
+    def differentiable(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        if not is_differentiable(self):
+            raise ValueError(f"{self.name} has a part that cannot score with gradients")
+        total = torch.zeros(images.shape[0], device=images.device)
+        for scorer, weight in self.parts:
+            part = cast(DifferentiableScorer, scorer).differentiable(prompts, images)
+            total = total + weight * part.to(images.device)
         return total  # (B,)
 
 
@@ -406,14 +441,18 @@ class RLTrainer:
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
-        """(B, C, h, w) scaled latents → (B, 3, H, W) images in [0, 1]."""
+        """(B, C, h, w) scaled latents → (B, 3, H, W) images in [0, 1], on the CPU."""
+        return self.decode_differentiable(latents).cpu()
+
+    def decode_differentiable(self, latents: Tensor) -> Tensor:
+        """:meth:`decode` on the trainer's device, with gradients to the latents."""
         vae = self.pipe.vae
         z = latents.to(vae.dtype) / vae.config.scaling_factor
         shift = getattr(vae.config, "shift_factor", None)
         if shift is not None:
             z = z + shift
         pixels = vae.decode(z).sample  # (B, 3, H, W) in about [-1, 1]
-        return (pixels.float() / 2 + 0.5).clamp(0, 1).cpu()
+        return (pixels.float() / 2 + 0.5).clamp(0, 1)
 
     def rollout(self, prompts: Sequence[str]) -> Trajectories:
         """Sample G images per prompt (prompt-major) and score them."""
@@ -514,6 +553,63 @@ class RLTrainer:
             approx_kl_old=sums["approx_kl"] / updates,
             policy_loss=sums["loss"] / updates,
             grad_norm=sums["grad"] / updates,
+        )
+
+    def backprop_update(self, prompts: Sequence[str], step: int) -> StepMetrics:
+        """One reward-backpropagation step: G chains per prompt sampled with gradients (the
+        noise fixed, x_s = μ_θ + σ·z), decoded, scored by the differentiable reward, and the
+        policy moved up the reward's gradient with the KL anchor at the chain's own states."""
+        cfg = self.config
+        if not is_differentiable(self.reward):
+            raise ValueError(f"reward {self.reward.name} cannot score with gradients")
+        repeated = [p for p in prompts for _ in range(cfg.group_size)]
+        batch = len(repeated)
+        cond = self.encoder(repeated, self.device)
+        channels = self.unet.config.in_channels
+        x = torch.randn((batch, channels, *self.latent_hw), generator=self.gen).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        kls: list[Tensor] = []
+        for i, t in enumerate(self.timesteps):
+            t_batch = t.expand(batch).to(self.device)  # (B,)
+            noise = torch.randn(x.shape, generator=self.gen)  # (B, C, h, w)
+            step_out = ddim_step_with_logprob(
+                self._guided(self.unet, x, t_batch, cond), x, self.abar_t[i], self.abar_prev[i],
+                cfg.eta, prediction_type=self.prediction_type, noise=noise,
+            )  # fmt: skip
+            if cfg.kl_coef > 0:
+                # The parent's mean at the same state, a constant to autograd: the anchor pulls
+                # the policy's mean back without steering the states themselves.
+                ref_mean = ddim_step_with_logprob(
+                    self.reference_output(x.detach(), t_batch, cond), x.detach(),
+                    self.abar_t[i], self.abar_prev[i], cfg.eta,
+                    prediction_type=self.prediction_type, noise=noise,
+                ).mean  # fmt: skip
+                kls.append(gaussian_kl_equal_std(step_out.mean, ref_mean, step_out.std))
+            x = step_out.prev_sample
+        rewards = cast(DifferentiableScorer, self.reward).differentiable(
+            repeated, self.decode_differentiable(x)
+        )  # (B,)
+        kl = torch.stack(kls) if kls else torch.zeros(1, batch, device=self.device)  # (T, B)
+        loss = reward_backprop_loss(rewards, kl, cfg.kl_coef)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss is {float(loss)}", step)
+        loss.backward()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.trainable], max_norm))
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm is {grad_norm}", step)
+        self.optimizer.step()
+        scores = rewards.detach().float().cpu()
+        return StepMetrics(
+            step=step,
+            reward_mean=float(scores.mean()),
+            reward_std=float(scores.std(unbiased=False)),
+            advantage_std=0.0,
+            kl=float(kl.detach().mean()),
+            clip_fraction=0.0,
+            approx_kl_old=0.0,
+            policy_loss=float(loss.detach()),
+            grad_norm=grad_norm,
         )
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -717,12 +813,17 @@ def train(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if probe is not None and not guard.baseline:
         probe_now()
+    if config.objective == "reward_backprop" and not is_differentiable(reward):
+        raise ValueError(f"reward_backprop needs a differentiable reward; {reward.name} is not")
     while step < config.steps:
-        traj = trainer.rollout(prompt_schedule(prompts, config.prompts_per_step, step + 1,
-                                               config.seed))  # fmt: skip
-        if not torch.isfinite(traj.rewards).all():
-            raise TrainingDiverged("a reward is NaN or infinite", step + 1)
-        metrics = trainer.update(traj, trainer.advantages(traj), step + 1)
+        chosen = prompt_schedule(prompts, config.prompts_per_step, step + 1, config.seed)
+        if config.objective == "reward_backprop":
+            metrics = trainer.backprop_update(chosen, step + 1)
+        else:
+            traj = trainer.rollout(chosen)
+            if not torch.isfinite(traj.rewards).all():
+                raise TrainingDiverged("a reward is NaN or infinite", step + 1)
+            metrics = trainer.update(traj, trainer.advantages(traj), step + 1)
         step += 1
         result.history.append(metrics)
         if on_metrics is not None:

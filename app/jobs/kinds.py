@@ -561,6 +561,7 @@ register_kind(
 # chosen with benchmarks/rl_loop.py on the toy model (figures in the README). `train_timesteps`
 # None trains every sampled denoising step.
 RL_RECIPE: dict[str, Any] = {
+    "objective": "policy_gradient",
     "steps": 60,
     "prompts_per_step": 8,
     "group_size": 8,
@@ -578,6 +579,10 @@ class RLTrainingParams(JobParams):
     """The hyper-parameters of one online RL run (GRPO / DDPO with a KL anchor to the parent):
     what `worker.rl_train` reads. Defaults: RL_RECIPE and the guard's limits."""
 
+    # "policy_gradient": GRPO/DDPO on the sampled chains' log-probabilities (any reward).
+    # "reward_backprop": the reward's own gradient through the whole sampling chain (AlignProp,
+    # DRaFT); needs a differentiable reward (a reward model, no fidelity weight).
+    objective: Literal["policy_gradient", "reward_backprop"] = RL_RECIPE["objective"]
     steps: int = Field(
         default=RL_RECIPE["steps"], ge=1, le=100_000, description="sample → score → update rounds"
     )
@@ -651,6 +656,15 @@ class TrainRLParams(RLTrainingParams, ChildJobParams):
     reward_weight: float = Field(default=1.0, ge=0)
     fidelity_weight: float = Field(default=0.0, ge=0)
     probe_prompts: int = Field(default=16, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def _differentiable_reward(self) -> TrainRLParams:
+        if self.objective == "reward_backprop" and self.fidelity_weight > 0:
+            raise ValueError(
+                "reward_backprop needs a differentiable reward: the fidelity scorer is not; "
+                "set fidelity_weight to 0 or use objective policy_gradient"
+            )
+        return self
 
 
 def check_train_rl(

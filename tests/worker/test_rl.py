@@ -18,6 +18,7 @@ from worker.rl import (
     group_advantages,
     ppo_clipped_loss,
     predicted_epsilon,
+    reward_backprop_loss,
     timestep_weights,
 )
 
@@ -204,3 +205,30 @@ def test_kl_closed_form_and_zero_for_equal_means() -> None:
         dim=(1, 2, 3)
     )
     torch.testing.assert_close(gaussian_kl_equal_std(shifted, mu, std), direct)
+
+
+def test_reward_backprop_loss_by_hand() -> None:
+    rewards = torch.tensor([1.0, 3.0], requires_grad=True)  # (B,)
+    kl = torch.tensor([[0.5, 0.1], [0.3, 0.0]], requires_grad=True)  # (T, B)
+    loss = reward_backprop_loss(rewards, kl, kl_coef=0.2)
+    # −mean(1, 3) + 0.2 · mean(0.5, 0.1, 0.3, 0.0) = −2 + 0.2 · 0.225 = −1.955
+    torch.testing.assert_close(loss, torch.tensor(-1.955))
+    loss.backward()
+    assert rewards.grad is not None and kl.grad is not None
+    torch.testing.assert_close(rewards.grad, torch.full((2,), -0.5))  # −1/B
+    torch.testing.assert_close(kl.grad, torch.full((2, 2), 0.05))  # kl_coef/(T·B)
+    # Without the anchor the loss is the negated mean reward.
+    torch.testing.assert_close(reward_backprop_loss(rewards, kl, 0.0), torch.tensor(-2.0))
+
+
+def test_a_reparameterised_ddim_step_passes_the_gradient_to_the_network_output() -> None:
+    # The sample x_s = μ + σ·z with z fixed: ∂x_s/∂ε̂ = √(1−ᾱ_s−σ²) − √ᾱ_s·√(1−ᾱ_t)/√ᾱ_t.
+    out = torch.zeros(1, 1, 1, 1, requires_grad=True)
+    x_t = torch.ones(1, 1, 1, 1)
+    a_t, a_s, eta = torch.tensor(0.5), torch.tensor(0.8), 1.0
+    step = ddim_step_with_logprob(out, x_t, a_t, a_s, eta, noise=torch.zeros(1, 1, 1, 1))
+    step.prev_sample.sum().backward()
+    sigma = ddim_sigma(a_t, a_s, eta)
+    expected = (1 - a_s - sigma**2).sqrt() - a_s.sqrt() * (1 - a_t).sqrt() / a_t.sqrt()
+    assert out.grad is not None
+    torch.testing.assert_close(out.grad.reshape(()), expected)
