@@ -509,9 +509,16 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
     return met
 
 
+def objective_label(rl_config: dict[str, Any]) -> str:
+    """The table's short name: "pg" (policy gradient, also runs recorded before the option
+    existed) or "backprop"."""
+    objective = rl_config.get("objective", "policy_gradient")
+    return "backprop" if objective == "reward_backprop" else "pg"
+
+
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'preference':<18} {'reward':<7} {'rank':>4} {'lr':>6} {'votes':>5} "
+        f"{'preference':<18} {'reward':<7} {'objective':<9} {'rank':>4} {'lr':>6} {'votes':>5} "
         f"{'win@tol [95% CI]':>22} {'n':>4} "
         f"{'Δscore':>8} {'fid':>11} {'cell both':>11} {'RM acc':>11} {'steps':>5} "
         f"{'cpu min':>7} {'wall':>6}  goals"
@@ -520,7 +527,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         w = r["win"]
         lines.append(
-            f"{r['preference']:<18} {r['reward_source']:<7} {r['rl_config']['lora_rank']:>4} "
+            f"{r['preference']:<18} {r['reward_source']:<7} {objective_label(r['rl_config']):<9} "
+            f"{r['rl_config']['lora_rank']:>4} "
             f"{r['rl_config']['learning_rate']:>6.0e} {r['votes']:>5} "
             f"{w['win_rate']:>7.1%} [{w['ci_low']:>5.1%}, {w['ci_high']:>6.1%}] {w['n']:>4} "
             f"{r['mean_score_change']:>+8.4f} "

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from benchmarks.rl_loop import both_share, cell_shares, goals, image_seed, reward_kl_curve
+from benchmarks.rl_loop import (
+    both_share,
+    cell_shares,
+    goals,
+    image_seed,
+    objective_label,
+    reward_kl_curve,
+)
 from worker.toy.world import SceneSpec, render
 
 
@@ -71,3 +78,10 @@ def test_reward_kl_curve_by_hand() -> None:
     kl, gain = reward_kl_curve(run)
     np.testing.assert_allclose(kl, [0.0, 0.1, 0.4])
     np.testing.assert_allclose(gain, [0.0, 0.5, 1.0])
+
+
+def test_the_table_names_each_run_s_objective() -> None:
+    assert objective_label({"objective": "reward_backprop"}) == "backprop"
+    assert objective_label({"objective": "policy_gradient"}) == "pg"
+    # Runs recorded before the option existed trained by policy gradient.
+    assert objective_label({"lora_rank": 8}) == "pg"
