@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -237,12 +239,18 @@ def test_weighted_sum_of_scorers() -> None:
 def test_tiny_pipelines_sample_rescore_and_update(tmp_path: Path, kind: str) -> None:
     torch.set_num_threads(1)
     if kind == "sdxl":
-        pipe = StableDiffusionXLPipeline.from_pretrained(build_tiny_sdxl(tmp_path / "m"))
+        path = build_tiny_sdxl(tmp_path / "m")
+
+        def load() -> Any:
+            return StableDiffusionXLPipeline.from_pretrained(path)
     else:
         ptype = "v_prediction" if kind == "sd-v" else "epsilon"
-        pipe = StableDiffusionPipeline.from_pretrained(
-            build_tiny_sd(tmp_path / "m", prediction_type=ptype), safety_checker=None
-        )
+        path = build_tiny_sd(tmp_path / "m", prediction_type=ptype)
+
+        def load() -> Any:
+            return StableDiffusionPipeline.from_pretrained(path, safety_checker=None)
+
+    pipe = load()
     trainer = RLTrainer(pipe, _tiny_config(lora_targets="all"), BrightnessScorer(), device="cpu")
     traj = trainer.rollout(["a cat", "the dog"])
     assert traj.latents.shape[:2] == (4, 5) and traj.log_probs.shape == (4, 4)
@@ -253,6 +261,13 @@ def test_tiny_pipelines_sample_rescore_and_update(tmp_path: Path, kind: str) -> 
     assert float(kl.abs().max()) == 0.0
     metrics = trainer.update(traj, trainer.advantages(traj), step=1)
     assert metrics.grad_norm > 0 and metrics.kl >= 0
+    # Reward backpropagation through the same pipeline class: a gradient reaches the adapter.
+    backprop = RLTrainer(
+        load(), _tiny_config(lora_targets="all", objective="reward_backprop"),
+        DifferentiableBrightness(), device="cpu",
+    )  # fmt: skip
+    step = backprop.backprop_update(["a cat", "the dog"], step=1)
+    assert step.grad_norm > 0 and math.isfinite(step.reward_mean)
 
 
 def test_job_params_are_the_trainer_config() -> None:
