@@ -34,8 +34,8 @@ Methods: `dpo_votes` (train_dpo on the votes with the job's defaults — the lea
 votes plus on-policy best-vs-worst pairs the reward model labels); `iterative_x3` (train_loop,
 3 rounds, stopping on validation prompts added for it; the last accepted child is judged);
 `best_of_4` and `best_of_16` (no training: the parent sampling best of 4 or 16 by the reward
-model; the cost is at test time); `rl` (train_rl: GRPO from the reward model with a KL anchor
-to the parent, the job's defaults).
+model; the cost is at test time); `rl` (train_rl from the reward model with a KL anchor to the
+parent, the job's defaults: reward backpropagation through the sampling chain).
 
 Printed: one table per method and the goals (for every preference a method reaching ≥ 80 %
 win-rate at tolerance from ≤ 2 000 votes and ≤ 30 CPU minutes with fidelity drop ≤ 2 points;
@@ -750,7 +750,7 @@ def best_of(n: int) -> MethodFn:
 def rl(
     stack: Stack, project: Project, config: LoopConfig, reward: dict[str, Any], timer: PhaseTimer
 ) -> MethodRun:
-    """Online RL (`train_rl`: GRPO with a KL anchor to the parent) from the reward model, with the
+    """Online RL (`train_rl`, KL-anchored to the parent) from the reward model, with the
     job's defaults; the guard is the fidelity reader on held-out prompts (one reward model here).
     """
     params = {

@@ -21,7 +21,8 @@ axes) before/after, the reward model's accuracy on noise-free pairs of held-out 
 votes, CPU (or device) minutes. Written: JSON (`--out`) and a reward-vs-KL curve PNG (`--plot`).
 
 `--reward oracle` replaces the learned reward by the preference itself (an ablation: what RL
-reaches when the reward sees what the annotator sees).
+reaches when the reward sees what the annotator sees); it gives no gradients, so those runs
+train by policy gradients (`objective=policy_gradient`).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/rl_loop.py --preference brighter --quick
     .venv/bin/python benchmarks/rl_loop.py --preference all --out /tmp/rl.json --plot /tmp/rl.png
@@ -393,8 +394,12 @@ def run_loop(
         reward_scorer: Any = Oracle()
     else:
         reward_scorer = WeightedSum([(RewardModelScorer(reward_models[0].model, "reward"), 1.0)])
-    rl_config = RLConfig(**{"guidance_scale": config.guidance_scale, "seed": config.seed,
-                            **config.rl})  # fmt: skip
+    rl_settings = {"guidance_scale": config.guidance_scale, "seed": config.seed, **config.rl}
+    if config.reward == "oracle":
+        # The preference reads pixels through thresholds: it gives no gradients, so the
+        # oracle ablation trains by policy gradients unless told otherwise (and then fails).
+        rl_settings.setdefault("objective", "policy_gradient")
+    rl_config = RLConfig(**rl_settings)
     probe = ProbeSet(
         prompts=val_prompts,
         guard=RewardModelScorer(reward_models[1].model, "guard"),
@@ -518,7 +523,8 @@ def objective_label(rl_config: dict[str, Any]) -> str:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'preference':<18} {'reward':<7} {'objective':<9} {'rank':>4} {'lr':>6} {'votes':>5} "
+        f"{'preference':<18} {'reward':<7} {'objective':<9} {'rank':>4} {'lr':>6} {'kl':>5} "
+        f"{'votes':>5} "
         f"{'win@tol [95% CI]':>22} {'n':>4} "
         f"{'Δscore':>8} {'fid':>11} {'cell both':>11} {'RM acc':>11} {'steps':>5} "
         f"{'cpu min':>7} {'wall':>6}  goals"
@@ -529,7 +535,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"{r['preference']:<18} {r['reward_source']:<7} {objective_label(r['rl_config']):<9} "
             f"{r['rl_config']['lora_rank']:>4} "
-            f"{r['rl_config']['learning_rate']:>6.0e} {r['votes']:>5} "
+            f"{r['rl_config']['learning_rate']:>6.0e} {r['rl_config']['kl_coef']:>5g} "
+            f"{r['votes']:>5} "
             f"{w['win_rate']:>7.1%} [{w['ci_low']:>5.1%}, {w['ci_high']:>6.1%}] {w['n']:>4} "
             f"{r['mean_score_change']:>+8.4f} "
             f"{r['fidelity_parent']:.3f}>{r['fidelity_child']:.3f} "

@@ -67,6 +67,9 @@ def _toy() -> StableDiffusionPipeline:
 
 def _tiny_config(**overrides: object) -> RLConfig:
     base: dict[str, object] = {
+        # Policy gradients unless a test names the other objective: most tests here check
+        # the sampler, the PPO update and the guard, which reward backpropagation skips.
+        "objective": "policy_gradient",
         "steps": 2,
         "prompts_per_step": 2,
         "group_size": 2,
@@ -136,16 +139,18 @@ def test_probe_verdict_by_hand() -> None:
 
 
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path: Path) -> None:
-    cfg = _tiny_config(steps=3)
-    straight = train(_toy(), PROMPTS, BrightnessScorer(), cfg, tmp_path / "a", device="cpu")
+@pytest.mark.parametrize("objective", ["policy_gradient", "reward_backprop"])
+def test_resume_continues_exactly(tmp_path: Path, objective: str) -> None:
+    cfg = _tiny_config(steps=3, objective=objective)
+    reward = DifferentiableBrightness()
+    straight = train(_toy(), PROMPTS, reward, cfg, tmp_path / "a", device="cpu")
     calls = iter([True, False, False])
     first = train(
-        _toy(), PROMPTS, BrightnessScorer(), cfg, tmp_path / "b",
+        _toy(), PROMPTS, reward, cfg, tmp_path / "b",
         should_stop=lambda: next(calls), device="cpu",
     )  # fmt: skip
     assert first.stopped_early and first.step == 1
-    rest = train(_toy(), PROMPTS, BrightnessScorer(), cfg, tmp_path / "b", device="cpu")
+    rest = train(_toy(), PROMPTS, reward, cfg, tmp_path / "b", device="cpu")
     assert rest.step == 3 and [m.step for m in rest.history] == [2, 3]
     assert [m.as_dict() for m in rest.history] == [m.as_dict() for m in straight.history[1:]]
     a = load_file(str(list_checkpoints(tmp_path / "a")[-1] / "trainable.safetensors"))

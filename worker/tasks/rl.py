@@ -1,4 +1,5 @@
-"""`train_rl`: online GRPO / DDPO fine-tuning from the project's reward model → a child version.
+"""`train_rl`: online RL from the project's reward model (reward backpropagation, or GRPO / DDPO
+policy gradients) → a child version.
 
 Orchestration only; the maths is `worker.rl`, the loop `worker.rl_train`. Training prompts are
 the project's train split; the reward-hacking guard's probe prompts are held out (val, then
