@@ -102,7 +102,9 @@ def test_rl_job_cancel(project: tuple[Stack, int, int]) -> None:
     stack, pid, mid = project
     created = stack.post(
         f"/api/v1/projects/{pid}/jobs",
+        # The fidelity scorer alone (no reward model yet) gives no gradients: policy gradients.
         {"kind": "train_rl", "params": {"model_id": mid, "steps": 500, "prompts_per_step": 2,
+                                        "objective": "policy_gradient",
                                         "reward_weight": 0, "fidelity_weight": 1,
                                         "group_size": 2, "sample_steps": 4,
                                         "train_timesteps": 2}},
