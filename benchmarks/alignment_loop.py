@@ -237,6 +237,12 @@ class PhaseTimer:
 # The platform through its HTTP API
 
 
+def within_bound(value: float, bound: float) -> bool:
+    """``value <= bound`` for shares: 0.9822 − 0.9622 is 0.020000000000000018 in floats, and a
+    drop of exactly the bound meets it."""
+    return round(value, 9) <= bound
+
+
 def _checked(response: httpx.Response, *expected: int) -> Any:
     if response.status_code not in expected:
         raise RuntimeError(
@@ -963,7 +969,7 @@ def goals(result: dict[str, Any], method: str) -> dict[str, bool]:
     met = {
         "win_rate": m["comparison"]["win_rate"] >= GOAL_WIN_RATE,
         "votes": m["votes_used"] <= GOAL_MAX_VOTES,
-        "fidelity": m["fidelity_drop"] <= GOAL_FIDELITY_DROP,
+        "fidelity": within_bound(m["fidelity_drop"], GOAL_FIDELITY_DROP),
         "cpu": m["cpu_minutes"] <= GOAL_CPU_MINUTES,
     }
     if result["preference"] == "prompted_position":

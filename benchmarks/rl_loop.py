@@ -73,7 +73,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.alignment_loop import key_value  # noqa: E402
+from benchmarks.alignment_loop import key_value, within_bound  # noqa: E402
 from worker.evaluation import compare, share  # noqa: E402
 from worker.toy.preferences import (  # noqa: E402
     NO_FOREGROUND,
@@ -507,7 +507,9 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
         "win_rate": r["win"]["win_rate"] >= GOAL_WIN_RATE,
         "votes": r["votes"] <= GOAL_MAX_VOTES,
         "minutes": r["cpu_seconds"] <= 60 * GOAL_MINUTES,
-        "fidelity": r["fidelity_parent"] - r["fidelity_child"] <= GOAL_MAX_FIDELITY_DROP,
+        "fidelity": within_bound(
+            r["fidelity_parent"] - r["fidelity_child"], GOAL_MAX_FIDELITY_DROP
+        ),
     }
     if r["preference"] == "prompted_position":
         met["position_share"] = both_share(r, "child") >= GOAL_POSITION_SHARE

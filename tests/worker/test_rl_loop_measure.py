@@ -57,6 +57,11 @@ def test_goals_read_the_corner_share_and_the_fidelity_drop() -> None:
     missed = goals(_result(0.85, 0.65, 0.87))
     assert not missed["position_share"] and not missed["fidelity"]
     assert both_share(_result(0.5, 0.4, 0.9), "child") == 0.4
+    # A drop of exactly the bound meets it, though 0.9822… − 0.9622… exceeds 0.02 in floats.
+    exact = {**_result(0.85, 0.75, 0.0), "fidelity_parent": 0.9822222222222222,
+             "fidelity_child": 0.9622222222222222}  # fmt: skip
+    assert 0.9822222222222222 - 0.9622222222222222 > 0.02 and goals(exact)["fidelity"]
+    assert not goals({**exact, "fidelity_child": 0.9612222222222222})["fidelity"]
     assert np.isnan(both_share({}, "parent"))
 
 
