@@ -434,12 +434,12 @@ def _post_vote(
 ) -> httpx.Response:
     """POST a vote as a well-behaved client: a 429 (the project's vote rate, shared by all its
     annotators) stored nothing, so wait its Retry-After and send it again."""
-    for _ in range(attempts - 1):
+    for attempt in range(attempts):
         answer = client.post(f"/api/v1/pairs/{pair_id}/votes", json=vote)
-        if answer.status_code != 429:
-            return answer
+        if answer.status_code != 429 or attempt == attempts - 1:
+            break
         time.sleep(float(answer.headers.get("Retry-After", "1")))
-    return client.post(f"/api/v1/pairs/{pair_id}/votes", json=vote)
+    return answer
 
 
 def simulate_votes(

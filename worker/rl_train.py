@@ -331,6 +331,8 @@ class RLTrainer:
         *,
         device: torch.device | str | None = None,
     ) -> None:
+        if config.objective == "reward_backprop" and not is_differentiable(reward):
+            raise ValueError(f"reward_backprop needs a differentiable reward; {reward.name} is not")
         self.pipe = pipe
         self.config = config
         self.reward = reward
@@ -560,8 +562,6 @@ class RLTrainer:
         noise fixed, x_s = μ_θ + σ·z), decoded, scored by the differentiable reward, and the
         policy moved up the reward's gradient with the KL anchor at the chain's own states."""
         cfg = self.config
-        if not is_differentiable(self.reward):
-            raise ValueError(f"reward {self.reward.name} cannot score with gradients")
         repeated = [p for p in prompts for _ in range(cfg.group_size)]
         batch = len(repeated)
         cond = self.encoder(repeated, self.device)
@@ -813,8 +813,6 @@ def train(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if probe is not None and not guard.baseline:
         probe_now()
-    if config.objective == "reward_backprop" and not is_differentiable(reward):
-        raise ValueError(f"reward_backprop needs a differentiable reward; {reward.name} is not")
     while step < config.steps:
         chosen = prompt_schedule(prompts, config.prompts_per_step, step + 1, config.seed)
         if config.objective == "reward_backprop":

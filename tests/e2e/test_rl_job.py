@@ -41,6 +41,19 @@ def test_rl_job_refuses_bad_params_then_trains_in_chunks_and_enters_the_arena(
                                         "reward_weight": 0, "train_timesteps": 20}},
     )  # fmt: skip
     assert bad.status_code == 422 and "sample_steps" in bad.text
+    # The default objective follows the reward model's gradient: a scorer without gradients is
+    # refused by name, and an unknown objective lists the known ones.
+    no_gradient = stack.post(
+        f"/api/v1/projects/{pid}/jobs",
+        {"kind": "train_rl", "params": {"model_id": mid, "fidelity_weight": 1.0,
+                                        "reward_weight": 0}},
+    )  # fmt: skip
+    assert no_gradient.status_code == 422 and "differentiable" in no_gradient.text
+    unknown = stack.post(
+        f"/api/v1/projects/{pid}/jobs",
+        {"kind": "train_rl", "params": {"model_id": mid, "objective": "evolution"}},
+    )
+    assert unknown.status_code == 422 and "reward_backprop" in unknown.text
 
     token = stack.post(f"/api/v1/projects/{pid}/annotators", {"email": "s@example.com"}).json()[
         "token"
