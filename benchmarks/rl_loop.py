@@ -264,6 +264,7 @@ def run_loop(
         RewardModelScorer,
         RLConfig,
         ToyFidelityScorer,
+        ToyRecogniserScorer,
         WeightedSum,
         to_uint8,
         train,
@@ -393,13 +394,19 @@ def run_loop(
 
         reward_scorer: Any = Oracle()
     else:
-        reward_scorer = WeightedSum([(RewardModelScorer(reward_models[0].model, "reward"), 1.0)])
+        reward_scorer = RewardModelScorer(reward_models[0].model, "reward")
     rl_settings = {"guidance_scale": config.guidance_scale, "seed": config.seed, **config.rl}
     if config.reward == "oracle":
         # The preference reads pixels through thresholds: it gives no gradients, so the
         # oracle ablation trains by policy gradients unless told otherwise (and then fails).
         rl_settings.setdefault("objective", "policy_gradient")
     rl_config = RLConfig(**rl_settings)
+    # The training reward as the job composes it (worker.tasks.rl): the reward, plus the
+    # recogniser's fidelity term when weighted.
+    parts: list[tuple[Any, float]] = [(reward_scorer, 1.0)]
+    if rl_config.fidelity_weight > 0:
+        parts.append((ToyRecogniserScorer(), rl_config.fidelity_weight))
+    reward_scorer = WeightedSum(parts)
     probe = ProbeSet(
         prompts=val_prompts,
         guard=RewardModelScorer(reward_models[1].model, "guard"),
@@ -518,14 +525,16 @@ def goals(r: dict[str, Any]) -> dict[str, bool]:
 
 def objective_label(rl_config: dict[str, Any]) -> str:
     """The table's short name: "pg" (policy gradient, also runs recorded before the option
-    existed) or "backprop"."""
+    existed) or "backprop", with "+fW" when the recogniser's fidelity term weighs W."""
     objective = rl_config.get("objective", "policy_gradient")
-    return "backprop" if objective == "reward_backprop" else "pg"
+    label = "backprop" if objective == "reward_backprop" else "pg"
+    weight = rl_config.get("fidelity_weight", 0.0)
+    return f"{label}+f{weight:g}" if weight else label
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
     head = (
-        f"{'preference':<18} {'reward':<7} {'objective':<9} {'rank':>4} {'lr':>6} {'kl':>5} "
+        f"{'preference':<18} {'reward':<7} {'objective':<12} {'rank':>4} {'lr':>6} {'kl':>5} "
         f"{'votes':>5} "
         f"{'win@tol [95% CI]':>22} {'n':>4} "
         f"{'Δscore':>8} {'fid':>11} {'cell both':>11} {'RM acc':>11} {'steps':>5} "
@@ -535,7 +544,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
     for r in results:
         w = r["win"]
         lines.append(
-            f"{r['preference']:<18} {r['reward_source']:<7} {objective_label(r['rl_config']):<9} "
+            f"{r['preference']:<18} {r['reward_source']:<7} {objective_label(r['rl_config']):<12} "
             f"{r['rl_config']['lora_rank']:>4} "
             f"{r['rl_config']['learning_rate']:>6.0e} {r['rl_config']['kl_coef']:>5g} "
             f"{r['votes']:>5} "

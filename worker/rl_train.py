@@ -63,6 +63,7 @@ import torch
 from diffusers import DDIMScheduler
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from app.core.storage import atomic_dir
 from app.generators.schemas import GenerationParams
@@ -158,6 +159,34 @@ class ToyFidelityScorer:
         return torch.tensor(
             [prompt_alignment(p, a) for p, a in zip(prompts, arrays, strict=True)]
         )  # (B,)
+
+
+class ToyRecogniserScorer:
+    """Mean log-probability the toy recogniser gives the prompt's named shape and colour: the
+    differentiable fidelity term of the training reward (the reader stays the judge)."""
+
+    name = "fidelity"
+
+    def __init__(self, model: nn.Module | None = None) -> None:
+        from worker.toy.recogniser import default_recogniser
+
+        self.model = model if model is not None else default_recogniser()
+
+    def differentiable(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        from worker.toy.recogniser import fidelity_log_likelihood, named_labels
+
+        self.model.to(images.device)
+        pixels = images.float()  # (B, 3, H, W) in [0, 1]
+        from worker.toy.world import DEFAULT_SIZE as size
+
+        if pixels.shape[-2:] != (size, size):
+            pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
+        shape_logits, colour_logits = self.model(pixels)  # (B, 4), (B, 6)
+        return fidelity_log_likelihood(shape_logits, colour_logits, *named_labels(prompts))
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], images: Tensor) -> Tensor:
+        return self.differentiable(prompts, images).cpu()  # (B,)
 
 
 class WeightedSum:

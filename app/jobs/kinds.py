@@ -624,6 +624,10 @@ class RLTrainingParams(JobParams):
         default=RL_RECIPE["lora_rank"], ge=0, le=256, description="0 = full fine-tuning"
     )
     lora_targets: LoraTargets = RL_RECIPE["lora_targets"]
+    # Weight of the prompt-fidelity term in the training reward: the toy recogniser's mean
+    # log-probability of the prompt's named shape and colour (toy models only; differentiable,
+    # so both objectives can use it). The guard's fidelity is still read by the toy reader.
+    fidelity_weight: float = Field(default=0.0, ge=0)
     # Reward-hacking guard, on the probe set.
     eval_every: int = Field(default=10, ge=1)
     max_fidelity_drop: float = Field(default=0.05, ge=0, le=1)
@@ -655,19 +659,9 @@ class TrainRLParams(RLTrainingParams, ChildJobParams):
     # A second, independently trained reward model watching for reward hacking on held-out
     # prompts; default: the newest other reward model of the project (none: fidelity only).
     guard_reward_model_id: int | None = None
-    # Training reward = reward_weight · reward model + fidelity_weight · prompt fidelity (toy).
+    # Training reward = reward_weight · reward model + fidelity_weight · prompt fidelity.
     reward_weight: float = Field(default=1.0, ge=0)
-    fidelity_weight: float = Field(default=0.0, ge=0)
     probe_prompts: int = Field(default=16, ge=1, le=1024)
-
-    @model_validator(mode="after")
-    def _differentiable_reward(self) -> TrainRLParams:
-        if self.objective == "reward_backprop" and self.fidelity_weight > 0:
-            raise ValueError(
-                "reward_backprop needs a differentiable reward: the fidelity scorer is not; "
-                "set fidelity_weight to 0 or use objective policy_gradient"
-            )
-        return self
 
 
 def check_train_rl(

@@ -19,6 +19,7 @@ from worker.rl_train import (
     RLConfig,
     RLTrainer,
     ToyFidelityScorer,
+    ToyRecogniserScorer,
     WeightedSum,
     list_checkpoints,
     probe_verdict,
@@ -223,14 +224,26 @@ def test_reward_backprop_raises_a_differentiable_reward_and_refuses_others(
         train(_toy(), PROMPTS, mixed, cfg, tmp_path / "mixed", device="cpu")
 
 
-def test_reward_backprop_job_refuses_the_fidelity_scorer() -> None:
-    from pydantic import ValidationError
-
+@pytest.mark.slow
+def test_reward_backprop_follows_the_recogniser_fidelity_term(tmp_path: Path) -> None:
     from app.jobs.kinds import TrainRLParams
 
-    with pytest.raises(ValidationError, match="differentiable"):
-        TrainRLParams(model_id=1, objective="reward_backprop", fidelity_weight=0.5)
-    assert TrainRLParams(model_id=1, objective="reward_backprop").fidelity_weight == 0
+    # The job takes a fidelity weight with either objective: the recogniser gives gradients.
+    assert TrainRLParams(model_id=1, objective="reward_backprop", fidelity_weight=0.5)
+    cfg = _tiny_config(
+        objective="reward_backprop", steps=2, prompts_per_step=2, group_size=2,
+        learning_rate=1e-2, kl_coef=0.0, train_timesteps=None, minibatches=1,
+        checkpoint_every=2, fidelity_weight=1.0,
+    )  # fmt: skip
+    run = train(_toy(), PROMPTS, WeightedSum([(ToyRecogniserScorer(), 1.0)]), cfg,
+                tmp_path / "fid", device="cpu")  # fmt: skip
+    assert run.step == 2 and all(math.isfinite(m.reward_mean) for m in run.history)
+    # The recogniser's log-likelihood is ≤ 0, and its gradient alone moved the adapter off
+    # its zero start (LoRA's B matrices begin at 0).
+    assert all(m.reward_mean <= 0 for m in run.history)
+    trained = load_file(str(list_checkpoints(tmp_path / "fid")[-1] / "trainable.safetensors"))
+    lora_b = [v for k, v in trained.items() if "lora_B" in k]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)
 
 
 def test_weighted_sum_of_scorers() -> None:

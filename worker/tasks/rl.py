@@ -61,6 +61,7 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
         RewardModelScorer,
         Scorer,
         ToyFidelityScorer,
+        ToyRecogniserScorer,
         TrainingDiverged,
         WeightedSum,
         list_checkpoints,
@@ -92,11 +93,13 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     parts: list[tuple[Scorer, float]] = []
     if primary is not None and params.reward_weight > 0:
         parts.append((RewardModelScorer(primary, "reward"), params.reward_weight))
+    # Trained against the recogniser, judged by the reader: the term the policy climbs is not
+    # the one the guard reads.
     fidelity = ToyFidelityScorer() if is_toy else None
     if params.fidelity_weight > 0:
         if fidelity is None:
             raise ValueError("fidelity_weight needs a toy model (no fidelity scorer for others)")
-        parts.append((fidelity, params.fidelity_weight))
+        parts.append((ToyRecogniserScorer(), params.fidelity_weight))
     reward = WeightedSum(parts)
     probe = ProbeSet(
         prompts=probe_prompts,
