@@ -243,6 +243,43 @@ def _generate(spec: Any, pipe: Any, prompts: Sequence[str], seeds: Sequence[int]
     return out
 
 
+def simulate_votes(
+    config: RLLoopConfig, train_prompts: Sequence[str], spec: Any, pipe: Any, timer: Timer
+) -> tuple[list[Any], int, int, int]:
+    """Steps 1–2: the parent's training images and the simulated annotators' votes on pairs
+    within a prompt. Returns the decisive votes as reward-model records, the votes cast, the
+    ties and the flipped votes."""
+    from worker.reward_model import PreferenceRecord
+
+    pref = PREFERENCES[config.preference]
+    items = [(p, image_seed(p, i)) for p in train_prompts for i in range(config.images_per_prompt)]
+    images = _generate(spec, pipe, [p for p, _ in items], [s for _, s in items])
+    timer.lap("generate")
+    rng = np.random.default_rng(config.seed)
+    candidates = []
+    n = config.images_per_prompt
+    for k in range(len(train_prompts)):
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        for pick in rng.permutation(len(pairs))[: config.pairs_per_prompt]:
+            i, j = pairs[int(pick)]
+            candidates.append((k * n + i, k * n + j))
+    rng.shuffle(candidates)
+    records, ties, flipped = [], 0, 0
+    for a, b in candidates[: config.votes]:
+        prompt = items[a][0]
+        sa, sb = pref.score(images[a], prompt), pref.score(images[b], prompt)
+        choice = vote_from_scores(sa, sb, rng, config.flip_noise)
+        honest = vote_from_scores(sa, sb, rng)
+        if choice == "tie":
+            ties += 1
+            continue
+        flipped += choice != honest
+        records.append(PreferenceRecord(prompt, images[a], images[b],
+                                        1.0 if choice == "left" else 0.0))  # fmt: skip
+    timer.lap("vote")
+    return records, min(config.votes, len(candidates)), ties, flipped
+
+
 def run_loop(
     config: RLLoopConfig,
     work: Path,
@@ -255,7 +292,6 @@ def run_loop(
     from worker.generation import GeneratorSpec, load_pipeline
     from worker.reward_model import (
         PreferenceDataset,
-        PreferenceRecord,
         RewardTrainConfig,
         train_reward_model,
     )
@@ -287,37 +323,8 @@ def run_loop(
 
     def prepare() -> dict[str, Any]:
         """Votes, the two reward models and the parent's test images (cacheable: no RL)."""
-        # 1. training images
-        items = [
-            (p, image_seed(p, i)) for p in train_prompts for i in range(config.images_per_prompt)
-        ]
-        images = _generate(spec, parent_pipe, [p for p, _ in items], [s for _, s in items])
-        timer.lap("generate")
-
-        # 2. votes on pairs within a prompt
-        rng = np.random.default_rng(config.seed)
-        candidates = []
-        n = config.images_per_prompt
-        for k in range(len(train_prompts)):
-            pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
-            for pick in rng.permutation(len(pairs))[: config.pairs_per_prompt]:
-                i, j = pairs[int(pick)]
-                candidates.append((k * n + i, k * n + j))
-        rng.shuffle(candidates)
-        records, ties, flipped = [], 0, 0
-        for a, b in candidates[: config.votes]:
-            prompt = items[a][0]
-            sa, sb = score(prompt, images[a]), score(prompt, images[b])
-            choice = vote_from_scores(sa, sb, rng, config.flip_noise)
-            honest = vote_from_scores(sa, sb, rng)
-            if choice == "tie":
-                ties += 1
-                continue
-            flipped += choice != honest
-            records.append(PreferenceRecord(prompt, images[a], images[b],
-                                            1.0 if choice == "left" else 0.0))  # fmt: skip
-        votes = min(config.votes, len(candidates))
-        timer.lap("vote")
+        records, votes, ties, flipped = simulate_votes(config, train_prompts, spec, parent_pipe,
+                                                       timer)  # fmt: skip
 
         # 3. reward model and guard
         dataset = PreferenceDataset(records)
