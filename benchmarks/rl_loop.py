@@ -411,8 +411,9 @@ def run_loop(
     # The training reward as the job composes it (worker.tasks.rl): the reward, plus the
     # recogniser's fidelity term when weighted.
     parts: list[tuple[Any, float]] = [(reward_scorer, 1.0)]
-    if rl_config.fidelity_weight > 0:
-        parts.append((ToyRecogniserScorer(), rl_config.fidelity_weight))
+    fidelity_weight = rl_config.fidelity_weight_for(toy=True)
+    if fidelity_weight > 0:
+        parts.append((ToyRecogniserScorer(), fidelity_weight))
     reward_scorer = WeightedSum(parts)
     probe = ProbeSet(
         prompts=val_prompts,
@@ -535,7 +536,11 @@ def objective_label(rl_config: dict[str, Any]) -> str:
     existed) or "backprop", with "+fW" when the recogniser's fidelity term weighs W."""
     objective = rl_config.get("objective", "policy_gradient")
     label = "backprop" if objective == "reward_backprop" else "pg"
-    weight = rl_config.get("fidelity_weight", 0.0)
+    weight = rl_config.get("fidelity_weight", 0.0)  # runs from before the option: none
+    if weight is None:
+        from app.jobs.kinds import TOY_FIDELITY_WEIGHT
+
+        weight = TOY_FIDELITY_WEIGHT
     return f"{label}+f{weight:g}" if weight else label
 
 

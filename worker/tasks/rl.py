@@ -96,10 +96,14 @@ def train_rl(ctx: ProjectJobContext[TrainRLParams]) -> dict[str, Any]:
     # Trained against the recogniser, judged by the reader: the term the policy climbs is not
     # the one the guard reads.
     fidelity = ToyFidelityScorer() if is_toy else None
-    if params.fidelity_weight > 0:
+    fidelity_weight = params.fidelity_weight_for(toy=is_toy)
+    if fidelity_weight > 0:
         if fidelity is None:
             raise ValueError("fidelity_weight needs a toy model (no fidelity scorer for others)")
-        parts.append((ToyRecogniserScorer(), params.fidelity_weight))
+        parts.append((ToyRecogniserScorer(), fidelity_weight))
+    if not parts:
+        raise ValueError("nothing to train towards: reward_weight is 0 and this model has no "
+                         "fidelity term")  # fmt: skip
     reward = WeightedSum(parts)
     probe = ProbeSet(
         prompts=probe_prompts,
