@@ -361,6 +361,9 @@ def run_loop(
         fields = {
             k: v for k, v in asdict(config).items() if k not in ("rl", "rl_minutes", "reward")
         }
+        # Reward models trained by other code are not these: the training settings count too.
+        fields["reward_training"] = RewardTrainConfig(steps=config.reward_steps).model_dump()
+        fields["reward_restarts"] = RewardTrainConfig().resolved_restarts()
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
         cached = Path(cache_root) / f"prepare-{name}-{digest.hexdigest()[:16]}.pt"
     if cached is not None and cached.exists():

@@ -716,6 +716,8 @@ class RewardTrainResult:
     n_train: int
     n_val: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # The best validation loss of each initialisation tried; the kept one is the lowest.
+    restart_val_losses: list[float] = field(default_factory=list)
     test_accuracy: float | None = None  # tie-aware, at the validation tie_threshold
     test_log_loss: float | None = None
     test_ece: float | None = None
@@ -742,9 +744,7 @@ def build_reward_model(config: RewardTrainConfig, train_prompts: Sequence[str]) 
             head_hidden=config.resolved_head_hidden(),
         )
     assert config.clip_model is not None
-    return build_clip_model(
-        config.clip_model, head=head, head_hidden=config.resolved_head_hidden()
-    )
+    return build_clip_model(config.clip_model, head=head, head_hidden=config.resolved_head_hidden())
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -815,25 +815,34 @@ def evaluate_pairs(
     }
 
 
-def train_reward_model(
-    dataset: PreferenceDataset,
-    config: RewardTrainConfig,
-    on_progress: ProgressCallback | None = None,
-    *,
-    device: str = "auto",
-) -> RewardTrainResult:
-    """Train on a prompt-disjoint split, early-stop on validation loss, keep the best state.
+@dataclass
+class _Fit:
+    """One initialisation's run: its best validation state and how the run went."""
 
-    ``device`` "auto" is cuda when available. The test prompts (``config.test_fraction``) are
-    scored once, by the kept model at the validation tie threshold.
-    """
+    best: dict[str, Any]
+    steps_run: int
+    stopped_early: bool
+    history: list[dict[str, float]]
+
+
+# Initialisation r of a run with seed s uses seed s + r · _RESTART_STRIDE (r = 0: s itself, so
+# one restart is exactly the run without restarts).
+_RESTART_STRIDE = 7919
+
+
+def _fit_once(
+    train_set: PreferenceDataset,
+    val_set: PreferenceDataset,
+    config: RewardTrainConfig,
+    init_seed: int,
+    target: torch.device,
+    on_progress: ProgressCallback | None,
+    step_offset: int,
+    total_steps: int,
+) -> tuple[RewardModel, _Fit]:
     eval_every = config.eval_interval
-    target = _resolve_device(device)
-    torch.manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
-    train_set, val_set, test_set = dataset.split_three_ways(
-        config.val_fraction, config.test_fraction, config.seed
-    )
+    torch.manual_seed(init_seed)
+    rng = np.random.default_rng(init_seed)
     model = build_reward_model(config, train_set.prompts).to(target)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.resolved_weight_decay()
@@ -892,10 +901,45 @@ def train_reward_model(
         else:
             evals_since_best += 1
         if on_progress is not None:
-            on_progress(step, config.steps, dict(point))
+            on_progress(step_offset + step, total_steps, dict(point))
         if evals_since_best >= config.patience:
             stopped_early = True
             break
+    return model, _Fit(best, step, stopped_early, history)
+
+
+def train_reward_model(
+    dataset: PreferenceDataset,
+    config: RewardTrainConfig,
+    on_progress: ProgressCallback | None = None,
+    *,
+    device: str = "auto",
+) -> RewardTrainResult:
+    """Train on a prompt-disjoint split, early-stop on validation loss, keep the best state.
+
+    ``config.resolved_restarts()`` initialisations train on the same split; the one with the
+    lowest validation loss is kept (its history is the one reported). ``device`` "auto" is cuda
+    when available. The test prompts (``config.test_fraction``) are scored once, by the kept
+    model at the validation tie threshold.
+    """
+    target = _resolve_device(device)
+    train_set, val_set, test_set = dataset.split_three_ways(
+        config.val_fraction, config.test_fraction, config.seed
+    )
+    restarts = config.resolved_restarts()
+    fits: list[_Fit] = []
+    kept: tuple[RewardModel, _Fit] | None = None
+    for r in range(restarts):
+        model, fit = _fit_once(
+            train_set, val_set, config, config.seed + r * _RESTART_STRIDE, target,
+            on_progress, r * config.steps, restarts * config.steps,
+        )  # fmt: skip
+        fits.append(fit)
+        if kept is None or fit.best["val_loss"] < kept[1].best["val_loss"]:
+            kept = (model, fit)
+    assert kept is not None
+    model, fit = kept
+    best, step, stopped_early, history = fit.best, fit.steps_run, fit.stopped_early, fit.history
 
     model.load_state_dict(best["state"])
     model.eval()
@@ -918,6 +962,7 @@ def train_reward_model(
         n_train=len(train_set),
         n_val=len(val_set),
         history=history,
+        restart_val_losses=[f.best["val_loss"] for f in fits],
         test_accuracy=test["accuracy"],
         test_log_loss=test["log_loss"],
         test_ece=test["ece"],

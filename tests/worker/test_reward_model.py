@@ -50,17 +50,21 @@ def _one_thread():
     yield
     torch.set_num_threads(previous)
 
+
 def _t(*values: float) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
+
 
 # --------------------------------------------------------------------------------------------
 # Loss
 # --------------------------------------------------------------------------------------------
 
+
 def test_loss_on_a_clear_win_is_softplus_of_minus_the_margin():
     # -log sigmoid(1 - 0) = log(1 + e^-1)
     loss = preference_loss(_t(1.0), _t(0.0), _t(1.0))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-12)
+
 
 def test_tie_is_a_half_half_target():
     # 0.5 * log(1 + e^-1) + 0.5 * log(1 + e^1)
@@ -70,6 +74,7 @@ def test_tie_is_a_half_half_target():
     # A tie is best predicted by equal scores: ln 2, less than any unequal pair.
     assert preference_loss(_t(0.3), _t(0.3), _t(0.5)).item() == pytest.approx(math.log(2))
     assert loss.item() > math.log(2)
+
 
 def test_several_votes_give_their_empirical_share():
     assert label_from_votes(2, 1) == pytest.approx(2 / 3)
@@ -81,6 +86,7 @@ def test_several_votes_give_their_empirical_share():
     loss = preference_loss(_t(math.log(2)), _t(0.0), _t(2 / 3))
     entropy = -(2 / 3) * math.log(2 / 3) - (1 / 3) * math.log(1 / 3)
     assert loss.item() == pytest.approx(entropy, abs=1e-12)
+
 
 def test_prompt_weights_are_one_over_the_prompt_count_normalised_over_the_batch():
     prompts = ["a red circle", "a red circle", "a blue square"]
@@ -104,6 +110,7 @@ def test_prompt_weights_are_one_over_the_prompt_count_normalised_over_the_batch(
     plain = (math.log(2) + math.log(1 + math.e**2) + math.log(4)) / 3
     assert preference_loss(scores0, scores1, labels).item() == pytest.approx(plain, abs=1e-12)
 
+
 def test_loss_gradient_pushes_the_preferred_score_up():
     scores0 = _t(0.0, 0.0).requires_grad_(True)
     scores1 = _t(0.0, 0.0).requires_grad_(True)
@@ -112,6 +119,7 @@ def test_loss_gradient_pushes_the_preferred_score_up():
     assert scores0.grad.tolist() == pytest.approx([-0.25, 0.0])
     assert scores1.grad.tolist() == pytest.approx([0.25, 0.0])
 
+
 # --------------------------------------------------------------------------------------------
 # Metrics
 # --------------------------------------------------------------------------------------------
@@ -119,6 +127,7 @@ def test_loss_gradient_pushes_the_preferred_score_up():
 # p0 and labels (1: image0 preferred, 0: image1, 0.5: tie); |p0 - p1| = 0.8 0.1 0.1 0 0.6 0.2.
 P0 = np.array([0.9, 0.55, 0.45, 0.5, 0.2, 0.6])
 LABELS = np.array([1.0, 0.5, 0.5, 0.5, 1.0, 0.0])
+
 
 @pytest.mark.parametrize(
     ("threshold", "expected"),
@@ -138,6 +147,7 @@ LABELS = np.array([1.0, 0.5, 0.5, 0.5, 1.0, 0.0])
 def test_tie_aware_accuracy_hand_example(threshold, expected):
     assert tie_aware_accuracy(P0, LABELS, threshold) == pytest.approx(expected)
 
+
 def test_tie_threshold_is_chosen_on_the_grid_smallest_best():
     t, acc = choose_tie_threshold(P0, LABELS)
     # 0.6 and 0.7 both reach 5/6; the smaller wins.
@@ -146,14 +156,17 @@ def test_tie_threshold_is_chosen_on_the_grid_smallest_best():
     t, acc = choose_tie_threshold(np.array([0.9, 0.2]), np.array([1.0, 0.0]))
     assert (t, acc) == (0.0, 1.0)
 
+
 def test_soft_labels_count_by_their_majority():
     # 2/3 of votes for image0 is an image0 win for accuracy.
     assert tie_aware_accuracy(np.array([0.8]), np.array([2 / 3]), 0.0) == 1.0
     assert tie_aware_accuracy(np.array([0.8]), np.array([1 / 3]), 0.0) == 0.0
 
+
 def test_win_probability_is_the_logistic_of_the_score_difference():
     p = win_probability(np.array([1.0, 0.0, 800.0]), np.array([0.0, 0.0, 0.0]))
     assert p.tolist() == pytest.approx([1 / (1 + math.exp(-1)), 0.5, 1.0])
+
 
 def test_log_loss_hand_example():
     # (-ln 0.8 + ln 2) / 2: the tie's cross-entropy at p0 = 0.5 is ln 2.
@@ -161,6 +174,7 @@ def test_log_loss_hand_example():
     assert log_loss(np.array([0.8, 0.5]), np.array([1.0, 0.5])) == pytest.approx(expected)
     # Certainty in the wrong direction is clipped, not infinite.
     assert math.isfinite(log_loss(np.array([0.0]), np.array([1.0])))
+
 
 def test_expected_calibration_error_hand_example():
     p0 = np.array([0.05, 0.15, 0.12, 0.95, 0.85])
@@ -175,9 +189,11 @@ def test_expected_calibration_error_hand_example():
     two = expected_calibration_error(np.array([0.05, 0.95, 0.85]), np.array([0.0, 1.0, 1.0]), 2)
     assert two == pytest.approx(1 / 3 * 0.05 + 2 / 3 * 0.1)
 
+
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
+
 
 def test_split_by_prompt_is_disjoint_complete_and_seeded():
     prompts = [f"prompt {i % 20}" for i in range(100)]
@@ -198,6 +214,7 @@ def test_split_by_prompt_is_disjoint_complete_and_seeded():
     with pytest.raises(ValueError):
         split_by_prompt(["a", "b"], 0.0, seed=0)
 
+
 def test_three_way_split_is_disjoint_and_extends_the_two_way_one():
     prompts = [f"prompt {i % 20}" for i in range(100)]
     train, val, test = split_three_ways(prompts, 0.25, 0.2, seed=3)
@@ -214,12 +231,14 @@ def test_three_way_split_is_disjoint_and_extends_the_two_way_one():
     with pytest.raises(ValueError, match="test_fraction"):
         split_three_ways(prompts, 0.5, 0.5, 0)
 
+
 def test_records_are_validated():
     image = np.zeros((4, 4, 3), dtype=np.uint8)
     with pytest.raises(ValueError):
         PreferenceRecord("p", image, image, 1.5)
     with pytest.raises(ValueError):
         PreferenceRecord("p", image[..., 0], image, 1.0)
+
 
 def test_images_to_tensor_scales_and_resizes():
     small = np.full((8, 8, 3), 255, dtype=np.uint8)
@@ -231,12 +250,15 @@ def test_images_to_tensor_scales_and_resizes():
     floats = np.full((8, 8, 3), 0.25, dtype=np.float32)
     assert images_to_tensor([floats])[0, 0, 0, 0].item() == 0.25
 
+
 # --------------------------------------------------------------------------------------------
 # Toy-world preference data
 # --------------------------------------------------------------------------------------------
 
+
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
+
 
 def _size_pairs(prompts: list[str], per_prompt: int, rng: np.random.Generator) -> PreferenceDataset:
     """Noise-free: the image with the larger rendered size class wins; equal classes tie."""
@@ -251,9 +273,11 @@ def _size_pairs(prompts: list[str], per_prompt: int, rng: np.random.Generator) -
             records.append(PreferenceRecord(prompt, images[0], images[1], label0))
     return PreferenceDataset(records)
 
+
 # The simulated annotator's utility: colour fidelity to the prompt plus a taste for large shapes.
 COLOUR_WEIGHT = 3.0
 AREA_WEIGHT = 10.0
+
 
 def _colour_pairs(
     prompts: list[str], per_prompt: int, rng: np.random.Generator
@@ -283,17 +307,21 @@ def _colour_pairs(
             p_area.append(_sigmoid(AREA_WEIGHT * (scenes[0].area - scenes[1].area)))
     return PreferenceDataset(records), np.array(p_true), np.array(p_area)
 
+
 def _disjoint_prompts(n: int, seed: int, exclude: set[str], mention: dict[str, float]) -> list[str]:
     return [p for p in dict.fromkeys(world.sample_prompts(n, seed, mention)) if p not in exclude]
+
 
 @pytest.fixture(scope="module")
 def small_toy_dataset() -> PreferenceDataset:
     prompts = sorted(set(world.sample_prompts(24, seed=5)))
     return _size_pairs(prompts, 2, np.random.default_rng(5))
 
+
 # --------------------------------------------------------------------------------------------
 # Toyconv training, persistence, scoring
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.slow
 def test_noise_free_size_preference_reaches_90_percent_held_out():
@@ -304,7 +332,9 @@ def test_noise_free_size_preference_reaches_90_percent_held_out():
     train = _size_pairs(prompts, 3, rng)
     test = _size_pairs(_disjoint_prompts(300, 2, set(prompts), mention), 2, rng)
     assert len(test) >= 200
-    config = RewardTrainConfig(steps=300, batch_size=32, eval_every=50, patience=3, seed=0)
+    config = RewardTrainConfig(
+        steps=300, batch_size=32, eval_every=50, patience=3, seed=0, restarts=1
+    )
     result = train_reward_model(train, config)
     held_out = evaluate_pairs(result.model, test, result.tie_threshold)
     # Measured: ~99 % held-out tie-aware accuracy (a third of the pairs are ties).
@@ -312,6 +342,7 @@ def test_noise_free_size_preference_reaches_90_percent_held_out():
     assert held_out["accuracy"] >= 0.90
     assert result.val_accuracy >= 0.90
     assert result.tie_threshold > 0.0  # same-size pairs are ties, so ties must be predicted
+
 
 @pytest.mark.slow
 @pytest.mark.long(110)
@@ -326,8 +357,14 @@ def test_noisy_colour_preference_is_learned_well_above_chance():
     # The test set is built separately here, so no prompts are held out for one inside. Single
     # noisy votes want a lower rate than the noise-free default (3e-3 measured 0.675 here).
     config = RewardTrainConfig(
-        steps=500, batch_size=32, eval_every=50, patience=3, seed=0, test_fraction=0.0,
+        steps=500,
+        batch_size=32,
+        eval_every=50,
+        patience=3,
+        seed=0,
+        test_fraction=0.0,
         learning_rate=1e-3,
+        restarts=1,
     )
     result = train_reward_model(train, config)
     held_out = evaluate_pairs(result.model, test, result.tie_threshold)["accuracy"]
@@ -344,6 +381,29 @@ def test_noisy_colour_preference_is_learned_well_above_chance():
     # Beating a size-only judge means the score depends on the prompt's colour word.
     assert held_out >= prompt_blind + 0.08
 
+
+def test_restarts_keep_the_initialisation_with_the_best_validation_loss(small_toy_dataset):
+    base = {"steps": 40, "batch_size": 16, "eval_every": 10, "patience": 2, "seed": 3}
+    single = train_reward_model(small_toy_dataset, RewardTrainConfig(**base, restarts=1))
+    calls: list[tuple[int, int, dict[str, float]]] = []
+    three = train_reward_model(
+        small_toy_dataset,
+        RewardTrainConfig(**base, restarts=3),
+        on_progress=lambda *a: calls.append(a),
+    )
+    assert len(three.restart_val_losses) == 3 and len(single.restart_val_losses) == 1
+    # The first initialisation is the run without restarts, exactly; the kept one is the best.
+    assert three.restart_val_losses[0] == single.val_loss
+    assert three.val_loss == min(three.restart_val_losses)
+    assert len(set(three.restart_val_losses)) == 3  # three different initialisations
+    # Progress counts every restart's steps against the whole.
+    assert all(total == 3 * base["steps"] for _, total, _ in calls)
+    assert calls[-1][0] > 2 * base["steps"]
+    # Defaults: three for a small model from scratch, one for a pretrained CLIP.
+    assert RewardTrainConfig().resolved_restarts() == 3
+    assert RewardTrainConfig(backbone="clip").resolved_restarts() == 1
+
+
 def test_early_stopping_keeps_the_best_validation_state(small_toy_dataset):
     # Random labels: validation loss cannot keep improving, so training stops early.
     rng = np.random.default_rng(0)
@@ -359,6 +419,7 @@ def test_early_stopping_keeps_the_best_validation_state(small_toy_dataset):
         learning_rate=3e-3,
         val_fraction=0.3,
         seed=1,
+        restarts=1,
     )
     result = train_reward_model(noisy, config, on_progress=lambda *a: calls.append(a))
     assert result.stopped_early and result.steps_run < config.steps
@@ -385,6 +446,7 @@ def test_early_stopping_keeps_the_best_validation_state(small_toy_dataset):
     assert result.test_accuracy == pytest.approx(again["accuracy"])
     assert result.test_loss == pytest.approx(again["loss"], rel=1e-5)
 
+
 @pytest.mark.parametrize("head", ["mlp", "cosine"])
 def test_toyconv_save_load_round_trip_gives_identical_scores(small_toy_dataset, tmp_path, head):
     config = RewardTrainConfig(steps=6, batch_size=8, eval_every=3, head=head, seed=2)
@@ -409,6 +471,7 @@ def test_toyconv_save_load_round_trip_gives_identical_scores(small_toy_dataset, 
     assert [p.name for p in tmp_path.iterdir()] == ["rm"]
     assert load_reward_model(target).encoder.vocab == ["red"]
 
+
 def test_score_images_batches_without_grad_and_keeps_the_mode(small_toy_dataset):
     model = build_reward_model(RewardTrainConfig(), small_toy_dataset.prompts)
     model.train()
@@ -426,12 +489,14 @@ def test_score_images_batches_without_grad_and_keeps_the_mode(small_toy_dataset)
     with pytest.raises(ValueError):
         score_images(model, prompts[:2], arrays)
 
+
 def test_unknown_words_and_empty_prompts_still_score(small_toy_dataset):
     model = build_reward_model(RewardTrainConfig(), ["a red circle"])
     images = [small_toy_dataset[0].image0] * 2
     scores = score_images(model, ["zzz qqq", ""], images)
     # Unknown words and the empty prompt both fall back to the reserved word slot 0.
     assert np.isfinite(scores).all()
+
 
 def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="backbone"):
@@ -441,9 +506,11 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="head"):
         build_reward_model(RewardTrainConfig(head="linear"), ["a"])
 
+
 # --------------------------------------------------------------------------------------------
 # CLIP backbone (tiny, random, built from a config)
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
@@ -486,6 +553,7 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
     CLIPImageProcessor(image_mean=mean, image_std=std).save_pretrained(path)
     return path
 
+
 @pytest.mark.parametrize("head", ["cosine", "mlp"])
 def test_tiny_clip_trains_scores_and_round_trips(small_toy_dataset, tiny_clip_dir, tmp_path, head):
     config = RewardTrainConfig(
@@ -518,6 +586,7 @@ def test_tiny_clip_trains_scores_and_round_trips(small_toy_dataset, tiny_clip_di
     loaded = load_reward_model(tmp_path / "clip-rm", device=model.device)
     assert np.array_equal(score_images(loaded, prompts, images, batch_size=4), scores)
 
+
 def test_clip_training_lowers_the_loss_on_a_learnable_preference(tiny_clip_dir):
     # Brighter image wins: a few full-batch steps must lower the training loss.
     rng = np.random.default_rng(0)
@@ -541,9 +610,11 @@ def test_clip_training_lowers_the_loss_on_a_learnable_preference(tiny_clip_dir):
     first, last = result.history[0]["train_loss"], result.history[-1]["train_loss"]
     assert last < first
 
+
 # --------------------------------------------------------------------------------------------
 # The spatial toy backbone
 # --------------------------------------------------------------------------------------------
+
 
 def test_coordinate_channels_hand_values():
     grid = coordinate_channels(1, 2, 4, torch.device("cpu"))
@@ -551,10 +622,12 @@ def test_coordinate_channels_hand_values():
     assert grid[0, 0, 0].tolist() == pytest.approx([-0.75, -0.25, 0.25, 0.75])
     assert grid[0, 1, :, 0].tolist() == pytest.approx([-0.5, 0.5])
 
+
 def test_attention_pool_hand_values():
     features = torch.tensor([[[1.0, 3.0], [0.0, 10.0]]])  # (1, 2 channels, 2 positions)
     pooled = attention_pool(features, torch.tensor([[0.0, math.log(3.0)]]))  # weights 1/4, 3/4
     assert pooled[0].tolist() == pytest.approx([2.5, 7.5])
+
 
 def test_old_pooled_models_still_load(tmp_path):
     model = build_toyconv_model(["red", "left"], arch="pooled", embed_dim=32, head_hidden=64)
