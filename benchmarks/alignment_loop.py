@@ -800,6 +800,7 @@ METHODS: dict[str, MethodFn | None] = {
     "best_of_4": best_of(4),
     # Test-time alignment at a larger budget: how far the reward model alone carries the parent.
     "best_of_16": best_of(16),
+    "best_of_32": best_of(32),
     "rl": rl,
 }
 METHOD_NAMES: tuple[str, ...] = tuple(METHODS)
