@@ -9,7 +9,9 @@ For each simulated preference (the built-ins of `worker.toy.preferences`, plus
 3. two reward models (toyconv) are trained on those votes with different seeds and validation
    splits: the first is the RL reward, the second the guard that watches for reward hacking;
 4. `worker.rl_train.train` fine-tunes a LoRA (attention + conv) on the train prompts with the
-   first reward, probing held-out validation prompts with the guard and the toy fidelity reader;
+   first reward plus, as the job composes it, the toy recogniser's fidelity term
+   (`fidelity_weight`, `--rl fidelity_weight=0` leaves it out), probing held-out validation
+   prompts with the guard and the toy fidelity reader;
 5. the adapter is saved, reloaded through the generator (`worker.generation`, as the platform's
    generate/evaluate jobs load a child) and judged against the parent on held-out test prompts
    and held-out seeds by the preference itself.
