@@ -34,8 +34,8 @@ Methods: `dpo_votes` (train_dpo on the votes with the job's defaults — the lea
 votes plus on-policy best-vs-worst pairs the reward model labels); `iterative_x3` (train_loop,
 3 rounds, stopping on validation prompts added for it; the last accepted child is judged);
 `best_of_4`, `best_of_16` and `best_of_32` (no training: the parent sampling best of N by the
-reward model; the cost is at test time); `rl` (train_rl from the reward model with a KL anchor to the
-parent, the job's defaults: reward backpropagation through the sampling chain).
+reward model; the cost is at test time); `rl` (train_rl from the reward model with a KL anchor
+to the parent, the job's defaults: reward backpropagation through the sampling chain).
 
 Printed: one table per method and the goals (for every preference a method reaching ≥ 80 %
 win-rate at tolerance from ≤ 2 000 votes and ≤ 30 CPU minutes with fidelity drop ≤ 2 points;
