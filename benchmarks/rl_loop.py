@@ -609,7 +609,8 @@ def plot_reward_vs_kl(results: list[dict[str, Any]], path: Path) -> None:
         kl, gain = reward_kl_curve(r)
         if kl.size:
             lr = r["rl_config"]["learning_rate"]
-            curves.append((f"{r['preference']} ({r['reward_source']}, lr {lr:g})", kl, gain))
+            label = f"{r['preference']} ({r['reward_source']}, {objective_label(r['rl_config'])}, lr {lr:g})"
+            curves.append((label, kl, gain))
     if not curves:
         return
     x_max = max(float(c[1].max()) for c in curves) or 1.0
