@@ -609,7 +609,8 @@ def plot_reward_vs_kl(results: list[dict[str, Any]], path: Path) -> None:
         kl, gain = reward_kl_curve(r)
         if kl.size:
             lr = r["rl_config"]["learning_rate"]
-            label = f"{r['preference']} ({r['reward_source']}, {objective_label(r['rl_config'])}, lr {lr:g})"
+            how = f"{r['reward_source']}, {objective_label(r['rl_config'])}, lr {lr:g}"
+            label = f"{r['preference']} ({how})"
             curves.append((label, kl, gain))
     if not curves:
         return
