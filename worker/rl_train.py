@@ -174,11 +174,10 @@ class ToyRecogniserScorer:
 
     def differentiable(self, prompts: Sequence[str], images: Tensor) -> Tensor:
         from worker.toy.recogniser import fidelity_log_likelihood, named_labels
+        from worker.toy.world import DEFAULT_SIZE as size
 
         self.model.to(images.device)
         pixels = images.float()  # (B, 3, H, W) in [0, 1]
-        from worker.toy.world import DEFAULT_SIZE as size
-
         if pixels.shape[-2:] != (size, size):
             pixels = F.interpolate(pixels, size=(size, size), mode="bilinear", antialias=True)
         shape_logits, colour_logits = self.model(pixels)  # (B, 4), (B, 6)
