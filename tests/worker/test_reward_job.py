@@ -159,10 +159,11 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
     assert result["tie_threshold"] > 0  # a third of the pairs are ties
     assert 0 <= result["ece"] <= 1 and result["log_loss"] > 0
     assert result["version"] == 1
-    # Metric series on the job, one point per validation.
+    # Metric series on the job, one point per validation; the restarts (three for a toy
+    # model) follow each other on one axis of steps trained so far.
     for name in ("train_loss", "val_loss", "val_accuracy"):
         steps = [point[0] for point in job.metrics[name]]
-        assert steps and steps == sorted(steps) and steps[-1] <= 200
+        assert steps and steps == sorted(steps) and steps[-1] <= 3 * 200
 
     with session_scope() as s:
         row = s.get(RewardModel, result["reward_model_id"])
@@ -174,6 +175,9 @@ def test_train_reward_job_learns_the_size_preference(toy_project: dict[str, Any]
         assert snapshot.vote_count == toy_project["snapshot_votes"]
         assert row.metrics["val_accuracy"] == result["val_accuracy"]
         assert row.metrics["best_step"] >= 1
+        # Three initialisations tried, the lowest validation loss kept.
+        assert len(row.metrics["restart_val_losses"]) == 3
+        assert row.metrics["val_loss"] == min(row.metrics["restart_val_losses"])
         prompts = set(s.scalars(select(Prompt.text).where(Prompt.project_id == pid)))
 
     # The saved model loads and scores: held-out accuracy on prompts the job never saw.

@@ -266,6 +266,7 @@ def train_reward(ctx: ProjectJobContext[TrainRewardParams]) -> dict[str, Any]:
         "best_step": trained.best_step,
         "steps_run": trained.steps_run,
         "stopped_early": trained.stopped_early,
+        "restart_val_losses": trained.restart_val_losses,
         "n_train": trained.n_train,
         "n_val": trained.n_val,
         "n_test": trained.n_test,
