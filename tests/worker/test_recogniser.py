@@ -87,5 +87,11 @@ def test_training_lowers_the_loss_and_the_cli_writes_a_loadable_recogniser(
     )
     assert result.exit_code == 0, result.output
     assert isinstance(load_recogniser(out), torch.nn.Module)
+    # Zero steps is a mistake, not "the default": refused by name, nothing written.
+    zero = tmp_path / "zero.safetensors"
+    refused = CliRunner().invoke(
+        toy_group, ["train-recogniser", "--steps", "0", "--out", str(zero)]
+    )
+    assert refused.exit_code == 2 and "--steps" in refused.output and not zero.exists()
     with pytest.raises(FileNotFoundError, match="train-recogniser"):
         load_recogniser(tmp_path / "missing.safetensors")

@@ -93,9 +93,11 @@ def evaluate_command(model: str, n: int, steps: int | None, seed: int, threads: 
 @toy_group.command("train-recogniser")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Weights file (default: the shipped one).")  # fmt: skip
-@click.option("--steps", type=int, default=None, help="Training steps (default: as shipped).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Training steps (default: as shipped).")  # fmt: skip
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True,
+              help="torch CPU threads.")  # fmt: skip
 def train_recogniser_command(out: Path | None, steps: int | None, seed: int, threads: int) -> None:
     """Train the shape/colour recogniser behind reward backpropagation's fidelity term."""
     import torch
@@ -103,7 +105,7 @@ def train_recogniser_command(out: Path | None, steps: int | None, seed: int, thr
     from worker.toy.recogniser import DEFAULT_STEPS, WEIGHTS, save_recogniser, train_recogniser
 
     torch.set_num_threads(threads)
-    total = steps or DEFAULT_STEPS
+    total = DEFAULT_STEPS if steps is None else steps
     with click.progressbar(length=total, label="training the recogniser") as bar:
         model = train_recogniser(total, seed=seed, on_step=lambda _step, _loss: bar.update(1))
     click.echo(f"saved {save_recogniser(model, out or WEIGHTS)}")
